@@ -1,0 +1,66 @@
+//! The agent's control socket: one JSON request per line, one JSON answer per line.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixStream,
+};
+
+use crate::dataplane::DataplaneReport;
+
+pub const DEFAULT_SOCKET: &str = "/run/anycast/agent.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Re-read the configuration file (as SIGHUP does).
+    Reload,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Reloaded,
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub config: PathBuf,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub agent_v4: Option<std::net::IpAddr>,
+    pub agent_v6: Option<std::net::IpAddr>,
+    #[serde(flatten)]
+    pub dataplane: DataplaneReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub xdp_mode: String,
+}
+
+/// Sends one request to the agent and returns its answer.
+pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `anycast-ctl agent` running?)",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await?;
+    let mut answer = String::new();
+    BufReader::new(read).read_line(&mut answer).await?;
+    if answer.is_empty() {
+        bail!("the agent closed the connection without answering");
+    }
+    serde_json::from_str(&answer).context("the agent's answer is not valid JSON")
+}

@@ -1,0 +1,417 @@
+//! The agent's configuration file: JSON, read whole and validated before anything changes.
+//! Errors name the field (`services[1].servers[0].address`) and the reason.
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+
+use anycast_common::{
+    table, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_SERVERS,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces the XDP program is attached to (clients' packets arrive there, tunnelled
+    /// packets leave there).
+    pub interfaces: Vec<String>,
+    /// `native` (driver mode, the default), `generic` (skb mode) or `auto` (kernel's choice).
+    #[serde(default)]
+    pub xdp_mode: XdpModeName,
+    /// The agent's own addresses: source of the tunnels.
+    pub agent_address: AgentAddress,
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default = "default_max_services")]
+    pub max_services: u32,
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeName {
+    #[default]
+    Native,
+    Generic,
+    Auto,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAddress {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// The anycast address.
+    pub address: IpAddr,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// 1-65535, or 0 for every port of the address and protocol.
+    pub port: u16,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => anycast_common::PROTO_TCP,
+            Protocol::Udp => anycast_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub name: String,
+    /// The server's real address: where tunnelled packets go.
+    pub address: IpAddr,
+    /// Share of new flows relative to the service's other servers; 0 drains the server.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+fn default_max_services() -> u32 {
+    DEFAULT_MAX_SERVICES
+}
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// A configuration error: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Largest ring the map layout allows (the map holds two tables per service).
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_json::from_str(text).map_err(|e| err("config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that does not need the running system (interfaces are checked when
+    /// attaching).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(err("interfaces", "at least one interface is needed"));
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains('/') {
+                return Err(err(
+                    format!("interfaces[{i}]"),
+                    format!("'{name}' is not a valid interface name"),
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(err(
+                    format!("interfaces[{i}]"),
+                    format!("'{name}' is listed twice"),
+                ));
+            }
+        }
+        match self.agent_address.v4 {
+            Some(IpAddr::V6(a)) => {
+                return Err(err(
+                    "agent_address.v4",
+                    format!("{a} is not an IPv4 address"),
+                ))
+            }
+            Some(a) if a.is_unspecified() || a.is_multicast() => {
+                return Err(err(
+                    "agent_address.v4",
+                    format!("{a} cannot be a tunnel source"),
+                ))
+            }
+            _ => {}
+        }
+        match self.agent_address.v6 {
+            Some(IpAddr::V4(a)) => {
+                return Err(err(
+                    "agent_address.v6",
+                    format!("{a} is not an IPv6 address"),
+                ))
+            }
+            Some(a) if a.is_unspecified() || a.is_multicast() => {
+                return Err(err(
+                    "agent_address.v6",
+                    format!("{a} cannot be a tunnel source"),
+                ))
+            }
+            _ => {}
+        }
+        if self.agent_address.v4.is_none() && self.agent_address.v6.is_none() {
+            return Err(err("agent_address", "give at least one of v4 and v6"));
+        }
+        if !(2..=MAX_RING_SIZE).contains(&self.ring_size) || !table::is_prime(self.ring_size) {
+            return Err(err(
+                "ring_size",
+                format!(
+                    "{} is not a prime between 2 and {MAX_RING_SIZE}",
+                    self.ring_size
+                ),
+            ));
+        }
+        if self.max_services == 0 {
+            return Err(err("max_services", "must be at least 1"));
+        }
+        let ring_entries = 2u64 * self.max_services as u64 * self.ring_size as u64;
+        if ring_entries > u32::MAX as u64 {
+            return Err(err(
+                "max_services",
+                "max_services * ring_size * 2 exceeds the map's index range",
+            ));
+        }
+        if self.max_flows == 0 {
+            return Err(err("max_flows", "must be at least 1"));
+        }
+        if self.services.len() > self.max_services as usize {
+            return Err(err(
+                "services",
+                format!(
+                    "{} services but max_services is {}",
+                    self.services.len(),
+                    self.max_services
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        let mut server_count = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let f = |field: &str| format!("services[{i}].{field}");
+            if s.name.is_empty() {
+                return Err(err(f("name"), "must not be empty"));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(err(
+                    f("name"),
+                    format!("'{}' is used by another service", s.name),
+                ));
+            }
+            if s.address.is_unspecified() || s.address.is_multicast() || s.address.is_loopback() {
+                return Err(err(
+                    f("address"),
+                    format!("{} cannot be an anycast address", s.address),
+                ));
+            }
+            if !keys.insert((s.address, s.protocol, s.port)) {
+                return Err(err(
+                    f("address"),
+                    format!(
+                        "{} {} port {} is already another service",
+                        s.address, s.protocol, s.port
+                    ),
+                ));
+            }
+            let mut server_names = HashSet::new();
+            let mut server_addrs = HashSet::new();
+            for (j, srv) in s.servers.iter().enumerate() {
+                let g = |field: &str| format!("services[{i}].servers[{j}].{field}");
+                if srv.name.is_empty() {
+                    return Err(err(g("name"), "must not be empty"));
+                }
+                if !server_names.insert(srv.name.as_str()) {
+                    return Err(err(
+                        g("name"),
+                        format!("'{}' is used by another server of this service", srv.name),
+                    ));
+                }
+                if srv.address.is_unspecified()
+                    || srv.address.is_multicast()
+                    || srv.address.is_loopback()
+                {
+                    return Err(err(
+                        g("address"),
+                        format!("{} cannot be a server's real address", srv.address),
+                    ));
+                }
+                if !server_addrs.insert(srv.address) {
+                    return Err(err(
+                        g("address"),
+                        format!("{} is already another server of this service", srv.address),
+                    ));
+                }
+                let (family, have) = match srv.address {
+                    IpAddr::V4(_) => ("v4", self.agent_address.v4.is_some()),
+                    IpAddr::V6(_) => ("v6", self.agent_address.v6.is_some()),
+                };
+                if !have {
+                    return Err(err(
+                        g("address"),
+                        format!("{} needs an IP{family} tunnel source, but agent_address.{family} is not set", srv.address),
+                    ));
+                }
+                if srv.weight > MAX_WEIGHT {
+                    return Err(err(
+                        g("weight"),
+                        format!("{} is above the maximum {MAX_WEIGHT}", srv.weight),
+                    ));
+                }
+            }
+            server_count += s.servers.len();
+        }
+        if server_count > MAX_SERVERS as usize {
+            return Err(err(
+                "services",
+                format!("{server_count} servers in all, the maximum is {MAX_SERVERS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> String {
+        r#"{
+          "interfaces": ["eth0"],
+          "agent_address": {"v4": "10.0.0.1", "v6": "fd00::1"},
+          "services": [
+            {"name": "web", "address": "192.0.2.10", "protocol": "tcp", "port": 80,
+             "servers": [{"name": "a", "address": "10.0.2.11"}, {"name": "b", "address": "fd00:2::12", "weight": 3}]},
+            {"name": "dns", "address": "2001:db8::53", "protocol": "udp", "port": 0,
+             "servers": [{"name": "a", "address": "10.0.2.11"}]}
+          ]
+        }"#
+        .to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(&good()).unwrap();
+        assert_eq!(c.ring_size, 65537);
+        assert_eq!(c.xdp_mode, XdpModeName::Native);
+        assert_eq!(c.services[0].servers[0].weight, 1);
+        assert_eq!(c.services[1].port, 0);
+    }
+
+    fn field_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let g = good();
+        assert_eq!(
+            field_of(&g.replace("10.0.2.11\"}, {", "10.0.2.x\"}, {")),
+            "config"
+        );
+        assert!(
+            Config::parse(&g.replace("10.0.2.11\"}, {", "10.0.2.x\"}, {"))
+                .unwrap_err()
+                .reason
+                .contains("invalid IP address")
+        );
+        assert_eq!(
+            field_of(&g.replace("\"eth0\"", "\"eth0\", \"eth0\"")),
+            "interfaces[1]"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"dns\"", "\"web\"")),
+            "services[1].name"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"weight\": 3", "\"weight\": 3000000")),
+            "services[0].servers[1].weight"
+        );
+        assert_eq!(
+            field_of(&g.replace(", \"v6\": \"fd00::1\"", "")),
+            "services[0].servers[1].address"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"v4\": \"10.0.0.1\"", "\"v4\": \"fd00::2\"")),
+            "agent_address.v4"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"port\": 80", "\"port\": 80, \"ring_size\": 1")),
+            "config"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"interfaces\"", "\"ring_size\": 65536, \"interfaces\"")),
+            "ring_size"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"name\": \"b\"", "\"name\": \"a\"")),
+            "services[0].servers[1].name"
+        );
+        assert_eq!(
+            field_of(&g.replace("fd00:2::12", "10.0.2.11")),
+            "services[0].servers[1].address"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"port\": 80", "\"port\": 70000")),
+            "config"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"protocol\": \"tcp\"", "\"protocol\": \"sctp\"")),
+            "config"
+        );
+        assert_eq!(field_of(&g.replace("[\"eth0\"]", "[]")), "interfaces");
+        assert_eq!(
+            field_of(&g.replace("2001:db8::53", "192.0.2.10\", \"x\": \"")),
+            "config"
+        );
+        assert_eq!(
+            field_of(&g.replace("\"interfaces\"", "\"max_services\": 1, \"interfaces\"")),
+            "services"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The host around the data path: interface indexes, sysctls and addresses, each change
+//! recorded so it is undone when the agent or server exits.
+use std::{net::IpAddr, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name).context("interface name contains NUL")?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        bail!(
+            "no interface named '{name}': {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(index)
+}
+
+fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
+}
+
+pub fn sysctl_get(key: &str) -> Result<String> {
+    Ok(std::fs::read_to_string(sysctl_path(key))
+        .with_context(|| format!("reading sysctl {key}"))?
+        .trim()
+        .to_string())
+}
+
+/// Undoes, on drop, the host changes made through it, newest first.
+#[derive(Default)]
+pub struct HostChanges {
+    sysctls: Vec<(String, String)>,
+    addresses: Vec<(IpAddr, String)>,
+}
+
+impl HostChanges {
+    /// Sets a sysctl, remembering the old value if it differs.
+    pub fn sysctl(&mut self, key: &str, value: &str) -> Result<()> {
+        let old = sysctl_get(key)?;
+        if old == value {
+            return Ok(());
+        }
+        std::fs::write(sysctl_path(key), value)
+            .with_context(|| format!("setting sysctl {key}={value}"))?;
+        tracing::info!("set {key}={value} (was {old})");
+        self.sysctls.push((key.to_string(), old));
+        Ok(())
+    }
+
+    /// Adds a host address to an interface unless it is there already.
+    pub fn add_address(&mut self, addr: IpAddr, dev: &str) -> Result<()> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let cidr = format!("{addr}/{prefix}");
+        let shown = Command::new("ip")
+            .args(["-o", "addr", "show", "dev", dev])
+            .output()
+            .context("running ip")?;
+        let present = String::from_utf8_lossy(&shown.stdout)
+            .split_whitespace()
+            .any(|w| w == cidr);
+        if present {
+            tracing::info!("{cidr} already on {dev}; leaving it there");
+            return Ok(());
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["addr", "add", &cidr, "dev", dev]);
+        if addr.is_ipv6() {
+            cmd.arg("nodad");
+        }
+        let out = cmd.output().context("running ip addr add")?;
+        if !out.status.success() {
+            bail!(
+                "ip addr add {cidr} dev {dev}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        tracing::info!("added {cidr} to {dev}");
+        self.addresses.push((addr, dev.to_string()));
+        Ok(())
+    }
+
+    pub fn undo(&mut self) {
+        while let Some((addr, dev)) = self.addresses.pop() {
+            let prefix = if addr.is_ipv4() { 32 } else { 128 };
+            let ok = Command::new("ip")
+                .args(["addr", "del", &format!("{addr}/{prefix}"), "dev", &dev])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                tracing::info!("removed {addr}/{prefix} from {dev}");
+            } else {
+                tracing::warn!("could not remove {addr}/{prefix} from {dev}");
+            }
+        }
+        while let Some((key, old)) = self.sysctls.pop() {
+            match std::fs::write(sysctl_path(&key), &old) {
+                Ok(()) => tracing::info!("restored {key}={old}"),
+                Err(e) => tracing::warn!("could not restore {key}={old}: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for HostChanges {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,359 @@
+//! The agent: forwards packets for anycast services to a server's real address, IP-in-IP.
+//!
+//! parse -> look up the service -> flow table, else consistent-hash table -> encapsulate
+//! -> FIB lookup -> XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
+use anycast_common::{
+    flow_hash, verdict, AgentInfo, FlowKey, FlowValue, ServerInfo, ServiceInfo, ServiceKey,
+    Traffic, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+    DEFAULT_RING_SIZE, FAMILY_V4, FAMILY_V6, MAX_SERVERS, MAX_TX_PORTS, PROTO_IPIP, PROTO_IPV6,
+    PROTO_TCP, PROTO_UDP, SERVER_UP,
+};
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+
+use crate::packet::*;
+
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+/// All services' consistent-hash tables, two areas per service (live and next).
+#[map]
+static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_RING_SIZE, 0);
+#[map]
+static SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+#[map]
+static AGENT: Array<AgentInfo> = Array::with_max_entries(1, 0);
+#[map]
+static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+#[map]
+static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT, 0);
+#[map]
+static SERVICE_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+static SERVER_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
+
+const TTL: u8 = 64;
+
+#[xdp]
+pub fn anycast_agent(ctx: XdpContext) -> u32 {
+    let (action, reason) = forward(&ctx);
+    count(reason);
+    action
+}
+
+#[inline(always)]
+fn count(reason: u32) {
+    if let Some(c) = VERDICTS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64) {
+    if let Some(t) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes;
+        }
+    }
+}
+
+/// What the parser learnt about a packet that may belong to a service.
+struct Parsed {
+    l3: usize,
+    vlan: bool,
+    key: FlowKey,
+    /// Length of the inner IP packet (from its header, so Ethernet padding is not counted).
+    inner_len: u16,
+    /// DSCP/ECN byte, copied to the outer header.
+    tos: u8,
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> (u32, u32) {
+    let p = match parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => return (xdp_action::XDP_PASS, reason),
+    };
+    let Some(service) = lookup_service(&p.key) else {
+        return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
+    };
+    let hash = flow_hash(&p.key);
+    let Some((server_id, server)) = choose_server(&p.key, &service, hash) else {
+        return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    add_traffic(&SERVICE_STATS, service.id, frame_len);
+    add_traffic(&SERVER_STATS, server_id, frame_len);
+    match encapsulate(ctx, &p, &server, hash) {
+        Ok(outer_len) => send(ctx, &p, &server, outer_len),
+        Err(reason) => (xdp_action::XDP_DROP, reason),
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
+    let l2 = parse_l2(ctx).ok_or(verdict::PASS_MALFORMED)?;
+    let frame_len = ctx.data_end() - ctx.data();
+    let l3 = l2.l3;
+    let mut key = FlowKey::default();
+    let (l4, proto, inner_len, tos) = match l2.ether_type {
+        ETH_P_IPV4 => {
+            let h = read::<[u8; IPV4_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)?;
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+            if h[0] >> 4 != 4 || ihl < IPV4_LEN || tot_len < ihl || l3 + tot_len > frame_len {
+                return Err(verdict::PASS_MALFORMED);
+            }
+            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+                return Err(verdict::PASS_FRAGMENT);
+            }
+            key.family = FAMILY_V4;
+            key.src[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+            key.dst[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+            (l3 + ihl, h[9], tot_len, h[1])
+        }
+        ETH_P_IPV6 => {
+            let h = read::<[u8; IPV6_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)?;
+            let tot_len = IPV6_LEN + u16::from_be_bytes([h[4], h[5]]) as usize;
+            if h[0] >> 4 != 6 || l3 + tot_len > frame_len {
+                return Err(verdict::PASS_MALFORMED);
+            }
+            if h[6] == 44 {
+                return Err(verdict::PASS_FRAGMENT);
+            }
+            key.family = FAMILY_V6;
+            let mut i = 0;
+            while i < 4 {
+                let s = 8 + i * 4;
+                let d = 24 + i * 4;
+                key.src[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
+                key.dst[i] = u32::from_ne_bytes([h[d], h[d + 1], h[d + 2], h[d + 3]]);
+                i += 1;
+            }
+            let tos = (h[0] << 4) | (h[1] >> 4);
+            (l3 + IPV6_LEN, h[6], tot_len, tos)
+        }
+        _ => return Err(verdict::PASS_NOT_SERVICE),
+    };
+    let l4_len = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return Err(verdict::PASS_NOT_SERVICE),
+    };
+    // The whole fixed L4 header must be inside the IP packet.
+    if l4 + l4_len > l3 + inner_len {
+        return Err(verdict::PASS_MALFORMED);
+    }
+    let ports = read::<[u8; 4]>(ctx, l4).ok_or(verdict::PASS_MALFORMED)?;
+    key.proto = proto;
+    key.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    Ok(Parsed {
+        l3,
+        vlan: l3 != ETH_LEN,
+        key,
+        inner_len: inner_len as u16,
+        tos,
+    })
+}
+
+#[inline(always)]
+fn lookup_service(flow: &FlowKey) -> Option<ServiceInfo> {
+    let mut key = ServiceKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(s) = unsafe { SERVICES.get(&key) } {
+        return Some(*s);
+    }
+    key.port = ANY_PORT;
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+/// The flow's server: the one it is pinned to if that server is still up (and is the same
+/// server, not a later holder of its slot), else the consistent-hash table's choice.
+#[inline(always)]
+fn choose_server(key: &FlowKey, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
+    // SAFETY: the value is copied out at once.
+    if let Some(pin) = unsafe { FLOWS.get(key) }.copied() {
+        if let Some(s) = SERVERS.get(pin.server) {
+            if s.flags & SERVER_UP != 0 && s.generation == pin.generation {
+                count(verdict::FLOW_HIT);
+                return Some((pin.server, *s));
+            }
+        }
+    }
+    count(verdict::FLOW_MISS);
+    if service.ring_size == 0 {
+        return None;
+    }
+    let server_id = *RINGS.get(service.ring_base + hash % service.ring_size)?;
+    let s = *SERVERS.get(server_id)?;
+    if s.flags & SERVER_UP == 0 {
+        return None;
+    }
+    let pin = FlowValue {
+        server: server_id,
+        generation: s.generation,
+    };
+    let _ = FLOWS.insert(key, &pin, 0);
+    Some((server_id, s))
+}
+
+/// Puts an outer IPv4 or IPv6 header (by the server's real address) in front of the IP packet.
+/// Returns the outer packet's total length.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, hash: u32) -> Result<u16, u32> {
+    let agent = AGENT.get(0).ok_or(verdict::DROP_NO_AGENT_ADDR)?;
+    let inner_proto = if p.key.family == FAMILY_V4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
+    if server.family == FAMILY_V4 {
+        if agent.flags & AGENT_HAS_V4 == 0 {
+            return Err(verdict::DROP_NO_AGENT_ADDR);
+        }
+        let total = p.inner_len + IPV4_LEN as u16;
+        let mut h = [0u8; IPV4_LEN];
+        h[0] = 0x45;
+        h[1] = p.tos;
+        [h[2], h[3]] = total.to_be_bytes();
+        h[6] = 0x40; // DF: an oversize tunnel packet must fail loudly, not be fragmented
+        h[8] = TTL;
+        h[9] = inner_proto;
+        [h[12], h[13], h[14], h[15]] = agent.v4.to_ne_bytes();
+        [h[16], h[17], h[18], h[19]] = server.addr[0].to_ne_bytes();
+        [h[10], h[11]] = ipv4_checksum(&h).to_be_bytes();
+        grow(ctx, p, IPV4_LEN, ETH_P_IPV4)?;
+        let dst = ptr_at::<[u8; IPV4_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { dst.write_unaligned(h) };
+        Ok(total)
+    } else {
+        if agent.flags & AGENT_HAS_V6 == 0 {
+            return Err(verdict::DROP_NO_AGENT_ADDR);
+        }
+        let mut h = [0u8; IPV6_LEN];
+        // Version, traffic class from the inner packet, flow label from the flow hash so
+        // that ECMP on the way to the server keeps a flow on one path.
+        let label = hash & 0x000f_ffff;
+        h[0] = 0x60 | (p.tos >> 4);
+        h[1] = (p.tos << 4) | (label >> 16) as u8;
+        h[2] = (label >> 8) as u8;
+        h[3] = label as u8;
+        [h[4], h[5]] = p.inner_len.to_be_bytes();
+        h[6] = inner_proto;
+        h[7] = TTL;
+        let mut i = 0;
+        while i < 4 {
+            let s = agent.v6[i].to_ne_bytes();
+            let d = server.addr[i].to_ne_bytes();
+            let o = 8 + i * 4;
+            [h[o], h[o + 1], h[o + 2], h[o + 3]] = s;
+            [h[o + 16], h[o + 17], h[o + 18], h[o + 19]] = d;
+            i += 1;
+        }
+        grow(ctx, p, IPV6_LEN, ETH_P_IPV6)?;
+        let dst = ptr_at::<[u8; IPV6_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { dst.write_unaligned(h) };
+        Ok(p.inner_len + IPV6_LEN as u16)
+    }
+}
+
+/// Makes room for `outer` bytes between the L2 header and the IP packet.
+#[inline(always)]
+fn grow(ctx: &XdpContext, p: &Parsed, outer: usize, ether_type: u16) -> Result<(), u32> {
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
+        return Err(verdict::DROP_ENCAP);
+    }
+    move_l2(ctx, outer, 0, p.vlan, ether_type).ok_or(verdict::DROP_ENCAP)
+}
+
+#[inline(always)]
+fn ipv4_checksum(h: &[u8; IPV4_LEN]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_LEN {
+        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Next hop by the kernel's FIB, then out of the same port or redirected to another.
+#[inline(always)]
+fn send(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, outer_len: u16) -> (u32, u32) {
+    let Some(agent) = AGENT.get(0) else {
+        return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
+    };
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = server.family;
+    fib.l4_protocol = if p.key.family == FAMILY_V4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
+    fib.__bindgen_anon_1.tot_len = outer_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    if server.family == FAMILY_V4 {
+        fib.__bindgen_anon_3.ipv4_src = agent.v4;
+        fib.__bindgen_anon_4.ipv4_dst = server.addr[0];
+    } else {
+        fib.__bindgen_anon_3.ipv6_src = agent.v6;
+        fib.__bindgen_anon_4.ipv6_dst = server.addr;
+    }
+    // SAFETY: fib is a valid, fully sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    } as u32;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+                return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
+            };
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&fib.dmac);
+            macs[6..].copy_from_slice(&fib.smac);
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { eth.write_unaligned(macs) };
+            if fib.ifindex == ctx.ingress_ifindex() as u32 {
+                (xdp_action::XDP_TX, verdict::TX)
+            } else {
+                match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+                    Ok(action) => (action, verdict::REDIRECT),
+                    Err(action) => (action, verdict::PASS_NOT_TX_PORT),
+                }
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => (xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => (xdp_action::XDP_DROP, verdict::DROP_TOO_BIG),
+        _ => (xdp_action::XDP_PASS, verdict::PASS_NO_ROUTE),
+    }
+}

@@ -1,1 +1,48 @@
+//! Test support: network namespaces that clean up after themselves, processes that are
+//! stopped when their guard drops, waiting on conditions, and the demo/e2e topology.
+pub mod netns;
+pub mod topology;
 
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+/// Polls `check` until it returns true, or fails after `timeout` naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}: last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).
+pub fn bin_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A workspace binary, built by `cargo test --workspace` / `cargo build --workspace`.
+pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!("{} not built: run `cargo build --workspace` (or `cargo xtask test`)", p.display());
+    }
+    Ok(p)
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask demo`: the built-in default topology in network namespaces (two clients, one
+//! agent, three servers), real connections through the anycast address, and the agent's
+//! status. Everything is removed at the end. `--hold` keeps it running until Ctrl-C.
+use std::{collections::BTreeMap, time::Duration};
+
+use anycast_tests::topology::{http_get, udp_ask, Topology, HTTP_PORT, UDP_PORT};
+
+fn main() -> anyhow::Result<()> {
+    let hold = std::env::args().any(|a| a == "--hold");
+    let setup_only = std::env::args().any(|a| a == "--setup-only");
+    println!("== building the demo topology (namespaces acdemo*: 2 clients, agent, router, 3 servers)");
+    let mut topo = Topology::build("acdemo", 2, 3)?;
+    topo.start_agent(3)?;
+    println!("== agent running in native XDP mode; servers decapsulate with their own XDP program\n");
+    for (i, client) in topo.clients.iter().enumerate().filter(|_| !setup_only) {
+        for v6 in [false, true] {
+            let addr = Topology::anycast(v6, HTTP_PORT);
+            let answers = client.in_ns(move || {
+                let mut seen = BTreeMap::<String, u32>::new();
+                for _ in 0..30 {
+                    *seen.entry(http_get(addr)?).or_default() += 1;
+                }
+                let (udp_server, from) = udp_ask(Topology::anycast(v6, UDP_PORT))?;
+                Ok((seen, udp_server, from))
+            })?;
+            let (seen, udp_server, from) = answers;
+            let spread: Vec<String> = seen.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            println!(
+                "client c{}: 30 HTTP GETs to {addr} answered by {}; UDP to port {UDP_PORT} answered by {udp_server} from {from}",
+                i + 1,
+                spread.join(", ")
+            );
+        }
+    }
+    println!("\n== anycast-ctl status\n{}", topo.ctl(&["status"])?);
+    if hold {
+        println!("== holding; namespaces: acdemonet, acdemoag, acdemoc1, acdemoc2, acdemos1..3. Ctrl-C to stop.");
+        let (tx, rx) = std::sync::mpsc::channel();
+        ctrlc_wait(tx);
+        let _ = rx.recv_timeout(Duration::from_secs(24 * 3600));
+    }
+    println!("== tearing down");
+    drop(topo);
+    Ok(())
+}
+
+fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: plain libc signal-mask calls on a local sigset.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+        }
+        let _ = tx.send(());
+    });
+}

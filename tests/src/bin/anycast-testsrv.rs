@@ -1,0 +1,84 @@
+//! A tiny service for tests and the demo, bound to the anycast address on a server:
+//! TCP: `GET ...` gets an HTTP/1.0 answer `server=NAME`; any other line gets `NAME` back,
+//! line by line, for as long as the client keeps the connection (a long-lived flow).
+//! UDP: every datagram gets `server=NAME` back, sent from the anycast address.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+};
+
+fn usage() -> ! {
+    eprintln!("usage: anycast-testsrv --name NAME [--tcp ADDR:PORT]... [--udp ADDR:PORT]...");
+    std::process::exit(2)
+}
+
+fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(());
+    }
+    if line.starts_with("GET ") {
+        // Read the rest of the request head.
+        loop {
+            let mut l = String::new();
+            if reader.read_line(&mut l)? == 0 || l == "\r\n" || l == "\n" {
+                break;
+            }
+        }
+        let body = format!("server={name}\n");
+        write!(out, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+        return Ok(());
+    }
+    loop {
+        writeln!(out, "{name}")?;
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut name, mut tcp, mut udp) = (None, Vec::new(), Vec::new());
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--name" => name = Some(v),
+            "--tcp" => tcp.push(v.parse::<SocketAddr>().unwrap_or_else(|_| usage())),
+            "--udp" => udp.push(v.parse::<SocketAddr>().unwrap_or_else(|_| usage())),
+            _ => usage(),
+        }
+    }
+    let name = name.unwrap_or_else(|| usage());
+    let mut handles = Vec::new();
+    for addr in tcp {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let name = name.clone();
+        handles.push(thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = serve_tcp(conn, &name);
+                });
+            }
+        }));
+    }
+    for addr in udp {
+        let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let answer = format!("server={name}\n");
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(answer.as_bytes(), from);
+            }
+        }));
+    }
+    eprintln!("testsrv {name} listening");
+    for h in handles {
+        let _ = h.join();
+    }
+}

@@ -1,0 +1,333 @@
+//! The demo and end-to-end topology, all in network namespaces this code creates:
+//!
+//! ```text
+//!   c1 ─┐                                   ┌─ s1
+//!   c2 ─┤ brc (10.71.1.0/24)  router  brs ──┼─ s2      (10.71.2.0/24)
+//!  agent eth0 ┘   in namespace "net"    └───┼─ s3 ...
+//!  agent eth1 ──────────────────────────────┘
+//! ```
+//! Clients route the anycast addresses to the agent; everything else (the servers' replies)
+//! goes through the router, so replies never pass the agent. Two-armed mode: the agent reaches
+//! the servers on its own eth1 (XDP_REDIRECT). On-a-stick mode: the agent's route to the
+//! servers goes back out of eth0 via the router (XDP_TX).
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{
+    netns::{veth, Netns, Proc},
+    wait_until, workspace_bin,
+};
+
+pub const ANYCAST_V4: Ipv4Addr = Ipv4Addr::new(10, 71, 100, 1);
+pub const ANYCAST_V6: Ipv6Addr = Ipv6Addr::new(0xfd71, 0x100, 0, 0, 0, 0, 0, 1);
+pub const HTTP_PORT: u16 = 80;
+/// The UDP service is a port wildcard; clients ask on this port.
+pub const UDP_PORT: u16 = 5353;
+const AGENT_V4: &str = "10.71.1.2";
+const AGENT_V6: &str = "fd71:1::2";
+/// MTU of every link but the clients' own, so a full-size client packet fits in a tunnel.
+const CORE_MTU: u32 = 1600;
+
+pub struct Server {
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub decap: Option<Proc>,
+    pub app: Option<Proc>,
+    pub ns: Netns,
+}
+
+pub struct Topology {
+    pub agent_proc: Option<Proc>,
+    pub passthrough: Option<Proc>,
+    pub servers: Vec<Server>,
+    pub clients: Vec<Netns>,
+    pub agent: Netns,
+    pub net: Netns,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
+    /// How many of `servers` the agent's configuration lists.
+    pub configured: usize,
+    pub xdp_mode: String,
+}
+
+impl Topology {
+    /// Creates the namespaces and links for `clients` clients and `servers` servers and starts
+    /// the server side on every server. Nothing is forwarded until `start_agent`.
+    pub fn build(prefix: &str, clients: usize, servers: usize) -> Result<Topology> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-anycast"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let net = Netns::new(&format!("{prefix}net"))?;
+        let agent = Netns::new(&format!("{prefix}ag"))?;
+        net.ip(&["link", "add", "brc", "mtu", &CORE_MTU.to_string(), "type", "bridge"])?;
+        net.ip(&["link", "add", "brs", "mtu", &CORE_MTU.to_string(), "type", "bridge"])?;
+        for (br, v4, v6) in [("brc", "10.71.1.1/24", "fd71:1::1/64"), ("brs", "10.71.2.1/24", "fd71:2::1/64")] {
+            net.ip(&["link", "set", br, "up"])?;
+            net.ip(&["addr", "add", v4, "dev", br])?;
+            net.ip(&["addr", "add", v6, "dev", br, "nodad"])?;
+        }
+        net.sysctl("net.ipv4.ip_forward", "1")?;
+        net.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+
+        // The agent: eth0 on the clients' side, eth1 on the servers' side.
+        veth(&agent, "eth0", &net, "agc", CORE_MTU)?;
+        veth(&agent, "eth1", &net, "ags", CORE_MTU)?;
+        net.ip(&["link", "set", "agc", "master", "brc"])?;
+        net.ip(&["link", "set", "ags", "master", "brs"])?;
+        agent.ip(&["addr", "add", &format!("{AGENT_V4}/24"), "dev", "eth0"])?;
+        agent.ip(&["addr", "add", &format!("{AGENT_V6}/64"), "dev", "eth0", "nodad"])?;
+        agent.ip(&["addr", "add", "10.71.2.2/24", "dev", "eth1"])?;
+        agent.ip(&["addr", "add", "fd71:2::2/64", "dev", "eth1", "nodad"])?;
+
+        let mut client_ns = Vec::new();
+        for i in 1..=clients {
+            let c = Netns::new(&format!("{prefix}c{i}"))?;
+            // The client's own link has a normal MTU; the tunnel needs 20-40 bytes more.
+            veth(&c, "eth0", &net, &format!("c{i}p"), 1500)?;
+            net.ip(&["link", "set", &format!("c{i}p"), "mtu", &CORE_MTU.to_string(), "master", "brc"])?;
+            // A veth hands TCP/UDP packets on with the checksum left to "hardware"
+            // (CHECKSUM_PARTIAL); XDP_TX/XDP_REDIRECT turn the packet into a raw frame and
+            // that promise is lost, so the server would see a bad checksum. Real NICs deliver
+            // complete checksums; make the clients' veths do the same.
+            c.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+            c.ip(&["addr", "add", &format!("10.71.1.{}/24", 10 + i), "dev", "eth0"])?;
+            c.ip(&["addr", "add", &format!("fd71:1::{:x}/64", 0x10 + i), "dev", "eth0", "nodad"])?;
+            c.ip(&["route", "add", "default", "via", "10.71.1.1"])?;
+            c.ip(&["-6", "route", "add", "default", "via", "fd71:1::1"])?;
+            c.ip(&["route", "add", &format!("{ANYCAST_V4}/32"), "via", AGENT_V4])?;
+            c.ip(&["-6", "route", "add", &format!("{ANYCAST_V6}/128"), "via", AGENT_V6])?;
+            client_ns.push(c);
+        }
+
+        let mut topo = Topology {
+            agent_proc: None,
+            passthrough: None,
+            servers: Vec::new(),
+            clients: client_ns,
+            agent,
+            net,
+            config_path: dir.join("agent.json"),
+            socket: dir.join("agent.sock"),
+            dir,
+            configured: 0,
+            xdp_mode: "native".into(),
+        };
+        for i in 1..=servers {
+            topo.add_server_ns(prefix, i)?;
+        }
+        // Frames the agent sends with XDP_TX/XDP_REDIRECT in native mode reach a veth peer
+        // only if the peer runs an XDP program.
+        let mut pass = topo.net.spawn(
+            "passthrough",
+            &workspace_bin("anycast-ctl")?,
+            &["passthrough", "--iface", "agc", "--iface", "ags", "--xdp-mode", "native"],
+        )?;
+        pass.wait_for_line("passthrough ready", Duration::from_secs(20))?;
+        topo.passthrough = Some(pass);
+        for i in 0..servers {
+            topo.start_server(i)?;
+        }
+        // Wait for the links to settle (bridge ports forwarding, routes usable).
+        let net = &topo.net;
+        wait_until("bridge ports forwarding", Duration::from_secs(10), || {
+            let out = net.ip(&["-o", "link", "show", "master", "brc"])?;
+            Ok(!out.contains("LOWERLAYERDOWN") && !out.is_empty())
+        })?;
+        Ok(topo)
+    }
+
+    fn add_server_ns(&mut self, prefix: &str, i: usize) -> Result<()> {
+        let s = Netns::new(&format!("{prefix}s{i}"))?;
+        veth(&s, "eth0", &self.net, &format!("s{i}p"), CORE_MTU)?;
+        self.net.ip(&["link", "set", &format!("s{i}p"), "master", "brs"])?;
+        let v4 = Ipv4Addr::new(10, 71, 2, 10 + i as u8);
+        let v6 = Ipv6Addr::new(0xfd71, 2, 0, 0, 0, 0, 0, 0x10 + i as u16);
+        s.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        s.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        s.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
+        s.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
+        self.servers.push(Server { name: format!("s{i}"), v4, v6, decap: None, app: None, ns: s });
+        Ok(())
+    }
+
+    /// Starts the server side (decapsulation, anycast addresses on lo) and the test service.
+    pub fn start_server(&mut self, i: usize) -> Result<()> {
+        let ctl = workspace_bin("anycast-ctl")?;
+        let app = workspace_bin("anycast-testsrv")?;
+        let s = &mut self.servers[i];
+        let v4 = ANYCAST_V4.to_string();
+        let v6 = ANYCAST_V6.to_string();
+        let mut decap = s.ns.spawn(
+            &format!("server {}", s.name),
+            &ctl,
+            &["server", "--iface", "eth0", "--anycast", &v4, "--anycast", &v6, "--xdp-mode", "native"],
+        )?;
+        decap.wait_for_line("server ready", Duration::from_secs(20))?;
+        let tcp4 = format!("{v4}:{HTTP_PORT}");
+        let tcp6 = format!("[{v6}]:{HTTP_PORT}");
+        let udp4 = format!("{v4}:{UDP_PORT}");
+        let udp6 = format!("[{v6}]:{UDP_PORT}");
+        let mut proc = s.ns.spawn(
+            &format!("testsrv {}", s.name),
+            &app,
+            &["--name", &s.name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4, "--udp", &udp6],
+        )?;
+        proc.wait_for_line("listening", Duration::from_secs(10))?;
+        s.decap = Some(decap);
+        s.app = Some(proc);
+        Ok(())
+    }
+
+    /// Writes the agent's configuration with the first `count` servers.
+    pub fn write_config(&mut self, count: usize) -> Result<()> {
+        let servers: Vec<serde_json::Value> = self.servers[..count]
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "address": s.v4.to_string()}))
+            .collect();
+        let servers6: Vec<serde_json::Value> = self.servers[..count]
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "address": s.v6.to_string()}))
+            .collect();
+        let config = serde_json::json!({
+            "interfaces": ["eth0", "eth1"],
+            "xdp_mode": self.xdp_mode,
+            "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
+            "services": [
+                {"name": "web4", "address": ANYCAST_V4.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": servers},
+                {"name": "web6", "address": ANYCAST_V6.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": servers6},
+                {"name": "udp4", "address": ANYCAST_V4.to_string(), "protocol": "udp", "port": 0, "servers": servers},
+                {"name": "udp6", "address": ANYCAST_V6.to_string(), "protocol": "udp", "port": 0, "servers": servers6},
+            ]
+        });
+        fs::write(&self.config_path, serde_json::to_string_pretty(&config)?)?;
+        self.configured = count;
+        Ok(())
+    }
+
+    pub fn start_agent(&mut self, servers: usize) -> Result<()> {
+        self.write_config(servers)?;
+        let ctl = workspace_bin("anycast-ctl")?;
+        let config = self.config_path.to_string_lossy().into_owned();
+        let socket = self.socket.to_string_lossy().into_owned();
+        let mut agent = self.agent.spawn("agent", &ctl, &["agent", "--config", &config, "--socket", &socket])?;
+        agent.wait_for_line("agent ready", Duration::from_secs(30))?;
+        self.agent_proc = Some(agent);
+        Ok(())
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let ctl = workspace_bin("anycast-ctl")?;
+        let socket = self.socket.to_string_lossy().into_owned();
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend_from_slice(&["--socket", &socket]);
+        self.agent.exec(&ctl.to_string_lossy(), &a)
+    }
+
+    /// The agent's status, as `anycast-ctl status --json` prints it.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.ctl(&["status", "--json"])?).context("status --json")
+    }
+
+    /// A verdict counter of the agent's data path.
+    pub fn verdict(&self, name: &str) -> Result<u64> {
+        let s = self.status()?;
+        s["verdicts"]
+            .as_array()
+            .and_then(|v| v.iter().find(|p| p[0] == name))
+            .and_then(|p| p[1].as_u64())
+            .ok_or_else(|| anyhow!("no verdict {name} in status"))
+    }
+
+    /// Switches the agent to "load balancer on a stick": servers reached back through eth0.
+    pub fn use_stick_mode(&self) -> Result<()> {
+        self.agent.ip(&["addr", "del", "10.71.2.2/24", "dev", "eth1"])?;
+        self.agent.ip(&["addr", "del", "fd71:2::2/64", "dev", "eth1"])?;
+        self.agent.ip(&["route", "add", "10.71.2.0/24", "via", "10.71.1.1", "dev", "eth0"])?;
+        self.agent.ip(&["-6", "route", "add", "fd71:2::/64", "via", "fd71:1::1", "dev", "eth0"])?;
+        Ok(())
+    }
+
+    pub fn anycast(v6: bool, port: u16) -> SocketAddr {
+        if v6 {
+            SocketAddr::new(IpAddr::V6(ANYCAST_V6), port)
+        } else {
+            SocketAddr::new(IpAddr::V4(ANYCAST_V4), port)
+        }
+    }
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One HTTP GET to the anycast address; returns the name of the server that answered.
+/// (Call from a thread inside a client namespace.)
+pub fn http_get(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    if s.peer_addr()? != addr {
+        bail!("connected to {} instead of {addr}", s.peer_addr()?);
+    }
+    s.write_all(b"GET / HTTP/1.0\r\nHost: anycast\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).with_context(|| format!("reading the answer from {addr}"))?;
+    if !body.starts_with("HTTP/1.0 200") {
+        bail!("unexpected answer from {addr}: {body:?}");
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix("server="))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no server= line in {body:?}"))
+}
+
+/// One UDP question; returns the answering server's name and the reply's source address.
+pub fn udp_ask(addr: SocketAddr) -> Result<(String, SocketAddr)> {
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let sock = UdpSocket::bind(bind)?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 512];
+    for _ in 0..6 {
+        sock.send_to(b"who\n", addr)?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let name = text.trim().strip_prefix("server=").ok_or_else(|| anyhow!("bad UDP answer {text:?}"))?;
+            return Ok((name.to_string(), from));
+        }
+    }
+    bail!("no UDP answer from {addr}")
+}
+
+/// A long-lived TCP connection: the server answers each line with its name.
+pub struct Held {
+    stream: BufReader<TcpStream>,
+    pub server: String,
+}
+
+impl Held {
+    pub fn open(addr: SocketAddr) -> Result<Held> {
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut h = Held { stream: BufReader::new(s), server: String::new() };
+        h.server = h.ask()?;
+        Ok(h)
+    }
+
+    /// Sends a line and returns the server name it answers with.
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream.get_mut().write_all(b"who\n")?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+}

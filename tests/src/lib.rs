@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 /// Polls `check` until it returns true, or fails after `timeout` naming `what`.
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let start = Instant::now();
     let mut last_err = None;
     loop {
@@ -19,7 +23,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> Resu
         }
         if start.elapsed() > timeout {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}: last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}: last error: {e:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -42,7 +48,10 @@ pub fn bin_dir() -> std::path::PathBuf {
 pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
     let p = bin_dir().join(name);
     if !p.exists() {
-        bail!("{} not built: run `cargo build --workspace` (or `cargo xtask test`)", p.display());
+        bail!(
+            "{} not built: run `cargo build --workspace` (or `cargo xtask test`)",
+            p.display()
+        );
     }
     Ok(p)
 }

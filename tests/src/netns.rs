@@ -13,9 +13,16 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 /// Runs a command, failing with its stderr if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -28,14 +35,21 @@ impl Netns {
     pub fn new(name: &str) -> Result<Netns> {
         // A leftover from a crashed run of the same name would make `add` fail.
         if Path::new("/run/netns").join(name).exists() {
-            drop(Netns { name: name.to_string() });
+            drop(Netns {
+                name: name.to_string(),
+            });
         }
         run("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         // New namespaces inherit IPv4 settings from the host; make reverse-path filtering
         // predictable (replies come back asymmetrically, by design).
-        for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+        for key in [
+            "net.ipv4.conf.all.rp_filter",
+            "net.ipv4.conf.default.rp_filter",
+        ] {
             ns.sysctl(key, "0")?;
         }
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
@@ -58,7 +72,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")]).map(|_| ())
+        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Starts a process inside the namespace; it is stopped when the guard drops.
@@ -80,7 +95,10 @@ impl Netns {
     }
 
     /// Runs `f` on a new thread inside the namespace and returns its result.
-    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    pub fn in_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let name = self.name.clone();
         std::thread::spawn(move || {
             Netns { name: name.clone() }.enter_forget()?;
@@ -117,7 +135,20 @@ impl Drop for Netns {
 /// Creates a veth pair between two namespaces.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str, mtu: u32) -> Result<()> {
     let tmp_b = format!("{}-tmp", &b_dev[..b_dev.len().min(10)]);
-    a.ip(&["link", "add", a_dev, "mtu", &mtu.to_string(), "type", "veth", "peer", "name", &tmp_b, "mtu", &mtu.to_string()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_dev,
+        "mtu",
+        &mtu.to_string(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &tmp_b,
+        "mtu",
+        &mtu.to_string(),
+    ])?;
     a.ip(&["link", "set", &tmp_b, "netns", &b.name])?;
     b.ip(&["link", "set", &tmp_b, "name", b_dev])?;
     a.ip(&["link", "set", a_dev, "up"])?;
@@ -136,15 +167,32 @@ pub struct Proc {
 
 impl Proc {
     fn start(label: &str, mut cmd: Command) -> Result<Proc> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = cmd.spawn().with_context(|| format!("starting {label}"))?;
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
         let tx2 = tx.clone();
-        std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
-        std::thread::spawn(move || BufReader::new(err).lines().map_while(Result::ok).try_for_each(|l| tx2.send(l)));
-        Ok(Proc { label: label.to_string(), child: Some(child), lines: rx, seen: Vec::new() })
+        std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .try_for_each(|l| tx.send(l))
+        });
+        std::thread::spawn(move || {
+            BufReader::new(err)
+                .lines()
+                .map_while(Result::ok)
+                .try_for_each(|l| tx2.send(l))
+        });
+        Ok(Proc {
+            label: label.to_string(),
+            child: Some(child),
+            lines: rx,
+            seen: Vec::new(),
+        })
     }
 
     /// Waits for an output line containing `needle`; fails if the process exits first.
@@ -152,7 +200,10 @@ impl Proc {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
                 Ok(l) => {
                     let hit = l.contains(needle);
                     self.seen.push(l.clone());
@@ -161,19 +212,35 @@ impl Proc {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    if let Some(status) = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                    {
                         self.drain();
-                        bail!("{} exited ({status}) before printing '{needle}':\n{}", self.label, self.seen.join("\n"));
+                        bail!(
+                            "{} exited ({status}) before printing '{needle}':\n{}",
+                            self.label,
+                            self.seen.join("\n")
+                        );
                     }
                     if left.is_zero() {
                         self.drain();
-                        bail!("{} did not print '{needle}' within {timeout:?}:\n{}", self.label, self.seen.join("\n"));
+                        bail!(
+                            "{} did not print '{needle}' within {timeout:?}:\n{}",
+                            self.label,
+                            self.seen.join("\n")
+                        );
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     std::thread::sleep(Duration::from_millis(100));
                     self.drain();
-                    bail!("{} closed its output before printing '{needle}':\n{}", self.label, self.seen.join("\n"));
+                    bail!(
+                        "{} closed its output before printing '{needle}':\n{}",
+                        self.label,
+                        self.seen.join("\n")
+                    );
                 }
             }
         }
@@ -190,8 +257,15 @@ impl Proc {
     }
 
     /// Sends a signal and waits for the process to exit; returns its output.
-    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("{} already stopped", self.label))?;
+    pub fn stop_with(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("{} already stopped", self.label))?;
         // `ip netns exec` execs the command, so the child pid is the process itself.
         // SAFETY: plain kill(2) on our child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
@@ -206,7 +280,10 @@ impl Proc {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.drain();
-                bail!("{} did not exit within {timeout:?} of signal {signal}", self.label);
+                bail!(
+                    "{} did not exit within {timeout:?} of signal {signal}",
+                    self.label
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

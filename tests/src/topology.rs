@@ -68,9 +68,28 @@ impl Topology {
         fs::create_dir_all(&dir)?;
         let net = Netns::new(&format!("{prefix}net"))?;
         let agent = Netns::new(&format!("{prefix}ag"))?;
-        net.ip(&["link", "add", "brc", "mtu", &CORE_MTU.to_string(), "type", "bridge"])?;
-        net.ip(&["link", "add", "brs", "mtu", &CORE_MTU.to_string(), "type", "bridge"])?;
-        for (br, v4, v6) in [("brc", "10.71.1.1/24", "fd71:1::1/64"), ("brs", "10.71.2.1/24", "fd71:2::1/64")] {
+        net.ip(&[
+            "link",
+            "add",
+            "brc",
+            "mtu",
+            &CORE_MTU.to_string(),
+            "type",
+            "bridge",
+        ])?;
+        net.ip(&[
+            "link",
+            "add",
+            "brs",
+            "mtu",
+            &CORE_MTU.to_string(),
+            "type",
+            "bridge",
+        ])?;
+        for (br, v4, v6) in [
+            ("brc", "10.71.1.1/24", "fd71:1::1/64"),
+            ("brs", "10.71.2.1/24", "fd71:2::1/64"),
+        ] {
             net.ip(&["link", "set", br, "up"])?;
             net.ip(&["addr", "add", v4, "dev", br])?;
             net.ip(&["addr", "add", v6, "dev", br, "nodad"])?;
@@ -84,7 +103,14 @@ impl Topology {
         net.ip(&["link", "set", "agc", "master", "brc"])?;
         net.ip(&["link", "set", "ags", "master", "brs"])?;
         agent.ip(&["addr", "add", &format!("{AGENT_V4}/24"), "dev", "eth0"])?;
-        agent.ip(&["addr", "add", &format!("{AGENT_V6}/64"), "dev", "eth0", "nodad"])?;
+        agent.ip(&[
+            "addr",
+            "add",
+            &format!("{AGENT_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         agent.ip(&["addr", "add", "10.71.2.2/24", "dev", "eth1"])?;
         agent.ip(&["addr", "add", "fd71:2::2/64", "dev", "eth1", "nodad"])?;
 
@@ -93,18 +119,46 @@ impl Topology {
             let c = Netns::new(&format!("{prefix}c{i}"))?;
             // The client's own link has a normal MTU; the tunnel needs 20-40 bytes more.
             veth(&c, "eth0", &net, &format!("c{i}p"), 1500)?;
-            net.ip(&["link", "set", &format!("c{i}p"), "mtu", &CORE_MTU.to_string(), "master", "brc"])?;
+            net.ip(&[
+                "link",
+                "set",
+                &format!("c{i}p"),
+                "mtu",
+                &CORE_MTU.to_string(),
+                "master",
+                "brc",
+            ])?;
             // A veth hands TCP/UDP packets on with the checksum left to "hardware"
             // (CHECKSUM_PARTIAL); XDP_TX/XDP_REDIRECT turn the packet into a raw frame and
             // that promise is lost, so the server would see a bad checksum. Real NICs deliver
             // complete checksums; make the clients' veths do the same.
             c.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-            c.ip(&["addr", "add", &format!("10.71.1.{}/24", 10 + i), "dev", "eth0"])?;
-            c.ip(&["addr", "add", &format!("fd71:1::{:x}/64", 0x10 + i), "dev", "eth0", "nodad"])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("10.71.1.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ])?;
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("fd71:1::{:x}/64", 0x10 + i),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             c.ip(&["route", "add", "default", "via", "10.71.1.1"])?;
             c.ip(&["-6", "route", "add", "default", "via", "fd71:1::1"])?;
             c.ip(&["route", "add", &format!("{ANYCAST_V4}/32"), "via", AGENT_V4])?;
-            c.ip(&["-6", "route", "add", &format!("{ANYCAST_V6}/128"), "via", AGENT_V6])?;
+            c.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ANYCAST_V6}/128"),
+                "via",
+                AGENT_V6,
+            ])?;
             client_ns.push(c);
         }
 
@@ -129,7 +183,15 @@ impl Topology {
         let mut pass = topo.net.spawn(
             "passthrough",
             &workspace_bin("anycast-ctl")?,
-            &["passthrough", "--iface", "agc", "--iface", "ags", "--xdp-mode", "native"],
+            &[
+                "passthrough",
+                "--iface",
+                "agc",
+                "--iface",
+                "ags",
+                "--xdp-mode",
+                "native",
+            ],
         )?;
         pass.wait_for_line("passthrough ready", Duration::from_secs(20))?;
         topo.passthrough = Some(pass);
@@ -148,14 +210,22 @@ impl Topology {
     fn add_server_ns(&mut self, prefix: &str, i: usize) -> Result<()> {
         let s = Netns::new(&format!("{prefix}s{i}"))?;
         veth(&s, "eth0", &self.net, &format!("s{i}p"), CORE_MTU)?;
-        self.net.ip(&["link", "set", &format!("s{i}p"), "master", "brs"])?;
+        self.net
+            .ip(&["link", "set", &format!("s{i}p"), "master", "brs"])?;
         let v4 = Ipv4Addr::new(10, 71, 2, 10 + i as u8);
         let v6 = Ipv6Addr::new(0xfd71, 2, 0, 0, 0, 0, 0, 0x10 + i as u16);
         s.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         s.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
         s.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
         s.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
-        self.servers.push(Server { name: format!("s{i}"), v4, v6, decap: None, app: None, ns: s });
+        self.servers.push(Server {
+            name: format!("s{i}"),
+            v4,
+            v6,
+            decap: None,
+            app: None,
+            ns: s,
+        });
         Ok(())
     }
 
@@ -169,7 +239,17 @@ impl Topology {
         let mut decap = s.ns.spawn(
             &format!("server {}", s.name),
             &ctl,
-            &["server", "--iface", "eth0", "--anycast", &v4, "--anycast", &v6, "--xdp-mode", "native"],
+            &[
+                "server",
+                "--iface",
+                "eth0",
+                "--anycast",
+                &v4,
+                "--anycast",
+                &v6,
+                "--xdp-mode",
+                "native",
+            ],
         )?;
         decap.wait_for_line("server ready", Duration::from_secs(20))?;
         let tcp4 = format!("{v4}:{HTTP_PORT}");
@@ -179,7 +259,9 @@ impl Topology {
         let mut proc = s.ns.spawn(
             &format!("testsrv {}", s.name),
             &app,
-            &["--name", &s.name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4, "--udp", &udp6],
+            &[
+                "--name", &s.name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4, "--udp", &udp6,
+            ],
         )?;
         proc.wait_for_line("listening", Duration::from_secs(10))?;
         s.decap = Some(decap);
@@ -218,7 +300,11 @@ impl Topology {
         let ctl = workspace_bin("anycast-ctl")?;
         let config = self.config_path.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
-        let mut agent = self.agent.spawn("agent", &ctl, &["agent", "--config", &config, "--socket", &socket])?;
+        let mut agent = self.agent.spawn(
+            "agent",
+            &ctl,
+            &["agent", "--config", &config, "--socket", &socket],
+        )?;
         agent.wait_for_line("agent ready", Duration::from_secs(30))?;
         self.agent_proc = Some(agent);
         Ok(())
@@ -249,10 +335,29 @@ impl Topology {
 
     /// Switches the agent to "load balancer on a stick": servers reached back through eth0.
     pub fn use_stick_mode(&self) -> Result<()> {
-        self.agent.ip(&["addr", "del", "10.71.2.2/24", "dev", "eth1"])?;
-        self.agent.ip(&["addr", "del", "fd71:2::2/64", "dev", "eth1"])?;
-        self.agent.ip(&["route", "add", "10.71.2.0/24", "via", "10.71.1.1", "dev", "eth0"])?;
-        self.agent.ip(&["-6", "route", "add", "fd71:2::/64", "via", "fd71:1::1", "dev", "eth0"])?;
+        self.agent
+            .ip(&["addr", "del", "10.71.2.2/24", "dev", "eth1"])?;
+        self.agent
+            .ip(&["addr", "del", "fd71:2::2/64", "dev", "eth1"])?;
+        self.agent.ip(&[
+            "route",
+            "add",
+            "10.71.2.0/24",
+            "via",
+            "10.71.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        self.agent.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd71:2::/64",
+            "via",
+            "fd71:1::1",
+            "dev",
+            "eth0",
+        ])?;
         Ok(())
     }
 
@@ -270,7 +375,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// One HTTP GET to the anycast address; returns the name of the server that answered.
 /// (Call from a thread inside a client namespace.)
 pub fn http_get(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     if s.peer_addr()? != addr {
@@ -278,7 +384,8 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
     }
     s.write_all(b"GET / HTTP/1.0\r\nHost: anycast\r\n\r\n")?;
     let mut body = String::new();
-    s.read_to_string(&mut body).with_context(|| format!("reading the answer from {addr}"))?;
+    s.read_to_string(&mut body)
+        .with_context(|| format!("reading the answer from {addr}"))?;
     if !body.starts_with("HTTP/1.0 200") {
         bail!("unexpected answer from {addr}: {body:?}");
     }
@@ -290,7 +397,11 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
 
 /// One UDP question; returns the answering server's name and the reply's source address.
 pub fn udp_ask(addr: SocketAddr) -> Result<(String, SocketAddr)> {
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
     let sock = UdpSocket::bind(bind)?;
     sock.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut buf = [0u8; 512];
@@ -298,7 +409,10 @@ pub fn udp_ask(addr: SocketAddr) -> Result<(String, SocketAddr)> {
         sock.send_to(b"who\n", addr)?;
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
             let text = String::from_utf8_lossy(&buf[..n]);
-            let name = text.trim().strip_prefix("server=").ok_or_else(|| anyhow!("bad UDP answer {text:?}"))?;
+            let name = text
+                .trim()
+                .strip_prefix("server=")
+                .ok_or_else(|| anyhow!("bad UDP answer {text:?}"))?;
             return Ok((name.to_string(), from));
         }
     }
@@ -315,7 +429,10 @@ impl Held {
     pub fn open(addr: SocketAddr) -> Result<Held> {
         let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut h = Held { stream: BufReader::new(s), server: String::new() };
+        let mut h = Held {
+            stream: BufReader::new(s),
+            server: String::new(),
+        };
         h.server = h.ask()?;
         Ok(h)
     }

@@ -8,11 +8,26 @@ use anycast_tests::topology::{http_get, udp_ask, Topology, HTTP_PORT, UDP_PORT};
 fn main() -> anyhow::Result<()> {
     let hold = std::env::args().any(|a| a == "--hold");
     let setup_only = std::env::args().any(|a| a == "--setup-only");
-    println!("== building the demo topology (namespaces acdemo*: 2 clients, agent, router, 3 servers)");
+    // Ctrl-C must not skip the teardown: note it and stop at the next step.
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    println!(
+        "== building the demo topology (namespaces acdemo*: 2 clients, agent, router, 3 servers)"
+    );
     let mut topo = Topology::build("acdemo", 2, 3)?;
     topo.start_agent(3)?;
-    println!("== agent running in native XDP mode; servers decapsulate with their own XDP program\n");
-    for (i, client) in topo.clients.iter().enumerate().filter(|_| !setup_only) {
+    println!(
+        "== agent running in native XDP mode; servers decapsulate with their own XDP program\n"
+    );
+    for (i, client) in topo
+        .clients
+        .iter()
+        .enumerate()
+        .filter(|_| !setup_only && !stopped())
+    {
         for v6 in [false, true] {
             let addr = Topology::anycast(v6, HTTP_PORT);
             let answers = client.in_ns(move || {
@@ -33,28 +48,28 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("\n== anycast-ctl status\n{}", topo.ctl(&["status"])?);
-    if hold {
+    if hold && !stopped() {
         println!("== holding; namespaces: acdemonet, acdemoag, acdemoc1, acdemoc2, acdemos1..3. Ctrl-C to stop.");
-        let (tx, rx) = std::sync::mpsc::channel();
-        ctrlc_wait(tx);
-        let _ = rx.recv_timeout(Duration::from_secs(24 * 3600));
+        wait_for_stop();
     }
     println!("== tearing down");
     drop(topo);
     Ok(())
 }
 
-fn ctrlc_wait(tx: std::sync::mpsc::Sender<()>) {
-    std::thread::spawn(move || {
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: plain libc signal-mask calls on a local sigset.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-        }
-        let _ = tx.send(());
-    });
+fn stopped() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Waits for SIGINT/SIGTERM (a handler, not a blocked mask, which children would inherit).
+fn wait_for_stop() {
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

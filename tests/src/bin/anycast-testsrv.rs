@@ -29,7 +29,11 @@ fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
             }
         }
         let body = format!("server={name}\n");
-        write!(out, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+        write!(
+            out,
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
         return Ok(());
     }
     loop {

@@ -1,0 +1,1262 @@
+//! The agent's XDP data path, run with `BPF_PROG_TEST_RUN` against hand-built packets.
+//!
+//! Each test gets a network namespace of its own (veth pairs, addresses, permanent
+//! neighbours, forwarding on) and moves its thread into it, because the kernel does the
+//! data path's FIB lookups in the namespace of the thread that runs the test. Inputs and
+//! expected outputs are built here byte by byte, independently of the program's code; the
+//! only value borrowed from the project is the flow hash that becomes the outer IPv6 flow
+//! label.
+//!
+//! Needs root. Run with `cargo test --release -p anycast-tests --test datapath --
+//! --test-threads=1`.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    panic::{catch_unwind, AssertUnwindSafe},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anycast_common::{flow_hash, programs, verdict, FlowKey, ServiceKey, PROTO_TCP, PROTO_UDP};
+use anycast_ctl::dataplane::{Dataplane, DesiredServer, DesiredService, Sizes};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+
+// XDP actions, as the program returns them.
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+fn action_name(a: u32) -> String {
+    match a {
+        XDP_ABORTED => "XDP_ABORTED".into(),
+        XDP_DROP => "XDP_DROP".into(),
+        XDP_PASS => "XDP_PASS".into(),
+        XDP_TX => "XDP_TX".into(),
+        XDP_REDIRECT => "XDP_REDIRECT".into(),
+        other => format!("unknown action {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The namespace and its addresses.
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const FX0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const FY0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
+/// A third port, deliberately left out of the device map.
+const FZ0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x03];
+
+/// Permanent neighbours: (address, MAC, device).
+const NEIGHBOURS: &[(&str, [u8; 6], &str)] = &[
+    ("10.9.2.11", [0x02, 0, 0, 0, 0x02, 0x0b], "fx0"),
+    ("10.9.2.12", [0x02, 0, 0, 0, 0x02, 0x0c], "fx0"),
+    ("10.9.2.13", [0x02, 0, 0, 0, 0x02, 0x0d], "fx0"),
+    ("fd09:2::11", [0x02, 0, 0, 0, 0x02, 0x0b], "fx0"),
+    ("10.9.3.11", [0x02, 0, 0, 0, 0x03, 0x0b], "fy0"),
+    ("10.9.4.11", [0x02, 0, 0, 0, 0x04, 0x0b], "fz0"),
+];
+
+fn neighbour_mac(addr: &str) -> [u8; 6] {
+    NEIGHBOURS
+        .iter()
+        .find(|n| n.0 == addr)
+        .unwrap_or_else(|| panic!("{addr} is not a neighbour of the test namespace"))
+        .1
+}
+
+const AGENT_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 2, 1);
+const AGENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd09, 2, 0, 0, 0, 0, 0, 1);
+const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn setns(file: &File) -> Result<()> {
+    // SAFETY: plain syscall on a file descriptor we own.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+    }
+    Ok(())
+}
+
+/// A network namespace this thread has entered; on drop the thread goes back to where it
+/// was and the namespace is deleted (also when the test panics).
+struct Netns {
+    name: String,
+    original: File,
+}
+
+impl Netns {
+    fn new() -> Result<Self> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "acdp{}{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let original =
+            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name, original };
+        ns.configure()?;
+        Ok(ns)
+    }
+
+    fn configure(&self) -> Result<()> {
+        let n = self.name.as_str();
+        let ipn = |rest: &[&str]| {
+            let mut args = vec!["-n", n];
+            args.extend_from_slice(rest);
+            ip(&args)
+        };
+        ipn(&["link", "set", "lo", "up"])?;
+        let pairs = [
+            ("fx0", "fx1", FX0_MAC, vec!["10.9.2.1/24", "fd09:2::1/64"]),
+            ("fy0", "fy1", FY0_MAC, vec!["10.9.3.1/24"]),
+            ("fz0", "fz1", FZ0_MAC, vec!["10.9.4.1/24"]),
+        ];
+        for (a, b, mac, addrs) in &pairs {
+            ipn(&["link", "add", a, "type", "veth", "peer", "name", b])?;
+            ipn(&["link", "set", a, "address", &mac_str(*mac)])?;
+            ipn(&["link", "set", a, "up"])?;
+            ipn(&["link", "set", b, "up"])?;
+            for addr in addrs {
+                if addr.contains(':') {
+                    ipn(&["addr", "add", addr, "dev", a, "nodad"])?;
+                } else {
+                    ipn(&["addr", "add", addr, "dev", a])?;
+                }
+            }
+        }
+        for (addr, mac, dev) in NEIGHBOURS {
+            ipn(&[
+                "neigh",
+                "add",
+                addr,
+                "lladdr",
+                &mac_str(*mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        let target = File::open(format!("/run/netns/{n}"))
+            .with_context(|| format!("opening /run/netns/{n}"))?;
+        setns(&target)?;
+        // Net sysctls resolve in the namespace of the writing thread: this one, now.
+        for (path, what) in [
+            ("/proc/sys/net/ipv4/ip_forward", "IPv4 forwarding"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6 forwarding"),
+        ] {
+            std::fs::write(path, "1").with_context(|| format!("turning on {what}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original) {
+            eprintln!("leaving namespace {}: {e:#}", self.name);
+        }
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("deleting namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {name} in the test namespace");
+    }
+    Ok(i)
+}
+
+// ---------------------------------------------------------------------------------------
+// The data plane and running the program.
+
+/// A namespace, its interfaces and a loaded data plane. Fields drop in order: the data
+/// plane's maps and program go before the namespace.
+struct Harness {
+    dataplane: Dataplane,
+    fx0: u32,
+    fy0: u32,
+    _ns: Netns,
+}
+
+fn new_dataplane(fy0: u32) -> Result<Dataplane> {
+    let mut dp = Dataplane::new(Sizes {
+        ring_size: 4099,
+        max_services: 8,
+        max_flows: 4096,
+    })?;
+    dp.set_agent_addresses(Some(IpAddr::V4(AGENT_V4)), Some(IpAddr::V6(AGENT_V6)))?;
+    dp.add_tx_port(fy0)?;
+    let prog: &mut Xdp = dp
+        .ebpf
+        .program_mut(programs::AGENT)
+        .ok_or_else(|| anyhow!("no program {}", programs::AGENT))?
+        .try_into()?;
+    prog.load().context("loading the agent program")?;
+    Ok(dp)
+}
+
+impl Harness {
+    fn new() -> Result<Self> {
+        let ns = Netns::new()?;
+        let fx0 = ifindex("fx0")?;
+        let fy0 = ifindex("fy0")?;
+        let dataplane = new_dataplane(fy0)?;
+        Ok(Harness {
+            dataplane,
+            fx0,
+            fy0,
+            _ns: ns,
+        })
+    }
+}
+
+/// Runs the agent once on `input`, received on `ingress`. Returns the action and the frame.
+fn run_xdp(dp: &Dataplane, ingress: u32, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let prog: &Xdp = dp
+        .ebpf
+        .program(programs::AGENT)
+        .ok_or_else(|| anyhow!("no program {}", programs::AGENT))?
+        .try_into()?;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let md: [u32; 6] = [0, input.len() as u32, 0, ingress, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; input.len() + 64];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
+/// The `VERDICTS` counters, summed over CPUs, in `verdict::NAMES` order.
+fn counters(dp: &Dataplane) -> Result<Vec<u64>> {
+    let v = dp.report()?.verdicts;
+    let names: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        verdict::NAMES,
+        "the report lists the verdicts in order"
+    );
+    Ok(v.into_iter().map(|(_, c)| c).collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// Packets, built by hand.
+
+/// Internet checksum (RFC 1071) of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+}
+
+impl Flow {
+    fn v4(dst: &str, proto: u8, sport: u16, dport: u16) -> Self {
+        Flow {
+            src: IpAddr::V4(CLIENT_V4),
+            dst: dst.parse().unwrap(),
+            proto,
+            sport,
+            dport,
+        }
+    }
+    fn v6(dst: &str, proto: u8, sport: u16, dport: u16) -> Self {
+        Flow {
+            src: IpAddr::V6(CLIENT_V6),
+            dst: dst.parse().unwrap(),
+            proto,
+            sport,
+            dport,
+        }
+    }
+    fn label(&self) -> u32 {
+        flow_hash(&FlowKey::new(
+            self.src, self.dst, self.proto, self.sport, self.dport,
+        )) & 0x000f_ffff
+    }
+}
+
+const PAYLOAD: &[u8] = b"anycast data path fixture payload";
+
+fn tcp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+    h.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes()); // ack
+    h.push(5 << 4); // data offset
+    h.push(0x18); // PSH, ACK
+    h.extend_from_slice(&0xfaf0u16.to_be_bytes()); // window
+    h.extend_from_slice(&0xbeefu16.to_be_bytes()); // checksum: never read by the data path
+    h.extend_from_slice(&[0, 0]); // urgent pointer
+    h.extend_from_slice(payload);
+    h
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&0xbeefu16.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn l4(flow: &Flow) -> Vec<u8> {
+    match flow.proto {
+        PROTO_TCP => tcp(flow.sport, flow.dport, PAYLOAD),
+        PROTO_UDP => udp(flow.sport, flow.dport, PAYLOAD),
+        p => panic!("no L4 builder for protocol {p}"),
+    }
+}
+
+fn v4_addr(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
+fn v6_addr(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a} is not IPv6"),
+    }
+}
+
+/// An IPv4 header (with options) and payload; the header checksum is computed here.
+fn ipv4(
+    tos: u8,
+    frag: u16,
+    proto: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    let ihl = (20 + options.len()) / 4;
+    let total = (ihl * 4 + payload.len()) as u16;
+    let mut h = vec![0x40 | ihl as u8, tos];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&0x1c46u16.to_be_bytes()); // id
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.push(61); // ttl
+    h.push(proto);
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(options);
+    let sum = inet_checksum(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// An IPv6 header and payload.
+fn ipv6(tclass: u8, label: u32, next: u8, src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let first = (6u32 << 28) | (u32::from(tclass) << 20) | (label & 0x000f_ffff);
+    let mut h = first.to_be_bytes().to_vec();
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.push(next);
+    h.push(59); // hop limit
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// DSCP EF plus ECT(1): copied into the outer header.
+const TOS: u8 = 0xb9;
+/// Traffic class of the IPv6 inputs.
+const TCLASS: u8 = 0xa6;
+const INNER_LABEL: u32 = 0x5_4321;
+const DF: u16 = 0x4000;
+
+/// The IP packet of a flow, as the client sends it.
+fn ip_packet(flow: &Flow) -> Vec<u8> {
+    ip_packet_with(flow, DF, &[])
+}
+
+fn ip_packet_with(flow: &Flow, frag: u16, options: &[u8]) -> Vec<u8> {
+    match (flow.src, flow.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(TOS, frag, flow.proto, s, d, options, &l4(flow)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(TCLASS, INNER_LABEL, flow.proto, s, d, &l4(flow)),
+        _ => panic!("mixed families in {flow:?}"),
+    }
+}
+
+fn ethertype_of(ip: &[u8]) -> u16 {
+    match ip[0] >> 4 {
+        4 => 0x0800,
+        6 => 0x86dd,
+        v => panic!("IP version {v}"),
+    }
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, ethertype: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    if let Some(vid) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// A frame from the client to the agent's fx0.
+fn client_frame(vlan: Option<u16>, ip: &[u8]) -> Vec<u8> {
+    ethernet(FX0_MAC, CLIENT_MAC, vlan, ethertype_of(ip), ip)
+}
+
+/// What the agent should send: `inner` (the client's IP packet, unchanged) in an outer
+/// header from the agent to `server`, in a frame from `src_mac` to `dst_mac`.
+fn encapsulated(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    vlan: Option<u16>,
+    flow: &Flow,
+    inner: &[u8],
+    server: &str,
+) -> Vec<u8> {
+    let server: IpAddr = server.parse().unwrap();
+    let (tos, next) = match inner[0] >> 4 {
+        4 => (inner[1], 4u8),
+        6 => ((inner[0] << 4) | (inner[1] >> 4), 41u8),
+        v => panic!("IP version {v}"),
+    };
+    let outer = match server {
+        IpAddr::V4(s) => {
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&(20 + inner.len() as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0]); // id
+            h.extend_from_slice(&0x4000u16.to_be_bytes()); // DF
+            h.push(64);
+            h.push(next);
+            h.extend_from_slice(&[0, 0]);
+            h.extend_from_slice(&AGENT_V4.octets());
+            h.extend_from_slice(&s.octets());
+            let sum = inet_checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            h.extend_from_slice(inner);
+            h
+        }
+        IpAddr::V6(s) => ipv6_outer(tos, flow.label(), next, s, inner),
+    };
+    ethernet(dst_mac, src_mac, vlan, ethertype_of(&outer), &outer)
+}
+
+fn ipv6_outer(tclass: u8, label: u32, next: u8, server: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let first = (6u32 << 28) | (u32::from(tclass) << 20) | label;
+    let mut h = first.to_be_bytes().to_vec();
+    h.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+    h.push(next);
+    h.push(64);
+    h.extend_from_slice(&AGENT_V6.octets());
+    h.extend_from_slice(&server.octets());
+    h.extend_from_slice(inner);
+    h
+}
+
+/// A frame encapsulated towards a neighbour on fx0, sent back out of fx0.
+fn tx_to(server: &str, vlan: Option<u16>, flow: &Flow, inner: &[u8]) -> Vec<u8> {
+    encapsulated(neighbour_mac(server), FX0_MAC, vlan, flow, inner, server)
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut a = vec![0, 1, 0x08, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&CLIENT_MAC);
+    a.extend_from_slice(&CLIENT_V4.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&[192, 0, 2, 10]);
+    ethernet([0xff; 6], CLIENT_MAC, None, 0x0806, &a)
+}
+
+/// Hex dump, 16 bytes a line, so that assertion diffs point at the offending bytes.
+fn hex(b: &[u8]) -> String {
+    let mut s = String::new();
+    for (i, chunk) in b.chunks(16).enumerate() {
+        let _ = write!(s, "{:04x}:", i * 16);
+        for byte in chunk {
+            let _ = write!(s, " {byte:02x}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => format!("first difference at byte {i}"),
+        None if a.len() != b.len() => {
+            format!(
+                "lengths differ: {} (actual) vs {} (expected)",
+                a.len(),
+                b.len()
+            )
+        }
+        None => "identical".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Services.
+
+fn service(
+    name: &str,
+    addr: &str,
+    proto: u8,
+    port: u16,
+    servers: &[(&str, u32)],
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        key: ServiceKey::new(addr.parse().unwrap(), proto, port),
+        servers: servers
+            .iter()
+            .map(|(a, w)| DesiredServer {
+                name: a.to_string(),
+                address: a.parse().unwrap(),
+                weight: *w,
+                up: true,
+            })
+            .collect(),
+    }
+}
+
+/// 192.0.2.10 tcp 80 and udp 53, both served by 10.9.2.11.
+fn web_and_dns() -> Vec<DesiredService> {
+    vec![
+        service("web", "192.0.2.10", PROTO_TCP, 80, &[("10.9.2.11", 1)]),
+        service("dns", "192.0.2.10", PROTO_UDP, 53, &[("10.9.2.11", 1)]),
+    ]
+}
+
+fn web6() -> Vec<DesiredService> {
+    vec![service(
+        "web6",
+        "2001:db8::10",
+        PROTO_TCP,
+        443,
+        &[("fd09:2::11", 1)],
+    )]
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixtures.
+
+struct Fixture {
+    description: String,
+    /// The whole service set for this case (`apply` removes any other).
+    services: Vec<DesiredService>,
+    input: Vec<u8>,
+    /// XDP action.
+    action: u32,
+    /// Index into `VERDICTS` that must rise by one.
+    reason: u32,
+    output: Vec<u8>,
+}
+
+fn fixture(
+    description: impl Into<String>,
+    services: Vec<DesiredService>,
+    input: Vec<u8>,
+    action: u32,
+    reason: u32,
+    output: Vec<u8>,
+) -> Fixture {
+    Fixture {
+        description: description.into(),
+        services,
+        input,
+        action,
+        reason,
+        output,
+    }
+}
+
+/// Passed to the kernel untouched.
+fn untouched(
+    description: impl Into<String>,
+    services: Vec<DesiredService>,
+    input: Vec<u8>,
+    reason: u32,
+) -> Fixture {
+    let output = input.clone();
+    fixture(description, services, input, XDP_PASS, reason, output)
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let mut v = Vec::new();
+
+    // --- Encapsulated and sent.
+    let f_tcp = Flow::v4("192.0.2.10", PROTO_TCP, 40000, 80);
+    let ip_tcp = ip_packet(&f_tcp);
+    let frame_tcp = client_frame(None, &ip_tcp);
+    v.push(fixture(
+        "IPv4 TCP to 192.0.2.10:80 -> IPv4-in-IPv4 to 10.9.2.11, XDP_TX",
+        web_and_dns(),
+        frame_tcp.clone(),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_tcp, &ip_tcp),
+    ));
+
+    let f_udp = Flow::v4("192.0.2.10", PROTO_UDP, 40001, 53);
+    let ip_udp = ip_packet(&f_udp);
+    v.push(fixture(
+        "IPv4 UDP to 192.0.2.10:53 -> IPv4-in-IPv4 to 10.9.2.11, XDP_TX",
+        web_and_dns(),
+        client_frame(None, &ip_udp),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_udp, &ip_udp),
+    ));
+
+    let f_tcp6 = Flow::v6("2001:db8::10", PROTO_TCP, 40002, 443);
+    let ip_tcp6 = ip_packet(&f_tcp6);
+    let frame_tcp6 = client_frame(None, &ip_tcp6);
+    v.push(fixture(
+        "IPv6 TCP to [2001:db8::10]:443 -> IPv6-in-IPv6 to fd09:2::11, XDP_TX",
+        web6(),
+        frame_tcp6.clone(),
+        XDP_TX,
+        verdict::TX,
+        tx_to("fd09:2::11", None, &f_tcp6, &ip_tcp6),
+    ));
+
+    let f_46 = Flow::v4("192.0.2.20", PROTO_TCP, 40003, 80);
+    let ip_46 = ip_packet(&f_46);
+    v.push(fixture(
+        "IPv4 TCP to 192.0.2.20:80 whose server is fd09:2::11 -> IPv4-in-IPv6, XDP_TX",
+        vec![service(
+            "web46",
+            "192.0.2.20",
+            PROTO_TCP,
+            80,
+            &[("fd09:2::11", 1)],
+        )],
+        client_frame(None, &ip_46),
+        XDP_TX,
+        verdict::TX,
+        tx_to("fd09:2::11", None, &f_46, &ip_46),
+    ));
+
+    let f_64 = Flow::v6("2001:db8::20", PROTO_UDP, 40004, 53);
+    let ip_64 = ip_packet(&f_64);
+    v.push(fixture(
+        "IPv6 UDP to [2001:db8::20]:53 whose server is 10.9.2.11 -> IPv6-in-IPv4 (proto 41), XDP_TX",
+        vec![service(
+            "dns64",
+            "2001:db8::20",
+            PROTO_UDP,
+            53,
+            &[("10.9.2.11", 1)],
+        )],
+        client_frame(None, &ip_64),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_64, &ip_64),
+    ));
+
+    let f_opt = Flow::v4("192.0.2.10", PROTO_TCP, 40005, 80);
+    // IHL 7: seven NOPs and an end-of-options.
+    let ip_opt = ip_packet_with(&f_opt, DF, &[1, 1, 1, 1, 1, 1, 1, 0]);
+    let frame_opt = client_frame(None, &ip_opt);
+    v.push(fixture(
+        "IPv4 with 8 bytes of options (IHL 7) TCP to 192.0.2.10:80 -> encapsulated, options kept, XDP_TX",
+        web_and_dns(),
+        frame_opt.clone(),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_opt, &ip_opt),
+    ));
+
+    let f_vlan = Flow::v4("192.0.2.10", PROTO_TCP, 40006, 80);
+    let ip_vlan = ip_packet(&f_vlan);
+    let frame_vlan = client_frame(Some(100), &ip_vlan);
+    v.push(fixture(
+        "802.1Q VID 100 IPv4 TCP to 192.0.2.10:80 -> encapsulated behind the same tag, XDP_TX",
+        web_and_dns(),
+        frame_vlan.clone(),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", Some(100), &f_vlan, &ip_vlan),
+    ));
+
+    let f_vlan6 = Flow::v6("2001:db8::10", PROTO_TCP, 40007, 443);
+    let ip_vlan6 = ip_packet(&f_vlan6);
+    v.push(fixture(
+        "802.1Q VID 100 IPv6 TCP to [2001:db8::10]:443 -> IPv6-in-IPv6 behind the same tag, XDP_TX",
+        web6(),
+        client_frame(Some(100), &ip_vlan6),
+        XDP_TX,
+        verdict::TX,
+        tx_to("fd09:2::11", Some(100), &f_vlan6, &ip_vlan6),
+    ));
+
+    let wildcard = || {
+        vec![service(
+            "any-udp",
+            "192.0.2.30",
+            PROTO_UDP,
+            0,
+            &[("10.9.2.11", 1)],
+        )]
+    };
+    let f_wild = Flow::v4("192.0.2.30", PROTO_UDP, 40008, 5353);
+    let ip_wild = ip_packet(&f_wild);
+    v.push(fixture(
+        "UDP to 192.0.2.30:5353 matched by the port wildcard 192.0.2.30 udp 0 -> XDP_TX",
+        wildcard(),
+        client_frame(None, &ip_wild),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_wild, &ip_wild),
+    ));
+    v.push(untouched(
+        "TCP to 192.0.2.30:5353: the udp port wildcard does not match tcp -> pass",
+        wildcard(),
+        client_frame(
+            None,
+            &ip_packet(&Flow::v4("192.0.2.30", PROTO_TCP, 40008, 5353)),
+        ),
+        verdict::PASS_NOT_SERVICE,
+    ));
+
+    let f_redir = Flow::v4("192.0.2.40", PROTO_TCP, 40009, 80);
+    let ip_redir = ip_packet(&f_redir);
+    v.push(fixture(
+        "server 10.9.3.11 routed via fy0 (in TX_PORTS) -> XDP_REDIRECT, MACs of fy0 and the neighbour",
+        vec![service(
+            "redir",
+            "192.0.2.40",
+            PROTO_TCP,
+            80,
+            &[("10.9.3.11", 1)],
+        )],
+        client_frame(None, &ip_redir),
+        XDP_REDIRECT,
+        verdict::REDIRECT,
+        encapsulated(
+            neighbour_mac("10.9.3.11"),
+            FY0_MAC,
+            None,
+            &f_redir,
+            &ip_redir,
+            "10.9.3.11",
+        ),
+    ));
+
+    let f_notx = Flow::v4("192.0.2.41", PROTO_TCP, 40010, 80);
+    let ip_notx = ip_packet(&f_notx);
+    v.push(fixture(
+        "server 10.9.4.11 routed via fz0 (not in TX_PORTS) -> XDP_PASS, encapsulated, MACs rewritten",
+        vec![service(
+            "notx",
+            "192.0.2.41",
+            PROTO_TCP,
+            80,
+            &[("10.9.4.11", 1)],
+        )],
+        client_frame(None, &ip_notx),
+        XDP_PASS,
+        verdict::PASS_NOT_TX_PORT,
+        encapsulated(
+            neighbour_mac("10.9.4.11"),
+            FZ0_MAC,
+            None,
+            &f_notx,
+            &ip_notx,
+            "10.9.4.11",
+        ),
+    ));
+
+    // --- Encapsulated, handed to the kernel.
+    let f_noneigh = Flow::v4("192.0.2.50", PROTO_TCP, 40011, 80);
+    let ip_noneigh = ip_packet(&f_noneigh);
+    v.push(fixture(
+        "server 10.9.2.99 without a neighbour entry -> XDP_PASS, encapsulated, MACs unchanged",
+        vec![service(
+            "noneigh",
+            "192.0.2.50",
+            PROTO_TCP,
+            80,
+            &[("10.9.2.99", 1)],
+        )],
+        client_frame(None, &ip_noneigh),
+        XDP_PASS,
+        verdict::PASS_NO_NEIGH,
+        encapsulated(
+            FX0_MAC,
+            CLIENT_MAC,
+            None,
+            &f_noneigh,
+            &ip_noneigh,
+            "10.9.2.99",
+        ),
+    ));
+
+    let f_noroute = Flow::v4("192.0.2.60", PROTO_TCP, 40012, 80);
+    let ip_noroute = ip_packet(&f_noroute);
+    v.push(fixture(
+        "server 10.99.0.1 without a route -> XDP_PASS, encapsulated, MACs unchanged",
+        vec![service(
+            "noroute",
+            "192.0.2.60",
+            PROTO_TCP,
+            80,
+            &[("10.99.0.1", 1)],
+        )],
+        client_frame(None, &ip_noroute),
+        XDP_PASS,
+        verdict::PASS_NO_ROUTE,
+        encapsulated(
+            FX0_MAC,
+            CLIENT_MAC,
+            None,
+            &f_noroute,
+            &ip_noroute,
+            "10.99.0.1",
+        ),
+    ));
+
+    // --- Dropped.
+    let frame_w0 = client_frame(
+        None,
+        &ip_packet(&Flow::v4("192.0.2.70", PROTO_TCP, 40013, 80)),
+    );
+    v.push(fixture(
+        "service whose only server has weight 0 -> XDP_DROP",
+        vec![service(
+            "weight0",
+            "192.0.2.70",
+            PROTO_TCP,
+            80,
+            &[("10.9.2.11", 0)],
+        )],
+        frame_w0.clone(),
+        XDP_DROP,
+        verdict::DROP_NO_SERVER,
+        frame_w0,
+    ));
+    let mut down = service("down", "192.0.2.71", PROTO_TCP, 80, &[("10.9.2.11", 1)]);
+    down.servers[0].up = false;
+    let frame_down = client_frame(
+        None,
+        &ip_packet(&Flow::v4("192.0.2.71", PROTO_TCP, 40014, 80)),
+    );
+    v.push(fixture(
+        "service whose only server is down -> XDP_DROP",
+        vec![down],
+        frame_down.clone(),
+        XDP_DROP,
+        verdict::DROP_NO_SERVER,
+        frame_down,
+    ));
+
+    // --- Not for a service.
+    for (what, flow) in [
+        (
+            "same address, other TCP port",
+            Flow::v4("192.0.2.10", PROTO_TCP, 40015, 81),
+        ),
+        (
+            "same address and port, other protocol (UDP 80)",
+            Flow::v4("192.0.2.10", PROTO_UDP, 40015, 80),
+        ),
+        (
+            "other address, same port",
+            Flow::v4("192.0.2.11", PROTO_TCP, 40015, 80),
+        ),
+        (
+            "IPv6 to another address",
+            Flow::v6("2001:db8::11", PROTO_TCP, 40015, 443),
+        ),
+    ] {
+        let services = if flow.dst.is_ipv4() {
+            web_and_dns()
+        } else {
+            web6()
+        };
+        v.push(untouched(
+            format!("not a service: {what} -> pass untouched"),
+            services,
+            client_frame(None, &ip_packet(&flow)),
+            verdict::PASS_NOT_SERVICE,
+        ));
+    }
+    let icmp = ipv4(
+        TOS,
+        DF,
+        1,
+        CLIENT_V4,
+        "192.0.2.10".parse().unwrap(),
+        &[],
+        &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+    );
+    v.push(untouched(
+        "not a service: ICMP echo to the service address -> pass untouched",
+        web_and_dns(),
+        client_frame(None, &icmp),
+        verdict::PASS_NOT_SERVICE,
+    ));
+    v.push(untouched(
+        "not a service: ARP request -> pass untouched",
+        web_and_dns(),
+        arp_request(),
+        verdict::PASS_NOT_SERVICE,
+    ));
+
+    // --- Fragments.
+    let f_frag = Flow::v4("192.0.2.10", PROTO_TCP, 40016, 80);
+    v.push(untouched(
+        "IPv4 first fragment (MF set) to a service -> pass untouched",
+        web_and_dns(),
+        client_frame(None, &ip_packet_with(&f_frag, 0x2000, &[])),
+        verdict::PASS_FRAGMENT,
+    ));
+    v.push(untouched(
+        "IPv4 later fragment (offset 24 bytes, MF clear) to a service -> pass untouched",
+        web_and_dns(),
+        client_frame(None, &ip_packet_with(&f_frag, 0x0003, &[])),
+        verdict::PASS_FRAGMENT,
+    ));
+    let mut frag6 = vec![PROTO_TCP, 0, 0x00, 0x01]; // offset 0, M set
+    frag6.extend_from_slice(&0xdead_beefu32.to_be_bytes());
+    frag6.extend_from_slice(&tcp(40017, 443, PAYLOAD));
+    let ip_frag6 = ipv6(
+        TCLASS,
+        INNER_LABEL,
+        44,
+        CLIENT_V6,
+        "2001:db8::10".parse().unwrap(),
+        &frag6,
+    );
+    v.push(untouched(
+        "IPv6 with a Fragment header to a service -> pass untouched",
+        web6(),
+        client_frame(None, &ip_frag6),
+        verdict::PASS_FRAGMENT,
+    ));
+
+    // --- Every truncation of four packets.
+    for (what, full, services) in [
+        ("IPv4 TCP", &frame_tcp, web_and_dns()),
+        ("IPv6 TCP", &frame_tcp6, web6()),
+        ("802.1Q IPv4 TCP", &frame_vlan, web_and_dns()),
+        ("IPv4 with options TCP", &frame_opt, web_and_dns()),
+    ] {
+        for len in 14..full.len() {
+            v.push(untouched(
+                format!(
+                    "{what} truncated to {len} of {} bytes -> pass untouched",
+                    full.len()
+                ),
+                services.clone(),
+                full[..len].to_vec(),
+                verdict::PASS_MALFORMED,
+            ));
+        }
+    }
+    v
+}
+
+/// Verdicts that come after a service was found, and so after a flow-table lookup.
+fn looks_up_flow(reason: u32) -> bool {
+    !matches!(
+        reason,
+        verdict::PASS_NOT_SERVICE | verdict::PASS_FRAGMENT | verdict::PASS_MALFORMED
+    )
+}
+
+fn check_fixture(
+    f: &Fixture,
+    action: u32,
+    out: &[u8],
+    before: &[u64],
+    after: &[u64],
+) -> Result<(), String> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        assert_eq!(
+            action_name(action),
+            action_name(f.action),
+            "{}: XDP action",
+            f.description
+        );
+        assert_eq!(
+            hex(out),
+            hex(&f.output),
+            "{}: output frame ({})",
+            f.description,
+            first_difference(out, &f.output)
+        );
+        let delta: Vec<(&str, u64)> = verdict::NAMES
+            .iter()
+            .zip(before.iter().zip(after))
+            .map(|(n, (b, a))| (*n, a - b))
+            .collect();
+        let mut want: Vec<(&str, u64)> = verdict::NAMES.iter().map(|n| (*n, 0)).collect();
+        want[f.reason as usize].1 = 1;
+        let split = verdict::FLOW_HIT as usize;
+        assert_eq!(
+            &delta[..split],
+            &want[..split],
+            "{}: verdict counters that rose (expected {} +1)",
+            f.description,
+            verdict::NAMES[f.reason as usize]
+        );
+        let lookups = delta[split].1 + delta[split + 1].1;
+        assert_eq!(
+            lookups,
+            u64::from(looks_up_flow(f.reason)),
+            "{}: flow_hit + flow_miss",
+            f.description
+        );
+    }));
+    outcome.map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| format!("{}: failed", f.description))
+    })
+}
+
+#[test]
+fn fixtures_produce_expected_frames_and_verdicts() -> Result<()> {
+    let mut h = Harness::new()?;
+    let fixtures = fixtures();
+    let mut failures = Vec::new();
+    for f in &fixtures {
+        h.dataplane
+            .apply(&f.services)
+            .with_context(|| format!("{}: applying the services", f.description))?;
+        let before = counters(&h.dataplane)?;
+        let (action, out) = run_xdp(&h.dataplane, h.fx0, &f.input)
+            .with_context(|| format!("{}: running the program", f.description))?;
+        let after = counters(&h.dataplane)?;
+        if let Err(msg) = check_fixture(f, action, &out, &before, &after) {
+            failures.push(msg);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        fixtures.len(),
+        failures
+            .iter()
+            .map(|m| m.lines().next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow affinity.
+
+const SERVICE_ADDR: &str = "192.0.2.80";
+const FLOWS: u16 = 200;
+
+fn affinity_service(servers: &[&str]) -> Vec<DesiredService> {
+    let servers: Vec<(&str, u32)> = servers.iter().map(|s| (*s, 1)).collect();
+    vec![service("sticky", SERVICE_ADDR, PROTO_TCP, 80, &servers)]
+}
+
+fn affinity_flow(i: u16) -> Flow {
+    Flow::v4(SERVICE_ADDR, PROTO_TCP, 20000 + i, 80)
+}
+
+/// Sends one packet of each of the flows and returns the outer destination of each.
+fn destinations(dp: &Dataplane, ingress: u32) -> Result<Vec<Ipv4Addr>> {
+    let mut dsts = Vec::new();
+    for i in 0..FLOWS {
+        let flow = affinity_flow(i);
+        let input = client_frame(None, &ip_packet(&flow));
+        let (action, out) = run_xdp(dp, ingress, &input)?;
+        if action != XDP_TX && action != XDP_REDIRECT {
+            bail!(
+                "flow {i} ({flow:?}): expected XDP_TX or XDP_REDIRECT, got {}",
+                action_name(action)
+            );
+        }
+        if out.len() < 34 || out[12..14] != [0x08, 0x00] || out[14] != 0x45 || out[23] != 4 {
+            bail!("flow {i}: not an IPv4-in-IPv4 frame:\n{}", hex(&out));
+        }
+        dsts.push(Ipv4Addr::new(out[30], out[31], out[32], out[33]));
+    }
+    Ok(dsts)
+}
+
+fn counter(dp: &Dataplane, reason: u32) -> Result<u64> {
+    Ok(counters(dp)?[reason as usize])
+}
+
+#[test]
+fn flows_keep_their_server_when_a_server_is_added() -> Result<()> {
+    let mut h = Harness::new()?;
+    let three = ["10.9.2.11", "10.9.2.12", "10.9.3.11"];
+    let four = ["10.9.2.11", "10.9.2.12", "10.9.3.11", "10.9.2.13"];
+
+    h.dataplane.apply(&affinity_service(&three))?;
+    let first = destinations(&h.dataplane, h.fx0)?;
+    let used: BTreeSet<Ipv4Addr> = first.iter().copied().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "the {FLOWS} flows should spread over all three servers, got {used:?}"
+    );
+
+    h.dataplane.apply(&affinity_service(&four))?;
+    let hits = counter(&h.dataplane, verdict::FLOW_HIT)?;
+    let second = destinations(&h.dataplane, h.fx0)?;
+    let moved: Vec<String> = (0..FLOWS as usize)
+        .filter(|&i| first[i] != second[i])
+        .map(|i| format!("flow {i}: {} -> {}", first[i], second[i]))
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} of {FLOWS} established flows changed server after a server was added:\n{}",
+        moved.len(),
+        moved.join("\n")
+    );
+    assert_eq!(
+        counter(&h.dataplane, verdict::FLOW_HIT)? - hits,
+        u64::from(FLOWS),
+        "every flow of the second round should be a flow-table hit"
+    );
+
+    // Control: with no pinned flows, the four-server table sends some of these flows
+    // elsewhere, so the assertion above could have failed.
+    let mut fresh = new_dataplane(h.fy0)?;
+    fresh.apply(&affinity_service(&four))?;
+    let unpinned = destinations(&fresh, h.fx0)?;
+    let differ = (0..FLOWS as usize)
+        .filter(|&i| unpinned[i] != first[i])
+        .count();
+    assert!(
+        differ > 0,
+        "control: a fresh data plane with four servers should route some of the {FLOWS} flows differently"
+    );
+    assert!(
+        unpinned.contains(&"10.9.2.13".parse()?),
+        "control: the new server should own part of the fresh table"
+    );
+    eprintln!("control: {differ} of {FLOWS} flows would go elsewhere without the flow table");
+    Ok(())
+}
+
+#[test]
+fn flows_of_a_removed_server_move_to_a_remaining_one() -> Result<()> {
+    let mut h = Harness::new()?;
+    let three = ["10.9.2.11", "10.9.2.12", "10.9.2.13"];
+    let removed: Ipv4Addr = "10.9.2.12".parse()?;
+    let remaining = ["10.9.2.11", "10.9.2.13"];
+
+    h.dataplane.apply(&affinity_service(&three))?;
+    let first = destinations(&h.dataplane, h.fx0)?;
+    let on_removed = first.iter().filter(|d| **d == removed).count();
+    assert!(
+        on_removed > 0,
+        "some of the {FLOWS} flows should start on {removed}"
+    );
+
+    h.dataplane.apply(&affinity_service(&remaining))?;
+    let second = destinations(&h.dataplane, h.fx0)?;
+    let remaining: Vec<Ipv4Addr> = remaining.iter().map(|s| s.parse().unwrap()).collect();
+    let mut wrong = Vec::new();
+    for i in 0..FLOWS as usize {
+        if first[i] == removed {
+            if !remaining.contains(&second[i]) {
+                wrong.push(format!(
+                    "flow {i}: was on the removed {removed}, now on {} (not a remaining server)",
+                    second[i]
+                ));
+            }
+        } else if second[i] != first[i] {
+            wrong.push(format!(
+                "flow {i}: was on {} (still present), moved to {}",
+                first[i], second[i]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {FLOWS} flows went wrong after {removed} was removed:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // The moved flows are pinned again: a third round sends them to the same place.
+    let third = destinations(&h.dataplane, h.fx0)?;
+    assert_eq!(
+        third, second,
+        "flows should stay where they moved to after the removal"
+    );
+    Ok(())
+}

@@ -335,6 +335,16 @@ fn send(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, outer_len: u16) -> (u
     } as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            let (action, reason) = if fib.ifindex == ctx.ingress_ifindex() as u32 {
+                (xdp_action::XDP_TX, verdict::TX)
+            } else {
+                match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+                    Ok(action) => (action, verdict::REDIRECT),
+                    // The kernel forwards it: the MACs must stay addressed to us.
+                    Err(action) => return (action, verdict::PASS_NOT_TX_PORT),
+                }
+            };
+            // The frame leaves after we return, so the MACs can be set after redirect().
             let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
                 return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
             };
@@ -343,14 +353,7 @@ fn send(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, outer_len: u16) -> (u
             macs[6..].copy_from_slice(&fib.smac);
             // SAFETY: bounds checked by ptr_at.
             unsafe { eth.write_unaligned(macs) };
-            if fib.ifindex == ctx.ingress_ifindex() as u32 {
-                (xdp_action::XDP_TX, verdict::TX)
-            } else {
-                match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
-                    Ok(action) => (action, verdict::REDIRECT),
-                    Err(action) => (action, verdict::PASS_NOT_TX_PORT),
-                }
-            }
+            (action, reason)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => (xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => (xdp_action::XDP_DROP, verdict::DROP_TOO_BIG),

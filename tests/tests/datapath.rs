@@ -117,7 +117,7 @@ impl Netns {
     fn new() -> Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
-            "acdp{}{}",
+            "acdp{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
@@ -372,20 +372,6 @@ fn l4(flow: &Flow) -> Vec<u8> {
     }
 }
 
-fn v4_addr(a: IpAddr) -> Ipv4Addr {
-    match a {
-        IpAddr::V4(a) => a,
-        IpAddr::V6(a) => panic!("{a} is not IPv4"),
-    }
-}
-
-fn v6_addr(a: IpAddr) -> Ipv6Addr {
-    match a {
-        IpAddr::V6(a) => a,
-        IpAddr::V4(a) => panic!("{a} is not IPv6"),
-    }
-}
-
 /// An IPv4 header (with options) and payload; the header checksum is computed here.
 fn ipv4(
     tos: u8,
@@ -396,7 +382,7 @@ fn ipv4(
     options: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let ihl = (20 + options.len()) / 4;
     let total = (ihl * 4 + payload.len()) as u16;
     let mut h = vec![0x40 | ihl as u8, tos];
@@ -618,7 +604,9 @@ struct Fixture {
     action: u32,
     /// Index into `VERDICTS` that must rise by one.
     reason: u32,
-    output: Vec<u8>,
+    /// The frame after the program; `None` for a frame dropped half-way through
+    /// encapsulation, whose bytes are nobody's business.
+    output: Option<Vec<u8>>,
 }
 
 fn fixture(
@@ -635,9 +623,12 @@ fn fixture(
         input,
         action,
         reason,
-        output,
+        output: Some(output),
     }
 }
+
+/// A change to a valid IP packet that makes it malformed.
+type Edit = Box<dyn Fn(&mut Vec<u8>)>;
 
 /// Passed to the kernel untouched.
 fn untouched(
@@ -812,10 +803,13 @@ fn fixtures() -> Vec<Fixture> {
         ),
     ));
 
+    // Handed to the kernel to forward out of fz0, so the frame must still be addressed to
+    // fx0: with the next hop's MAC as destination the stack takes it for another host's
+    // frame (PACKET_OTHERHOST) and drops it.
     let f_notx = Flow::v4("192.0.2.41", PROTO_TCP, 40010, 80);
     let ip_notx = ip_packet(&f_notx);
     v.push(fixture(
-        "server 10.9.4.11 routed via fz0 (not in TX_PORTS) -> XDP_PASS, encapsulated, MACs rewritten",
+        "server 10.9.4.11 routed via fz0 (not in TX_PORTS) -> XDP_PASS, encapsulated, MACs unchanged",
         vec![service(
             "notx",
             "192.0.2.41",
@@ -826,14 +820,7 @@ fn fixtures() -> Vec<Fixture> {
         client_frame(None, &ip_notx),
         XDP_PASS,
         verdict::PASS_NOT_TX_PORT,
-        encapsulated(
-            neighbour_mac("10.9.4.11"),
-            FZ0_MAC,
-            None,
-            &f_notx,
-            &ip_notx,
-            "10.9.4.11",
-        ),
+        encapsulated(FX0_MAC, CLIENT_MAC, None, &f_notx, &ip_notx, "10.9.4.11"),
     ));
 
     // --- Encapsulated, handed to the kernel.
@@ -972,6 +959,139 @@ fn fixtures() -> Vec<Fixture> {
         verdict::PASS_NOT_SERVICE,
     ));
 
+    // --- The egress MTU (1500 on the veths) bounds the outer packet.
+    let big = |flow: &Flow, total: usize| {
+        let payload: Vec<u8> = (0..total - 40).map(|i| i as u8).collect();
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (flow.src, flow.dst) else {
+            panic!("IPv4 only")
+        };
+        ipv4(
+            TOS,
+            DF,
+            PROTO_TCP,
+            s,
+            d,
+            &[],
+            &tcp(flow.sport, flow.dport, &payload),
+        )
+    };
+    let f_mtu = Flow::v4("192.0.2.10", PROTO_TCP, 40020, 80);
+    let ip_1480 = big(&f_mtu, 1480);
+    v.push(fixture(
+        "IPv4 TCP of 1480 bytes -> IPv4-in-IPv4 of exactly the MTU (1500), XDP_TX",
+        web_and_dns(),
+        client_frame(None, &ip_1480),
+        XDP_TX,
+        verdict::TX,
+        tx_to("10.9.2.11", None, &f_mtu, &ip_1480),
+    ));
+    v.push(Fixture {
+        description: "IPv4 TCP of 1481 bytes -> IPv4-in-IPv4 of 1501 > MTU, XDP_DROP".into(),
+        services: web_and_dns(),
+        input: client_frame(None, &big(&f_mtu, 1481)),
+        action: XDP_DROP,
+        reason: verdict::DROP_TOO_BIG,
+        output: None,
+    });
+    let services_46 = || {
+        vec![service(
+            "web46",
+            "192.0.2.20",
+            PROTO_TCP,
+            80,
+            &[("fd09:2::11", 1)],
+        )]
+    };
+    let f_mtu6 = Flow::v4("192.0.2.20", PROTO_TCP, 40021, 80);
+    let ip_1460 = big(&f_mtu6, 1460);
+    v.push(fixture(
+        "IPv4 TCP of 1460 bytes -> IPv4-in-IPv6 of exactly the MTU (1500), XDP_TX",
+        services_46(),
+        client_frame(None, &ip_1460),
+        XDP_TX,
+        verdict::TX,
+        tx_to("fd09:2::11", None, &f_mtu6, &ip_1460),
+    ));
+    v.push(Fixture {
+        description: "IPv4 TCP of 1461 bytes -> IPv4-in-IPv6 of 1501 > MTU, XDP_DROP".into(),
+        services: services_46(),
+        input: client_frame(None, &big(&f_mtu6, 1461)),
+        action: XDP_DROP,
+        reason: verdict::DROP_TOO_BIG,
+        output: None,
+    });
+
+    // --- Malformed headers in whole frames addressed to a service.
+    let f_bad = Flow::v4("192.0.2.10", PROTO_TCP, 40022, 80);
+    let f_bad_udp = Flow::v4("192.0.2.10", PROTO_UDP, 40022, 53);
+    let edited = |flow: &Flow, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut ip = ip_packet(flow);
+        edit(&mut ip);
+        if flow.src.is_ipv4() && ip[0] & 0x0f >= 5 {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let sum = inet_checksum(&ip[..ihl.min(ip.len())]);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        client_frame(None, &ip)
+    };
+    let set_len = |len: u16| move |ip: &mut Vec<u8>| ip[2..4].copy_from_slice(&len.to_be_bytes());
+    let v4_malformed: [(&str, &Flow, Edit); 6] = [
+        ("IHL 4", &f_bad, Box::new(|ip| ip[0] = 0x44)),
+        (
+            "version 6 in an IPv4 frame",
+            &f_bad,
+            Box::new(|ip| ip[0] = 0x65),
+        ),
+        (
+            "total length 16, below the header's 20",
+            &f_bad,
+            Box::new(set_len(16)),
+        ),
+        (
+            "total length 30: the TCP header is not inside the IP packet",
+            &f_bad,
+            Box::new(set_len(30)),
+        ),
+        (
+            "total length 26: the UDP header is not inside the IP packet",
+            &f_bad_udp,
+            Box::new(set_len(26)),
+        ),
+        (
+            "IHL 15 (60 bytes) with total length 60: no room for TCP",
+            &f_bad,
+            Box::new(|ip| {
+                ip[0] = 0x4f;
+                ip[2..4].copy_from_slice(&60u16.to_be_bytes());
+            }),
+        ),
+    ];
+    for (what, flow, edit) in &v4_malformed {
+        v.push(untouched(
+            format!("malformed IPv4 to a service: {what} -> pass untouched"),
+            web_and_dns(),
+            edited(flow, edit.as_ref()),
+            verdict::PASS_MALFORMED,
+        ));
+    }
+    let f_bad6 = Flow::v6("2001:db8::10", PROTO_TCP, 40023, 443);
+    let v6_malformed: [(&str, Edit); 2] = [
+        ("version 4 in an IPv6 frame", Box::new(|ip| ip[0] = 0x4a)),
+        (
+            "payload length 10: the TCP header is not inside the IP packet",
+            Box::new(|ip| ip[4..6].copy_from_slice(&10u16.to_be_bytes())),
+        ),
+    ];
+    for (what, edit) in &v6_malformed {
+        v.push(untouched(
+            format!("malformed IPv6 to a service: {what} -> pass untouched"),
+            web6(),
+            edited(&f_bad6, edit.as_ref()),
+            verdict::PASS_MALFORMED,
+        ));
+    }
+
     // --- Fragments.
     let f_frag = Flow::v4("192.0.2.10", PROTO_TCP, 40016, 80);
     v.push(untouched(
@@ -1048,13 +1168,15 @@ fn check_fixture(
             "{}: XDP action",
             f.description
         );
-        assert_eq!(
-            hex(out),
-            hex(&f.output),
-            "{}: output frame ({})",
-            f.description,
-            first_difference(out, &f.output)
-        );
+        if let Some(expected) = &f.output {
+            assert_eq!(
+                hex(out),
+                hex(expected),
+                "{}: output frame, left actual, right expected ({})",
+                f.description,
+                first_difference(out, expected)
+            );
+        }
         let delta: Vec<(&str, u64)> = verdict::NAMES
             .iter()
             .zip(before.iter().zip(after))
@@ -1128,15 +1250,16 @@ fn affinity_service(servers: &[&str]) -> Vec<DesiredService> {
     vec![service("sticky", SERVICE_ADDR, PROTO_TCP, 80, &servers)]
 }
 
-fn affinity_flow(i: u16) -> Flow {
-    Flow::v4(SERVICE_ADDR, PROTO_TCP, 20000 + i, 80)
+/// Flow `i` of a batch of [`FLOWS`] flows whose source ports start at `first_port`.
+fn affinity_flow(first_port: u16, i: u16) -> Flow {
+    Flow::v4(SERVICE_ADDR, PROTO_TCP, first_port + i, 80)
 }
 
 /// Sends one packet of each of the flows and returns the outer destination of each.
-fn destinations(dp: &Dataplane, ingress: u32) -> Result<Vec<Ipv4Addr>> {
+fn destinations(dp: &Dataplane, ingress: u32, first_port: u16) -> Result<Vec<Ipv4Addr>> {
     let mut dsts = Vec::new();
     for i in 0..FLOWS {
-        let flow = affinity_flow(i);
+        let flow = affinity_flow(first_port, i);
         let input = client_frame(None, &ip_packet(&flow));
         let (action, out) = run_xdp(dp, ingress, &input)?;
         if action != XDP_TX && action != XDP_REDIRECT {
@@ -1164,7 +1287,7 @@ fn flows_keep_their_server_when_a_server_is_added() -> Result<()> {
     let four = ["10.9.2.11", "10.9.2.12", "10.9.3.11", "10.9.2.13"];
 
     h.dataplane.apply(&affinity_service(&three))?;
-    let first = destinations(&h.dataplane, h.fx0)?;
+    let first = destinations(&h.dataplane, h.fx0, 20000)?;
     let used: BTreeSet<Ipv4Addr> = first.iter().copied().collect();
     assert_eq!(
         used.len(),
@@ -1174,7 +1297,7 @@ fn flows_keep_their_server_when_a_server_is_added() -> Result<()> {
 
     h.dataplane.apply(&affinity_service(&four))?;
     let hits = counter(&h.dataplane, verdict::FLOW_HIT)?;
-    let second = destinations(&h.dataplane, h.fx0)?;
+    let second = destinations(&h.dataplane, h.fx0, 20000)?;
     let moved: Vec<String> = (0..FLOWS as usize)
         .filter(|&i| first[i] != second[i])
         .map(|i| format!("flow {i}: {} -> {}", first[i], second[i]))
@@ -1195,7 +1318,7 @@ fn flows_keep_their_server_when_a_server_is_added() -> Result<()> {
     // elsewhere, so the assertion above could have failed.
     let mut fresh = new_dataplane(h.fy0)?;
     fresh.apply(&affinity_service(&four))?;
-    let unpinned = destinations(&fresh, h.fx0)?;
+    let unpinned = destinations(&fresh, h.fx0, 20000)?;
     let differ = (0..FLOWS as usize)
         .filter(|&i| unpinned[i] != first[i])
         .count();
@@ -1219,7 +1342,7 @@ fn flows_of_a_removed_server_move_to_a_remaining_one() -> Result<()> {
     let remaining = ["10.9.2.11", "10.9.2.13"];
 
     h.dataplane.apply(&affinity_service(&three))?;
-    let first = destinations(&h.dataplane, h.fx0)?;
+    let first = destinations(&h.dataplane, h.fx0, 20000)?;
     let on_removed = first.iter().filter(|d| **d == removed).count();
     assert!(
         on_removed > 0,
@@ -1227,7 +1350,7 @@ fn flows_of_a_removed_server_move_to_a_remaining_one() -> Result<()> {
     );
 
     h.dataplane.apply(&affinity_service(&remaining))?;
-    let second = destinations(&h.dataplane, h.fx0)?;
+    let second = destinations(&h.dataplane, h.fx0, 20000)?;
     let remaining: Vec<Ipv4Addr> = remaining.iter().map(|s| s.parse().unwrap()).collect();
     let mut wrong = Vec::new();
     for i in 0..FLOWS as usize {
@@ -1253,10 +1376,67 @@ fn flows_of_a_removed_server_move_to_a_remaining_one() -> Result<()> {
     );
 
     // The moved flows are pinned again: a third round sends them to the same place.
-    let third = destinations(&h.dataplane, h.fx0)?;
+    let third = destinations(&h.dataplane, h.fx0, 20000)?;
     assert_eq!(
         third, second,
         "flows should stay where they moved to after the removal"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_draining_server_keeps_its_flows_and_a_down_server_loses_them() -> Result<()> {
+    let mut h = Harness::new()?;
+    let target: Ipv4Addr = "10.9.2.12".parse()?;
+    let others: Vec<Ipv4Addr> = vec!["10.9.2.11".parse()?, "10.9.2.13".parse()?];
+    let with_target = |weight: u32, up: bool| {
+        let mut svc = affinity_service(&["10.9.2.11", "10.9.2.12", "10.9.2.13"]);
+        let s = &mut svc[0].servers[1];
+        assert_eq!(s.address, IpAddr::V4(target));
+        s.weight = weight;
+        s.up = up;
+        svc
+    };
+
+    h.dataplane.apply(&with_target(1, true))?;
+    let first = destinations(&h.dataplane, h.fx0, 20000)?;
+    assert!(
+        first.contains(&target),
+        "some of the {FLOWS} flows should start on {target}"
+    );
+
+    // Weight 0: no new flows, established ones stay.
+    h.dataplane.apply(&with_target(0, true))?;
+    let drained = destinations(&h.dataplane, h.fx0, 20000)?;
+    assert_eq!(
+        drained, first,
+        "established flows should stay on their servers while {target} drains"
+    );
+    let new_flows = destinations(&h.dataplane, h.fx0, 30000)?;
+    assert!(
+        !new_flows.contains(&target),
+        "no new flow should go to the draining {target}"
+    );
+
+    // Down: its flows move to the others, the others' flows stay.
+    h.dataplane.apply(&with_target(1, false))?;
+    let after = destinations(&h.dataplane, h.fx0, 20000)?;
+    let mut wrong = Vec::new();
+    for i in 0..FLOWS as usize {
+        let ok = if first[i] == target {
+            others.contains(&after[i])
+        } else {
+            after[i] == first[i]
+        };
+        if !ok {
+            wrong.push(format!("flow {i}: {} -> {}", first[i], after[i]));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "after {target} went down, {} flows went wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
     );
     Ok(())
 }

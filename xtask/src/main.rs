@@ -253,7 +253,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         ("2 (cargo clippy)", clippy),
         // The network tests run the workspace's binaries (anycast-ctl, anycast-testsrv);
         // `cargo test` alone builds only the binaries of packages that have integration tests.
-        ("3 (cargo build)", cargo(root, "build --workspace --release")),
+        (
+            "3 (cargo build)",
+            cargo(root, "build --workspace --release"),
+        ),
         ("4 (cargo test: unit, BPF_PROG_TEST_RUN, netns)", tests),
     ];
     for (tier, mut cmd) in tiers {

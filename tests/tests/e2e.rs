@@ -54,7 +54,9 @@ fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, k: &str)
     after[k] - before[k]
 }
 
-fn assert_spread(counts: &Counts, servers: &[&str], total: u32, what: &str) {
+/// Every connection answered, and every server got at least `min_percent` of them. The
+/// bound sits at least 4 standard deviations below the fair share, so it does not flake.
+fn assert_spread(counts: &Counts, servers: &[&str], total: u32, min_percent: u32, what: &str) {
     println!("{what}: {counts:?}");
     assert_eq!(
         counts.values().sum::<u32>(),
@@ -64,8 +66,8 @@ fn assert_spread(counts: &Counts, servers: &[&str], total: u32, what: &str) {
     for s in servers {
         let n = counts.get(*s).copied().unwrap_or(0);
         assert!(
-            n * 5 >= total,
-            "{what}: {s} got {n} of {total} connections, less than 20%: {counts:?}"
+            n * 100 >= total * min_percent,
+            "{what}: {s} got {n} of {total} connections, less than {min_percent}%: {counts:?}"
         );
     }
 }

@@ -6,6 +6,8 @@
 
 #[cfg(feature = "user")]
 pub mod table;
+#[cfg(feature = "user")]
+pub mod wire;
 
 /// Address family tags used in keys (values of `AF_INET`/`AF_INET6` on Linux).
 pub const FAMILY_V4: u8 = 2;
@@ -58,7 +60,7 @@ pub const NO_SERVER: u32 = u32::MAX;
 /// An anycast service: address, protocol and port. IPv4 addresses occupy `addr[0]`, the rest
 /// is zero. Addresses are kept in network byte order exactly as they sit in the packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub addr: [u32; 4],
     /// Host byte order; [`ANY_PORT`] for a port wildcard.

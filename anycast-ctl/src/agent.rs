@@ -1,26 +1,31 @@
-//! `anycast-ctl agent`: loads the data path, keeps the maps in line with the configuration,
-//! answers the control socket, and detaches cleanly on SIGINT/SIGTERM.
+//! `anycast-ctl agent`: loads the data path, keeps the maps in line with the configuration
+//! and the servers' bindings, answers the control socket and the binding protocol, and
+//! detaches cleanly on SIGINT/SIGTERM.
 use std::{
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
+    rc::Rc,
+    time::{Duration, Instant},
 };
 
-use anycast_common::ServiceKey;
+use anycast_common::{wire, ServiceKey};
 use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{UdpSocket, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
+    sync::mpsc,
 };
 
 use crate::{
     api::{InterfaceStatus, Request, Response, Status},
+    bindings::{Registry, Reply},
     config::Config,
     dataplane::{Dataplane, DesiredServer, DesiredService, Sizes},
     sys::{self, HostChanges},
 };
 
-/// The services and servers a configuration asks for.
+/// The services and servers a configuration lists itself.
 pub fn desired(config: &Config) -> Vec<DesiredService> {
     config
         .services
@@ -50,12 +55,41 @@ fn sizes(config: &Config) -> Sizes {
     }
 }
 
+fn agent_addresses(config: &Config) -> Vec<IpAddr> {
+    config
+        .agent_address
+        .v4
+        .into_iter()
+        .chain(config.agent_address.v6)
+        .collect()
+}
+
+/// The binding protocol's registry for a configuration (keys read from disk), if enabled.
+fn registry(config: &Config, config_path: &Path) -> Result<Option<Registry>> {
+    let Some(reg) = &config.registration else {
+        return Ok(None);
+    };
+    let keys = config
+        .load_keys(config_path)
+        .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    Ok(Some(Registry::new(
+        reg,
+        &keys,
+        &agent_addresses(config),
+        config.max_services as usize,
+    )))
+}
+
 struct Agent {
     config_path: PathBuf,
     config: Config,
     dataplane: Dataplane,
+    registry: Option<Registry>,
     interfaces: Vec<InterfaceStatus>,
 }
+
+/// Most datagrams handled before the forwarding state is rebuilt and the answers are sent.
+const BATCH: usize = 1024;
 
 pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let config = Config::load(config_path)
@@ -67,6 +101,17 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             sys::ifindex(name)
                 .map_err(|e| anyhow!("invalid configuration: interfaces[{i}]: {e}"))?,
         );
+    }
+    let registry = registry(&config, config_path)?;
+    let mut listeners = Vec::new();
+    if let Some(r) = &registry {
+        for a in agent_addresses(&config) {
+            let addr = SocketAddr::new(a, r.port());
+            let sock = UdpSocket::bind(addr).await.with_context(|| {
+                format!("binding the registration socket {addr} (is agent_address an address of this host?)")
+            })?;
+            listeners.push(Rc::new(sock));
+        }
     }
     if socket.exists() {
         if UnixStream::connect(socket).await.is_ok() {
@@ -114,6 +159,36 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     log_services(&config);
+
+    // Each registration socket feeds one queue; answers leave by the socket the update came in on.
+    let (tx, mut rx) = mpsc::channel::<(usize, Vec<u8>, SocketAddr)>(BATCH);
+    let local = tokio::task::LocalSet::new();
+    for (i, sock) in listeners.iter().enumerate() {
+        let sock = sock.clone();
+        let tx = tx.clone();
+        local.spawn_local(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                match sock.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        if tx.send((i, buf[..n].to_vec(), from)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("registration socket: {e}"),
+                }
+            }
+        });
+    }
+    drop(tx);
+    if registry.is_some() {
+        let addrs: Vec<String> = listeners
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
+        tracing::info!("accepting binding updates on {}", addrs.join(", "));
+    }
     tracing::info!(
         "agent ready: {} services, control socket {}",
         config.services.len(),
@@ -124,29 +199,52 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         config_path: config_path.to_path_buf(),
         config,
         dataplane,
+        registry,
         interfaces,
     };
-    let mut hup = signal(SignalKind::hangup())?;
-    let stop = sys::shutdown_signal();
-    tokio::pin!(stop);
-    let why = loop {
-        tokio::select! {
-            why = &mut stop => break why?,
-            _ = hup.recv() => {
-                if let Err(e) = agent.reload() {
-                    tracing::error!("reload refused, configuration unchanged: {e:#}");
+    let why = local
+        .run_until(async {
+            let mut hup = signal(SignalKind::hangup())?;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let stop = sys::shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    why = &mut stop => return why,
+                    _ = hup.recv() => {
+                        if let Err(e) = agent.reload() {
+                            tracing::error!("reload refused, configuration unchanged: {e:#}");
+                        }
+                    }
+                    Some(first) = rx.recv() => {
+                        // Take what is queued, rebuild once, then answer: a server's BA
+                        // means its traffic is already being forwarded.
+                        let mut batch = vec![first];
+                        while batch.len() < BATCH {
+                            match rx.try_recv() {
+                                Ok(d) => batch.push(d),
+                                Err(_) => break,
+                            }
+                        }
+                        let replies = agent.handle_datagrams(batch);
+                        send_all(&listeners, replies).await;
+                    }
+                    _ = tick.tick() => {
+                        let replies = agent.housekeeping();
+                        send_all(&listeners, replies).await;
+                    }
+                    conn = listener.accept() => match conn {
+                        Ok((stream, _)) => {
+                            if let Err(e) = agent.serve(stream).await {
+                                tracing::warn!("control connection: {e:#}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("control socket accept: {e}"),
+                    },
                 }
             }
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    if let Err(e) = agent.serve(stream).await {
-                        tracing::warn!("control connection: {e:#}");
-                    }
-                }
-                Err(e) => tracing::warn!("control socket accept: {e}"),
-            },
-        }
-    };
+        })
+        .await?;
     tracing::info!("{why}: detaching");
     drop(listener);
     let _ = std::fs::remove_file(socket);
@@ -157,10 +255,25 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sends answers by the socket of the right family (the one the update arrived on, for BAs).
+async fn send_all(listeners: &[Rc<UdpSocket>], replies: Vec<(Option<usize>, Reply)>) {
+    for (via, r) in replies {
+        let sock = via.and_then(|i| listeners.get(i)).or_else(|| {
+            listeners
+                .iter()
+                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == r.to.is_ipv4()))
+        });
+        let Some(sock) = sock else { continue };
+        if let Err(e) = sock.send_to(&r.payload, r.to).await {
+            tracing::warn!("sending to {}: {e}", r.to);
+        }
+    }
+}
+
 fn log_services(config: &Config) {
     for s in &config.services {
         tracing::info!(
-            "service {} {} {} port {}: {} servers",
+            "service {} {} {} port {}: {} configured servers",
             s.name,
             s.address,
             s.protocol,
@@ -171,6 +284,59 @@ fn log_services(config: &Config) {
 }
 
 impl Agent {
+    /// The forwarding state: configured services plus what the live bindings bring.
+    fn desired(&self) -> Vec<DesiredService> {
+        let configured = desired(&self.config);
+        match &self.registry {
+            Some(r) => r.desired(&configured),
+            None => configured,
+        }
+    }
+
+    fn republish(&mut self) {
+        let desired = self.desired();
+        if let Err(e) = self.dataplane.apply(&desired) {
+            tracing::error!("updating the forwarding maps failed: {e:#}");
+        }
+    }
+
+    fn handle_datagrams(
+        &mut self,
+        batch: Vec<(usize, Vec<u8>, SocketAddr)>,
+    ) -> Vec<(Option<usize>, Reply)> {
+        let Some(registry) = self.registry.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let wall = wire::ntp_now();
+        let mut changed = false;
+        let mut replies = Vec::new();
+        for (via, payload, from) in batch {
+            let outcome = registry.handle(&payload, from, now, wall);
+            changed |= outcome.changed;
+            if let Some(r) = outcome.reply {
+                replies.push((Some(via), r));
+            }
+        }
+        if changed {
+            self.republish();
+        }
+        replies
+    }
+
+    fn housekeeping(&mut self) -> Vec<(Option<usize>, Reply)> {
+        let Some(registry) = self.registry.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let expired = registry.expire(now);
+        let requests = registry.refresh_requests(now);
+        if expired {
+            self.republish();
+        }
+        requests.into_iter().map(|r| (None, r)).collect()
+    }
+
     fn reload(&mut self) -> Result<()> {
         let new = Config::load(&self.config_path).map_err(|e| anyhow!("{e}"))?;
         let fixed = |c: &Config| {
@@ -179,13 +345,22 @@ impl Agent {
                 c.xdp_mode,
                 c.agent_address.clone(),
                 sizes(c),
+                c.registration.as_ref().map(|r| r.port),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services and max_flows only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows and registration.port only change on restart");
         }
-        self.dataplane.apply(&desired(&new))?;
+        let new_registry = registry(&new, &self.config_path)?;
         self.config = new;
+        self.registry = match (self.registry.take(), new_registry) {
+            (Some(mut old), Some(new)) => {
+                old.update_policy(new);
+                Some(old)
+            }
+            (_, new) => new,
+        };
+        self.republish();
         log_services(&self.config);
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())
@@ -218,6 +393,12 @@ impl Agent {
                 Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
+                },
+            },
+            Ok(Request::Bindings) => match &self.registry {
+                Some(r) => Response::Bindings(r.report(Instant::now())),
+                None => Response::Error {
+                    message: "registration is not enabled in the configuration".into(),
                 },
             },
             Ok(Request::Reload) => match self.reload() {

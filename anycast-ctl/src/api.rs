@@ -16,6 +16,8 @@ pub const DEFAULT_SOCKET: &str = "/run/anycast/agent.sock";
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// The binding table and the registration counters.
+    Bindings,
     /// Re-read the configuration file (as SIGHUP does).
     Reload,
 }
@@ -24,6 +26,7 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
+    Bindings(crate::bindings::BindingsReport),
     Reloaded,
     Error { message: String },
 }

@@ -24,7 +24,148 @@ pub struct Config {
     pub max_services: u32,
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Statically configured services (and their static servers, if any).
+    #[serde(default)]
     pub services: Vec<Service>,
+    /// Servers that register themselves with binding updates. Absent: static servers only.
+    #[serde(default)]
+    pub registration: Option<Registration>,
+}
+
+/// The binding protocol's settings and its policy: which server may bind which addresses.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// UDP port the agent listens on, on its agent addresses.
+    #[serde(default = "default_registration_port")]
+    pub port: u16,
+    /// Longest lifetime granted, in seconds; longer requests are cut to this.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: u32,
+    /// After a server deregisters, its open flows stay on it this long (seconds); no new ones.
+    #[serde(default = "default_drain_time")]
+    pub drain_time: u32,
+    /// A binding update's timestamp (MESG-ID) may differ from the agent's clock by this much.
+    #[serde(default = "default_replay_window")]
+    pub replay_window: u32,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Every server that may register: its identity, key and the addresses it may bind.
+    pub servers: Vec<RegisteredServer>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub bindings_per_address: u32,
+    pub bindings_per_server: u32,
+    /// Binding messages accepted per second from one source address (a burst of twice that).
+    pub messages_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            bindings_per_address: 256,
+            bindings_per_server: 16,
+            messages_per_second: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisteredServer {
+    /// The server's identity (MN-ID), e.g. `s1`.
+    pub id: String,
+    /// Security parameter index the server's messages carry.
+    pub spi: u32,
+    /// File with the server's secret key (hex); relative paths are relative to the config file.
+    pub key_file: std::path::PathBuf,
+    /// Anycast addresses or prefixes this server may bind (`10.71.100.1`, `fd71:100::/64`).
+    pub allow: Vec<Prefix>,
+}
+
+/// An address prefix, written `ADDR/LEN` or a bare address (a host prefix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(a) => u32::from(a) as u128,
+                IpAddr::V6(a) => u128::from(a),
+            }
+        };
+        let width = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.addr.is_ipv4() != ip.is_ipv4() {
+            return false;
+        }
+        if self.len == 0 {
+            return true;
+        }
+        let shift = width - self.len as u32;
+        bits(self.addr) >> shift == bits(ip) >> shift
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("'{a}' is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("'/{l}' is not a prefix length 0-{max}"))?,
+            None => max,
+        };
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn default_registration_port() -> u16 {
+    anycast_common::wire::DEFAULT_PORT
+}
+fn default_max_lifetime() -> u32 {
+    600
+}
+fn default_drain_time() -> u32 {
+    30
+}
+fn default_replay_window() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -313,6 +454,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Reads every registered server's key file (relative paths from the config file's
+    /// directory). A missing or bad key names its field.
+    pub fn load_keys(
+        &self,
+        config_path: &Path,
+    ) -> Result<std::collections::HashMap<String, Vec<u8>>, ConfigError> {
+        let mut keys = std::collections::HashMap::new();
+        let Some(r) = &self.registration else {
+            return Ok(keys);
+        };
+        let dir = config_path.parent().unwrap_or(Path::new("."));
+        for (i, s) in r.servers.iter().enumerate() {
+            let path = dir.join(&s.key_file);
+            let key = crate::keys::read_key(&path).map_err(|e| {
+                err(
+                    format!("registration.servers[{i}].key_file"),
+                    format!("{e:#}"),
+                )
+            })?;
+            keys.insert(s.id.clone(), key);
+        }
+        Ok(keys)
     }
 }
 

@@ -2,8 +2,11 @@
 //! the CLI's rendering. The binary (`main.rs`) is a thin clap front end over these.
 pub mod agent;
 pub mod api;
+pub mod bindings;
+pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod keys;
 pub mod server;
 pub mod status;
 pub mod sys;

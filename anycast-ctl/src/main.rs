@@ -4,8 +4,9 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 use anycast_ctl::{
     agent,
     api::{self, Request, Response},
+    client::LoadSource,
     config::{Config, XdpModeName},
-    server, status,
+    keys, server, status,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -60,21 +61,59 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the servers' bindings (age, lifetime left, load, state) and the registration counters.
+    Bindings {
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a running agent re-read its configuration file (same as SIGHUP).
     Reload {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Run the server side: decapsulate tunnelled packets and hold the anycast addresses on lo.
+    /// Run the server side: decapsulate tunnelled packets, hold the anycast addresses on lo,
+    /// and (with --agent) register with the agents, refresh, report load, and deregister on exit.
     Server {
         /// Interface(s) the tunnelled packets arrive on.
         #[arg(long = "iface", required = true)]
         interfaces: Vec<String>,
-        /// Anycast address(es) this server answers for.
+        /// Anycast address(es) this server answers for: ADDR, ADDR:PROTO:PORT or [IPV6]:PROTO:PORT.
         #[arg(long = "anycast", required = true)]
-        anycast: Vec<IpAddr>,
+        anycast: Vec<server::AnycastSpec>,
         #[arg(long, value_enum, default_value = "native")]
         xdp_mode: Mode,
+        /// Agent to register with, ADDR or ADDR:PORT / [IPV6]:PORT (repeat for several agents).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+        /// This server's identity (the agent's policy names it).
+        #[arg(long, requires = "agents")]
+        id: Option<String>,
+        /// File with this server's secret key (hex).
+        #[arg(long, requires = "agents")]
+        key: Option<PathBuf>,
+        /// Security parameter index of the key.
+        #[arg(long, default_value_t = 256)]
+        spi: u32,
+        /// Real address(es) to bind through (default: the interfaces' global addresses).
+        #[arg(long = "real")]
+        real: Vec<IpAddr>,
+        /// Requested binding lifetime in seconds (4-second units).
+        #[arg(long, default_value_t = 60)]
+        lifetime: u64,
+        /// Priority reported in the load information.
+        #[arg(long, default_value_t = 0)]
+        priority: u16,
+        /// Most sessions this server takes (reported with the established connection count).
+        #[arg(long, default_value_t = 0)]
+        max_sessions: u32,
+        /// Command printing "USED MAX" capacity, instead of counting connections.
+        #[arg(long)]
+        load_cmd: Option<String>,
+        /// After deregistering, seconds to let open connections finish.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
     },
     /// Attach an XDP program that passes every frame (for veth peers of an agent in native mode).
     Passthrough {
@@ -138,6 +177,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Response::Error { message } => anyhow::bail!("{message}"),
             other => anyhow::bail!("unexpected answer {other:?}"),
         },
+        Command::Bindings { socket, json } => match api::call(&socket, &Request::Bindings).await? {
+            Response::Bindings(b) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&b)?);
+                } else {
+                    print!("{}", status::render_bindings(&b));
+                }
+                Ok(())
+            }
+            Response::Error { message } => anyhow::bail!("{message}"),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        },
         Command::Reload { socket } => match api::call(&socket, &Request::Reload).await? {
             Response::Reloaded => {
                 println!("reloaded");
@@ -150,11 +201,46 @@ async fn run(command: Command) -> anyhow::Result<()> {
             interfaces,
             anycast,
             xdp_mode,
+            agents,
+            id,
+            key,
+            spi,
+            real,
+            lifetime,
+            priority,
+            max_sessions,
+            load_cmd,
+            drain_timeout,
         } => {
+            let registration = if agents.is_empty() {
+                None
+            } else {
+                let agents = agents
+                    .iter()
+                    .map(|a| parse_agent(a))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let identity = id.ok_or_else(|| anyhow::anyhow!("--agent needs --id"))?;
+                let key = key.ok_or_else(|| anyhow::anyhow!("--agent needs --key"))?;
+                Some(server::RegistrationOptions {
+                    agents,
+                    identity,
+                    spi,
+                    key: keys::read_key(&key)?,
+                    real,
+                    lifetime: std::time::Duration::from_secs(lifetime),
+                    priority,
+                    load: match load_cmd {
+                        Some(c) => LoadSource::Command(c),
+                        None => LoadSource::Sockets { max_sessions },
+                    },
+                    drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                })
+            };
             server::run(server::ServerOptions {
                 interfaces,
                 anycast,
                 xdp_mode: xdp_mode.into(),
+                registration,
             })
             .await
         }
@@ -163,4 +249,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             xdp_mode,
         } => server::passthrough(&interfaces, xdp_mode.into()).await,
     }
+}
+
+/// `ADDR`, `ADDR:PORT` or `[IPV6]:PORT`; the port defaults to the registration port.
+fn parse_agent(s: &str) -> anyhow::Result<std::net::SocketAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(std::net::SocketAddr::new(
+            ip,
+            anycast_common::wire::DEFAULT_PORT,
+        ));
+    }
+    s.parse()
+        .map_err(|_| anyhow::anyhow!("--agent {s}: expected ADDR, ADDR:PORT or [IPV6]:PORT"))
 }

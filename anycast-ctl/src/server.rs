@@ -2,13 +2,17 @@
 //! addresses this server answers for (the kernel here has no ipip module), holds those
 //! addresses on `lo` so replies leave with the anycast address as source, straight to the
 //! client, and undoes all of it on exit.
-use std::net::IpAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
-use anycast_common::{decap, maps, programs, ServedKey};
+use anycast_common::{decap, maps, programs, wire::ServiceSelector, ServedKey};
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 
 use crate::{
+    client::{established_sessions, AnycastBinding, Client, ClientConfig, LoadSource},
     config::XdpModeName,
     dataplane::{attach, load_object, Sizes},
     sys::{self, HostChanges},
@@ -16,8 +20,69 @@ use crate::{
 
 pub struct ServerOptions {
     pub interfaces: Vec<String>,
-    pub anycast: Vec<IpAddr>,
+    pub anycast: Vec<AnycastSpec>,
     pub xdp_mode: XdpModeName,
+    /// Register with these agents (none: the agents are configured with this server).
+    pub registration: Option<RegistrationOptions>,
+}
+
+/// `--anycast ADDR[:PROTO:PORT]`: an address, or one service of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnycastSpec {
+    pub address: IpAddr,
+    pub selector: Option<ServiceSelector>,
+}
+
+impl std::str::FromStr for AnycastSpec {
+    type Err = String;
+    /// `10.0.0.1`, `10.0.0.1:tcp:80`, `fd00::1`, `[fd00::1]:udp:53`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(address) = s.parse::<IpAddr>() {
+            return Ok(AnycastSpec {
+                address,
+                selector: None,
+            });
+        }
+        let (addr, rest) = if let Some(r) = s.strip_prefix('[') {
+            r.split_once("]:")
+                .ok_or_else(|| format!("'{s}': expected [IPV6]:PROTO:PORT"))?
+        } else {
+            s.split_once(':')
+                .ok_or_else(|| format!("'{s}': expected ADDR or ADDR:PROTO:PORT"))?
+        };
+        let address: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' is not an IP address"))?;
+        let (proto, port) = rest
+            .split_once(':')
+            .ok_or_else(|| format!("'{s}': expected ADDR:PROTO:PORT"))?;
+        let protocol = match proto {
+            "tcp" => anycast_common::PROTO_TCP,
+            "udp" => anycast_common::PROTO_UDP,
+            p => return Err(format!("'{p}' is not tcp or udp")),
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("'{port}' is not a port (0 for any)"))?;
+        Ok(AnycastSpec {
+            address,
+            selector: Some(ServiceSelector { protocol, port }),
+        })
+    }
+}
+
+pub struct RegistrationOptions {
+    pub agents: Vec<SocketAddr>,
+    pub identity: String,
+    pub spi: u32,
+    pub key: Vec<u8>,
+    /// Real addresses to bind through; empty: the global addresses of the interfaces.
+    pub real: Vec<IpAddr>,
+    pub lifetime: Duration,
+    pub priority: u16,
+    pub load: LoadSource,
+    /// After deregistering, how long open connections may take to finish.
+    pub drain_timeout: Duration,
 }
 
 /// The server side's maps are tiny; the agent's share the object and are shrunk to nothing.
@@ -39,7 +104,13 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         ebpf.take_map(maps::SERVED)
             .ok_or_else(|| anyhow!("no SERVED map"))?,
     )?;
-    for &a in &opts.anycast {
+    let addresses: Vec<IpAddr> = {
+        let mut a: Vec<IpAddr> = opts.anycast.iter().map(|s| s.address).collect();
+        a.sort();
+        a.dedup();
+        a
+    };
+    for &a in &addresses {
         served
             .insert(ServedKey::new(a), 1, 0)
             .context("writing the served addresses")?;
@@ -50,23 +121,84 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     )?;
 
     let mut host = HostChanges::default();
-    if opts.anycast.iter().any(|a| a.is_ipv4()) {
+    if addresses.iter().any(|a| a.is_ipv4()) {
         // The anycast address is on lo: never answer ARP for it or use it as an ARP source,
         // or the server would steal the address from the agent on a shared segment.
         host.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
         host.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
     }
-    for &a in &opts.anycast {
+    for &a in &addresses {
         host.add_address(a, "lo")?;
     }
     for name in &opts.interfaces {
         attach(&mut ebpf, programs::SERVER_DECAP, name, opts.xdp_mode)?;
         tracing::info!("decapsulating on {name} in {:?} XDP mode", opts.xdp_mode);
     }
-    let list: Vec<String> = opts.anycast.iter().map(|a| a.to_string()).collect();
+    let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     tracing::info!("server ready: answering for {}", list.join(", "));
 
-    let why = sys::shutdown_signal().await?;
+    let why = match opts.registration {
+        None => sys::shutdown_signal().await?,
+        Some(reg) => {
+            let real = if reg.real.is_empty() {
+                sys::global_addresses(&opts.interfaces)?
+            } else {
+                reg.real.clone()
+            };
+            let client = Client::new(ClientConfig {
+                agents: reg.agents.clone(),
+                identity: reg.identity.clone(),
+                spi: reg.spi,
+                key: reg.key.clone(),
+                bindings: opts
+                    .anycast
+                    .iter()
+                    .map(|s| AnycastBinding {
+                        anycast: s.address,
+                        selector: s.selector,
+                    })
+                    .collect(),
+                real_addresses: real,
+                lifetime: reg.lifetime,
+                priority: reg.priority,
+                load: reg.load,
+                initial_timeout: Duration::from_secs(1),
+                max_timeout: Duration::from_secs(32),
+            })
+            .await?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let signal = tokio::spawn(async move {
+                let why = sys::shutdown_signal().await;
+                let _ = tx.send(());
+                why
+            });
+            let removed = client
+                .run(
+                    async {
+                        let _ = rx.await;
+                    },
+                    Duration::from_secs(5),
+                )
+                .await?;
+            let why = signal.await.context("signal task")??;
+            tracing::info!("{why}: deregistered {removed} bindings; draining open connections");
+            // Graceful drain: the agent keeps our open flows on us for its drain time; keep
+            // decapsulating until they are done (or the drain timeout ends).
+            let deadline = tokio::time::Instant::now() + reg.drain_timeout;
+            loop {
+                let open = established_sessions(&addresses);
+                if open == 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!("drain timeout: {open} connections still open");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            why
+        }
+    };
     let mut counts = Vec::new();
     for (i, name) in decap::NAMES.iter().enumerate() {
         let v: u64 = stats.get(&(i as u32), 0)?.iter().sum();

@@ -61,3 +61,57 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(out);
     out
 }
+
+/// Human rendering of `anycast-ctl bindings`.
+pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<10} {:<12} {:<28} {:<9} {:>6} {:>8} {:>9} {:>12}",
+        "ANYCAST ADDRESS",
+        "SERVICE",
+        "SERVER",
+        "REAL ADDRESS",
+        "STATE",
+        "SEQ",
+        "AGE",
+        "LEFT",
+        "LOAD"
+    );
+    for b in &r.bindings {
+        let service = match b.id.selector {
+            Some((6, port)) => format!("tcp/{port}"),
+            Some((17, port)) => format!("udp/{port}"),
+            Some((p, port)) => format!("{p}/{port}"),
+            None => "all".to_string(),
+        };
+        let load = b.load.as_ref().map_or("-".to_string(), |l| {
+            if l.max_capacity > 0 {
+                format!("{}/{}", l.used_capacity, l.max_capacity)
+            } else {
+                format!("{} sess", l.sessions_in_use)
+            }
+        });
+        let state = format!("{:?}", b.state).to_lowercase();
+        let _ = writeln!(
+            out,
+            "{:<24} {:<10} {:<12} {:<28} {:<9} {:>6} {:>7.0}s {:>8.1}s {:>12}",
+            b.id.anycast.to_string(),
+            service,
+            b.id.server,
+            b.id.real.to_string(),
+            state,
+            b.seq,
+            b.age_secs,
+            b.lifetime_left_secs,
+            load
+        );
+    }
+    let _ = writeln!(out);
+    let _ = write!(out, "counters:");
+    for (name, n) in &r.counters {
+        let _ = write!(out, " {name}={n}");
+    }
+    let _ = writeln!(out);
+    out
+}

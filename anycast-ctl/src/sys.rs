@@ -119,3 +119,34 @@ pub async fn shutdown_signal() -> Result<&'static str> {
         _ = int.recv() => "SIGINT",
     })
 }
+
+/// The global-scope addresses of the interfaces (a server's real addresses by default).
+pub fn global_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for dev in interfaces {
+        let text = Command::new("ip")
+            .args(["-o", "addr", "show", "dev", dev, "scope", "global"])
+            .output()?;
+        for line in String::from_utf8_lossy(&text.stdout).lines() {
+            let mut words = line.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "inet" || w == "inet6" {
+                    if let Some(a) = words
+                        .next()
+                        .and_then(|c| c.split('/').next())
+                        .and_then(|a| a.parse().ok())
+                    {
+                        out.push(a);
+                    }
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no global address on {}: give --real",
+            interfaces.join(", ")
+        );
+    }
+    Ok(out)
+}

@@ -289,6 +289,12 @@ impl Proc {
         }
     }
 
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        // Signal 0 delivers nothing: stop_with then only waits.
+        self.stop_with(0, timeout)
+    }
+
     pub fn output(&mut self) -> String {
         self.drain();
         self.seen.join("\n")

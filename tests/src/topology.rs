@@ -35,6 +35,15 @@ const AGENT_V6: &str = "fd71:1::2";
 /// MTU of every link but the clients' own, so a full-size client packet fits in a tunnel.
 const CORE_MTU: u32 = 1600;
 
+/// How the agent learns about the servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerMode {
+    /// Listed in the agent's configuration.
+    Static,
+    /// They register themselves with binding updates (lifetime in seconds).
+    Registering { lifetime_secs: u64 },
+}
+
 pub struct Server {
     pub name: String,
     pub v4: Ipv4Addr,
@@ -57,12 +66,20 @@ pub struct Topology {
     /// How many of `servers` the agent's configuration lists.
     pub configured: usize,
     pub xdp_mode: String,
+    pub mode: ServerMode,
 }
 
 impl Topology {
     /// Creates the namespaces and links for `clients` clients and `servers` servers and starts
     /// the server side on every server. Nothing is forwarded until `start_agent`.
-    pub fn build(prefix: &str, clients: usize, servers: usize) -> Result<Topology> {
+    /// In `Static` mode the servers' side is started here; in `Registering` mode start the
+    /// agent first, then each server with `start_server`.
+    pub fn build(
+        prefix: &str,
+        clients: usize,
+        servers: usize,
+        mode: ServerMode,
+    ) -> Result<Topology> {
         let dir = std::env::temp_dir().join(format!("{prefix}-anycast"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -174,6 +191,7 @@ impl Topology {
             dir,
             configured: 0,
             xdp_mode: "native".into(),
+            mode,
         };
         for i in 1..=servers {
             topo.add_server_ns(prefix, i)?;
@@ -195,8 +213,10 @@ impl Topology {
         )?;
         pass.wait_for_line("passthrough ready", Duration::from_secs(20))?;
         topo.passthrough = Some(pass);
-        for i in 0..servers {
-            topo.start_server(i)?;
+        if mode == ServerMode::Static {
+            for i in 0..servers {
+                topo.start_server(i)?;
+            }
         }
         // Wait for the links to settle (bridge ports forwarding, routes usable).
         let net = &topo.net;
@@ -218,6 +238,11 @@ impl Topology {
         s.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
         s.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
         s.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
+        // Each server its own key (never one per group).
+        let key: String = (0..32)
+            .map(|b| format!("{:02x}", (b * 7 + i * 31 + 1) % 256))
+            .collect();
+        fs::write(self.key_file(i), key)?;
         self.servers.push(Server {
             name: format!("s{i}"),
             v4,
@@ -236,21 +261,38 @@ impl Topology {
         let s = &mut self.servers[i];
         let v4 = ANYCAST_V4.to_string();
         let v6 = ANYCAST_V6.to_string();
-        let mut decap = s.ns.spawn(
-            &format!("server {}", s.name),
-            &ctl,
-            &[
-                "server",
-                "--iface",
-                "eth0",
-                "--anycast",
-                &v4,
-                "--anycast",
-                &v6,
-                "--xdp-mode",
-                "native",
-            ],
-        )?;
+        let key = self
+            .dir
+            .join(format!("{}.key", s.name))
+            .to_string_lossy()
+            .into_owned();
+        let mut args = vec![
+            "server",
+            "--iface",
+            "eth0",
+            "--anycast",
+            &v4,
+            "--anycast",
+            &v6,
+            "--xdp-mode",
+            "native",
+        ];
+        let lifetime;
+        if let ServerMode::Registering { lifetime_secs } = self.mode {
+            lifetime = lifetime_secs.to_string();
+            args.extend([
+                "--agent",
+                AGENT_V4,
+                "--id",
+                &s.name,
+                "--key",
+                &key,
+                "--lifetime",
+                &lifetime,
+            ]);
+            args.extend(["--drain-timeout", "30"]);
+        }
+        let mut decap = s.ns.spawn(&format!("server {}", s.name), &ctl, &args)?;
         decap.wait_for_line("server ready", Duration::from_secs(20))?;
         let tcp4 = format!("{v4}:{HTTP_PORT}");
         let tcp6 = format!("[{v6}]:{HTTP_PORT}");
@@ -269,8 +311,31 @@ impl Topology {
         Ok(())
     }
 
-    /// Writes the agent's configuration with the first `count` servers.
+    /// The key file of server number `i` (1-based, as in `s1`).
+    pub fn key_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("s{i}.key"))
+    }
+
+    /// Writes the agent's configuration: static mode lists the first `count` servers; in
+    /// registering mode no server is configured, only who may register for what.
     pub fn write_config(&mut self, count: usize) -> Result<()> {
+        if self.mode != ServerMode::Static {
+            let servers: Vec<serde_json::Value> = (1..=self.servers.len())
+                .map(|i| {
+                    serde_json::json!({"id": format!("s{i}"), "spi": 256, "key_file": format!("s{i}.key"),
+                        "allow": [format!("{ANYCAST_V4}/32"), format!("{ANYCAST_V6}/128")]})
+                })
+                .collect();
+            let config = serde_json::json!({
+                "interfaces": ["eth0", "eth1"],
+                "xdp_mode": self.xdp_mode,
+                "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
+                "registration": {"drain_time": 30, "servers": servers},
+            });
+            fs::write(&self.config_path, serde_json::to_string_pretty(&config)?)?;
+            self.configured = 0;
+            return Ok(());
+        }
         let servers: Vec<serde_json::Value> = self.servers[..count]
             .iter()
             .map(|s| serde_json::json!({"name": s.name, "address": s.v4.to_string()}))
@@ -321,6 +386,23 @@ impl Topology {
     /// The agent's status, as `anycast-ctl status --json` prints it.
     pub fn status(&self) -> Result<serde_json::Value> {
         serde_json::from_str(&self.ctl(&["status", "--json"])?).context("status --json")
+    }
+
+    /// The agent's binding table, as `anycast-ctl bindings --json` prints it.
+    pub fn bindings(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.ctl(&["bindings", "--json"])?).context("bindings --json")
+    }
+
+    /// Names of the servers with an active binding.
+    pub fn active_servers(&self) -> Result<std::collections::BTreeSet<String>> {
+        let b = self.bindings()?;
+        Ok(b["bindings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["state"] == "active")
+            .filter_map(|x| x["server"].as_str().map(str::to_string))
+            .collect())
     }
 
     /// A verdict counter of the agent's data path.

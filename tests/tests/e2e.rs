@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anycast_tests::{
     netns::Netns,
-    topology::{http_get, udp_ask, Held, Topology, ANYCAST_V4, HTTP_PORT, UDP_PORT},
+    topology::{http_get, udp_ask, Held, ServerMode, Topology, ANYCAST_V4, HTTP_PORT, UDP_PORT},
     workspace_bin,
 };
 
@@ -78,7 +78,7 @@ fn xdp_line(ns: &Netns, dev: &str) -> String {
 
 #[test]
 fn anycast_end_to_end() -> anyhow::Result<()> {
-    let mut topo = Topology::build("ace2e", 2, 4)?;
+    let mut topo = Topology::build("ace2e", 2, 4, ServerMode::Static)?;
     topo.start_agent(3)?;
 
     // Native (driver) XDP on every veth involved; generic mode would show "xdpgeneric".

@@ -15,11 +15,13 @@ use clap::{Parser, Subcommand};
 pub const BPF_TOOLCHAIN: &str = "anycast-bpf";
 
 const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev \
-    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool";
+    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
+/// scapy for the wire-format oracle (tests/oracles/*.py), pinned so the oracle does not drift.
+const SCAPY_VERSION: &str = "2.6.1";
 
 #[derive(Parser)]
 #[command(about = "Build, test and run the anycast load balancer")]
@@ -126,6 +128,7 @@ fn setup() -> Result<()> {
     setup_packages()?;
     setup_toolchain()?;
     setup_bpf_linker()?;
+    setup_scapy()?;
     setup_bpffs()
 }
 
@@ -212,6 +215,44 @@ fn setup_bpf_linker() -> Result<()> {
     }
     if !bpf_linker_ok() {
         bail!("bpf-linker on PATH is still not {BPF_LINKER_VERSION}: an older one shadows it?");
+    }
+    Ok(())
+}
+
+fn scapy_ok() -> bool {
+    let probe = "import scapy; print(scapy.VERSION)";
+    stdout_of(Command::new("python3").args(["-c", probe]))
+        .is_some_and(|v| v.trim() == SCAPY_VERSION)
+}
+
+/// The independent oracle of the binding wire format (tests/oracles/build_bu.py) uses scapy.
+fn setup_scapy() -> Result<()> {
+    if scapy_ok() {
+        println!("ok: scapy {SCAPY_VERSION}");
+        return Ok(());
+    }
+    println!("installing: scapy {SCAPY_VERSION} (python3 -m pip)");
+    if stdout_of(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+        // Debian's python3 comes without pip.
+        println!("installing: Debian package python3-pip");
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends", "python3-pip"]))?;
+    }
+    let pin = format!("scapy=={SCAPY_VERSION}");
+    let install = |extra: Option<&str>| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--disable-pip-version-check", &pin])
+            .args(extra);
+        run(&mut cmd)
+    };
+    if let Err(e) = install(None) {
+        // Debian's own python3 refuses pip installs outside a venv (PEP 668).
+        println!("warning: {e:#}; retrying with --break-system-packages");
+        install(Some("--break-system-packages"))?;
+    }
+    if !scapy_ok() {
+        bail!("python3 still does not import scapy {SCAPY_VERSION} after installing it");
     }
     Ok(())
 }

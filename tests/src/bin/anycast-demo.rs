@@ -1,9 +1,12 @@
 //! `cargo xtask demo`: the built-in default topology in network namespaces (two clients, one
-//! agent, three servers), real connections through the anycast address, and the agent's
-//! status. Everything is removed at the end. `--hold` keeps it running until Ctrl-C.
+//! agent, three servers that register themselves), real connections through the anycast
+//! address, the agent's bindings and status. Everything is removed at the end. `--hold` keeps it running until Ctrl-C.
 use std::{collections::BTreeMap, time::Duration};
 
-use anycast_tests::topology::{http_get, udp_ask, Topology, HTTP_PORT, UDP_PORT};
+use anycast_tests::{
+    topology::{http_get, udp_ask, ServerMode, Topology, HTTP_PORT, UDP_PORT},
+    wait_until,
+};
 
 fn main() -> anyhow::Result<()> {
     let hold = std::env::args().any(|a| a == "--hold");
@@ -17,11 +20,25 @@ fn main() -> anyhow::Result<()> {
     println!(
         "== building the demo topology (namespaces acdemo*: 2 clients, agent, router, 3 servers)"
     );
-    let mut topo = Topology::build("acdemo", 2, 3)?;
-    topo.start_agent(3)?;
-    println!(
-        "== agent running in native XDP mode; servers decapsulate with their own XDP program\n"
-    );
+    let mut topo = Topology::build(
+        "acdemo",
+        2,
+        3,
+        ServerMode::Registering { lifetime_secs: 20 },
+    )?;
+    // No server is configured on the agent: it only knows who may register for what.
+    topo.start_agent(0)?;
+    println!("== agent running in native XDP mode, no servers configured; starting the servers");
+    for i in 0..topo.servers.len() {
+        topo.start_server(i)?;
+    }
+    wait_until(
+        "all three servers registered",
+        Duration::from_secs(30),
+        || Ok(topo.active_servers()?.len() == 3),
+    )?;
+    println!("== the servers registered themselves (authenticated binding updates):\n");
+    println!("{}", topo.ctl(&["bindings"])?);
     for (i, client) in topo
         .clients
         .iter()

@@ -1,0 +1,1051 @@
+//! The agent's binding table: servers register themselves with authenticated binding updates
+//! (RFC 6275 Mobility Header in DSMIPv6 framing, see `anycast_common::wire`), and the set of
+//! live, authorized bindings becomes the services and servers the data path forwards to.
+//!
+//! This module is pure: it takes datagrams and the time, and returns replies and whether the
+//! forwarding state changed. The agent daemon owns the sockets, timers and maps.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anycast_common::{
+    wire::{self, status, Body, Key, LoadInfo, Message, Options, ServiceSelector},
+    ServiceKey, PROTO_TCP, PROTO_UDP,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Limits, Prefix, Registration},
+    dataplane::{DesiredServer, DesiredService},
+};
+
+/// BA status for a BU without an Alternate Care-of Address (RFC 6275: reason unspecified).
+pub const STATUS_UNSPECIFIED: u8 = 128;
+
+/// What a binding is for: one server's real address for one anycast address (and service).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BindingId {
+    pub anycast: IpAddr,
+    /// Protocol and port, when the server bound one service rather than the whole address.
+    pub selector: Option<(u8, u16)>,
+    pub server: String,
+    pub real: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// Takes new flows.
+    Active,
+    /// Deregistered: keeps its open flows until the drain time ends, takes no new ones.
+    Draining,
+}
+
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub seq: u16,
+    pub registered: Instant,
+    pub updated: Instant,
+    pub expires: Instant,
+    pub lifetime: Duration,
+    pub load: Option<LoadInfo>,
+    pub state: BindingState,
+    /// Where the last update came from: where refresh requests go.
+    pub source: SocketAddr,
+    refresh_requested: bool,
+}
+
+struct ServerPolicy {
+    spi: u32,
+    key: Vec<u8>,
+    allow: Vec<Prefix>,
+}
+
+/// Token bucket per source address, so a flood from one source cannot starve the others.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// What became of one datagram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub reply: Option<Reply>,
+    /// The forwarding state must be rebuilt.
+    pub changed: bool,
+    /// The counter it was counted under.
+    pub counted: String,
+}
+
+pub struct Registry {
+    port: u16,
+    max_lifetime: Duration,
+    drain_time: Duration,
+    replay_window: u64,
+    limits: Limits,
+    max_services: usize,
+    agent: Vec<Ipv6Addr>,
+    servers: HashMap<String, ServerPolicy>,
+    bindings: BTreeMap<BindingId, Binding>,
+    last_mesg_id: HashMap<String, u64>,
+    buckets: HashMap<IpAddr, Bucket>,
+    counters: BTreeMap<String, u64>,
+}
+
+/// One line of `anycast-ctl bindings`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindingReport {
+    #[serde(flatten)]
+    pub id: BindingId,
+    pub state: BindingState,
+    pub seq: u16,
+    pub age_secs: f64,
+    pub lifetime_secs: u64,
+    pub lifetime_left_secs: f64,
+    pub load: Option<LoadReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub priority: u16,
+    pub sessions_in_use: u32,
+    pub max_sessions: u32,
+    pub used_capacity: u32,
+    pub max_capacity: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindingsReport {
+    pub bindings: Vec<BindingReport>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl Registry {
+    pub fn new(
+        reg: &Registration,
+        keys: &HashMap<String, Vec<u8>>,
+        agent: &[IpAddr],
+        max_services: usize,
+    ) -> Registry {
+        let servers = reg
+            .servers
+            .iter()
+            .map(|s| {
+                let policy = ServerPolicy {
+                    spi: s.spi,
+                    key: keys.get(&s.id).cloned().unwrap_or_default(),
+                    allow: s.allow.clone(),
+                };
+                (s.id.clone(), policy)
+            })
+            .collect();
+        Registry {
+            port: reg.port,
+            max_lifetime: Duration::from_secs(reg.max_lifetime as u64),
+            drain_time: Duration::from_secs(reg.drain_time as u64),
+            replay_window: reg.replay_window as u64,
+            limits: reg.limits.clone(),
+            max_services,
+            agent: agent.iter().map(|&a| wire::to_mapped(a)).collect(),
+            servers,
+            bindings: BTreeMap::new(),
+            last_mesg_id: HashMap::new(),
+            buckets: HashMap::new(),
+            counters: BTreeMap::new(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Takes a new policy (a reload) and keeps the bindings it still allows.
+    pub fn update_policy(&mut self, new: Registry) -> bool {
+        let bindings = std::mem::take(&mut self.bindings);
+        let last = std::mem::take(&mut self.last_mesg_id);
+        let counters = std::mem::take(&mut self.counters);
+        *self = new;
+        self.last_mesg_id = last;
+        self.counters = counters;
+        let before = bindings.len();
+        for (id, b) in bindings {
+            let allowed = self
+                .servers
+                .get(&id.server)
+                .is_some_and(|p| p.allow.iter().any(|a| a.contains(id.anycast)));
+            if allowed {
+                self.bindings.insert(id, b);
+            } else {
+                tracing::info!(
+                    "binding of {} for {} via {} removed: no longer allowed",
+                    id.server,
+                    id.anycast,
+                    id.real
+                );
+            }
+        }
+        self.bindings.len() != before
+    }
+
+    fn count(&mut self, what: impl Into<String>) -> String {
+        let what = what.into();
+        *self.counters.entry(what.clone()).or_default() += 1;
+        what
+    }
+
+    fn allow_rate(&mut self, source: IpAddr, now: Instant) -> bool {
+        let rate = self.limits.messages_per_second as f64;
+        // Bounded memory: forget idle sources when the table grows large.
+        if self.buckets.len() > 65536 {
+            self.buckets
+                .retain(|_, b| now.duration_since(b.last) < Duration::from_secs(10));
+        }
+        let b = self.buckets.entry(source).or_insert(Bucket {
+            tokens: 2.0 * rate,
+            last: now,
+        });
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(2.0 * rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Handles one datagram from `from`. `wall` is the agent's clock as an NTP timestamp.
+    pub fn handle(&mut self, payload: &[u8], from: SocketAddr, now: Instant, wall: u64) -> Outcome {
+        let none = |counted: String| Outcome {
+            reply: None,
+            changed: false,
+            counted,
+        };
+        if !self.allow_rate(from.ip(), now) {
+            return none(self.count("dropped_rate_limited"));
+        }
+        let msg = match wire::decode(payload) {
+            Ok(m) => m,
+            Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
+        };
+        let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
+            return none(self.count("dropped_not_binding_update"));
+        };
+        if !self.agent.contains(&msg.dst) {
+            return none(self.count("dropped_not_for_this_agent"));
+        }
+        let home = wire::from_mapped(msg.src);
+        // Identify and authenticate before anything else is believed.
+        let Some(identity) = msg.options.mn_id.clone() else {
+            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+        };
+        let Some(policy) = self.servers.get(&identity) else {
+            tracing::warn!("binding update from {from} for unknown server '{identity}' refused");
+            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+        };
+        let key = Key {
+            spi: policy.spi,
+            secret: &policy.key,
+        };
+        let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
+        if !spi_ok || !wire::verify(payload, key) {
+            tracing::warn!(
+                "binding update from {from} claiming to be '{identity}' failed authentication"
+            );
+            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+        }
+        let signer = Some(identity.clone());
+        // Replay protection: the timestamp must be near our clock and newer than the last one.
+        let fresh = msg.options.mesg_id.is_some_and(|ts| {
+            let skew = (ts >> 32).abs_diff(wall >> 32);
+            skew <= self.replay_window
+                && self
+                    .last_mesg_id
+                    .get(&identity)
+                    .is_none_or(|&last| ts > last)
+        });
+        if !fresh {
+            tracing::warn!(
+                "binding update from '{identity}' at {from} refused: replayed or stale timestamp"
+            );
+            return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
+        }
+        self.last_mesg_id
+            .insert(identity.clone(), msg.options.mesg_id.unwrap_or_default());
+        let Some(coa) = msg.options.alt_coa else {
+            return self.refuse(&msg, from, STATUS_UNSPECIFIED, seq, signer);
+        };
+        let real = wire::from_mapped(coa);
+        let policy = &self.servers[&identity];
+        if !policy.allow.iter().any(|p| p.contains(home))
+            || real.is_unspecified()
+            || real.is_multicast()
+        {
+            tracing::warn!("'{identity}' is not authorized to bind {home} (via {real}): refused");
+            return self.refuse(&msg, from, status::PROHIBITED, seq, signer);
+        }
+        let id = BindingId {
+            anycast: home,
+            selector: msg
+                .options
+                .service
+                .map(|s: ServiceSelector| (s.protocol, s.port)),
+            server: identity.clone(),
+            real,
+        };
+        if let Some(b) = self.bindings.get(&id) {
+            // Sequence numbers compare modulo 2^16 (RFC 6275 9.5.1).
+            if (seq.wrapping_sub(b.seq) as i16) <= 0 {
+                let last = b.seq;
+                return self.refuse(&msg, from, status::SEQUENCE_OUT_OF_WINDOW, last, signer);
+            }
+        }
+        if lifetime == 0 {
+            let changed = match self.bindings.get_mut(&id) {
+                Some(b) if self.drain_time > Duration::ZERO => {
+                    b.seq = seq;
+                    let was = b.state;
+                    b.state = BindingState::Draining;
+                    b.expires = now + self.drain_time;
+                    if was == BindingState::Active {
+                        tracing::info!(
+                            "'{identity}' deregistered {home} via {real}: draining for {:?}",
+                            self.drain_time
+                        );
+                    }
+                    was == BindingState::Active
+                }
+                Some(_) => {
+                    self.bindings.remove(&id);
+                    tracing::info!("'{identity}' deregistered {home} via {real}");
+                    true
+                }
+                None => false,
+            };
+            let counted = self.count("deregistered");
+            let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
+            return Outcome {
+                reply,
+                changed,
+                counted,
+            };
+        }
+        let is_new = !self.bindings.contains_key(&id);
+        if is_new {
+            if let Some(why) = self.over_limit(&id) {
+                tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+                return self.refuse(&msg, from, status::INSUFFICIENT_RESOURCES, seq, signer);
+            }
+        }
+        let granted = Duration::from_secs(lifetime as u64 * 4).min(self.max_lifetime);
+        let units = (granted.as_secs() / 4) as u16;
+        let load = msg.options.load;
+        let changed = match self.bindings.get_mut(&id) {
+            Some(b) => {
+                let changed = b.state != BindingState::Active;
+                b.seq = seq;
+                b.updated = now;
+                b.expires = now + granted;
+                b.lifetime = granted;
+                b.load = load;
+                b.state = BindingState::Active;
+                b.source = from;
+                b.refresh_requested = false;
+                changed
+            }
+            None => {
+                tracing::info!("'{identity}' registered {home} via {real} for {granted:?}");
+                let b = Binding {
+                    seq,
+                    registered: now,
+                    updated: now,
+                    expires: now + granted,
+                    lifetime: granted,
+                    load,
+                    state: BindingState::Active,
+                    source: from,
+                    refresh_requested: false,
+                };
+                self.bindings.insert(id, b);
+                true
+            }
+        };
+        let counted = self.count(if is_new { "registered" } else { "refreshed" });
+        let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
+        Outcome {
+            reply,
+            changed,
+            counted,
+        }
+    }
+
+    fn over_limit(&self, id: &BindingId) -> Option<String> {
+        let per_address = self
+            .bindings
+            .keys()
+            .filter(|k| k.anycast == id.anycast)
+            .count();
+        if per_address >= self.limits.bindings_per_address as usize {
+            return Some(format!("{} already has {per_address} bindings", id.anycast));
+        }
+        let per_server = self
+            .bindings
+            .keys()
+            .filter(|k| k.server == id.server)
+            .count();
+        if per_server >= self.limits.bindings_per_server as usize {
+            return Some(format!("'{}' already has {per_server} bindings", id.server));
+        }
+        let mut keys: BTreeSet<ServiceKey> = BTreeSet::new();
+        for k in self.bindings.keys().chain(std::iter::once(id)) {
+            keys.extend(service_keys(k, &[]));
+        }
+        if keys.len() > self.max_services {
+            return Some(format!(
+                "the agent holds at most {} services",
+                self.max_services
+            ));
+        }
+        None
+    }
+
+    fn refuse(
+        &mut self,
+        msg: &Message,
+        from: SocketAddr,
+        st: u8,
+        seq: u16,
+        signer: Option<String>,
+    ) -> Outcome {
+        let counted = self.count(format!("refused_{st}"));
+        let reply = self.ack(msg, from, st, seq, 0, signer);
+        Outcome {
+            reply,
+            changed: false,
+            counted,
+        }
+    }
+
+    /// A Binding Acknowledgement, signed with the server's key when we know who it is.
+    fn ack(
+        &self,
+        msg: &Message,
+        from: SocketAddr,
+        st: u8,
+        seq: u16,
+        lifetime: u16,
+        signer: Option<String>,
+    ) -> Option<Reply> {
+        let ba = Message {
+            src: msg.dst,
+            dst: msg.src,
+            body: Body::BindingAck {
+                status: st,
+                seq,
+                lifetime,
+            },
+            options: Options::default(),
+        };
+        let key = signer
+            .as_ref()
+            .and_then(|s| self.servers.get(s))
+            .map(|p| Key {
+                spi: p.spi,
+                secret: &p.key,
+            });
+        Some(Reply {
+            to: from,
+            payload: wire::encode(&ba, key),
+        })
+    }
+
+    /// Removes expired bindings and those whose drain time is over. True if any went.
+    pub fn expire(&mut self, now: Instant) -> bool {
+        let gone: Vec<BindingId> = self
+            .bindings
+            .iter()
+            .filter(|(_, b)| b.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in &gone {
+            let b = self.bindings.remove(id).expect("listed");
+            match b.state {
+                BindingState::Active => {
+                    tracing::warn!(
+                        "binding of '{}' for {} via {} expired",
+                        id.server,
+                        id.anycast,
+                        id.real
+                    );
+                    self.count("expired");
+                }
+                BindingState::Draining => {
+                    tracing::info!(
+                        "'{}' for {} via {} finished draining",
+                        id.server,
+                        id.anycast,
+                        id.real
+                    );
+                }
+            }
+        }
+        !gone.is_empty()
+    }
+
+    /// Binding Refresh Requests for active bindings in the last quarter of their lifetime
+    /// (once per lifetime), sent where their last update came from.
+    pub fn refresh_requests(&mut self, now: Instant) -> Vec<Reply> {
+        let mut out = Vec::new();
+        for (id, b) in self.bindings.iter_mut() {
+            if b.state != BindingState::Active
+                || b.refresh_requested
+                || b.expires.saturating_duration_since(now) > b.lifetime / 4
+            {
+                continue;
+            }
+            b.refresh_requested = true;
+            let Some(policy) = self.servers.get(&id.server) else {
+                continue;
+            };
+            let agent = self
+                .agent
+                .iter()
+                .find(|a| a.to_ipv4_mapped().is_some() == id.anycast.is_ipv4())
+                .or(self.agent.first());
+            let Some(&agent) = agent else { continue };
+            let brr = Message {
+                src: agent,
+                dst: wire::to_mapped(id.anycast),
+                body: Body::BindingRefreshRequest,
+                options: Options::default(),
+            };
+            out.push(Reply {
+                to: b.source,
+                payload: wire::encode(
+                    &brr,
+                    Some(Key {
+                        spi: policy.spi,
+                        secret: &policy.key,
+                    }),
+                ),
+            });
+        }
+        for _ in 0..out.len() {
+            self.count("refresh_requests_sent");
+        }
+        out
+    }
+
+    /// The configured services plus those the bindings bring, with their servers.
+    pub fn desired(&self, configured: &[DesiredService]) -> Vec<DesiredService> {
+        let mut services: BTreeMap<ServiceKey, DesiredService> =
+            configured.iter().map(|s| (s.key, s.clone())).collect();
+        let configured_keys: Vec<ServiceKey> = configured.iter().map(|s| s.key).collect();
+        for (id, b) in &self.bindings {
+            for key in service_keys(id, &configured_keys) {
+                let svc = services.entry(key).or_insert_with(|| DesiredService {
+                    name: service_name(&key),
+                    key,
+                    servers: Vec::new(),
+                });
+                if svc.servers.iter().any(|s| s.address == id.real) {
+                    continue;
+                }
+                svc.servers.push(DesiredServer {
+                    name: id.server.clone(),
+                    address: id.real,
+                    weight: if b.state == BindingState::Active {
+                        1
+                    } else {
+                        0
+                    },
+                    up: true,
+                });
+            }
+        }
+        services.into_values().collect()
+    }
+
+    pub fn report(&self, now: Instant) -> BindingsReport {
+        let bindings = self
+            .bindings
+            .iter()
+            .map(|(id, b)| BindingReport {
+                id: id.clone(),
+                state: b.state,
+                seq: b.seq,
+                age_secs: now.duration_since(b.registered).as_secs_f64(),
+                lifetime_secs: b.lifetime.as_secs(),
+                lifetime_left_secs: b.expires.saturating_duration_since(now).as_secs_f64(),
+                load: b.load.map(|l| LoadReport {
+                    priority: l.priority,
+                    sessions_in_use: l.sessions_in_use,
+                    max_sessions: l.max_sessions,
+                    used_capacity: l.used_capacity,
+                    max_capacity: l.max_capacity,
+                }),
+            })
+            .collect();
+        BindingsReport {
+            bindings,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// The services a binding joins: its own (address, protocol, port) when it named one; else
+/// every configured service of the address; else the whole address (TCP and UDP, any port).
+fn service_keys(id: &BindingId, configured: &[ServiceKey]) -> Vec<ServiceKey> {
+    if let Some((proto, port)) = id.selector {
+        return vec![ServiceKey::new(id.anycast, proto, port)];
+    }
+    let of_address: Vec<ServiceKey> = configured
+        .iter()
+        .filter(|k| k.ip() == id.anycast)
+        .copied()
+        .collect();
+    if !of_address.is_empty() {
+        return of_address;
+    }
+    vec![
+        ServiceKey::new(id.anycast, PROTO_TCP, 0),
+        ServiceKey::new(id.anycast, PROTO_UDP, 0),
+    ]
+}
+
+fn service_name(key: &ServiceKey) -> String {
+    let proto = match key.proto {
+        PROTO_TCP => "tcp".to_string(),
+        PROTO_UDP => "udp".to_string(),
+        p => p.to_string(),
+    };
+    if key.port == 0 {
+        format!("{}/{proto}", key.ip())
+    } else {
+        format!("{}/{proto}/{}", key.ip(), key.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RegisteredServer;
+
+    const AGENT: &str = "10.0.0.1";
+    const KEY1: &[u8] = b"0123456789abcdef-server-one";
+    const KEY2: &[u8] = b"fedcba9876543210-server-two";
+
+    fn registration(limits: Limits, drain: u32) -> Registration {
+        let server = |id: &str, spi: u32, allow: &[&str]| RegisteredServer {
+            id: id.into(),
+            spi,
+            key_file: "unused".into(),
+            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        Registration {
+            port: 4191,
+            max_lifetime: 60,
+            drain_time: drain,
+            replay_window: 30,
+            limits,
+            servers: vec![
+                server("s1", 1, &["192.0.2.1", "2001:db8::/64"]),
+                server("s2", 2, &["192.0.2.0/24"]),
+            ],
+        }
+    }
+
+    fn registry(limits: Limits, drain: u32) -> Registry {
+        let keys = HashMap::from([
+            ("s1".to_string(), KEY1.to_vec()),
+            ("s2".to_string(), KEY2.to_vec()),
+        ]);
+        Registry::new(
+            &registration(limits, drain),
+            &keys,
+            &[AGENT.parse().unwrap()],
+            64,
+        )
+    }
+
+    struct Bu {
+        id: &'static str,
+        key: &'static [u8],
+        spi: u32,
+        home: &'static str,
+        real: &'static str,
+        seq: u16,
+        lifetime: u16,
+        ts: u64,
+    }
+
+    impl Bu {
+        fn new(seq: u16, ts: u64) -> Bu {
+            Bu {
+                id: "s1",
+                key: KEY1,
+                spi: 1,
+                home: "192.0.2.1",
+                real: "10.0.2.11",
+                seq,
+                lifetime: 5,
+                ts,
+            }
+        }
+        fn bytes(&self) -> Vec<u8> {
+            let msg = Message {
+                src: wire::to_mapped(self.home.parse().unwrap()),
+                dst: wire::to_mapped(AGENT.parse().unwrap()),
+                body: Body::BindingUpdate {
+                    seq: self.seq,
+                    ack: true,
+                    lifetime: self.lifetime,
+                },
+                options: Options {
+                    alt_coa: Some(wire::to_mapped(self.real.parse().unwrap())),
+                    mn_id: Some(self.id.into()),
+                    mesg_id: Some(self.ts),
+                    load: Some(LoadInfo {
+                        sessions_in_use: 3,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            };
+            wire::encode(
+                &msg,
+                Some(Key {
+                    spi: self.spi,
+                    secret: self.key,
+                }),
+            )
+        }
+    }
+
+    const WALL: u64 = 4_000_000_000 << 32;
+    fn from() -> SocketAddr {
+        "10.0.2.11:5000".parse().unwrap()
+    }
+
+    fn ba_status(o: &Outcome, key: Option<&[u8]>, spi: u32) -> (u8, u16, u16) {
+        let r = o.reply.as_ref().expect("a BA");
+        if let Some(k) = key {
+            assert!(
+                wire::verify(&r.payload, Key { spi, secret: k }),
+                "BA signed with the server's key"
+            );
+        }
+        match wire::decode(&r.payload).unwrap().body {
+            Body::BindingAck {
+                status,
+                seq,
+                lifetime,
+            } => (status, seq, lifetime),
+            b => panic!("not a BA: {b:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_update_registers_and_is_acknowledged() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        let o = r.handle(&Bu::new(10, WALL).bytes(), from(), now, WALL);
+        assert!(o.changed);
+        assert_eq!(o.counted, "registered");
+        assert_eq!(ba_status(&o, Some(KEY1), 1), (status::ACCEPTED, 10, 5));
+        let services = r.desired(&[]);
+        assert_eq!(
+            services.len(),
+            2,
+            "the whole address: tcp and udp, any port"
+        );
+        assert_eq!(
+            services[0].servers[0].address,
+            "10.0.2.11".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(services[0].servers[0].weight, 1);
+        let report = r.report(now);
+        assert_eq!(report.bindings[0].load.as_ref().unwrap().sessions_in_use, 3);
+        // A refresh with a newer sequence number is accepted and changes nothing.
+        let o = r.handle(&Bu::new(11, WALL + 1).bytes(), from(), now, WALL);
+        assert_eq!((o.counted.as_str(), o.changed), ("refreshed", false));
+    }
+
+    #[test]
+    fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        let good = Bu::new(10, WALL).bytes();
+        assert!(r.handle(&good, from(), now, WALL).changed);
+        let before = r.desired(&[]);
+        // Wrong key (s2 forging s1).
+        let forged = Bu {
+            key: KEY2,
+            ..Bu::new(11, WALL + 1)
+        };
+        let o = r.handle(&forged.bytes(), from(), now, WALL);
+        assert_eq!(ba_status(&o, None, 0).0, status::AUTH_FAILED);
+        // Right key, wrong SPI.
+        let o = r.handle(
+            &Bu {
+                spi: 2,
+                ..Bu::new(11, WALL + 2)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert_eq!(ba_status(&o, None, 0).0, status::AUTH_FAILED);
+        // The same bytes again: a replay.
+        let o = r.handle(&good, from(), now, WALL);
+        assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::MESG_ID_REQUIRED);
+        // A timestamp far from the agent's clock.
+        let o = r.handle(&Bu::new(12, WALL + (100 << 32)).bytes(), from(), now, WALL);
+        assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::MESG_ID_REQUIRED);
+        // An address s1 may not bind.
+        let o = r.handle(
+            &Bu {
+                home: "192.0.2.2",
+                ..Bu::new(13, WALL + 3)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::PROHIBITED);
+        // An unknown server.
+        let o = r.handle(
+            &Bu {
+                id: "s9",
+                ..Bu::new(14, WALL + 4)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert_eq!(ba_status(&o, None, 0).0, status::ID_MISMATCH);
+        // An old sequence number: refused with the last accepted one.
+        let o = r.handle(&Bu::new(9, WALL + 5).bytes(), from(), now, WALL);
+        assert_eq!(
+            ba_status(&o, Some(KEY1), 1),
+            (status::SEQUENCE_OUT_OF_WINDOW, 10, 0)
+        );
+        // Garbage.
+        let o = r.handle(&[0u8; 7], from(), now, WALL);
+        assert!(
+            o.reply.is_none() && o.counted.starts_with("dropped_malformed_"),
+            "{o:?}"
+        );
+        assert_eq!(r.desired(&[]), before, "nothing changed");
+        let c = r.report(now).counters;
+        assert_eq!(c["refused_146"], 2);
+        assert_eq!(c["refused_145"], 2);
+        assert_eq!(c["refused_129"], 1);
+        assert_eq!(c["refused_144"], 1);
+        assert_eq!(c["refused_135"], 1);
+    }
+
+    #[test]
+    fn sequence_numbers_compare_modulo_2_16() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        assert!(
+            r.handle(&Bu::new(65535, WALL).bytes(), from(), now, WALL)
+                .changed
+        );
+        let o = r.handle(&Bu::new(2, WALL + 1).bytes(), from(), now, WALL);
+        assert_eq!(o.counted, "refreshed", "2 is after 65535");
+    }
+
+    #[test]
+    fn deregistration_drains_then_removes_and_expiry_removes() {
+        let mut r = registry(Limits::default(), 10);
+        let now = Instant::now();
+        r.handle(&Bu::new(1, WALL).bytes(), from(), now, WALL);
+        r.handle(
+            &Bu {
+                real: "10.0.2.12",
+                ..Bu::new(1, WALL + 1)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        let o = r.handle(
+            &Bu {
+                lifetime: 0,
+                ..Bu::new(2, WALL + 2)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert!(o.changed);
+        assert_eq!(ba_status(&o, Some(KEY1), 1), (status::ACCEPTED, 2, 0));
+        let svc = &r.desired(&[])[0];
+        let w: Vec<(IpAddr, u32)> = svc.servers.iter().map(|s| (s.address, s.weight)).collect();
+        assert!(
+            w.contains(&("10.0.2.11".parse().unwrap(), 0)),
+            "draining: no new flows: {w:?}"
+        );
+        assert!(w.contains(&("10.0.2.12".parse().unwrap(), 1)));
+        assert!(!r.expire(now + Duration::from_secs(9)));
+        assert!(r.expire(now + Duration::from_secs(10)), "drain time over");
+        assert_eq!(r.desired(&[])[0].servers.len(), 1);
+        // The other binding (lifetime 5 units = 20 s) expires by itself.
+        assert!(r.expire(now + Duration::from_secs(20)));
+        assert!(r.desired(&[]).is_empty());
+        assert_eq!(r.report(now).counters["expired"], 1);
+    }
+
+    #[test]
+    fn limits_refuse_with_insufficient_resources() {
+        let limits = Limits {
+            bindings_per_server: 1,
+            ..Limits::default()
+        };
+        let mut r = registry(limits, 30);
+        let now = Instant::now();
+        assert!(
+            r.handle(&Bu::new(1, WALL).bytes(), from(), now, WALL)
+                .changed
+        );
+        let o = r.handle(
+            &Bu {
+                real: "10.0.2.12",
+                ..Bu::new(1, WALL + 1)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert_eq!(
+            ba_status(&o, Some(KEY1), 1).0,
+            status::INSUFFICIENT_RESOURCES
+        );
+        assert!(!o.changed);
+    }
+
+    #[test]
+    fn a_flooding_source_is_rate_limited() {
+        let limits = Limits {
+            messages_per_second: 5,
+            ..Limits::default()
+        };
+        let mut r = registry(limits, 30);
+        let now = Instant::now();
+        let outcomes: Vec<String> = (0..20)
+            .map(|i| {
+                r.handle(&Bu::new(i, WALL + i as u64).bytes(), from(), now, WALL)
+                    .counted
+            })
+            .collect();
+        let limited = outcomes
+            .iter()
+            .filter(|c| *c == "dropped_rate_limited")
+            .count();
+        assert_eq!(
+            limited, 10,
+            "a burst of twice the rate passes: {outcomes:?}"
+        );
+        // Another source is not affected.
+        let other: SocketAddr = "10.0.2.99:5000".parse().unwrap();
+        assert_ne!(
+            r.handle(&Bu::new(100, WALL + 100).bytes(), other, now, WALL)
+                .counted,
+            "dropped_rate_limited"
+        );
+        // Tokens come back with time.
+        let later = now + Duration::from_secs(1);
+        assert_ne!(
+            r.handle(&Bu::new(101, WALL + 101).bytes(), from(), later, WALL)
+                .counted,
+            "dropped_rate_limited"
+        );
+    }
+
+    #[test]
+    fn refresh_requests_go_out_once_in_the_last_quarter() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        r.handle(&Bu::new(1, WALL).bytes(), from(), now, WALL); // 20 s
+        assert!(r.refresh_requests(now + Duration::from_secs(10)).is_empty());
+        let brr = r.refresh_requests(now + Duration::from_secs(16));
+        assert_eq!(brr.len(), 1);
+        assert_eq!(brr[0].to, from());
+        assert!(
+            wire::verify(
+                &brr[0].payload,
+                Key {
+                    spi: 1,
+                    secret: KEY1
+                }
+            ),
+            "BRR signed"
+        );
+        assert_eq!(
+            wire::decode(&brr[0].payload).unwrap().body,
+            Body::BindingRefreshRequest
+        );
+        assert!(
+            r.refresh_requests(now + Duration::from_secs(17)).is_empty(),
+            "once"
+        );
+    }
+
+    #[test]
+    fn a_selector_binds_one_service_and_configured_services_take_address_bindings() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        let mut bu = Bu::new(1, WALL);
+        bu.home = "2001:db8::10";
+        bu.real = "2001:db8:2::11";
+        let mut msg = wire::decode(&bu.bytes()).unwrap();
+        msg.options.service = Some(ServiceSelector {
+            protocol: PROTO_TCP,
+            port: 443,
+        });
+        msg.options.auth = None;
+        let bytes = wire::encode(
+            &msg,
+            Some(Key {
+                spi: 1,
+                secret: KEY1,
+            }),
+        );
+        assert!(r.handle(&bytes, from(), now, WALL).changed);
+        let d = r.desired(&[]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].key,
+            ServiceKey::new("2001:db8::10".parse().unwrap(), PROTO_TCP, 443)
+        );
+        // An address binding joins the configured service of that address only.
+        r.handle(&Bu::new(2, WALL + 1).bytes(), from(), now, WALL);
+        let configured = DesiredService {
+            name: "web".into(),
+            key: ServiceKey::new("192.0.2.1".parse().unwrap(), PROTO_TCP, 80),
+            servers: vec![],
+        };
+        let d = r.desired(std::slice::from_ref(&configured));
+        assert_eq!(d.len(), 2);
+        let web = d.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.servers.len(), 1);
+    }
+}

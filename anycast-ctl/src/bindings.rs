@@ -23,6 +23,8 @@ use crate::{
 
 /// BA status for a BU without an Alternate Care-of Address (RFC 6275: reason unspecified).
 pub const STATUS_UNSPECIFIED: u8 = 128;
+/// Binding Error status: unrecognized MH type value (RFC 6275 6.1.9).
+pub const STATUS_UNKNOWN_MH_TYPE: u8 = 2;
 
 /// What a binding is for: one server's real address for one anycast address (and service).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -236,6 +238,7 @@ impl Registry {
         }
         let msg = match wire::decode(payload) {
             Ok(m) => m,
+            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from),
             Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
         };
         let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
@@ -385,6 +388,41 @@ impl Registry {
         Outcome {
             reply,
             changed,
+            counted,
+        }
+    }
+
+    /// RFC 6275 9.2: an unknown MH type is answered with a Binding Error, status 2.
+    fn binding_error(&mut self, payload: &[u8], from: SocketAddr) -> Outcome {
+        let addr = |at: usize| {
+            <[u8; 16]>::try_from(&payload[at..at + 16])
+                .map(Ipv6Addr::from)
+                .ok()
+        };
+        let (src, dst) = (addr(8), addr(24));
+        let counted = self.count("dropped_malformed_unknown_mh_type");
+        let reply = match (src, dst) {
+            (Some(src), Some(dst)) if self.agent.contains(&dst) => {
+                self.count("binding_errors_sent");
+                let be = Message {
+                    src: dst,
+                    dst: src,
+                    body: Body::BindingError {
+                        status: STATUS_UNKNOWN_MH_TYPE,
+                        home: src,
+                    },
+                    options: Options::default(),
+                };
+                Some(Reply {
+                    to: from,
+                    payload: wire::encode(&be, None),
+                })
+            }
+            _ => None,
+        };
+        Outcome {
+            reply,
+            changed: false,
             counted,
         }
     }
@@ -856,6 +894,30 @@ mod tests {
         assert_eq!(c["refused_129"], 1);
         assert_eq!(c["refused_144"], 1);
         assert_eq!(c["refused_135"], 1);
+    }
+
+    #[test]
+    fn an_unknown_message_type_gets_a_binding_error() {
+        let mut r = registry(Limits::default(), 30);
+        let mut bytes = Bu::new(1, WALL).bytes();
+        bytes[40 + 2] = 42; // MH type
+                            // Keep the checksum right, so only the type is wrong: the checksum covers the type
+                            // byte in the high half of its 16-bit word.
+        let sum = u16::from_be_bytes([bytes[44], bytes[45]]) as u32;
+        let fixed = (sum + ((5u32) << 8) + 0xffff - (42u32 << 8)) % 0xffff;
+        [bytes[44], bytes[45]] = (fixed as u16).to_be_bytes();
+        let o = r.handle(&bytes, from(), Instant::now(), WALL);
+        assert_eq!(o.counted, "dropped_malformed_unknown_mh_type");
+        let reply = o.reply.expect("a binding error");
+        let be = wire::decode(&reply.payload).unwrap();
+        assert_eq!(
+            be.body,
+            Body::BindingError {
+                status: 2,
+                home: wire::to_mapped("192.0.2.1".parse().unwrap())
+            }
+        );
+        assert!(!o.changed);
     }
 
     #[test]

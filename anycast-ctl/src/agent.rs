@@ -43,6 +43,7 @@ pub fn desired(config: &Config) -> Vec<DesiredService> {
                     up: true,
                 })
                 .collect(),
+            preferences: Vec::new(),
         })
         .collect()
 }

@@ -595,6 +595,7 @@ impl Registry {
                     name: service_name(&key),
                     key,
                     servers: Vec::new(),
+                    preferences: Vec::new(),
                 });
                 if svc.servers.iter().any(|s| s.address == id.real) {
                     continue;
@@ -1104,6 +1105,7 @@ mod tests {
             name: "web".into(),
             key: ServiceKey::new("192.0.2.1".parse().unwrap(), PROTO_TCP, 80),
             servers: vec![],
+            preferences: Vec::new(),
         };
         let d = r.desired(std::slice::from_ref(&configured));
         assert_eq!(d.len(), 2);

@@ -78,11 +78,21 @@ where
 }
 
 /// A service as the control plane wants it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct DesiredService {
     pub name: String,
     pub key: ServiceKey,
     pub servers: Vec<DesiredServer>,
+    /// Topology preferences: clients in these prefixes go to these servers first.
+    pub preferences: Vec<Preference>,
+}
+
+/// Clients whose source address is in one of `clients` are sent to `servers` (real
+/// addresses among the service's servers) while any of those can take new flows.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Preference {
+    pub clients: Vec<(IpAddr, u8)>,
+    pub servers: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

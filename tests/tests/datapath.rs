@@ -571,6 +571,7 @@ fn service(
                 up: true,
             })
             .collect(),
+        preferences: Vec::new(),
     }
 }
 

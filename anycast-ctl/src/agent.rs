@@ -22,6 +22,7 @@ use crate::{
     bindings::{Registry, Reply},
     config::Config,
     dataplane::{Dataplane, DesiredServer, DesiredService, Sizes},
+    selection::ServicePlan,
     sys::{self, HostChanges},
 };
 
@@ -87,6 +88,8 @@ struct Agent {
     dataplane: Dataplane,
     registry: Option<Registry>,
     interfaces: Vec<InterfaceStatus>,
+    /// Servers the operator drained (by name); not kept across restarts.
+    drained: std::collections::BTreeSet<String>,
 }
 
 /// Most datagrams handled before the forwarding state is rebuilt and the answers are sent.
@@ -202,11 +205,12 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         dataplane,
         registry,
         interfaces,
+        drained: Default::default(),
     };
     let why = local
         .run_until(async {
             let mut hup = signal(SignalKind::hangup())?;
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
             let stop = sys::shutdown_signal();
             tokio::pin!(stop);
             loop {
@@ -285,13 +289,46 @@ fn log_services(config: &Config) {
 }
 
 impl Agent {
-    /// The forwarding state: configured services plus what the live bindings bring.
+    /// The forwarding state: configured services plus what the live bindings bring, with
+    /// operator drains applied, then selection (tiers, weights, conditions).
     fn desired(&self) -> Vec<DesiredService> {
-        let configured = desired(&self.config);
-        match &self.registry {
-            Some(r) => r.desired(&configured),
+        let configured: Vec<ServicePlan> = desired(&self.config)
+            .iter()
+            .map(ServicePlan::from_desired)
+            .collect();
+        let mut plans = match &self.registry {
+            Some(r) => r.plan(&configured),
             None => configured,
+        };
+        for plan in &mut plans {
+            for c in &mut plan.candidates {
+                c.draining |= self.drained.contains(&c.name);
+            }
         }
+        plans.iter().map(ServicePlan::to_desired).collect()
+    }
+
+    fn drain(&mut self, server: String, undo: bool) -> Result<Vec<String>> {
+        let known = self
+            .desired()
+            .iter()
+            .any(|s| s.servers.iter().any(|x| x.name == server));
+        if !undo && !known {
+            bail!("no server named '{server}' in any service");
+        }
+        let changed = if undo {
+            self.drained.remove(&server)
+        } else {
+            self.drained.insert(server.clone())
+        };
+        if changed {
+            tracing::info!(
+                "operator {} '{server}'",
+                if undo { "undrained" } else { "drained" }
+            );
+            self.republish();
+        }
+        Ok(self.drained.iter().cloned().collect())
     }
 
     fn republish(&mut self) {
@@ -331,8 +368,10 @@ impl Agent {
         };
         let now = Instant::now();
         let expired = registry.expire(now);
-        let requests = registry.refresh_requests(now);
-        if expired {
+        let mut requests = registry.refresh_requests(now);
+        let (probes, conditions_changed) = registry.probe(now);
+        requests.extend(probes);
+        if expired || conditions_changed {
             self.republish();
         }
         requests.into_iter().map(|r| (None, r)).collect()
@@ -400,6 +439,12 @@ impl Agent {
                 Some(r) => Response::Bindings(r.report(Instant::now())),
                 None => Response::Error {
                     message: "registration is not enabled in the configuration".into(),
+                },
+            },
+            Ok(Request::Drain { server, undo }) => match self.drain(server.clone(), undo) {
+                Ok(drained) => Response::Drained { server, drained },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
                 },
             },
             Ok(Request::Reload) => match self.reload() {

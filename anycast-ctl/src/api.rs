@@ -20,6 +20,11 @@ pub enum Request {
     Bindings,
     /// Re-read the configuration file (as SIGHUP does).
     Reload,
+    /// Operator drain: the server (by name) takes no new flows, keeps its open ones.
+    Drain {
+        server: String,
+        undo: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,7 +33,13 @@ pub enum Response {
     Status(Box<Status>),
     Bindings(crate::bindings::BindingsReport),
     Reloaded,
-    Error { message: String },
+    Drained {
+        server: String,
+        drained: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

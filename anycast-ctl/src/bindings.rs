@@ -17,8 +17,9 @@ use anycast_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Limits, Prefix, Registration},
-    dataplane::{DesiredServer, DesiredService},
+    config::{Limits, Prefix, RefreshProbe, Registration},
+    dataplane::DesiredService,
+    selection::{Candidate, Condition, ServicePlan, Smoother},
 };
 
 /// BA status for a BU without an Alternate Care-of Address (RFC 6275: reason unspecified).
@@ -57,6 +58,24 @@ pub struct Binding {
     /// Where the last update came from: where refresh requests go.
     pub source: SocketAddr,
     refresh_requested: bool,
+    /// Load reports, smoothed into the weight the data path gets.
+    pub smoother: Smoother,
+    /// Refresh-request probing (health): when the outstanding probe went out, misses in a row.
+    probe_sent: Option<Instant>,
+    probe_next: Instant,
+    pub probe_misses: u32,
+    probe_limit: u32,
+}
+
+impl Binding {
+    /// Up, suspect after one missed probe, down after the configured number in a row.
+    pub fn condition(&self) -> Condition {
+        match self.probe_misses {
+            0 => Condition::Up,
+            n if n >= self.probe_limit => Condition::Down,
+            _ => Condition::Suspect,
+        }
+    }
 }
 
 struct ServerPolicy {
@@ -101,6 +120,7 @@ pub struct Registry {
     last_mesg_id: HashMap<String, u64>,
     buckets: HashMap<IpAddr, Bucket>,
     counters: BTreeMap<String, u64>,
+    probe: Option<RefreshProbe>,
 }
 
 /// One line of `anycast-ctl bindings`.
@@ -114,6 +134,10 @@ pub struct BindingReport {
     pub lifetime_secs: u64,
     pub lifetime_left_secs: f64,
     pub load: Option<LoadReport>,
+    /// Health by refresh requests.
+    pub condition: Condition,
+    /// Published weight (free capacity, smoothed).
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +187,7 @@ impl Registry {
             last_mesg_id: HashMap::new(),
             buckets: HashMap::new(),
             counters: BTreeMap::new(),
+            probe: reg.probe,
         }
     }
 
@@ -353,9 +378,25 @@ impl Registry {
         let granted = Duration::from_secs(lifetime as u64 * 4).min(self.max_lifetime);
         let units = (granted.as_secs() / 4) as u16;
         let load = msg.options.load;
+        let probe_limit = self.probe.map_or(u32::MAX, |p| p.misses);
         let changed = match self.bindings.get_mut(&id) {
             Some(b) => {
-                let changed = b.state != BindingState::Active;
+                let was = b.condition();
+                let mut changed = b.state != BindingState::Active;
+                changed |= b.smoother.update(load.as_ref());
+                changed |= b.load.map(|l| l.priority) != load.map(|l| l.priority);
+                // Any update answers an outstanding probe.
+                b.probe_sent = None;
+                b.probe_misses = 0;
+                if was != Condition::Up {
+                    tracing::info!(
+                        "'{}' for {} via {} is up again",
+                        id.server,
+                        id.anycast,
+                        id.real
+                    );
+                    changed = true;
+                }
                 b.seq = seq;
                 b.updated = now;
                 b.expires = now + granted;
@@ -368,6 +409,8 @@ impl Registry {
             }
             None => {
                 tracing::info!("'{identity}' registered {home} via {real} for {granted:?}");
+                let mut smoother = Smoother::default();
+                smoother.update(load.as_ref());
                 let b = Binding {
                     seq,
                     registered: now,
@@ -378,6 +421,11 @@ impl Registry {
                     state: BindingState::Active,
                     source: from,
                     refresh_requested: false,
+                    smoother,
+                    probe_sent: None,
+                    probe_next: now,
+                    probe_misses: 0,
+                    probe_limit,
                 };
                 self.bindings.insert(id, b);
                 true
@@ -585,34 +633,120 @@ impl Registry {
     }
 
     /// The configured services plus those the bindings bring, with their servers.
-    pub fn desired(&self, configured: &[DesiredService]) -> Vec<DesiredService> {
-        let mut services: BTreeMap<ServiceKey, DesiredService> =
+    /// Health by refresh requests: asks every active binding for an update each interval;
+    /// a probe unanswered within the timeout is a miss. Returns the requests to send and
+    /// whether a binding's condition changed.
+    pub fn probe(&mut self, now: Instant) -> (Vec<Reply>, bool) {
+        let Some(cfg) = self.probe else {
+            return (Vec::new(), false);
+        };
+        let (interval, timeout) = (
+            Duration::from_millis(cfg.interval_ms),
+            Duration::from_millis(cfg.timeout_ms),
+        );
+        let mut out = Vec::new();
+        let mut changed = false;
+        let mut misses = 0;
+        for (id, b) in self.bindings.iter_mut() {
+            if b.state != BindingState::Active {
+                continue;
+            }
+            if let Some(sent) = b.probe_sent {
+                if now < sent + timeout {
+                    continue;
+                }
+                b.probe_sent = None;
+                let before = b.condition();
+                b.probe_misses = b.probe_misses.saturating_add(1);
+                misses += 1;
+                let after = b.condition();
+                if after != before {
+                    changed = true;
+                    tracing::warn!(
+                        "'{}' for {} via {} is {after:?}: {} refresh requests unanswered",
+                        id.server,
+                        id.anycast,
+                        id.real,
+                        b.probe_misses
+                    );
+                }
+            }
+            if now < b.probe_next {
+                continue;
+            }
+            let Some(policy) = self.servers.get(&id.server) else {
+                continue;
+            };
+            let Some(&agent) = self
+                .agent
+                .iter()
+                .find(|a| a.to_ipv4_mapped().is_some() == id.anycast.is_ipv4())
+                .or(self.agent.first())
+            else {
+                continue;
+            };
+            let brr = Message {
+                src: agent,
+                dst: wire::to_mapped(id.anycast),
+                body: Body::BindingRefreshRequest,
+                options: Options::default(),
+            };
+            out.push(Reply {
+                to: b.source,
+                payload: wire::encode(
+                    &brr,
+                    Some(Key {
+                        spi: policy.spi,
+                        secret: &policy.key,
+                    }),
+                ),
+            });
+            b.probe_sent = Some(now);
+            b.probe_next = now + interval;
+        }
+        *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
+        *self.counters.entry("probes_missed".into()).or_default() += misses;
+        (out, changed)
+    }
+
+    /// The configured services plus those the bindings bring, with every binding as a
+    /// candidate server (weight from its load, tier from its priority, probe condition).
+    pub fn plan(&self, configured: &[ServicePlan]) -> Vec<ServicePlan> {
+        let mut services: BTreeMap<ServiceKey, ServicePlan> =
             configured.iter().map(|s| (s.key, s.clone())).collect();
         let configured_keys: Vec<ServiceKey> = configured.iter().map(|s| s.key).collect();
         for (id, b) in &self.bindings {
             for key in service_keys(id, &configured_keys) {
-                let svc = services.entry(key).or_insert_with(|| DesiredService {
+                let svc = services.entry(key).or_insert_with(|| ServicePlan {
                     name: service_name(&key),
                     key,
-                    servers: Vec::new(),
+                    candidates: Vec::new(),
                     preferences: Vec::new(),
                 });
-                if svc.servers.iter().any(|s| s.address == id.real) {
+                if svc.candidates.iter().any(|s| s.address == id.real) {
                     continue;
                 }
-                svc.servers.push(DesiredServer {
+                svc.candidates.push(Candidate {
                     name: id.server.clone(),
                     address: id.real,
-                    weight: if b.state == BindingState::Active {
-                        1
-                    } else {
-                        0
-                    },
-                    up: true,
+                    weight: b.smoother.weight(),
+                    priority: b.load.map_or(0, |l| l.priority),
+                    condition: b.condition(),
+                    draining: b.state == BindingState::Draining,
                 });
             }
         }
         services.into_values().collect()
+    }
+
+    /// `plan` and selection without health checks or operator drains.
+    pub fn desired(&self, configured: &[DesiredService]) -> Vec<DesiredService> {
+        let configured: Vec<ServicePlan> =
+            configured.iter().map(ServicePlan::from_desired).collect();
+        self.plan(&configured)
+            .iter()
+            .map(ServicePlan::to_desired)
+            .collect()
     }
 
     pub fn report(&self, now: Instant) -> BindingsReport {
@@ -626,6 +760,8 @@ impl Registry {
                 age_secs: now.duration_since(b.registered).as_secs_f64(),
                 lifetime_secs: b.lifetime.as_secs(),
                 lifetime_left_secs: b.expires.saturating_duration_since(now).as_secs_f64(),
+                condition: b.condition(),
+                weight: b.smoother.weight(),
                 load: b.load.map(|l| LoadReport {
                     priority: l.priority,
                     sessions_in_use: l.sessions_in_use,
@@ -697,6 +833,11 @@ mod tests {
             drain_time: drain,
             replay_window: 30,
             limits,
+            probe: Some(RefreshProbe {
+                interval_ms: 1000,
+                timeout_ms: 500,
+                misses: 2,
+            }),
             servers: vec![
                 server("s1", 1, &["192.0.2.1", "2001:db8::/64"]),
                 server("s2", 2, &["192.0.2.0/24"]),
@@ -812,7 +953,11 @@ mod tests {
             services[0].servers[0].address,
             "10.0.2.11".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(services[0].servers[0].weight, 1);
+        assert_eq!(
+            services[0].servers[0].weight,
+            crate::selection::DEFAULT_WEIGHT,
+            "no capacity reported"
+        );
         let report = r.report(now);
         assert_eq!(report.bindings[0].load.as_ref().unwrap().sessions_in_use, 3);
         // A refresh with a newer sequence number is accepted and changes nothing.
@@ -922,6 +1067,71 @@ mod tests {
     }
 
     #[test]
+    fn unanswered_refresh_probes_make_a_binding_suspect_then_down_and_an_update_heals_it() {
+        let mut r = registry(Limits::default(), 30);
+        let t0 = Instant::now();
+        r.handle(&Bu::new(1, WALL).bytes(), from(), t0, WALL);
+        let (sent, changed) = r.probe(t0);
+        assert_eq!((sent.len(), changed), (1, false));
+        assert_eq!(
+            wire::decode(&sent[0].payload).unwrap().body,
+            Body::BindingRefreshRequest
+        );
+        // Unanswered past the timeout: suspect (no new flows, keeps its flows).
+        let (_, changed) = r.probe(t0 + Duration::from_millis(600));
+        assert!(changed);
+        assert_eq!(r.desired(&[])[0].servers[0].weight, 0);
+        assert!(r.desired(&[])[0].servers[0].up);
+        // The next probe goes out at the interval and is missed too: down.
+        let (sent, _) = r.probe(t0 + Duration::from_millis(1000));
+        assert_eq!(sent.len(), 1);
+        let (_, changed) = r.probe(t0 + Duration::from_millis(1600));
+        assert!(changed);
+        assert!(!r.desired(&[])[0].servers[0].up, "down: its flows move");
+        // An update (the answer to a probe) brings it back.
+        let o = r.handle(
+            &Bu::new(2, WALL + 1).bytes(),
+            from(),
+            t0 + Duration::from_millis(1700),
+            WALL,
+        );
+        assert!(o.changed);
+        let s = &r.desired(&[])[0].servers[0];
+        assert!(s.up && s.weight > 0);
+    }
+
+    #[test]
+    fn load_reports_set_the_weight() {
+        let mut r = registry(Limits::default(), 30);
+        let now = Instant::now();
+        let with_load = |seq: u16, used: u32| {
+            let mut m = wire::decode(&Bu::new(seq, WALL + seq as u64).bytes()).unwrap();
+            m.options.load = Some(LoadInfo {
+                used_capacity: used,
+                max_capacity: 1000,
+                ..Default::default()
+            });
+            wire::encode(
+                &m,
+                Some(Key {
+                    spi: 1,
+                    secret: KEY1,
+                }),
+            )
+        };
+        r.handle(&with_load(1, 0), from(), now, WALL);
+        assert_eq!(r.desired(&[])[0].servers[0].weight, 1000);
+        for seq in 2..30 {
+            r.handle(&with_load(seq, 800), from(), now, WALL);
+        }
+        let w = r.desired(&[])[0].servers[0].weight;
+        assert!(
+            (200..=230).contains(&w),
+            "weight follows free capacity: {w}"
+        );
+    }
+
+    #[test]
     fn sequence_numbers_compare_modulo_2_16() {
         let mut r = registry(Limits::default(), 30);
         let now = Instant::now();
@@ -966,7 +1176,10 @@ mod tests {
             w.contains(&("10.0.2.11".parse().unwrap(), 0)),
             "draining: no new flows: {w:?}"
         );
-        assert!(w.contains(&("10.0.2.12".parse().unwrap(), 1)));
+        assert!(w.contains(&(
+            "10.0.2.12".parse().unwrap(),
+            crate::selection::DEFAULT_WEIGHT
+        )));
         assert!(!r.expire(now + Duration::from_secs(9)));
         assert!(r.expire(now + Duration::from_secs(10)), "drain time over");
         assert_eq!(r.desired(&[])[0].servers.len(), 1);

@@ -50,8 +50,29 @@ pub struct Registration {
     pub replay_window: u32,
     #[serde(default)]
     pub limits: Limits,
+    /// Health by refresh requests: every binding is asked for a fresh update at this interval
+    /// and must answer within the timeout; `misses` in a row make it down (one: suspect).
+    /// `null` turns probing off (lifetime expiry still applies).
+    #[serde(default = "default_probe")]
+    pub probe: Option<RefreshProbe>,
     /// Every server that may register: its identity, key and the addresses it may bind.
     pub servers: Vec<RegisteredServer>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshProbe {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub misses: u32,
+}
+
+fn default_probe() -> Option<RefreshProbe> {
+    Some(RefreshProbe {
+        interval_ms: 1000,
+        timeout_ms: 500,
+        misses: 2,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

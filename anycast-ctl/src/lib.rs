@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod keys;
+pub mod selection;
 pub mod server;
 pub mod status;
 pub mod sys;

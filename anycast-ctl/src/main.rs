@@ -68,6 +68,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a server (by name): no new flows, its open flows stay. `--undo` ends the drain.
+    Drain {
+        server: String,
+        #[arg(long)]
+        undo: bool,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Make a running agent re-read its configuration file (same as SIGHUP).
     Reload {
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
@@ -184,6 +192,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 } else {
                     print!("{}", status::render_bindings(&b));
                 }
+                Ok(())
+            }
+            Response::Error { message } => anyhow::bail!("{message}"),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        },
+        Command::Drain {
+            server,
+            undo,
+            socket,
+        } => match api::call(&socket, &Request::Drain { server, undo }).await? {
+            Response::Drained { server, drained } => {
+                println!(
+                    "{server}: {}; drained now: {}",
+                    if undo { "undrained" } else { "drained" },
+                    if drained.is_empty() {
+                        "none".to_string()
+                    } else {
+                        drained.join(", ")
+                    }
+                );
                 Ok(())
             }
             Response::Error { message } => anyhow::bail!("{message}"),

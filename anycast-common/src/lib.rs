@@ -29,6 +29,11 @@ pub mod maps {
     pub const SERVERS: &str = "SERVERS";
     pub const FLOWS: &str = "FLOWS";
     pub const AGENT: &str = "AGENT";
+    /// Flow idle timeouts ([`FlowConfig`](super::FlowConfig)), one entry.
+    pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
+    /// Topology preferences: LPM trie of [`PreferenceKey`](super::PreferenceKey) ->
+    /// [`PreferenceTable`](super::PreferenceTable).
+    pub const PREFERENCES: &str = "PREFERENCES";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
@@ -52,6 +57,12 @@ pub const MAX_SERVERS: u32 = 4096;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_MAX_FLOWS: u32 = 1_000_000;
 pub const MAX_SERVED: u32 = 1024;
+/// Consistent-hash tables for topology preferences (each with two areas in `RINGS`, after
+/// the services' areas), default.
+pub const DEFAULT_MAX_PREFERENCE_TABLES: u32 = 16;
+/// Client prefixes in `PREFERENCES`, over all services (the trie allocates per entry, so
+/// the bound costs nothing until used).
+pub const MAX_PREFERENCE_PREFIXES: u32 = 4096;
 pub const MAX_TX_PORTS: u32 = 64;
 
 /// Marks a ring entry with no server (a service whose servers all have weight 0).
@@ -81,7 +92,51 @@ pub struct ServiceInfo {
     pub ring_base: u32,
     /// Entries in the table (a prime).
     pub ring_size: u32,
+    /// [`SERVICE_HAS_PREFERENCES`].
     pub flags: u32,
+}
+
+/// `ServiceInfo::flags`: some clients of this service have a preferred table in
+/// `PREFERENCES`. Without it the data path never looks there.
+pub const SERVICE_HAS_PREFERENCES: u32 = 1;
+
+/// Key of the `PREFERENCES` LPM trie, laid out as the kernel's `struct bpf_lpm_trie_key`:
+/// the prefix length first, then the data matched bit by bit from its first byte. The data
+/// is the service id followed by the client address (network order words, IPv4 in
+/// `addr[0]`, the rest zero), so `prefixlen` is 32 (the service id, always matched whole) +
+/// the client prefix length. The data path looks up with [`PREFERENCE_KEY_BITS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PreferenceKey {
+    pub prefixlen: u32,
+    /// [`ServiceInfo::id`], host byte order.
+    pub service: u32,
+    pub addr: [u32; 4],
+}
+
+/// Bits of data in a [`PreferenceKey`]: the service id and a whole IPv6 address.
+pub const PREFERENCE_KEY_BITS: u32 = 32 + 128;
+
+impl PreferenceKey {
+    /// The key's data, as the trie sees it after `prefixlen`.
+    #[inline(always)]
+    pub fn data(&self) -> [u32; 5] {
+        [
+            self.service,
+            self.addr[0],
+            self.addr[1],
+            self.addr[2],
+            self.addr[3],
+        ]
+    }
+}
+
+/// Value of `PREFERENCES`: the preferred consistent-hash table, somewhere in `RINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PreferenceTable {
+    pub ring_base: u32,
+    pub ring_size: u32,
 }
 
 /// A server's real address, where tunnelled packets go.
@@ -114,12 +169,68 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// The server a flow is pinned to. 8 bytes, so key + value is 48 bytes per flow.
+/// The server a flow is pinned to, and when the flow was last seen. 16 bytes, so key +
+/// value is 56 bytes per flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     pub server: u32,
     pub generation: u32,
+    /// Seconds of the flow clock (see [`FlowConfig`]) when the flow last sent a packet; for
+    /// a closing flow, at least when it sent its FIN or RST.
+    pub last_seen: u32,
+    /// [`FLOW_CLOSING`].
+    pub flags: u32,
+}
+
+/// `FlowValue::flags`: the client sent a TCP FIN or RST; the entry lives only
+/// `tcp_closing` seconds after the last packet, and a SYN (without ACK) starts a new flow.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Flow idle timeouts in seconds (`FLOW_CONFIG`, one entry).
+///
+/// The flow clock is `CLOCK_MONOTONIC_COARSE` in whole seconds: in the data path
+/// `bpf_ktime_get_coarse_ns() / 1_000_000_000`, in userspace the `tv_sec` of
+/// `clock_gettime(CLOCK_MONOTONIC_COARSE)` (the same kernel clock, so the same second).
+/// An entry is expired when `now - last_seen > timeout` (whole seconds, so it lives at
+/// least `timeout` seconds after its last packet, at most one second more).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowConfig {
+    /// Indexed by [`timeout_index`]: TCP idle, UDP idle, TCP closing, UDP "closing" (never
+    /// set for UDP; the controller writes the UDP idle timeout there).
+    pub timeouts: [u32; 4],
+}
+
+pub const DEFAULT_TCP_IDLE: u32 = 300;
+pub const DEFAULT_UDP_IDLE: u32 = 30;
+pub const DEFAULT_TCP_CLOSING: u32 = 10;
+
+impl FlowConfig {
+    pub const fn new(tcp_idle: u32, udp_idle: u32, tcp_closing: u32) -> Self {
+        FlowConfig {
+            timeouts: [tcp_idle, udp_idle, tcp_closing, udp_idle],
+        }
+    }
+
+    /// The timeout of an entry of protocol `proto` with flags `flags`.
+    #[inline(always)]
+    pub fn timeout(&self, proto: u8, flags: u32) -> u32 {
+        self.timeouts[timeout_index(proto, flags)]
+    }
+
+    /// Whether the entry is past its timeout at `now` (the same rule in the data path and
+    /// in the controller's sweep).
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, value: &FlowValue, now: u32) -> bool {
+        now.wrapping_sub(value.last_seen) > self.timeout(proto, value.flags)
+    }
+}
+
+/// Index into [`FlowConfig::timeouts`], without branches: closing << 1 | is UDP.
+#[inline(always)]
+pub fn timeout_index(proto: u8, flags: u32) -> usize {
+    ((((flags & FLOW_CLOSING) << 1) | (proto == PROTO_UDP) as u32) & 3) as usize
 }
 
 /// The agent's own addresses: outer source of the tunnels it builds.
@@ -170,7 +281,10 @@ pub mod verdict {
     /// Flow table hits and misses (not verdicts; counted beside them).
     pub const FLOW_HIT: u32 = 12;
     pub const FLOW_MISS: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Part of `FLOW_MISS`: an entry was found but had ended (idle past its timeout, or
+    /// closing and reused by a new SYN), so the flow was chosen anew.
+    pub const FLOW_EXPIRED: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "tx",
@@ -187,6 +301,7 @@ pub mod verdict {
         "drop_too_big",
         "flow_hit",
         "flow_miss",
+        "flow_expired",
     ];
 }
 
@@ -257,6 +372,9 @@ mod pod {
     unsafe impl aya::Pod for ServerInfo {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowConfig {}
+    unsafe impl aya::Pod for PreferenceKey {}
+    unsafe impl aya::Pod for PreferenceTable {}
     unsafe impl aya::Pod for AgentInfo {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for ServedKey {}
@@ -323,6 +441,38 @@ mod addr {
         }
     }
 
+    impl PreferenceKey {
+        /// The key for clients in `client/len` of service `service`. Host bits beyond `len`
+        /// are cleared. `len` must be at most 32 for IPv4 and 128 for IPv6.
+        pub fn new(service: u32, client: IpAddr, len: u8) -> Self {
+            let max = if client.is_ipv4() { 32 } else { 128 };
+            let len = u32::from(len).min(max);
+            let (mut addr, _) = addr_words(client);
+            for (i, w) in addr.iter_mut().enumerate() {
+                let bits = len.saturating_sub(i as u32 * 32).min(32);
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                // The words hold the address's bytes in order: mask in the same order.
+                *w &= mask.to_be();
+            }
+            PreferenceKey {
+                prefixlen: 32 + len,
+                service,
+                addr,
+            }
+        }
+        /// The client prefix: (address, length).
+        pub fn client(&self, family: u8) -> (IpAddr, u8) {
+            (
+                words_addr(self.addr, family),
+                self.prefixlen.saturating_sub(32) as u8,
+            )
+        }
+    }
+
     impl FlowKey {
         pub fn new(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Self {
             let (s, family) = addr_words(src);
@@ -349,7 +499,19 @@ mod tests {
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
-        assert_eq!(core::mem::size_of::<FlowValue>(), 8);
+        assert_eq!(core::mem::size_of::<FlowValue>(), 16);
+        assert_eq!(
+            core::mem::size_of::<FlowKey>() + core::mem::size_of::<FlowValue>(),
+            56,
+            "bytes per flow"
+        );
+        assert_eq!(core::mem::size_of::<FlowConfig>(), 16);
+        // struct bpf_lpm_trie_key: __u32 prefixlen, then the data.
+        assert_eq!(core::mem::size_of::<PreferenceKey>(), 24);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, prefixlen), 0);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, service), 4);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, addr), 8);
+        assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
         assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
         assert_eq!(core::mem::size_of::<AgentInfo>(), 24);
     }

@@ -2,6 +2,7 @@
 //! and the servers' bindings, answers the control socket and the binding protocol, and
 //! detaches cleanly on SIGINT/SIGTERM.
 use std::{
+    cell::RefCell,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     rc::Rc,
@@ -18,11 +19,12 @@ use tokio::{
 };
 
 use crate::{
-    api::{InterfaceStatus, Request, Response, Status},
+    api::{HealthStatus, InterfaceStatus, Request, Response, Status},
     bindings::{Registry, Reply},
     config::Config,
-    dataplane::{Dataplane, DesiredServer, DesiredService, Sizes},
-    selection::ServicePlan,
+    dataplane::{flow_clock_now, Dataplane, DesiredServer, DesiredService, Preference, Sizes},
+    health::{self, CheckConfig, CheckKind, Checker, Health, Target, Transition},
+    selection::{Candidate, Condition, ServicePlan},
     sys::{self, HostChanges},
 };
 
@@ -51,9 +53,8 @@ pub fn desired(config: &Config) -> Vec<DesiredService> {
 
 fn sizes(config: &Config) -> Sizes {
     Sizes {
-        ring_size: config.ring_size,
-        max_services: config.max_services,
-        max_flows: config.max_flows,
+        max_preference_tables: config.max_preference_tables,
+        ..Sizes::new(config.ring_size, config.max_services, config.max_flows)
     }
 }
 
@@ -90,6 +91,33 @@ struct Agent {
     interfaces: Vec<InterfaceStatus>,
     /// Servers the operator drained (by name); not kept across restarts.
     drained: std::collections::BTreeSet<String>,
+    checker: Rc<RefCell<Checker>>,
+    last_sweep: Instant,
+}
+
+/// How often expired flow entries are deleted from the map.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The health-check targets of a service's candidate: one per configured check, at the
+/// check's port or the service's (none for TCP/HTTP checks of an every-port service).
+fn targets(checks: &[CheckConfig], port: u16, c: &Candidate) -> Vec<Target> {
+    checks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, check)| {
+            let port = match &check.kind {
+                CheckKind::Tcp { port: Some(p) } | CheckKind::Http { port: Some(p), .. } => *p,
+                CheckKind::Tcp { .. } | CheckKind::Http { .. } if port == 0 => return None,
+                _ => port,
+            };
+            Some(Target {
+                server: c.name.clone(),
+                real: c.address,
+                port,
+                check: i,
+            })
+        })
+        .collect()
 }
 
 /// Most datagrams handled before the forwarding state is rebuilt and the answers are sent.
@@ -143,6 +171,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
 
     let mut dataplane = Dataplane::new(sizes(&config))?;
     dataplane.set_agent_addresses(config.agent_address.v4, config.agent_address.v6)?;
+    dataplane.set_flow_timeouts(config.flow_timeouts)?;
     for &ifindex in &ifindexes {
         dataplane.add_tx_port(ifindex)?;
     }
@@ -206,9 +235,18 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         registry,
         interfaces,
         drained: Default::default(),
+        checker: Rc::new(RefCell::new(Checker::new(Vec::new()))),
+        last_sweep: Instant::now(),
     };
+    agent
+        .checker
+        .borrow_mut()
+        .set_checks(agent.config.health_checks.clone());
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
     let why = local
         .run_until(async {
+            let _checks = health::spawn(&agent.checker, health_tx);
+            agent.republish();
             let mut hup = signal(SignalKind::hangup())?;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             let stop = sys::shutdown_signal();
@@ -233,6 +271,12 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                         }
                         let replies = agent.handle_datagrams(batch);
                         send_all(&listeners, replies).await;
+                    }
+                    Some(_) = health_rx.recv() => {
+                        // Health changed (the checker logged it): take every pending
+                        // change, then rebuild once.
+                        while health_rx.try_recv().is_ok() {}
+                        agent.republish();
                     }
                     _ = tick.tick() => {
                         let replies = agent.housekeeping();
@@ -300,12 +344,60 @@ impl Agent {
             Some(r) => r.plan(&configured),
             None => configured,
         };
+        let checks = &self.config.health_checks;
+        let checker = self.checker.borrow();
         for plan in &mut plans {
+            plan.preferences = self
+                .config
+                .preferences
+                .iter()
+                .map(|p| Preference {
+                    clients: p.clients.iter().map(|c| (c.addr, c.len)).collect(),
+                    servers: plan
+                        .candidates
+                        .iter()
+                        .filter(|c| p.servers.contains(&c.name))
+                        .map(|c| c.address)
+                        .collect(),
+                })
+                .filter(|p| !p.servers.is_empty())
+                .collect();
             for c in &mut plan.candidates {
                 c.draining |= self.drained.contains(&c.name);
+                // The worst of the binding's own condition and every check of the server.
+                for t in targets(checks, plan.key.port, c) {
+                    let seen = match checker.health(&t) {
+                        Some(Health::Down) => Condition::Down,
+                        Some(Health::Suspect) => Condition::Suspect,
+                        _ => Condition::Up,
+                    };
+                    c.condition = c.condition.max(seen);
+                }
             }
         }
         plans.iter().map(ServicePlan::to_desired).collect()
+    }
+
+    /// Keeps the health checker's targets in line with the services' servers.
+    fn update_targets(&mut self) {
+        let configured: Vec<ServicePlan> = desired(&self.config)
+            .iter()
+            .map(ServicePlan::from_desired)
+            .collect();
+        let plans = match &self.registry {
+            Some(r) => r.plan(&configured),
+            None => configured,
+        };
+        let checks = &self.config.health_checks;
+        let all: std::collections::BTreeSet<Target> = plans
+            .iter()
+            .flat_map(|p| {
+                p.candidates
+                    .iter()
+                    .flat_map(|c| targets(checks, p.key.port, c))
+            })
+            .collect();
+        self.checker.borrow_mut().set_targets(all);
     }
 
     fn drain(&mut self, server: String, undo: bool) -> Result<Vec<String>> {
@@ -332,6 +424,7 @@ impl Agent {
     }
 
     fn republish(&mut self) {
+        self.update_targets();
         let desired = self.desired();
         if let Err(e) = self.dataplane.apply(&desired) {
             tracing::error!("updating the forwarding maps failed: {e:#}");
@@ -363,10 +456,18 @@ impl Agent {
     }
 
     fn housekeeping(&mut self) -> Vec<(Option<usize>, Reply)> {
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.last_sweep = now;
+            match self.dataplane.sweep_flows(flow_clock_now()) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("swept {n} expired flows"),
+                Err(e) => tracing::warn!("sweeping the flow table: {e:#}"),
+            }
+        }
         let Some(registry) = self.registry.as_mut() else {
             return Vec::new();
         };
-        let now = Instant::now();
         let expired = registry.expire(now);
         let mut requests = registry.refresh_requests(now);
         let (probes, conditions_changed) = registry.probe(now);
@@ -393,6 +494,11 @@ impl Agent {
         }
         let new_registry = registry(&new, &self.config_path)?;
         self.config = new;
+        self.checker
+            .borrow_mut()
+            .set_checks(self.config.health_checks.clone());
+        self.dataplane
+            .set_flow_timeouts(self.config.flow_timeouts)?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);
@@ -413,6 +519,25 @@ impl Agent {
             agent_v4: self.config.agent_address.v4,
             agent_v6: self.config.agent_address.v6,
             dataplane: self.dataplane.report()?,
+            health: self
+                .checker
+                .borrow()
+                .report()
+                .into_iter()
+                .map(|(t, h, detail)| HealthStatus {
+                    check: self
+                        .config
+                        .health_checks
+                        .get(t.check)
+                        .map_or("?".into(), |c| kind_name(&c.kind)),
+                    server: t.server,
+                    real: t.real,
+                    port: t.port,
+                    health: h,
+                    detail,
+                })
+                .collect(),
+            drained: self.drained.iter().cloned().collect(),
         })
     }
 
@@ -441,6 +566,12 @@ impl Agent {
                     message: "registration is not enabled in the configuration".into(),
                 },
             },
+            Ok(Request::Flows) => match self.dataplane.flows() {
+                Ok(flows) => Response::Flows { flows },
+                Err(e) => Response::Error {
+                    message: format!("{e:#}"),
+                },
+            },
             Ok(Request::Drain { server, undo }) => match self.drain(server.clone(), undo) {
                 Ok(drained) => Response::Drained { server, drained },
                 Err(e) => Response::Error {
@@ -461,5 +592,14 @@ impl Agent {
         out.push('\n');
         write.write_all(out.as_bytes()).await?;
         Ok(())
+    }
+}
+
+fn kind_name(k: &CheckKind) -> String {
+    match k {
+        CheckKind::Icmp => "icmp".into(),
+        CheckKind::Tcp { .. } => "tcp".into(),
+        CheckKind::Http { .. } => "http".into(),
+        CheckKind::Command { .. } => "command".into(),
     }
 }

@@ -20,6 +20,8 @@ pub enum Request {
     Bindings,
     /// Re-read the configuration file (as SIGHUP does).
     Reload,
+    /// The flow table: which client flow is pinned to which server.
+    Flows,
     /// Operator drain: the server (by name) takes no new flows, keeps its open ones.
     Drain {
         server: String,
@@ -37,6 +39,9 @@ pub enum Response {
         server: String,
         drained: Vec<String>,
     },
+    Flows {
+        flows: Vec<crate::dataplane::FlowReport>,
+    },
     Error {
         message: String,
     },
@@ -50,6 +55,22 @@ pub struct Status {
     pub agent_v6: Option<std::net::IpAddr>,
     #[serde(flatten)]
     pub dataplane: DataplaneReport,
+    /// Every health-check target and its state.
+    #[serde(default)]
+    pub health: Vec<HealthStatus>,
+    /// Servers the operator drained.
+    #[serde(default)]
+    pub drained: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthStatus {
+    pub server: String,
+    pub real: std::net::IpAddr,
+    pub port: u16,
+    pub check: String,
+    pub health: crate::health::Health,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

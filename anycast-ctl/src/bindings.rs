@@ -644,9 +644,11 @@ impl Registry {
             Duration::from_millis(cfg.interval_ms),
             Duration::from_millis(cfg.timeout_ms),
         );
-        let mut out = Vec::new();
         let mut changed = false;
         let mut misses = 0;
+        // One request per server, home address and source: the server answers it with an
+        // update for every binding of that home address.
+        let mut due: BTreeSet<(String, IpAddr, SocketAddr)> = BTreeSet::new();
         for (id, b) in self.bindings.iter_mut() {
             if b.state != BindingState::Active {
                 continue;
@@ -671,28 +673,37 @@ impl Registry {
                     );
                 }
             }
-            if now < b.probe_next {
-                continue;
+            if now >= b.probe_next {
+                due.insert((id.server.clone(), id.anycast, b.source));
             }
-            let Some(policy) = self.servers.get(&id.server) else {
+        }
+        for (id, b) in self.bindings.iter_mut() {
+            if b.state == BindingState::Active
+                && due.contains(&(id.server.clone(), id.anycast, b.source))
+            {
+                b.probe_sent = Some(now);
+                b.probe_next = now + interval;
+            }
+        }
+        let mut out = Vec::new();
+        for (server, anycast, source) in due {
+            let Some(policy) = self.servers.get(&server) else {
                 continue;
             };
-            let Some(&agent) = self
+            let agent = self
                 .agent
                 .iter()
-                .find(|a| a.to_ipv4_mapped().is_some() == id.anycast.is_ipv4())
-                .or(self.agent.first())
-            else {
-                continue;
-            };
+                .find(|a| a.to_ipv4_mapped().is_some() == anycast.is_ipv4())
+                .or(self.agent.first());
+            let Some(&agent) = agent else { continue };
             let brr = Message {
                 src: agent,
-                dst: wire::to_mapped(id.anycast),
+                dst: wire::to_mapped(anycast),
                 body: Body::BindingRefreshRequest,
                 options: Options::default(),
             };
             out.push(Reply {
-                to: b.source,
+                to: source,
                 payload: wire::encode(
                     &brr,
                     Some(Key {
@@ -701,8 +712,6 @@ impl Registry {
                     }),
                 ),
             });
-            b.probe_sent = Some(now);
-            b.probe_next = now + interval;
         }
         *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
         *self.counters.entry("probes_missed".into()).or_default() += misses;
@@ -1077,10 +1086,10 @@ mod tests {
             wire::decode(&sent[0].payload).unwrap().body,
             Body::BindingRefreshRequest
         );
-        // Unanswered past the timeout: suspect (no new flows, keeps its flows).
+        // Unanswered past the timeout: suspect (keeps its share until confirmed).
         let (_, changed) = r.probe(t0 + Duration::from_millis(600));
         assert!(changed);
-        assert_eq!(r.desired(&[])[0].servers[0].weight, 0);
+        assert_eq!(r.report(t0).bindings[0].condition, Condition::Suspect);
         assert!(r.desired(&[])[0].servers[0].up);
         // The next probe goes out at the interval and is missed too: down.
         let (sent, _) = r.probe(t0 + Duration::from_millis(1000));

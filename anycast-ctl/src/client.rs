@@ -326,6 +326,9 @@ enum Event {
 }
 
 /// The binding client. See the module documentation.
+/// How long a load measurement is reused for further binding updates.
+const LOAD_REUSE: Duration = Duration::from_millis(250);
+
 pub struct Client {
     agents: Vec<Agent>,
     bindings: Vec<Binding>,
@@ -342,6 +345,9 @@ pub struct Client {
     max_timeout: Duration,
     phase: Phase,
     last_load: LoadInfo,
+    /// When `last_load` was measured: answers to refresh requests within LOAD_REUSE of it
+    /// reuse it, so probing the server stays cheap (no command per probe).
+    last_measured: Option<Instant>,
     load_warn: RateLimit,
     /// Where the next receive starts looking, so one busy agent cannot starve the others.
     recv_start: usize,
@@ -436,6 +442,7 @@ impl Client {
                 used_capacity: 0,
                 max_capacity: 0,
             },
+            last_measured: None,
             load_warn: RateLimit::default(),
             recv_start: 0,
         })
@@ -611,6 +618,9 @@ impl Client {
         if self.phase == Phase::Deregister {
             return self.last_load;
         }
+        if self.last_measured.is_some_and(|t| t.elapsed() < LOAD_REUSE) {
+            return self.last_load;
+        }
         let mut load = LoadInfo {
             priority: self.priority,
             sessions_in_use: 0,
@@ -639,6 +649,7 @@ impl Client {
             },
         }
         self.last_load = load;
+        self.last_measured = Some(Instant::now());
         load
     }
 

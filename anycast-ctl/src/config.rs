@@ -24,12 +24,35 @@ pub struct Config {
     pub max_services: u32,
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// Consistent-hash tables for topology preferences, over all services.
+    #[serde(default = "default_max_preference_tables")]
+    pub max_preference_tables: u32,
     /// Statically configured services (and their static servers, if any).
     #[serde(default)]
     pub services: Vec<Service>,
     /// Servers that register themselves with binding updates. Absent: static servers only.
     #[serde(default)]
     pub registration: Option<Registration>,
+    /// Active health checks of every server's real address (ICMP echo, TCP connect, HTTP GET,
+    /// an operator's command). TCP and HTTP checks connect to the service port unless they
+    /// name one; services on every port (port 0) need a port in the check.
+    #[serde(default)]
+    pub health_checks: Vec<crate::health::CheckConfig>,
+    /// How long a flow keeps its server without packets (seconds): TCP, UDP, and TCP after
+    /// the client's FIN or RST.
+    #[serde(default)]
+    pub flow_timeouts: crate::dataplane::FlowTimeouts,
+    /// Topology preference, for every service: clients in these prefixes go to these servers
+    /// (by name) first, while any of them can take new flows.
+    #[serde(default)]
+    pub preferences: Vec<PreferenceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceConfig {
+    pub clients: Vec<Prefix>,
+    pub servers: Vec<String>,
 }
 
 /// The binding protocol's settings and its policy: which server may bind which addresses.
@@ -263,6 +286,9 @@ fn default_max_services() -> u32 {
 fn default_max_flows() -> u32 {
     DEFAULT_MAX_FLOWS
 }
+fn default_max_preference_tables() -> u32 {
+    anycast_common::DEFAULT_MAX_PREFERENCE_TABLES
+}
 fn default_weight() -> u32 {
     1
 }
@@ -474,6 +500,120 @@ impl Config {
                 format!("{server_count} servers in all, the maximum is {MAX_SERVERS}"),
             ));
         }
+        let t = &self.flow_timeouts;
+        for (name, v) in [
+            ("tcp_idle", t.tcp_idle),
+            ("udp_idle", t.udp_idle),
+            ("tcp_closing", t.tcp_closing),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    format!("flow_timeouts.{name}"),
+                    "must be at least 1 second",
+                ));
+            }
+        }
+        for (i, p) in self.preferences.iter().enumerate() {
+            if p.clients.is_empty() || p.servers.is_empty() {
+                return Err(err(
+                    format!("preferences[{i}]"),
+                    "needs at least one client prefix and one server",
+                ));
+            }
+        }
+        if self.preferences.len() > self.max_preference_tables as usize {
+            return Err(err(
+                "preferences",
+                format!(
+                    "{} preferences but max_preference_tables is {}",
+                    self.preferences.len(),
+                    self.max_preference_tables
+                ),
+            ));
+        }
+        let entries = 2u64
+            * (self.max_services as u64 + self.max_preference_tables as u64)
+            * self.ring_size as u64;
+        if entries > u32::MAX as u64 {
+            return Err(err("max_services", "2 * (max_services + max_preference_tables) * ring_size exceeds the map's index range"));
+        }
+        for (i, c) in self.health_checks.iter().enumerate() {
+            c.validate(&format!("health_checks[{i}]"))
+                .map_err(|e| match e.split_once(": ") {
+                    Some((f, why)) => err(f, why),
+                    None => err(format!("health_checks[{i}]"), e),
+                })?;
+        }
+        if let Some(r) = &self.registration {
+            r.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Registration {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.port == 0 {
+            return Err(err("registration.port", "must not be 0"));
+        }
+        // Lifetimes travel in 4-second units in a 16-bit field.
+        if self.max_lifetime < 4 || self.max_lifetime > 65535 * 4 {
+            return Err(err(
+                "registration.max_lifetime",
+                format!(
+                    "{} is not between 4 and {} seconds",
+                    self.max_lifetime,
+                    65535 * 4
+                ),
+            ));
+        }
+        if self.replay_window == 0 {
+            return Err(err(
+                "registration.replay_window",
+                "must be at least 1 second",
+            ));
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("bindings_per_address", l.bindings_per_address),
+            ("bindings_per_server", l.bindings_per_server),
+            ("messages_per_second", l.messages_per_second),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    format!("registration.limits.{name}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(p) = self.probe {
+            if p.interval_ms < 10
+                || p.timeout_ms == 0
+                || p.timeout_ms >= p.interval_ms
+                || p.misses == 0
+            {
+                return Err(err(
+                    "registration.probe",
+                    "needs interval_ms >= 10, 0 < timeout_ms < interval_ms and misses >= 1",
+                ));
+            }
+        }
+        let mut ids = HashSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let f = |field: &str| format!("registration.servers[{i}].{field}");
+            if s.id.is_empty() || s.id.len() > 254 {
+                return Err(err(f("id"), "must be 1-254 characters"));
+            }
+            if !ids.insert(s.id.as_str()) {
+                return Err(err(f("id"), format!("'{}' is listed twice", s.id)));
+            }
+            if s.allow.is_empty() {
+                return Err(err(
+                    f("allow"),
+                    "lists no address: the server could bind nothing",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -533,6 +673,54 @@ mod tests {
 
     fn field_of(text: &str) -> String {
         Config::parse(text).unwrap_err().field
+    }
+
+    #[test]
+    fn registration_errors_name_the_field() {
+        let base = good().replace(
+            "\"services\": [",
+            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"]}]},
+            "services": ["#,
+        );
+        assert!(Config::parse(&base).is_ok(), "{:?}", Config::parse(&base));
+        let case = |from: &str, to: &str| field_of(&base.replace(from, to));
+        assert_eq!(case("\"spi\": 1,", "\"spi\": 1, \"extra\": 2,"), "config");
+        assert_eq!(
+            case("[\"192.0.2.10/32\"]", "[]"),
+            "registration.servers[0].allow"
+        );
+        assert_eq!(case("[\"192.0.2.10/32\"]", "[\"192.0.2.10/33\"]"), "config");
+        assert_eq!(
+            case("\"registration\": {", "\"registration\": {\"port\": 0, "),
+            "registration.port"
+        );
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                "\"registration\": {\"max_lifetime\": 1, "
+            ),
+            "registration.max_lifetime"
+        );
+        assert_eq!(
+            case("\"registration\": {", "\"registration\": {\"probe\": {\"interval_ms\": 100, \"timeout_ms\": 100, \"misses\": 1}, "),
+            "registration.probe"
+        );
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                "\"registration\": {\"limits\": {\"bindings_per_server\": 0}, "
+            ),
+            "registration.limits.bindings_per_server"
+        );
+        assert_eq!(
+            case(
+                r#""allow": ["192.0.2.10/32"]}]"#,
+                r#""allow": ["192.0.2.10/32"]}, {"id": "s1", "spi": 2, "key_file": "k", "allow": ["192.0.2.10"]}]"#
+            ),
+            "registration.servers[1].id"
+        );
+        let checks = base.replace("\"services\": [", r#""health_checks": [{"type": "tcp", "interval_ms": 100, "timeout_ms": 200}], "services": ["#);
+        assert_eq!(field_of(&checks), "health_checks[0].timeout_ms");
     }
 
     #[test]

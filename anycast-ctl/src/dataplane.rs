@@ -2,18 +2,31 @@
 //! set of services and servers into map contents. Consistent-hash tables are double-buffered
 //! per service: the new table is written into the half the data path is not reading, then
 //! one `SERVICES` update switches the data path over, so no lookup sees a half-written table.
+//! Topology preferences get tables of their own (double-buffered the same way) that the
+//! `PREFERENCES` LPM trie points to by client prefix.
+//!
+//! The flow table ages: each entry carries the second it was last seen on the flow clock
+//! (`CLOCK_MONOTONIC_COARSE`, whole seconds; [`flow_clock_now`]), entries idle past their
+//! protocol's timeout ([`FlowTimeouts`]) are re-chosen by the data path and deleted by
+//! [`Dataplane::sweep_flows`].
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
 };
 
 use anycast_common::{
-    maps, programs, table, verdict, AgentInfo, ServerInfo, ServiceInfo, ServiceKey, Traffic,
-    AGENT_HAS_V4, AGENT_HAS_V6, MAX_SERVERS, NO_SERVER, SERVER_UP,
+    maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey,
+    PreferenceTable, ServerInfo, ServiceInfo, ServiceKey, Traffic, AGENT_HAS_V4, AGENT_HAS_V6,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+    DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING,
+    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::{xdp::XdpMode, Xdp},
     Ebpf, EbpfLoader,
 };
@@ -30,12 +43,51 @@ pub struct Sizes {
     pub ring_size: u32,
     pub max_services: u32,
     pub max_flows: u32,
+    /// Consistent-hash tables for topology preferences (one per preference that has servers
+    /// able to take new flows), over all services. Each costs two tables of `ring_size`
+    /// entries in `RINGS`, like a service.
+    pub max_preference_tables: u32,
+}
+
+impl Sizes {
+    /// Sizes with the default number of preference tables.
+    pub const fn new(ring_size: u32, max_services: u32, max_flows: u32) -> Self {
+        Sizes {
+            ring_size,
+            max_services,
+            max_flows,
+            max_preference_tables: DEFAULT_MAX_PREFERENCE_TABLES,
+        }
+    }
+
+    /// Entries of `RINGS`: two tables per service and per preference table.
+    pub fn ring_entries(&self) -> Option<u32> {
+        self.max_services
+            .checked_add(self.max_preference_tables)?
+            .checked_mul(2)?
+            .checked_mul(self.ring_size)
+    }
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes::new(DEFAULT_RING_SIZE, DEFAULT_MAX_SERVICES, DEFAULT_MAX_FLOWS)
+    }
 }
 
 /// Loads the eBPF object with the agent's maps sized as asked.
 pub fn load_object(sizes: Sizes) -> Result<Ebpf> {
+    let ring_entries = sizes.ring_entries().ok_or_else(|| {
+        anyhow!(
+            "the consistent-hash tables do not fit one map: 2 x (max_services {} + \
+             max_preference_tables {}) x ring_size {} entries",
+            sizes.max_services,
+            sizes.max_preference_tables,
+            sizes.ring_size
+        )
+    })?;
     EbpfLoader::new()
-        .map_max_entries(maps::RINGS, 2 * sizes.max_services * sizes.ring_size)
+        .map_max_entries(maps::RINGS, ring_entries)
         .map_max_entries(maps::FLOWS, sizes.max_flows)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
@@ -103,15 +155,119 @@ pub struct DesiredServer {
     pub up: bool,
 }
 
+/// Flow-table idle timeouts, in seconds. An entry idle for longer than its timeout is
+/// re-chosen at its next packet (counted as `flow_expired`) and deleted by
+/// [`Dataplane::sweep_flows`]. The clock has whole seconds: an entry lives at least its
+/// timeout after its last packet, and at most one second more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FlowTimeouts {
+    /// TCP flows.
+    pub tcp_idle: u32,
+    /// UDP flows.
+    pub udp_idle: u32,
+    /// TCP flows after the client's FIN or RST.
+    pub tcp_closing: u32,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        FlowTimeouts {
+            tcp_idle: DEFAULT_TCP_IDLE,
+            udp_idle: DEFAULT_UDP_IDLE,
+            tcp_closing: DEFAULT_TCP_CLOSING,
+        }
+    }
+}
+
+impl FlowTimeouts {
+    fn config(&self) -> FlowConfig {
+        FlowConfig::new(self.tcp_idle, self.udp_idle, self.tcp_closing)
+    }
+}
+
+/// The flow clock, as the data path reads it (`bpf_ktime_get_coarse_ns() / 10^9`): whole
+/// seconds of `CLOCK_MONOTONIC_COARSE`. Pass it to [`Dataplane::sweep_flows`].
+pub fn flow_clock_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE) failed");
+    ts.tv_sec as u32
+}
+
+/// A consistent-hash table's two areas in `RINGS`: the data path reads one (live), the
+/// controller writes the other, then switches.
+#[derive(Default)]
+struct TableArea {
+    /// Which half the data path reads.
+    live_half: u32,
+    /// What each half holds, if known (a half never written is unknown and written whole).
+    halves: [Option<Vec<u32>>; 2],
+}
+
+impl TableArea {
+    /// A fresh area whose first table goes into half 0.
+    fn new() -> Self {
+        TableArea {
+            live_half: 1,
+            halves: [None, None],
+        }
+    }
+
+    fn live(&self) -> Option<&[u32]> {
+        self.halves[self.live_half as usize].as_deref()
+    }
+
+    /// Writes `entries` into the half the data path is not reading (only the entries that
+    /// differ from what it holds) and makes it the live half; the caller then points the
+    /// data path at `base(live_half)`. Returns the new live half.
+    fn write_next(
+        &mut self,
+        rings: &mut Array<MapData, u32>,
+        base: impl Fn(u32) -> u32,
+        entries: Vec<u32>,
+    ) -> Result<u32> {
+        let half = 1 - self.live_half;
+        let start = base(half);
+        let known = self.halves[half as usize].take();
+        for (i, &e) in entries.iter().enumerate() {
+            if known.as_ref().is_some_and(|k| k[i] == e) {
+                continue;
+            }
+            rings
+                .set(start + i as u32, e, 0)
+                .context("writing a consistent-hash table")?;
+        }
+        self.halves[half as usize] = Some(entries);
+        self.live_half = half;
+        Ok(half)
+    }
+}
+
 struct InstalledService {
     name: String,
     id: u32,
-    /// Which half of the service's ring area the data path reads.
-    live_half: u32,
-    /// What each half holds, if known (a half never written, or written by an earlier holder
-    /// of this id, is unknown and rewritten whole).
-    halves: [Option<Vec<u32>>; 2],
+    area: TableArea,
     servers: Vec<InstalledServer>,
+    /// Per preference (by index in `DesiredService::preferences`): its table, when it has
+    /// servers able to take new flows.
+    preference_tables: Vec<Option<u32>>,
+    /// The service's entries in `PREFERENCES`.
+    preference_keys: HashMap<PreferenceKey, PreferenceTable>,
+}
+
+impl InstalledService {
+    fn info(&self, ring: u32, flags: u32) -> ServiceInfo {
+        ServiceInfo {
+            id: self.id,
+            ring_base: (self.id * 2 + self.area.live_half) * ring,
+            ring_size: ring,
+            flags,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -130,6 +286,9 @@ pub struct Dataplane {
     rings: Array<MapData, u32>,
     servers_map: Array<MapData, ServerInfo>,
     agent_map: Array<MapData, AgentInfo>,
+    flows_map: BpfHashMap<MapData, FlowKey, FlowValue>,
+    flow_config: Array<MapData, FlowConfig>,
+    preferences_map: LpmTrie<MapData, [u32; 5], PreferenceTable>,
     tx_ports: DevMapHash<MapData>,
     verdicts: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Traffic>,
@@ -139,16 +298,26 @@ pub struct Dataplane {
     /// Server slots not in use, oldest freed first, so a slot is reused as late as possible.
     free_slots: VecDeque<u32>,
     generations: Vec<u32>,
+    timeouts: FlowTimeouts,
+    /// Preference table areas, by table index (after the services' areas in `RINGS`). An
+    /// area keeps its state across owners, so a new owner writes the half the previous one
+    /// was not reading.
+    preference_areas: Vec<TableArea>,
+    /// Preference tables not in use, oldest freed first.
+    free_preference_tables: VecDeque<u32>,
 }
 
 impl Dataplane {
     pub fn new(sizes: Sizes) -> Result<Self> {
         let mut ebpf = load_object(sizes)?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
             rings: take(&mut ebpf, maps::RINGS)?,
             servers_map: take(&mut ebpf, maps::SERVERS)?,
             agent_map: take(&mut ebpf, maps::AGENT)?,
+            flows_map: take(&mut ebpf, maps::FLOWS)?,
+            flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
+            preferences_map: take(&mut ebpf, maps::PREFERENCES)?,
             tx_ports: take(&mut ebpf, maps::TX_PORTS)?,
             verdicts: take(&mut ebpf, maps::VERDICTS)?,
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
@@ -159,11 +328,112 @@ impl Dataplane {
             free_service_ids: (0..sizes.max_services).rev().collect(),
             free_slots: (0..MAX_SERVERS).collect(),
             generations: vec![0; MAX_SERVERS as usize],
-        })
+            timeouts: FlowTimeouts::default(),
+            preference_areas: (0..sizes.max_preference_tables)
+                .map(|_| TableArea::new())
+                .collect(),
+            free_preference_tables: (0..sizes.max_preference_tables).collect(),
+        };
+        dp.set_flow_timeouts(FlowTimeouts::default())?;
+        Ok(dp)
     }
 
     pub fn sizes(&self) -> Sizes {
         self.sizes
+    }
+
+    /// Sets the flow table's idle timeouts; they apply at once, to existing entries too.
+    pub fn set_flow_timeouts(&mut self, timeouts: FlowTimeouts) -> Result<()> {
+        self.flow_config
+            .set(0, timeouts.config(), 0)
+            .context("writing the flow timeouts")?;
+        self.timeouts = timeouts;
+        Ok(())
+    }
+
+    pub fn flow_timeouts(&self) -> FlowTimeouts {
+        self.timeouts
+    }
+
+    /// Deletes the flow-table entries that are past their timeout at `now` (seconds of
+    /// [`flow_clock_now`]): idle longer than their protocol's timeout, or closing for longer
+    /// than the closing timeout. Returns how many it deleted.
+    ///
+    /// Each entry is read again just before it is deleted, so one the data path refreshed
+    /// meanwhile stays; one refreshed in the microseconds between that read and the delete
+    /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
+    /// same server).
+    pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
+        let config = self.timeouts.config();
+        let mut candidates = Vec::new();
+        for entry in self.flows_map.iter() {
+            let (key, value) = entry.context("reading the flow table")?;
+            if config.expired(key.proto, &value, now) {
+                candidates.push(key);
+            }
+        }
+        let mut removed = 0;
+        for key in candidates {
+            match self.flows_map.get(&key, 0) {
+                Ok(value) if config.expired(key.proto, &value, now) => {}
+                Ok(_) | Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).context("reading the flow table"),
+            }
+            match self.flows_map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_enoent(&e) => {}
+                Err(e) => return Err(e).context("deleting a flow-table entry"),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The flow table's entries, for `anycast-ctl flows` (unordered).
+    pub fn flows(&self) -> Result<Vec<FlowReport>> {
+        let now = flow_clock_now();
+        let config = self.timeouts.config();
+        let mut servers: HashMap<u32, IpAddr> = HashMap::new();
+        let mut services: Vec<(&ServiceKey, &str)> = Vec::new();
+        for (key, svc) in &self.installed {
+            services.push((key, &svc.name));
+            for s in &svc.servers {
+                servers.insert(s.slot, s.address);
+            }
+        }
+        let mut out = Vec::new();
+        for entry in self.flows_map.iter() {
+            let (key, value) = entry.context("reading the flow table")?;
+            let service_of = |port: u16| {
+                services.iter().find(|(k, _)| {
+                    k.addr == key.dst
+                        && k.family == key.family
+                        && k.proto == key.proto
+                        && k.port == port
+                })
+            };
+            let service = service_of(key.dport)
+                .or_else(|| service_of(anycast_common::ANY_PORT))
+                .map(|(_, name)| name.to_string());
+            let server = servers
+                .get(&value.server)
+                .copied()
+                .filter(|_| self.generations.get(value.server as usize) == Some(&value.generation));
+            out.push(FlowReport {
+                client: anycast_common::words_addr(key.src, key.family),
+                client_port: key.sport,
+                address: anycast_common::words_addr(key.dst, key.family),
+                port: key.dport,
+                protocol: protocol_name(key.proto),
+                service,
+                server_slot: value.server,
+                server,
+                last_seen: value.last_seen,
+                age: now.saturating_sub(value.last_seen),
+                closing: value.flags & FLOW_CLOSING != 0,
+                expired: config.expired(key.proto, &value, now),
+            });
+        }
+        Ok(out)
     }
 
     pub fn set_agent_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
@@ -194,9 +464,55 @@ impl Dataplane {
 
     /// Makes the maps say what `desired` says. Order matters for packets in flight: new
     /// servers first, then tables, then the switch to the new tables, then the removals.
+    ///
+    /// Topology preferences: for each preference, a table over the service's servers that
+    /// are listed in it and can take new flows (up, weight > 0), and one `PREFERENCES` entry
+    /// per client prefix pointing to it. A preference without such servers gets no entries,
+    /// so its clients use the service's table. A client prefix listed by two preferences of
+    /// a service belongs to the first. Invalid preferences (a client prefix of the other
+    /// family than the service, or longer than its address) are refused before anything
+    /// changes, as is a set that needs more preference tables or prefixes than the maps
+    /// hold.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<()> {
         let ring = self.sizes.ring_size;
-        for want in desired {
+        self.check_preferences(desired)?;
+        // Services no longer wanted give up their preference tables first (their clients use
+        // the service's table until the service goes), so others can take them.
+        let gone: Vec<ServiceKey> = self
+            .installed
+            .keys()
+            .filter(|k| !desired.iter().any(|d| d.key == **k))
+            .copied()
+            .collect();
+        for key in &gone {
+            let svc = self.installed.get_mut(key).expect("listed above");
+            if svc.preference_keys.is_empty() && svc.preference_tables.iter().all(Option::is_none) {
+                continue;
+            }
+            let info = svc.info(ring, 0);
+            let keys = std::mem::take(&mut svc.preference_keys);
+            let tables: Vec<u32> = std::mem::take(&mut svc.preference_tables)
+                .into_iter()
+                .flatten()
+                .collect();
+            self.services_map
+                .insert(key, info, 0)
+                .context("publishing a service")?;
+            for k in keys.keys() {
+                self.remove_preference_key(k)?;
+            }
+            self.free_preference_tables.extend(tables);
+        }
+        // Services that give back preference tables before those that take more.
+        let mut order: Vec<&DesiredService> = desired.iter().collect();
+        order.sort_by_key(|want| {
+            let held = self
+                .installed
+                .get(&want.key)
+                .map_or(0, |s| s.preference_tables.iter().flatten().count() as i64);
+            preference_tables_needed(want) as i64 - held
+        });
+        for want in order {
             let mut svc = match self.installed.remove(&want.key) {
                 Some(s) => s,
                 None => {
@@ -215,9 +531,10 @@ impl Dataplane {
                     InstalledService {
                         name: want.name.clone(),
                         id,
-                        live_half: 1,
-                        halves: [None, None],
+                        area: TableArea::new(),
                         servers: Vec::new(),
+                        preference_tables: Vec::new(),
+                        preference_keys: HashMap::new(),
                     }
                 }
             };
@@ -240,58 +557,35 @@ impl Dataplane {
             }
             let leaving = std::mem::replace(&mut svc.servers, servers);
             // The table, into the half the data path is not reading.
-            let members: Vec<table::Member> = svc
-                .servers
-                .iter()
-                .map(|s| table::Member {
-                    key: table::member_key(&s.address.to_string()),
-                    weight: if s.up { s.weight } else { 0 },
-                })
-                .collect();
-            let entries: Vec<u32> = table::build(&members, ring)
-                .into_iter()
-                .map(|i| {
-                    if i == NO_SERVER {
-                        NO_SERVER
-                    } else {
-                        svc.servers[i as usize].slot
-                    }
-                })
-                .collect();
-            let half = 1 - svc.live_half;
-            let base = (svc.id * 2 + half) * ring;
-            let known = svc.halves[half as usize].take();
-            for (i, &e) in entries.iter().enumerate() {
-                if known.as_ref().is_some_and(|k| k[i] == e) {
-                    continue;
-                }
-                self.rings
-                    .set(base + i as u32, e, 0)
-                    .context("writing a consistent-hash table")?;
-            }
-            svc.halves[half as usize] = Some(entries);
-            let info = ServiceInfo {
-                id: svc.id,
-                ring_base: base,
-                ring_size: ring,
-                flags: 0,
+            let entries = table_entries(&svc.servers, |_| true, ring);
+            let id = svc.id;
+            svc.area
+                .write_next(&mut self.rings, |half| (id * 2 + half) * ring, entries)?;
+            // Preference tables and their prefixes, before the switch that may start using
+            // them.
+            let (tables, keys, spare) = self.write_preferences(&svc, want)?;
+            let old_keys = std::mem::replace(&mut svc.preference_keys, keys);
+            svc.preference_tables = tables;
+            let flags = if svc.preference_keys.is_empty() {
+                0
+            } else {
+                SERVICE_HAS_PREFERENCES
             };
             self.services_map
-                .insert(want.key, info, 0)
+                .insert(want.key, svc.info(ring, flags), 0)
                 .context("publishing a service")?;
-            svc.live_half = half;
+            for k in old_keys.keys() {
+                if !svc.preference_keys.contains_key(k) {
+                    self.remove_preference_key(k)?;
+                }
+            }
+            self.free_preference_tables.extend(spare);
             for s in leaving {
                 self.release_slot(s.slot)?;
             }
             self.installed.insert(want.key, svc);
         }
         // Services no longer wanted.
-        let gone: Vec<ServiceKey> = self
-            .installed
-            .keys()
-            .filter(|k| !desired.iter().any(|d| d.key == **k))
-            .copied()
-            .collect();
         for key in gone {
             let svc = self.installed.remove(&key).expect("listed above");
             self.services_map
@@ -303,6 +597,180 @@ impl Dataplane {
             self.free_service_ids.push(svc.id);
         }
         Ok(())
+    }
+
+    /// Refuses preference sets the maps cannot hold, before anything changes.
+    fn check_preferences(&self, desired: &[DesiredService]) -> Result<()> {
+        let mut tables = 0;
+        let mut prefixes = 0;
+        for want in desired {
+            for (i, pref) in want.preferences.iter().enumerate() {
+                for (addr, len) in &pref.clients {
+                    let (_, family) = anycast_common::addr_words(*addr);
+                    let max = if family == FAMILY_V4 { 32 } else { 128 };
+                    if family != want.key.family {
+                        bail!(
+                            "service {}: preferences[{i}]: client prefix {addr}/{len} is not of \
+                             the service address's family",
+                            want.name
+                        );
+                    }
+                    if *len > max {
+                        bail!(
+                            "service {}: preferences[{i}]: client prefix {addr}/{len} is longer \
+                             than the address ({max} bits)",
+                            want.name
+                        );
+                    }
+                }
+            }
+            if preference_tables_needed(want) > 0 {
+                prefixes += want
+                    .preferences
+                    .iter()
+                    .flat_map(|p| &p.clients)
+                    .map(|(a, l)| PreferenceKey::new(0, *a, *l))
+                    .collect::<HashSet<_>>()
+                    .len();
+            }
+            tables += preference_tables_needed(want);
+        }
+        if tables > self.sizes.max_preference_tables as usize {
+            bail!(
+                "the services' topology preferences need {tables} tables, but \
+                 max_preference_tables is {}",
+                self.sizes.max_preference_tables
+            );
+        }
+        if prefixes > MAX_PREFERENCE_PREFIXES as usize {
+            bail!(
+                "the services' topology preferences have {prefixes} client prefixes, more than \
+                 the {MAX_PREFERENCE_PREFIXES} the map holds"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the tables of `want`'s preferences (into halves the data path is not reading)
+    /// and the `PREFERENCES` entries that change, for a service whose servers are already
+    /// `svc.servers`. Returns the table of each preference, the service's entries, and the
+    /// tables it no longer uses (to be freed once nothing points to them).
+    #[allow(clippy::type_complexity)]
+    fn write_preferences(
+        &mut self,
+        svc: &InstalledService,
+        want: &DesiredService,
+    ) -> Result<(
+        Vec<Option<u32>>,
+        HashMap<PreferenceKey, PreferenceTable>,
+        Vec<u32>,
+    )> {
+        let ring = self.sizes.ring_size;
+        let able = |s: &InstalledServer, pref: &Preference| {
+            s.up && s.weight > 0 && pref.servers.contains(&s.address)
+        };
+        let wanted: Vec<bool> = want
+            .preferences
+            .iter()
+            .map(|p| svc.servers.iter().any(|s| able(s, p)))
+            .collect();
+        // A preference keeps its table; the service's other tables are reused before free ones.
+        let mut tables: Vec<Option<u32>> = wanted
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                svc.preference_tables
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .filter(|_| w)
+            })
+            .collect();
+        let mut spare: Vec<u32> = svc
+            .preference_tables
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.filter(|_| !wanted.get(i).copied().unwrap_or(false)))
+            .collect();
+        let mut keys = HashMap::new();
+        for (i, pref) in want.preferences.iter().enumerate() {
+            if !wanted[i] {
+                continue;
+            }
+            let t = match tables[i] {
+                Some(t) => t,
+                None => {
+                    let t = match spare.pop() {
+                        Some(t) => t,
+                        None => self.free_preference_tables.pop_front().ok_or_else(|| {
+                            anyhow!(
+                                "service {}: no room for a preference table: \
+                                 max_preference_tables is {}",
+                                want.name,
+                                self.sizes.max_preference_tables
+                            )
+                        })?,
+                    };
+                    tables[i] = Some(t);
+                    t
+                }
+            };
+            let entries = table_entries(&svc.servers, |s| able(s, pref), ring);
+            let area_index = self.sizes.max_services + t;
+            let area = &mut self.preference_areas[t as usize];
+            if area.live() != Some(&entries[..]) {
+                area.write_next(
+                    &mut self.rings,
+                    |half| (area_index * 2 + half) * ring,
+                    entries,
+                )?;
+            }
+            let value = PreferenceTable {
+                ring_base: (area_index * 2 + area.live_half) * ring,
+                ring_size: ring,
+            };
+            for (addr, len) in &pref.clients {
+                keys.entry(PreferenceKey::new(svc.id, *addr, *len))
+                    .or_insert(value);
+            }
+        }
+        for (k, v) in &keys {
+            if svc.preference_keys.get(k) != Some(v) {
+                self.preferences_map
+                    .insert(&LpmKey::new(k.prefixlen, k.data()), v, 0)
+                    .context("writing a topology preference")?;
+            }
+        }
+        Ok((tables, keys, spare))
+    }
+
+    /// What `PREFERENCES` holds: each client prefix (with its service id) and the table it
+    /// points to (unordered).
+    pub fn preference_entries(&self) -> Result<Vec<(PreferenceKey, PreferenceTable)>> {
+        let mut out = Vec::new();
+        for entry in self.preferences_map.iter() {
+            let (k, v) = entry.context("reading the topology preferences")?;
+            let d = k.data();
+            out.push((
+                PreferenceKey {
+                    prefixlen: k.prefix_len(),
+                    service: d[0],
+                    addr: [d[1], d[2], d[3], d[4]],
+                },
+                v,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn remove_preference_key(&mut self, k: &PreferenceKey) -> Result<()> {
+        match self
+            .preferences_map
+            .remove(&LpmKey::new(k.prefixlen, k.data()))
+        {
+            Err(e) if !is_enoent(&e) => Err(e).context("removing a topology preference"),
+            _ => Ok(()),
+        }
     }
 
     fn take_slot(&mut self) -> Result<u32> {
@@ -351,7 +819,7 @@ impl Dataplane {
         }
         let mut services = Vec::new();
         for (key, svc) in &self.installed {
-            let live = svc.halves[svc.live_half as usize].as_deref().unwrap_or(&[]);
+            let live = svc.area.live().unwrap_or(&[]);
             let mut servers = Vec::new();
             for s in &svc.servers {
                 let t = sum(&self.server_stats.get(&s.slot, 0)?);
@@ -371,11 +839,7 @@ impl Dataplane {
             services.push(ServiceReport {
                 name: svc.name.clone(),
                 address: key.ip(),
-                protocol: match key.proto {
-                    anycast_common::PROTO_TCP => "tcp".into(),
-                    anycast_common::PROTO_UDP => "udp".into(),
-                    p => p.to_string(),
-                },
+                protocol: protocol_name(key.proto),
                 port: key.port,
                 id: svc.id,
                 ring_size: self.sizes.ring_size,
@@ -386,6 +850,60 @@ impl Dataplane {
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(DataplaneReport { services, verdicts })
+    }
+}
+
+/// The consistent-hash table over the `servers` that `member` admits (the others get no
+/// entries), as server slots.
+fn table_entries(
+    servers: &[InstalledServer],
+    member: impl Fn(&InstalledServer) -> bool,
+    ring: u32,
+) -> Vec<u32> {
+    let members: Vec<table::Member> = servers
+        .iter()
+        .map(|s| table::Member {
+            key: table::member_key(&s.address.to_string()),
+            weight: if s.up && member(s) { s.weight } else { 0 },
+        })
+        .collect();
+    table::build(&members, ring)
+        .into_iter()
+        .map(|i| {
+            if i == NO_SERVER {
+                NO_SERVER
+            } else {
+                servers[i as usize].slot
+            }
+        })
+        .collect()
+}
+
+/// Preferences of `want` that get a table: those with a server able to take new flows.
+fn preference_tables_needed(want: &DesiredService) -> usize {
+    want.preferences
+        .iter()
+        .filter(|p| {
+            want.servers
+                .iter()
+                .any(|s| s.up && s.weight > 0 && p.servers.contains(&s.address))
+        })
+        .count()
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        anycast_common::PROTO_TCP => "tcp".into(),
+        anycast_common::PROTO_UDP => "udp".into(),
+        p => p.to_string(),
+    }
+}
+
+fn is_enoent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
@@ -431,4 +949,30 @@ pub struct ServerReport {
     pub table_entries: u32,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// A flow-table entry.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct FlowReport {
+    pub client: IpAddr,
+    pub client_port: u16,
+    /// The anycast address and port the client sends to.
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    /// The installed service the flow belongs to, if any.
+    pub service: Option<String>,
+    /// The server slot the flow is pinned to.
+    pub server_slot: u32,
+    /// The server's real address, if the slot still holds the server the flow was pinned
+    /// to (else the flow is re-chosen at its next packet).
+    pub server: Option<IpAddr>,
+    /// When the flow last sent a packet, in seconds of [`flow_clock_now`].
+    pub last_seen: u32,
+    /// Seconds since the flow's last packet.
+    pub age: u32,
+    /// The client sent a FIN or RST.
+    pub closing: bool,
+    /// Past its timeout: the next packet re-chooses, the next sweep deletes it.
+    pub expired: bool,
 }

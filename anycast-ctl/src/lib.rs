@@ -6,6 +6,7 @@ pub mod bindings;
 pub mod client;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod keys;
 pub mod selection;
 pub mod server;

@@ -68,6 +68,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the flow table: each client flow and the server it is pinned to.
+    Flows {
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drain a server (by name): no new flows, its open flows stay. `--undo` ends the drain.
     Drain {
         server: String,
@@ -191,6 +198,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&b)?);
                 } else {
                     print!("{}", status::render_bindings(&b));
+                }
+                Ok(())
+            }
+            Response::Error { message } => anyhow::bail!("{message}"),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        },
+        Command::Flows { socket, json } => match api::call(&socket, &Request::Flows).await? {
+            Response::Flows { flows } => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&flows)?);
+                } else {
+                    print!("{}", status::render_flows(&flows));
                 }
                 Ok(())
             }

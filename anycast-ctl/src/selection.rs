@@ -10,8 +10,10 @@
 //!
 //! Only the lowest priority value among servers that can take new flows gets them
 //! (0 = primary; 1, 2, ... = standby tiers used only when every better tier is gone).
-//! A server that is down (health) loses its flows; one that is suspect, drained or
-//! deregistering keeps its open flows but gets no new ones.
+//! A server that is down (health) loses its flows; one that is drained or deregistering
+//! keeps its open flows but gets no new ones. A suspect server (one failed check) keeps
+//! its share until the failure is confirmed: on a busy machine a single late answer is
+//! common, and taking every such server out of the table at once could leave none.
 use std::net::IpAddr;
 
 use anycast_common::{wire::LoadInfo, ServiceKey};
@@ -27,7 +29,7 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
     Up,
-    /// A check failed once: no new flows until it is confirmed up or down.
+    /// A check failed once; confirmed down after `fall` failures in a row.
     Suspect,
     /// Confirmed failed: its flows move to other servers.
     Down,
@@ -89,7 +91,7 @@ impl ServicePlan {
 
 /// The servers as the data path gets them.
 pub fn choose(candidates: &[Candidate]) -> Vec<DesiredServer> {
-    let takes_new = |c: &Candidate| c.condition == Condition::Up && !c.draining && c.weight > 0;
+    let takes_new = |c: &Candidate| c.condition != Condition::Down && !c.draining && c.weight > 0;
     let tier = candidates
         .iter()
         .filter(|c| takes_new(c))
@@ -217,8 +219,8 @@ mod tests {
         let s = choose(&c);
         assert_eq!(
             (s[0].weight, s[0].up, s[1].weight),
-            (0, true, 10),
-            "suspect keeps flows, takes none"
+            (10, true, 0),
+            "suspect keeps its share until confirmed"
         );
         c[0].condition = Condition::Up;
         c[0].draining = true;

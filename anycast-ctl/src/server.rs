@@ -90,6 +90,7 @@ const SERVER_SIZES: Sizes = Sizes {
     ring_size: 1,
     max_services: 1,
     max_flows: 1,
+    max_preference_tables: 1,
 };
 
 pub async fn run(opts: ServerOptions) -> Result<()> {

@@ -53,6 +53,28 @@ pub fn render(s: &Status) -> String {
             );
         }
     }
+    if !s.health.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<14} {:<30} {:<8} {:<8} DETAIL",
+            "SERVER", "REAL ADDRESS:PORT", "CHECK", "HEALTH"
+        );
+        for h in &s.health {
+            let _ = writeln!(
+                out,
+                "{:<14} {:<30} {:<8} {:<8} {}",
+                h.server,
+                std::net::SocketAddr::new(h.real, h.port).to_string(),
+                h.check,
+                h.health.to_string(),
+                h.detail
+            );
+        }
+    }
+    if !s.drained.is_empty() {
+        let _ = writeln!(out, "drained by the operator: {}", s.drained.join(", "));
+    }
     let _ = writeln!(out);
     let _ = write!(out, "verdicts:");
     for (name, n) in &s.dataplane.verdicts {
@@ -67,12 +89,14 @@ pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<10} {:<12} {:<28} {:<9} {:>6} {:>8} {:>9} {:>12}",
+        "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:>7} {:>6} {:>8} {:>9} {:>12}",
         "ANYCAST ADDRESS",
         "SERVICE",
         "SERVER",
         "REAL ADDRESS",
         "STATE",
+        "PROBE",
+        "WEIGHT",
         "SEQ",
         "AGE",
         "LEFT",
@@ -95,12 +119,14 @@ pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
         let state = format!("{:?}", b.state).to_lowercase();
         let _ = writeln!(
             out,
-            "{:<24} {:<10} {:<12} {:<28} {:<9} {:>6} {:>7.0}s {:>8.1}s {:>12}",
+            "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:>7} {:>6} {:>7.0}s {:>8.1}s {:>12}",
             b.id.anycast.to_string(),
             service,
             b.id.server,
             b.id.real.to_string(),
             state,
+            format!("{:?}", b.condition).to_lowercase(),
+            b.weight,
             b.seq,
             b.age_secs,
             b.lifetime_left_secs,
@@ -113,5 +139,37 @@ pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
         let _ = write!(out, " {name}={n}");
     }
     let _ = writeln!(out);
+    out
+}
+
+/// Human rendering of `anycast-ctl flows`.
+pub fn render_flows(flows: &[crate::dataplane::FlowReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<46} {:<46} {:<28} {:>6} STATE",
+        "PROTO", "CLIENT", "ANYCAST", "SERVER", "IDLE"
+    );
+    let mut sorted: Vec<_> = flows.iter().collect();
+    sorted.sort_by_key(|f| (f.address, f.port, f.client, f.client_port));
+    for f in sorted {
+        let state = if f.expired {
+            "expired"
+        } else if f.closing {
+            "closing"
+        } else {
+            "active"
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<46} {:<46} {:<28} {:>5}s {state}",
+            f.protocol,
+            std::net::SocketAddr::new(f.client, f.client_port).to_string(),
+            std::net::SocketAddr::new(f.address, f.port).to_string(),
+            f.server.map_or("(gone)".to_string(), |s| s.to_string()),
+            f.age
+        );
+    }
+    let _ = writeln!(out, "{} flows", flows.len());
     out
 }

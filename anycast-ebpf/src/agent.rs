@@ -1,21 +1,24 @@
 //! The agent: forwards packets for anycast services to a server's real address, IP-in-IP.
 //!
-//! parse -> look up the service -> flow table, else consistent-hash table -> encapsulate
-//! -> FIB lookup -> XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
+//! parse -> look up the service -> flow table, else consistent-hash table (the client's
+//! preferred one, for a service with topology preferences) -> encapsulate -> FIB lookup ->
+//! XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
 use anycast_common::{
-    flow_hash, verdict, AgentInfo, FlowKey, FlowValue, ServerInfo, ServiceInfo, ServiceKey,
-    Traffic, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    DEFAULT_RING_SIZE, FAMILY_V4, FAMILY_V6, MAX_SERVERS, MAX_TX_PORTS, PROTO_IPIP, PROTO_IPV6,
-    PROTO_TCP, PROTO_UDP, SERVER_UP,
+    flow_hash, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey, PreferenceTable,
+    ServerInfo, ServiceInfo, ServiceKey, Traffic, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
+    PREFERENCE_KEY_BITS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP,
+    SERVICE_HAS_PREFERENCES,
 };
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 
@@ -24,15 +27,27 @@ use crate::packet::*;
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
-/// All services' consistent-hash tables, two areas per service (live and next).
+/// All consistent-hash tables, two areas (live and next) per service, then two per
+/// preference table.
 #[map]
-static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_RING_SIZE, 0);
+static RINGS: Array<u32> = Array::with_max_entries(
+    (DEFAULT_MAX_SERVICES + DEFAULT_MAX_PREFERENCE_TABLES) * 2 * DEFAULT_RING_SIZE,
+    0,
+);
+/// Topology preferences: (service id, client prefix) -> the preferred table. Only looked up
+/// for services with `SERVICE_HAS_PREFERENCES`.
+#[map]
+static PREFERENCES: LpmTrie<[u32; 5], PreferenceTable> =
+    LpmTrie::with_max_entries(MAX_PREFERENCE_PREFIXES, 0);
 #[map]
 static SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 #[map]
 static AGENT: Array<AgentInfo> = Array::with_max_entries(1, 0);
+/// Flow idle timeouts; the controller writes them before attaching.
+#[map]
+static FLOW_CONFIG: Array<FlowConfig> = Array::with_max_entries(1, 0);
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
@@ -79,6 +94,8 @@ struct Parsed {
     inner_len: u16,
     /// DSCP/ECN byte, copied to the outer header.
     tos: u8,
+    /// TCP flags (0 for UDP).
+    tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -91,7 +108,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
     };
     let hash = flow_hash(&p.key);
-    let Some((server_id, server)) = choose_server(&p.key, &service, hash) else {
+    let Some((server_id, server)) = choose_server(&p, &service, hash) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
@@ -149,8 +166,8 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };
     let l4_len = match proto {
-        PROTO_TCP => 20,
-        PROTO_UDP => 8,
+        PROTO_TCP => TCP_LEN,
+        PROTO_UDP => UDP_LEN,
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };
     // The whole fixed L4 header must be inside the IP packet.
@@ -158,6 +175,11 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         return Err(verdict::PASS_MALFORMED);
     }
     let ports = read::<[u8; 4]>(ctx, l4).ok_or(verdict::PASS_MALFORMED)?;
+    let tcp_flags = if proto == PROTO_TCP {
+        read::<u8>(ctx, l4 + TCP_FLAGS_OFF).ok_or(verdict::PASS_MALFORMED)?
+    } else {
+        0
+    };
     key.proto = proto;
     key.sport = u16::from_be_bytes([ports[0], ports[1]]);
     key.dport = u16::from_be_bytes([ports[2], ports[3]]);
@@ -167,6 +189,7 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         key,
         inner_len: inner_len as u16,
         tos,
+        tcp_flags,
     })
 }
 
@@ -186,24 +209,71 @@ fn lookup_service(flow: &FlowKey) -> Option<ServiceInfo> {
     unsafe { SERVICES.get(&key) }.copied()
 }
 
-/// The flow's server: the one it is pinned to if that server is still up (and is the same
-/// server, not a later holder of its slot), else the consistent-hash table's choice.
+/// The flow clock: `CLOCK_MONOTONIC_COARSE` in whole seconds (the controller reads the same
+/// clock with `clock_gettime`). The coarse clock is a memory read, no clocksource access.
 #[inline(always)]
-fn choose_server(key: &FlowKey, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
-    // SAFETY: the value is copied out at once.
-    if let Some(pin) = unsafe { FLOWS.get(key) }.copied() {
-        if let Some(s) = SERVERS.get(pin.server) {
-            if s.flags & SERVER_UP != 0 && s.generation == pin.generation {
-                count(verdict::FLOW_HIT);
-                return Some((pin.server, *s));
+fn now_secs() -> u32 {
+    // SAFETY: plain helper call without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The flow's server: the one it is pinned to if that server is still up (and is the same
+/// server, not a later holder of its slot) and the entry has not ended, else the
+/// consistent-hash table's choice (the client's preferred table, if its service has
+/// preferences and the client is in one of their prefixes).
+///
+/// An entry ends when it has been idle longer than its protocol's timeout (closing entries:
+/// the closing timeout), or when it is closing and a SYN without ACK reuses its 5-tuple.
+/// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
+/// second changed (or the entry starts closing), not on every packet.
+#[inline(always)]
+fn choose_server(p: &Parsed, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
+    let key = &p.key;
+    let now = now_secs();
+    let closes = (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING;
+    let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(pin) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid map value; copied out at once.
+        let v = unsafe { *pin };
+        if let Some(s) = SERVERS.get(v.server) {
+            if s.flags & SERVER_UP != 0 && s.generation == v.generation {
+                let config = FLOW_CONFIG.get(0)?;
+                let ended =
+                    config.expired(key.proto, &v, now) | (opens & (v.flags & FLOW_CLOSING != 0));
+                if !ended {
+                    count(verdict::FLOW_HIT);
+                    let flags = v.flags | closes;
+                    if v.last_seen != now || flags != v.flags {
+                        // SAFETY: a valid map value; racing writers store the same kind of
+                        // values, each field whole.
+                        unsafe {
+                            (*pin).last_seen = now;
+                            (*pin).flags = flags;
+                        }
+                    }
+                    return Some((v.server, *s));
+                }
+                count(verdict::FLOW_EXPIRED);
             }
         }
     }
     count(verdict::FLOW_MISS);
-    if service.ring_size == 0 {
+    let (mut base, mut size) = (service.ring_base, service.ring_size);
+    if service.flags & SERVICE_HAS_PREFERENCES != 0 {
+        let client = PreferenceKey {
+            prefixlen: PREFERENCE_KEY_BITS,
+            service: service.id,
+            addr: key.src,
+        };
+        if let Some(t) = PREFERENCES.get(Key::new(client.prefixlen, client.data())) {
+            base = t.ring_base;
+            size = t.ring_size;
+        }
+    }
+    if size == 0 {
         return None;
     }
-    let server_id = *RINGS.get(service.ring_base + hash % service.ring_size)?;
+    let server_id = *RINGS.get(base + hash % size)?;
     let s = *SERVERS.get(server_id)?;
     if s.flags & SERVER_UP == 0 {
         return None;
@@ -211,6 +281,8 @@ fn choose_server(key: &FlowKey, service: &ServiceInfo, hash: u32) -> Option<(u32
     let pin = FlowValue {
         server: server_id,
         generation: s.generation,
+        last_seen: now,
+        flags: closes,
     };
     let _ = FLOWS.insert(key, &pin, 0);
     Some((server_id, s))

@@ -8,6 +8,14 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const IPV4_LEN: usize = 20;
 pub const IPV6_LEN: usize = 40;
+pub const TCP_LEN: usize = 20;
+pub const UDP_LEN: usize = 8;
+/// Offset of the flags byte in the TCP header, and its bits.
+pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A pointer to `T` at `off`, if the whole `T` lies inside the packet.
 #[inline(always)]

@@ -48,6 +48,8 @@ pub struct Server {
     pub name: String,
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
+    /// The second link's addresses, for a multi-homed server (see `add_second_link`).
+    pub second: Option<(Ipv4Addr, Ipv6Addr)>,
     pub decap: Option<Proc>,
     pub app: Option<Proc>,
     pub ns: Netns,
@@ -67,6 +69,12 @@ pub struct Topology {
     pub configured: usize,
     pub xdp_mode: String,
     pub mode: ServerMode,
+    /// Merged into the agent's configuration (top level), e.g. `health_checks`.
+    pub config_extra: serde_json::Value,
+    /// Merged into the configuration's `registration` object, e.g. `probe`.
+    pub registration_extra: serde_json::Value,
+    /// Extra arguments for every `anycast-ctl server`.
+    pub server_args: Vec<String>,
 }
 
 impl Topology {
@@ -192,6 +200,9 @@ impl Topology {
             configured: 0,
             xdp_mode: "native".into(),
             mode,
+            config_extra: serde_json::json!({}),
+            registration_extra: serde_json::json!({}),
+            server_args: Vec::new(),
         };
         for i in 1..=servers {
             topo.add_server_ns(prefix, i)?;
@@ -247,6 +258,7 @@ impl Topology {
             name: format!("s{i}"),
             v4,
             v6,
+            second: None,
             decap: None,
             app: None,
             ns: s,
@@ -277,6 +289,9 @@ impl Topology {
             "--xdp-mode",
             "native",
         ];
+        if s.second.is_some() {
+            args.extend(["--iface", "eth1"]);
+        }
         let lifetime;
         if let ServerMode::Registering { lifetime_secs } = self.mode {
             lifetime = lifetime_secs.to_string();
@@ -292,22 +307,67 @@ impl Topology {
             ]);
             args.extend(["--drain-timeout", "30"]);
         }
+        let extra: Vec<String> = self
+            .server_args
+            .iter()
+            .map(|a| a.replace("{name}", &s.name))
+            .collect();
+        args.extend(extra.iter().map(String::as_str));
         let mut decap = s.ns.spawn(&format!("server {}", s.name), &ctl, &args)?;
         decap.wait_for_line("server ready", Duration::from_secs(20))?;
-        let tcp4 = format!("{v4}:{HTTP_PORT}");
-        let tcp6 = format!("[{v6}]:{HTTP_PORT}");
+        // TCP on the wildcard address: it answers on the anycast addresses (replies leave
+        // from the address the client used) and on the real addresses, for health checks.
+        let tcp = format!("[::]:{HTTP_PORT}");
         let udp4 = format!("{v4}:{UDP_PORT}");
         let udp6 = format!("[{v6}]:{UDP_PORT}");
         let mut proc = s.ns.spawn(
             &format!("testsrv {}", s.name),
             &app,
             &[
-                "--name", &s.name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4, "--udp", &udp6,
+                "--name", &s.name, "--tcp", &tcp, "--udp", &udp4, "--udp", &udp6,
             ],
         )?;
         proc.wait_for_line("listening", Duration::from_secs(10))?;
         s.decap = Some(decap);
         s.app = Some(proc);
+        Ok(())
+    }
+
+    /// Gives server `i` (0-based) a second link, on its own bridge `brt` (10.71.3.0/24,
+    /// fd71:3::/64) behind the router, so it can bind through two real addresses. Call before
+    /// `start_server`.
+    pub fn add_second_link(&mut self, i: usize) -> Result<()> {
+        let n = i + 1;
+        if !self.net.ip(&["link", "show"])?.contains("brt:") {
+            self.net.ip(&[
+                "link",
+                "add",
+                "brt",
+                "mtu",
+                &CORE_MTU.to_string(),
+                "type",
+                "bridge",
+            ])?;
+            self.net.ip(&["link", "set", "brt", "up"])?;
+            self.net
+                .ip(&["addr", "add", "10.71.3.1/24", "dev", "brt"])?;
+            self.net
+                .ip(&["addr", "add", "fd71:3::1/64", "dev", "brt", "nodad"])?;
+            // The agent reaches the second server network through the router.
+            self.agent
+                .ip(&["route", "add", "10.71.3.0/24", "via", "10.71.2.1"])?;
+            self.agent
+                .ip(&["-6", "route", "add", "fd71:3::/64", "via", "fd71:2::1"])?;
+        }
+        let s = &mut self.servers[i];
+        veth(&s.ns, "eth1", &self.net, &format!("s{n}t"), CORE_MTU)?;
+        self.net
+            .ip(&["link", "set", &format!("s{n}t"), "master", "brt"])?;
+        let v4 = Ipv4Addr::new(10, 71, 3, 10 + n as u8);
+        let v6 = Ipv6Addr::new(0xfd71, 3, 0, 0, 0, 0, 0, 0x10 + n as u16);
+        s.ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth1"])?;
+        s.ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth1", "nodad"])?;
+        s.second = Some((v4, v6));
         Ok(())
     }
 
@@ -326,12 +386,15 @@ impl Topology {
                         "allow": [format!("{ANYCAST_V4}/32"), format!("{ANYCAST_V6}/128")]})
                 })
                 .collect();
-            let config = serde_json::json!({
+            let mut registration = serde_json::json!({"drain_time": 30, "servers": servers});
+            merge(&mut registration, &self.registration_extra);
+            let mut config = serde_json::json!({
                 "interfaces": ["eth0", "eth1"],
                 "xdp_mode": self.xdp_mode,
                 "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
-                "registration": {"drain_time": 30, "servers": servers},
+                "registration": registration,
             });
+            merge(&mut config, &self.config_extra);
             fs::write(&self.config_path, serde_json::to_string_pretty(&config)?)?;
             self.configured = 0;
             return Ok(());
@@ -457,10 +520,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// One HTTP GET to the anycast address; returns the name of the server that answered.
 /// (Call from a thread inside a client namespace.)
 pub fn http_get(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    http_get_within(addr, IO_TIMEOUT)
+}
+
+/// `http_get` with its own connect/read timeout.
+pub fn http_get_within(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     if s.peer_addr()? != addr {
         bail!("connected to {} instead of {addr}", s.peer_addr()?);
     }
@@ -519,6 +587,30 @@ impl Held {
         Ok(h)
     }
 
+    /// The client's port of this connection.
+    pub fn local_port(&self) -> u16 {
+        self.stream.get_ref().local_addr().map_or(0, |a| a.port())
+    }
+
+    /// Closes the connection with a reset (SO_LINGER 0) instead of a FIN.
+    pub fn reset(self) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                self.stream.get_ref().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+
     /// Sends a line and returns the server name it answers with.
     pub fn ask(&mut self) -> Result<String> {
         self.stream.get_mut().write_all(b"who\n")?;
@@ -528,5 +620,14 @@ impl Held {
             bail!("connection closed");
         }
         Ok(line.trim().to_string())
+    }
+}
+
+/// Sets every key of `extra` (an object) in `into`.
+fn merge(into: &mut serde_json::Value, extra: &serde_json::Value) {
+    if let (Some(into), Some(extra)) = (into.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            into.insert(k.clone(), v.clone());
+        }
     }
 }

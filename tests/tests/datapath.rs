@@ -11,7 +11,7 @@
 //! --test-threads=1`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -19,12 +19,21 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
-use anycast_common::{flow_hash, programs, verdict, FlowKey, ServiceKey, PROTO_TCP, PROTO_UDP};
-use anycast_ctl::dataplane::{Dataplane, DesiredServer, DesiredService, Sizes};
+use anycast_common::{
+    flow_hash, maps, programs, verdict, FlowKey, PreferenceTable, ServiceKey, PROTO_TCP, PROTO_UDP,
+};
+use anycast_ctl::dataplane::{
+    flow_clock_now, Dataplane, DesiredServer, DesiredService, FlowReport, FlowTimeouts, Preference,
+    Sizes,
+};
 use anyhow::{anyhow, bail, Context as _, Result};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::{lpm_trie::Key as LpmKey, LpmTrie, Map, MapData, MapInfo},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 
 // XDP actions, as the program returns them.
 const XDP_ABORTED: u32 = 0;
@@ -220,6 +229,7 @@ fn new_dataplane(fy0: u32) -> Result<Dataplane> {
         ring_size: 4099,
         max_services: 8,
         max_flows: 4096,
+        ..Default::default()
     })?;
     dp.set_agent_addresses(Some(IpAddr::V4(AGENT_V4)), Some(IpAddr::V6(AGENT_V6)))?;
     dp.add_tx_port(fy0)?;
@@ -1200,6 +1210,12 @@ fn check_fixture(
             "{}: flow_hit + flow_miss",
             f.description
         );
+        assert_eq!(
+            delta[verdict::FLOW_EXPIRED as usize],
+            ("flow_expired", 0),
+            "{}: no flow-table entry ends within a fixture run",
+            f.description
+        );
     }));
     outcome.map_err(|e| {
         e.downcast_ref::<String>()
@@ -1438,6 +1454,870 @@ fn a_draining_server_keeps_its_flows_and_a_down_server_loses_them() -> Result<()
         "after {target} went down, {} flows went wrong:\n{}",
         wrong.len(),
         wrong.join("\n")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow aging, TCP close, sweeping.
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TCP_PSH: u8 = 0x08;
+
+const SERVER_A: &str = "10.9.2.11";
+const SERVER_B: &str = "10.9.2.12";
+const SERVER_C: &str = "10.9.2.13";
+/// Reached through fy0: XDP_REDIRECT.
+const SERVER_D: &str = "10.9.3.11";
+
+/// The client's IP packet of a flow; TCP with the given flags.
+fn packet_with_flags(flow: &Flow, flags: u8) -> Vec<u8> {
+    let l4 = match flow.proto {
+        PROTO_TCP => {
+            let mut seg = tcp(flow.sport, flow.dport, PAYLOAD);
+            seg[13] = flags;
+            seg
+        }
+        _ => l4(flow),
+    };
+    match (flow.src, flow.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(TOS, DF, flow.proto, s, d, &[], &l4),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(TCLASS, INNER_LABEL, flow.proto, s, d, &l4),
+        _ => panic!("mixed families in {flow:?}"),
+    }
+}
+
+/// The frame the agent must send for `inner` tunnelled to `server` (fy0's neighbour is
+/// redirected there, the others go back out of fx0).
+fn expected_frame(server: &str, flow: &Flow, inner: &[u8]) -> (u32, Vec<u8>) {
+    if server == SERVER_D {
+        (
+            XDP_REDIRECT,
+            encapsulated(neighbour_mac(server), FY0_MAC, None, flow, inner, server),
+        )
+    } else {
+        (XDP_TX, tx_to(server, None, flow, inner))
+    }
+}
+
+/// Sends one packet of `flow` (TCP flags `flags`) and returns the server it was tunnelled
+/// to, after checking the whole output frame against the one built here for that server.
+fn send(h: &Harness, flow: &Flow, flags: u8) -> Result<IpAddr> {
+    let inner = packet_with_flags(flow, flags);
+    let (action, out) = run_xdp(&h.dataplane, h.fx0, &client_frame(None, &inner))?;
+    let dst: IpAddr = match out.get(12..14) {
+        Some([0x08, 0x00]) if out.len() >= 34 => IpAddr::from([out[30], out[31], out[32], out[33]]),
+        Some([0x86, 0xdd]) if out.len() >= 54 => {
+            IpAddr::from(<[u8; 16]>::try_from(&out[38..54]).expect("16 bytes"))
+        }
+        _ => bail!(
+            "{flow:?}: not a tunnelled frame ({}):\n{}",
+            action_name(action),
+            hex(&out)
+        ),
+    };
+    let (want_action, want) = expected_frame(&dst.to_string(), flow, &inner);
+    if action != want_action || out != want {
+        bail!(
+            "{flow:?} to {dst}: got {}, expected {}; {}\nactual:\n{}expected:\n{}",
+            action_name(action),
+            action_name(want_action),
+            first_difference(&out, &want),
+            hex(&out),
+            hex(&want)
+        );
+    }
+    Ok(dst)
+}
+
+/// Sends one packet of each flow; the servers they went to.
+fn send_all(h: &Harness, flows: &[Flow], flags: u8) -> Result<Vec<IpAddr>> {
+    flows.iter().map(|f| send(h, f, flags)).collect()
+}
+
+fn flows_from(dst: &str, proto: u8, first_port: u16, n: u16) -> Vec<Flow> {
+    (0..n)
+        .map(|i| {
+            Flow::v4(
+                dst,
+                proto,
+                first_port + i,
+                if proto == PROTO_TCP { 80 } else { 53 },
+            )
+        })
+        .collect()
+}
+
+fn addrs(list: &[&str]) -> BTreeSet<IpAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+/// The flow table's entries by (client, client port, protocol).
+fn flow_table(dp: &Dataplane) -> Result<BTreeMap<(IpAddr, u16, String), FlowReport>> {
+    Ok(dp
+        .flows()?
+        .into_iter()
+        .map(|f| ((f.client, f.client_port, f.protocol.clone()), f))
+        .collect())
+}
+
+fn entry<'a>(
+    table: &'a BTreeMap<(IpAddr, u16, String), FlowReport>,
+    flow: &Flow,
+) -> Option<&'a FlowReport> {
+    let proto = if flow.proto == PROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    };
+    table.get(&(flow.src, flow.sport, proto.to_string()))
+}
+
+/// Counter rises over `f`, by verdict index.
+fn counting<T>(dp: &Dataplane, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<u64>)> {
+    let before = counters(dp)?;
+    let t = f()?;
+    let after = counters(dp)?;
+    Ok((t, after.iter().zip(&before).map(|(a, b)| a - b).collect()))
+}
+
+/// After a change of table from `before` servers to `before` + `added`, a re-chosen flow
+/// either stays or goes to an added server (the table's minimal disruption); checks that,
+/// and that at least one went to an added server. Returns how many moved.
+fn check_rechosen(what: &str, old: &[IpAddr], new: &[IpAddr], added: &str) -> usize {
+    let added: IpAddr = added.parse().unwrap();
+    let mut moved = 0;
+    for (i, (o, n)) in old.iter().zip(new).enumerate() {
+        if o != n {
+            assert_eq!(
+                *n, added,
+                "{what}: flow {i} moved from {o} to {n}, not to the new server"
+            );
+            moved += 1;
+        }
+    }
+    assert!(
+        moved > 0,
+        "{what}: no flow went to the new server {added}, so re-choosing is not shown"
+    );
+    moved
+}
+
+/// Waits until the flow clock has passed second `t` (at most about a second).
+fn wait_past(t: u32) {
+    let start = Instant::now();
+    while flow_clock_now() <= t {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the flow clock stands still"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const AGING_ADDR: &str = "192.0.2.90";
+
+fn aging_services(servers: &[&str]) -> Vec<DesiredService> {
+    let servers: Vec<(&str, u32)> = servers.iter().map(|s| (*s, 1)).collect();
+    vec![
+        service("aging-tcp", AGING_ADDR, PROTO_TCP, 80, &servers),
+        service("aging-udp", AGING_ADDR, PROTO_UDP, 53, &servers),
+    ]
+}
+
+#[test]
+fn idle_flows_past_their_timeout_are_rechosen_and_active_ones_stay() -> Result<()> {
+    let mut h = Harness::new()?;
+    let three = [SERVER_A, SERVER_B, SERVER_D];
+    let four = [SERVER_A, SERVER_B, SERVER_D, SERVER_C];
+    let udp = flows_from(AGING_ADDR, PROTO_UDP, 21000, 60);
+    let tcp_open = flows_from(AGING_ADDR, PROTO_TCP, 22000, 60);
+    let tcp_closing = flows_from(AGING_ADDR, PROTO_TCP, 23000, 60);
+
+    h.dataplane.apply(&aging_services(&three))?;
+    let t_before = flow_clock_now();
+    let udp_first = send_all(&h, &udp, 0)?;
+    let open_first = send_all(&h, &tcp_open, TCP_ACK)?;
+    let closing_first = send_all(&h, &tcp_closing, TCP_ACK)?;
+    send_all(&h, &tcp_closing, TCP_FIN | TCP_ACK)?;
+    let t_after = flow_clock_now();
+
+    // The data path's clock is the one the controller reads.
+    let table = flow_table(&h.dataplane)?;
+    for f in udp.iter().chain(&tcp_open).chain(&tcp_closing) {
+        let e = entry(&table, f).ok_or_else(|| anyhow!("{f:?}: no flow-table entry"))?;
+        assert!(
+            (t_before..=t_after).contains(&e.last_seen),
+            "{f:?}: last_seen {} outside the controller's clock {t_before}..={t_after}",
+            e.last_seen
+        );
+    }
+
+    // A fourth server: pinned flows stay (default timeouts, nothing expires).
+    h.dataplane.apply(&aging_services(&four))?;
+    let ((udp_second, open_second, closing_second), delta) = counting(&h.dataplane, || {
+        Ok((
+            send_all(&h, &udp, 0)?,
+            send_all(&h, &tcp_open, TCP_ACK)?,
+            send_all(&h, &tcp_closing, TCP_ACK)?,
+        ))
+    })?;
+    assert_eq!(udp_second, udp_first, "UDP flows keep their servers");
+    assert_eq!(open_second, open_first, "TCP flows keep their servers");
+    assert_eq!(
+        closing_second, closing_first,
+        "closing TCP flows keep their servers"
+    );
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 180, "all hits");
+    assert_eq!(delta[verdict::FLOW_EXPIRED as usize], 0, "none expired");
+
+    // UDP and closing entries time out after 0 s (that is: in the next second), open TCP
+    // flows keep 300 s. One tick of the clock later:
+    h.dataplane.set_flow_timeouts(FlowTimeouts {
+        tcp_idle: 300,
+        udp_idle: 0,
+        tcp_closing: 0,
+    })?;
+    let last = flow_table(&h.dataplane)?
+        .values()
+        .map(|e| e.last_seen)
+        .max()
+        .unwrap_or(0);
+    for e in flow_table(&h.dataplane)?.values() {
+        let timeout = match (e.protocol.as_str(), e.closing) {
+            ("tcp", false) => 300,
+            _ => 0,
+        };
+        assert_eq!(
+            e.expired,
+            e.age > timeout,
+            "{e:?}: expired means older than the timeout"
+        );
+    }
+    wait_past(last);
+    let table = flow_table(&h.dataplane)?;
+    for f in &udp {
+        assert!(
+            entry(&table, f).is_some_and(|e| e.expired),
+            "{f:?} is reported expired"
+        );
+    }
+    for f in &tcp_open {
+        assert!(
+            entry(&table, f).is_some_and(|e| !e.expired),
+            "{f:?} is not expired"
+        );
+    }
+    let ((udp_third, open_third, closing_third), delta) = counting(&h.dataplane, || {
+        Ok((
+            send_all(&h, &udp, 0)?,
+            send_all(&h, &tcp_open, TCP_ACK)?,
+            send_all(&h, &tcp_closing, TCP_ACK)?,
+        ))
+    })?;
+    assert_eq!(
+        delta[verdict::FLOW_EXPIRED as usize],
+        120,
+        "the UDP and the closing TCP entries ended"
+    );
+    assert_eq!(
+        delta[verdict::FLOW_MISS as usize],
+        120,
+        "expired entries count as misses"
+    );
+    assert_eq!(
+        delta[verdict::FLOW_HIT as usize],
+        60,
+        "the open TCP flows are hits"
+    );
+    assert_eq!(
+        open_third, open_first,
+        "open TCP flows stay on their servers"
+    );
+    let moved = check_rechosen("idle UDP flows", &udp_first, &udp_third, SERVER_C);
+    eprintln!(
+        "{moved} of {} idle UDP flows were re-chosen onto the new server",
+        udp.len()
+    );
+    let moved = check_rechosen("closed TCP flows", &closing_first, &closing_third, SERVER_C);
+    eprintln!(
+        "{moved} of {} closed TCP flows were re-chosen onto the new server",
+        tcp_closing.len()
+    );
+
+    // The entries were overwritten (and refreshed): seen in the new second, not closing.
+    let table = flow_table(&h.dataplane)?;
+    for f in udp.iter().chain(&tcp_open).chain(&tcp_closing) {
+        let e = entry(&table, f).ok_or_else(|| anyhow!("{f:?}: no flow-table entry"))?;
+        assert!(
+            e.last_seen > last,
+            "{f:?}: last_seen {} not refreshed past {last}",
+            e.last_seen
+        );
+        assert!(!e.closing, "{f:?}: a re-chosen entry starts open");
+    }
+    Ok(())
+}
+
+#[test]
+fn fin_and_rst_close_a_flow_and_a_syn_on_a_closed_flow_starts_a_new_one() -> Result<()> {
+    let mut h = Harness::new()?;
+    let three = [SERVER_A, SERVER_B, SERVER_D];
+    let four = [SERVER_A, SERVER_B, SERVER_D, SERVER_C];
+    h.dataplane.apply(&aging_services(&three))?;
+    let fin = flows_from(AGING_ADDR, PROTO_TCP, 24000, 40);
+    let rst = flows_from(AGING_ADDR, PROTO_TCP, 24100, 40);
+    let open = flows_from(AGING_ADDR, PROTO_TCP, 24200, 40);
+    let all: Vec<Flow> = fin.iter().chain(&rst).chain(&open).copied().collect();
+
+    let (first, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_SYN))?;
+    assert_eq!(
+        delta[verdict::FLOW_MISS as usize],
+        120,
+        "SYNs of new flows are misses"
+    );
+    let (second, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_ACK))?;
+    assert_eq!(second, first);
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 120);
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        all.iter()
+            .all(|f| entry(&table, f).is_some_and(|e| !e.closing)),
+        "no entry is closing before a FIN or RST"
+    );
+
+    let (closed, delta) = counting(&h.dataplane, || {
+        let mut v = send_all(&h, &fin, TCP_FIN | TCP_ACK)?;
+        v.extend(send_all(&h, &rst, TCP_RST)?);
+        Ok(v)
+    })?;
+    assert_eq!(
+        closed,
+        first[..80],
+        "a FIN or RST goes to the flow's server"
+    );
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 80);
+    let table = flow_table(&h.dataplane)?;
+    for f in fin.iter().chain(&rst) {
+        assert!(
+            entry(&table, f).is_some_and(|e| e.closing),
+            "{f:?}: closing after FIN/RST"
+        );
+    }
+    for f in &open {
+        assert!(
+            entry(&table, f).is_some_and(|e| !e.closing),
+            "{f:?}: still open"
+        );
+    }
+
+    // The closing flows' last packets (the client's final ACK; a SYN-ACK, which no client
+    // sends, is not a new connection either) still go to their server, and stay closing.
+    let (after_close, delta) = counting(&h.dataplane, || {
+        let mut v = send_all(&h, &fin, TCP_ACK)?;
+        v.extend(send_all(&h, &rst[..1], TCP_SYN | TCP_ACK)?);
+        Ok(v)
+    })?;
+    assert_eq!(after_close, first[..41]);
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 41);
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        fin.iter()
+            .chain(&rst)
+            .all(|f| entry(&table, f).is_some_and(|e| e.closing)),
+        "closing is kept until the entry ends"
+    );
+
+    // A new table, then a SYN on every flow: the closed ones start new flows, chosen by the
+    // new table; the open ones keep their servers.
+    h.dataplane.apply(&aging_services(&four))?;
+    let (reopened, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_SYN))?;
+    assert_eq!(
+        delta[verdict::FLOW_EXPIRED as usize],
+        80,
+        "the closed entries ended"
+    );
+    assert_eq!(delta[verdict::FLOW_MISS as usize], 80);
+    assert_eq!(
+        delta[verdict::FLOW_HIT as usize],
+        40,
+        "a SYN on an open entry is a hit"
+    );
+    assert_eq!(reopened[80..], first[80..], "open flows keep their servers");
+    let moved = check_rechosen(
+        "SYN on closed flows",
+        &first[..80],
+        &reopened[..80],
+        SERVER_C,
+    );
+    eprintln!("{moved} of 80 reused 5-tuples went to the new server");
+    // Control: with the new table some of the open flows would move too.
+    let mut fresh = Harness::new()?;
+    fresh.dataplane.apply(&aging_services(&four))?;
+    let unpinned = send_all(&fresh, &open, TCP_SYN)?;
+    assert_ne!(
+        unpinned,
+        first[80..],
+        "control: the new table moves some open flows"
+    );
+    drop(fresh);
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        all.iter()
+            .all(|f| entry(&table, f).is_some_and(|e| !e.closing)),
+        "new flows start open"
+    );
+
+    // A FIN of a flow the table does not know starts its entry closing.
+    let stray = Flow::v4(AGING_ADDR, PROTO_TCP, 24300, 80);
+    send(&h, &stray, TCP_FIN | TCP_ACK)?;
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        entry(&table, &stray).is_some_and(|e| e.closing),
+        "a stray FIN's entry is closing"
+    );
+    Ok(())
+}
+
+#[test]
+fn sweeping_deletes_idle_and_closed_entries_and_keeps_active_ones() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.dataplane.apply(&aging_services(&[SERVER_A, SERVER_B]))?;
+    let udp = Flow::v4(AGING_ADDR, PROTO_UDP, 25000, 53);
+    let open = Flow::v4(AGING_ADDR, PROTO_TCP, 25001, 80);
+    let fin = Flow::v4(AGING_ADDR, PROTO_TCP, 25002, 80);
+    let rst = Flow::v4(AGING_ADDR, PROTO_TCP, 25003, 80);
+    send(&h, &udp, 0)?;
+    send(&h, &open, TCP_PSH | TCP_ACK)?;
+    send(&h, &fin, TCP_PSH | TCP_ACK)?;
+    send(&h, &fin, TCP_FIN | TCP_ACK)?;
+    send(&h, &rst, TCP_RST)?;
+    let now = flow_clock_now();
+    let listed = |dp: &Dataplane| -> Result<Vec<u16>> {
+        let mut ports: Vec<u16> = dp.flows()?.iter().map(|f| f.client_port).collect();
+        ports.sort();
+        Ok(ports)
+    };
+    assert_eq!(listed(&h.dataplane)?, [25000, 25001, 25002, 25003]);
+    let table = flow_table(&h.dataplane)?;
+    let e = entry(&table, &open).expect("listed");
+    assert_eq!(e.address, AGING_ADDR.parse::<IpAddr>()?);
+    assert_eq!((e.port, e.protocol.as_str()), (80, "tcp"));
+    assert_eq!(e.service.as_deref(), Some("aging-tcp"));
+    assert!(e
+        .server
+        .is_some_and(|s| addrs(&[SERVER_A, SERVER_B]).contains(&s)));
+    assert!(e.age <= 1 && !e.closing && !e.expired, "{e:?}");
+
+    // Default timeouts: TCP 300 s, UDP 30 s, closing 10 s.
+    assert_eq!(
+        h.dataplane.sweep_flows(now)?,
+        0,
+        "nothing is past its timeout yet"
+    );
+    assert_eq!(
+        h.dataplane.sweep_flows(now + 11)?,
+        2,
+        "the closed entries go after 10 s"
+    );
+    assert_eq!(listed(&h.dataplane)?, [25000, 25001]);
+    assert_eq!(
+        h.dataplane.sweep_flows(now + 31)?,
+        1,
+        "the UDP entry goes after 30 s"
+    );
+    assert_eq!(listed(&h.dataplane)?, [25001]);
+    assert_eq!(h.dataplane.sweep_flows(now + 299)?, 0);
+    assert_eq!(listed(&h.dataplane)?, [25001]);
+
+    // The sweep follows the timeouts the data path has.
+    h.dataplane.set_flow_timeouts(FlowTimeouts {
+        tcp_idle: 5,
+        ..FlowTimeouts::default()
+    })?;
+    assert_eq!(h.dataplane.sweep_flows(now + 3)?, 0);
+    assert_eq!(h.dataplane.sweep_flows(now + 7)?, 1, "TCP idle after 5 s");
+    assert!(listed(&h.dataplane)?.is_empty());
+
+    // A swept flow's next packet is a plain miss (there is no entry left to expire).
+    let (_, delta) = counting(&h.dataplane, || send(&h, &udp, 0))?;
+    assert_eq!(delta[verdict::FLOW_MISS as usize], 1);
+    assert_eq!(delta[verdict::FLOW_EXPIRED as usize], 0);
+    assert_eq!(listed(&h.dataplane)?, [25000]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Topology preferences.
+
+const PREF_ADDR: &str = "192.0.2.95";
+const PREF_ADDR6: &str = "2001:db8::95";
+
+fn prefix(p: &str) -> (IpAddr, u8) {
+    let (a, l) = p.split_once('/').expect("a prefix");
+    (a.parse().unwrap(), l.parse().unwrap())
+}
+
+fn preference(clients: &[&str], servers: &[&str]) -> Preference {
+    Preference {
+        clients: clients.iter().map(|c| prefix(c)).collect(),
+        servers: servers.iter().map(|s| s.parse().unwrap()).collect(),
+    }
+}
+
+/// 192.0.2.95 tcp 80 over A, B, C, D:
+/// - 198.51.100.0/24 prefers C,
+/// - 198.51.100.128/25 (inside it, so more specific) prefers D,
+/// - 203.0.113.0/25 prefers A and B.
+fn preferred_service(edit: impl Fn(&mut DesiredService)) -> Vec<DesiredService> {
+    let mut svc = service(
+        "pref",
+        PREF_ADDR,
+        PROTO_TCP,
+        80,
+        &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1), (SERVER_D, 1)],
+    );
+    svc.preferences = vec![
+        preference(&["198.51.100.0/24"], &[SERVER_C]),
+        preference(&["198.51.100.128/25"], &[SERVER_D]),
+        preference(&["203.0.113.0/25", "203.0.113.0/26"], &[SERVER_A, SERVER_B]),
+    ];
+    edit(&mut svc);
+    vec![svc]
+}
+
+/// `n` flows to the preference service from clients `base.1`, `base.2`, ... (IPv4 /24).
+fn clients(base: [u8; 3], first_host: u8, n: u8, first_port: u16) -> Vec<Flow> {
+    (0..n)
+        .map(|i| Flow {
+            src: IpAddr::from([base[0], base[1], base[2], first_host + i]),
+            dst: PREF_ADDR.parse().unwrap(),
+            proto: PROTO_TCP,
+            sport: first_port + u16::from(i),
+            dport: 80,
+        })
+        .collect()
+}
+
+fn servers_used(dsts: &[IpAddr]) -> BTreeSet<IpAddr> {
+    dsts.iter().copied().collect()
+}
+
+#[test]
+fn preferred_clients_go_to_their_servers_and_fall_back_when_those_cannot_take_flows() -> Result<()>
+{
+    let mut h = Harness::new()?;
+    h.dataplane.apply(&preferred_service(|_| ()))?;
+    let low = clients([198, 51, 100], 1, 100, 30000); // 198.51.100.1-100: C
+    let high = clients([198, 51, 100], 129, 100, 30000); // .129-.228: D
+    let ab = clients([203, 0, 113], 1, 100, 30000); // 203.0.113.1-100: /25 -> A, B
+    let ab_outside = clients([203, 0, 113], 129, 100, 30000); // .129-.228: no preference
+    let others = clients([100, 64, 0], 1, 100, 30000); // no preference
+
+    let id = h.dataplane.report()?.services[0].id;
+    let entries = h.dataplane.preference_entries()?;
+    let mut keys: Vec<(IpAddr, u8)> = entries
+        .iter()
+        .map(|(k, _)| {
+            assert_eq!(k.service, id, "entries are keyed by the service's id");
+            k.client(anycast_common::FAMILY_V4)
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "198.51.100.0/24",
+            "198.51.100.128/25",
+            "203.0.113.0/25",
+            "203.0.113.0/26"
+        ]
+        .map(prefix)
+        .to_vec(),
+        "one LPM entry per client prefix"
+    );
+
+    let c = addrs(&[SERVER_C]);
+    let d = addrs(&[SERVER_D]);
+    let a_b = addrs(&[SERVER_A, SERVER_B]);
+    let all = addrs(&[SERVER_A, SERVER_B, SERVER_C, SERVER_D]);
+    assert_eq!(
+        servers_used(&send_all(&h, &low, TCP_SYN)?),
+        c,
+        "198.51.100.0/24 -> C"
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &high, TCP_SYN)?),
+        d,
+        "the longer /25 -> D"
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &ab, TCP_SYN)?),
+        a_b,
+        "203.0.113.0/25 -> A and B"
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &ab_outside, TCP_SYN)?),
+        all,
+        "203.0.113.128/25 has no preference: all four"
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &others, TCP_SYN)?),
+        all,
+        "others: all four"
+    );
+
+    // C goes down: its clients' flows move, and new ones, to the whole service (C excepted).
+    let c_down = preferred_service(|s| s.servers[2].up = false);
+    h.dataplane.apply(&c_down)?;
+    assert_eq!(
+        h.dataplane.preference_entries()?.len(),
+        3,
+        "a preference whose servers cannot take flows has no LPM entries"
+    );
+    let rest = addrs(&[SERVER_A, SERVER_B, SERVER_D]);
+    let moved = send_all(&h, &low, TCP_ACK)?;
+    assert_eq!(
+        servers_used(&moved),
+        rest,
+        "C's clients fall back to A, B and D"
+    );
+    let new_low = clients([198, 51, 100], 1, 100, 31000);
+    assert_eq!(servers_used(&send_all(&h, &new_low, TCP_SYN)?), rest);
+    assert_eq!(
+        servers_used(&send_all(&h, &high, TCP_ACK)?),
+        d,
+        "D's clients are unaffected"
+    );
+
+    // C back up, but draining (weight 0): no new flows for it, so still no preference;
+    // flows pinned to it before would stay (here none are: they moved while it was down).
+    h.dataplane
+        .apply(&preferred_service(|s| s.servers[2].weight = 0))?;
+    assert_eq!(h.dataplane.preference_entries()?.len(), 3);
+    let newer_low = clients([198, 51, 100], 1, 100, 32000);
+    assert_eq!(servers_used(&send_all(&h, &newer_low, TCP_SYN)?), rest);
+
+    // C able again: new flows of its clients go to it, established ones stay where they are.
+    h.dataplane.apply(&preferred_service(|_| ()))?;
+    assert_eq!(h.dataplane.preference_entries()?.len(), 4);
+    let newest_low = clients([198, 51, 100], 1, 100, 33000);
+    assert_eq!(servers_used(&send_all(&h, &newest_low, TCP_SYN)?), c);
+    assert_eq!(
+        send_all(&h, &low, TCP_ACK)?,
+        moved,
+        "established flows keep their servers"
+    );
+
+    // One of A and B down: the preference shrinks to the other.
+    h.dataplane
+        .apply(&preferred_service(|s| s.servers[0].up = false))?;
+    let ab_new = clients([203, 0, 113], 1, 100, 34000);
+    assert_eq!(
+        servers_used(&send_all(&h, &ab_new, TCP_SYN)?),
+        addrs(&[SERVER_B])
+    );
+
+    // Preferences removed (and A up again): every client is hashed over the whole service,
+    // the map empties.
+    h.dataplane
+        .apply(&preferred_service(|s| s.preferences.clear()))?;
+    assert!(h.dataplane.preference_entries()?.is_empty());
+    let plain = clients([198, 51, 100], 1, 100, 35000);
+    assert_eq!(
+        servers_used(&send_all(&h, &plain, TCP_SYN)?),
+        addrs(&[SERVER_A, SERVER_B, SERVER_C, SERVER_D])
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv6_clients_get_their_preference_too() -> Result<()> {
+    let mut h = Harness::new()?;
+    let mut svc = service(
+        "pref6",
+        PREF_ADDR6,
+        PROTO_TCP,
+        443,
+        &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1)],
+    );
+    svc.preferences = vec![preference(&["2001:db8:ffff::/48"], &[SERVER_B])];
+    h.dataplane.apply(&[svc])?;
+    let flow = |src: Ipv6Addr, i: u16| Flow {
+        src: IpAddr::V6(src),
+        dst: PREF_ADDR6.parse().unwrap(),
+        proto: PROTO_TCP,
+        sport: 36000 + i,
+        dport: 443,
+    };
+    let preferred: Vec<Flow> = (0..60)
+        .map(|i| flow(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, i, 0, 0, 0, 7), i))
+        .collect();
+    let others: Vec<Flow> = (0..60)
+        .map(|i| flow(Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, i, 0, 0, 0, 7), i))
+        .collect();
+    assert_eq!(
+        servers_used(&send_all(&h, &preferred, TCP_SYN)?),
+        addrs(&[SERVER_B])
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &others, TCP_SYN)?),
+        addrs(&[SERVER_A, SERVER_B, SERVER_C])
+    );
+    Ok(())
+}
+
+/// The agent program's `PREFERENCES` map, opened by id behind the data plane's back, so a
+/// test can put in an entry the controller would never write.
+fn raw_preferences(dp: &Dataplane) -> Result<LpmTrie<MapData, [u32; 5], PreferenceTable>> {
+    let prog: &Xdp = dp
+        .ebpf
+        .program(programs::AGENT)
+        .ok_or_else(|| anyhow!("no program {}", programs::AGENT))?
+        .try_into()?;
+    let ids = prog
+        .info()?
+        .map_ids()?
+        .ok_or_else(|| anyhow!("the kernel does not list a program's maps"))?;
+    for id in ids {
+        if MapInfo::from_id(id)?.name_as_str() == Some(maps::PREFERENCES) {
+            return Ok(LpmTrie::try_from(Map::from_map_data(MapData::from_id(
+                id,
+            )?)?)?);
+        }
+    }
+    bail!("the agent program uses no map {}", maps::PREFERENCES)
+}
+
+#[test]
+fn services_without_preferences_never_consult_the_preference_map() -> Result<()> {
+    let mut h = Harness::new()?;
+    let plain_addr = "192.0.2.96";
+    let plain = |prefs: Vec<Preference>| {
+        let mut s = service(
+            "plain",
+            plain_addr,
+            PROTO_TCP,
+            80,
+            &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1)],
+        );
+        s.preferences = prefs;
+        s
+    };
+    let plain_flows = |first_port: u16| -> Vec<Flow> {
+        clients([198, 51, 100], 1, 100, first_port)
+            .into_iter()
+            .map(|mut f| {
+                f.dst = plain_addr.parse().unwrap();
+                f
+            })
+            .collect()
+    };
+    let three = addrs(&[SERVER_A, SERVER_B, SERVER_C]);
+
+    // With the map empty.
+    h.dataplane.apply(&[plain(vec![])])?;
+    assert!(h.dataplane.preference_entries()?.is_empty());
+    let alone = send_all(&h, &plain_flows(37000), TCP_SYN)?;
+    assert_eq!(servers_used(&alone), three);
+
+    // Another service prefers A for every client (a /0): not for this service.
+    let mut greedy = service(
+        "greedy",
+        PREF_ADDR,
+        PROTO_TCP,
+        80,
+        &[(SERVER_A, 1), (SERVER_B, 1)],
+    );
+    greedy.preferences = vec![preference(&["0.0.0.0/0"], &[SERVER_A])];
+    h.dataplane.apply(&[plain(vec![]), greedy.clone()])?;
+    let entries = h.dataplane.preference_entries()?;
+    assert_eq!(entries.len(), 1);
+    let only_a = entries[0].1;
+    let greedy_flows = clients([198, 51, 100], 1, 50, 37000);
+    assert_eq!(
+        servers_used(&send_all(&h, &greedy_flows, TCP_SYN)?),
+        addrs(&[SERVER_A])
+    );
+    assert_eq!(
+        servers_used(&send_all(&h, &plain_flows(37100), TCP_SYN)?),
+        three
+    );
+
+    // Now an entry for this very service, every client, to the A-only table, which the
+    // controller would never write for a service without preferences: the data path does
+    // not look.
+    let id = h
+        .dataplane
+        .report()?
+        .services
+        .iter()
+        .find(|s| s.name == "plain")
+        .expect("installed")
+        .id;
+    let mut raw = raw_preferences(&h.dataplane)?;
+    raw.insert(&LpmKey::new(32, [id, 0, 0, 0, 0]), only_a, 0)?;
+    assert_eq!(
+        servers_used(&send_all(&h, &plain_flows(37200), TCP_SYN)?),
+        three,
+        "a service without preferences ignores the map"
+    );
+
+    // Control: once the service has a preference (for other clients), the same entry
+    // catches these clients.
+    h.dataplane.apply(&[
+        plain(vec![preference(&["10.0.0.0/8"], &[SERVER_B])]),
+        greedy,
+    ])?;
+    assert_eq!(
+        servers_used(&send_all(&h, &plain_flows(37300), TCP_SYN)?),
+        addrs(&[SERVER_A]),
+        "control: with preferences the map is consulted"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalid_or_too_many_preferences_are_refused_before_anything_changes() -> Result<()> {
+    let mut h = Harness::new()?;
+    let before = preferred_service(|_| ());
+    h.dataplane.apply(&before)?;
+    let entries = h.dataplane.preference_entries()?.len();
+    for (what, bad) in [
+        (
+            "an IPv6 client prefix on an IPv4 service",
+            preferred_service(|s| s.preferences[0].clients.push(prefix("2001:db8::/32"))),
+        ),
+        (
+            "a /33 IPv4 prefix",
+            preferred_service(|s| s.preferences[0].clients.push(prefix("10.0.0.0/33"))),
+        ),
+        (
+            "more preference tables than max_preference_tables (16)",
+            preferred_service(|s| {
+                s.preferences = (0..17u8)
+                    .map(|i| preference(&[&format!("10.{i}.0.0/16")], &[SERVER_A]))
+                    .collect()
+            }),
+        ),
+    ] {
+        let err = h.dataplane.apply(&bad).err();
+        assert!(err.is_some(), "{what}: accepted");
+        eprintln!("{what}: {:#}", err.unwrap());
+        assert_eq!(
+            h.dataplane.preference_entries()?.len(),
+            entries,
+            "{what}: map changed"
+        );
+    }
+    // Still as before.
+    let low = clients([198, 51, 100], 1, 20, 38000);
+    assert_eq!(
+        servers_used(&send_all(&h, &low, TCP_SYN)?),
+        addrs(&[SERVER_C])
     );
     Ok(())
 }

@@ -41,12 +41,22 @@ pub mod maps {
     /// Server side: anycast addresses this server answers for.
     pub const SERVED: &str = "SERVED";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Agent: the installed servers' real addresses ([`RealKey`](super::RealKey)) -> their
+    /// reverse-tunnelled packets ([`ReverseStats`](super::ReverseStats)), per CPU. Written
+    /// (keys) by the controller; the data path only counts into existing entries.
+    pub const REVERSE: &str = "REVERSE";
+    /// Server side: where reverse-tunnelled SYN-ACKs go ([`ReverseConfig`](super::ReverseConfig)).
+    pub const REVERSE_CONFIG: &str = "REVERSE_CONFIG";
+    /// Server side: what the reverse-tunnel program did ([`reverse`](super::reverse)), per CPU.
+    pub const REVERSE_STATS: &str = "REVERSE_STATS";
 }
 
 /// Program names, as they appear in the eBPF object.
 pub mod programs {
     pub const AGENT: &str = "anycast_agent";
     pub const SERVER_DECAP: &str = "anycast_decap";
+    /// Server side, TC egress: SYN-ACKs from the anycast addresses, IP-in-IP to the agent.
+    pub const SERVER_REVERSE: &str = "anycast_reverse";
     pub const PASS: &str = "xdp_pass";
 }
 
@@ -252,6 +262,52 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
+/// A server slot's traffic (`SERVER_STATS`), per CPU: packets and bytes forwarded to it, and
+/// how many of those packets were TCP SYNs without ACK (new connections, or a client's
+/// retransmission of one). The reverse-tunnel monitor compares `syns` with the SYN-ACKs
+/// the server sends back through the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServerTraffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syns: u64,
+}
+
+/// A real address as a map key (`REVERSE`). IPv4 in `addr[0]`, the rest zero; network order
+/// words as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct RealKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Reverse-tunnelled packets from one server real address (`REVERSE`), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseStats {
+    pub packets: u64,
+    /// `bpf_ktime_get_coarse_ns()` (`CLOCK_MONOTONIC_COARSE`) of the newest one on this CPU;
+    /// 0: none yet.
+    pub last_seen_ns: u64,
+}
+
+/// Server side (`REVERSE_CONFIG`, one entry): the tunnel to the agent. `family` 0 turns the
+/// program into a pass-through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseConfig {
+    /// The agent's address: outer destination.
+    pub agent: [u32; 4],
+    /// The server's real address of the same family: outer source.
+    pub source: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (of both addresses), or 0.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Why the data path did what it did; the index into the `VERDICTS` per-CPU array.
 pub mod verdict {
     /// Encapsulated and sent back out of the ingress interface (`XDP_TX`).
@@ -284,7 +340,11 @@ pub mod verdict {
     /// Part of `FLOW_MISS`: an entry was found but had ended (idle past its timeout, or
     /// closing and reused by a new SYN), so the flow was chosen anew.
     pub const FLOW_EXPIRED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// A server's reverse-tunnelled response (IP-in-IP from a known server's real address to
+    /// the agent's own address, inner source an anycast service): counted per server, outer
+    /// header stripped, inner packet handed to the kernel to forward to the client.
+    pub const REVERSE_TUNNEL: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "tx",
@@ -302,6 +362,43 @@ pub mod verdict {
         "flow_hit",
         "flow_miss",
         "flow_expired",
+        "reverse_tunnel",
+    ];
+}
+
+/// Server side counters of the reverse-tunnel program (`REVERSE_STATS`).
+pub mod reverse {
+    /// A SYN-ACK encapsulated to the agent and redirected to the egress the FIB chose.
+    pub const TUNNELLED: u32 = 0;
+    /// Encapsulated, the next hop's MAC is not known yet: handed to `bpf_redirect_neigh`,
+    /// which resolves it.
+    pub const TUNNELLED_RESOLVING: u32 = 1;
+    /// A SYN-ACK whose source is not an anycast address of this server: untouched.
+    pub const PASS_NOT_SERVED: u32 = 2;
+    /// No route to the agent (or forwarding lookups disabled): sent untouched, directly.
+    pub const PASS_NO_ROUTE: u32 = 3;
+    /// The tunnel packet would exceed the egress MTU: sent untouched.
+    pub const PASS_TOO_BIG: u32 = 4;
+    /// The packet could not be grown for the outer header: sent untouched.
+    pub const PASS_ENCAP_FAILED: u32 = 5;
+    /// No tunnel configured.
+    pub const PASS_DISABLED: u32 = 6;
+    /// Everything else (not a SYN-ACK, not TCP, not IP): untouched.
+    pub const PASS_OTHER: u32 = 7;
+    /// Grown, but the outer header could not be written: dropped rather than sent half
+    /// rewritten (the client retransmits its SYN).
+    pub const DROP_WRITE_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "tunnelled",
+        "tunnelled_resolving",
+        "pass_not_served",
+        "pass_no_route",
+        "pass_too_big",
+        "pass_encap_failed",
+        "pass_disabled",
+        "pass_other",
+        "drop_write_failed",
     ];
 }
 
@@ -377,6 +474,10 @@ mod pod {
     unsafe impl aya::Pod for PreferenceTable {}
     unsafe impl aya::Pod for AgentInfo {}
     unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for ServerTraffic {}
+    unsafe impl aya::Pod for RealKey {}
+    unsafe impl aya::Pod for ReverseStats {}
+    unsafe impl aya::Pod for ReverseConfig {}
     unsafe impl aya::Pod for ServedKey {}
 }
 
@@ -438,6 +539,20 @@ mod addr {
                 family,
                 _pad: [0; 3],
             }
+        }
+    }
+
+    impl RealKey {
+        pub fn new(ip: IpAddr) -> Self {
+            let (addr, family) = addr_words(ip);
+            RealKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            }
+        }
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
         }
     }
 
@@ -514,5 +629,13 @@ mod tests {
         assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
         assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
         assert_eq!(core::mem::size_of::<AgentInfo>(), 24);
+        assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
+        assert_eq!(core::mem::size_of::<RealKey>(), 20);
+        assert_eq!(core::mem::size_of::<ReverseStats>(), 16);
+        assert_eq!(core::mem::size_of::<ReverseConfig>(), 36);
+        assert_eq!(
+            verdict::NAMES[verdict::REVERSE_TUNNEL as usize],
+            "reverse_tunnel"
+        );
     }
 }

@@ -469,10 +469,17 @@ impl Agent {
             return Vec::new();
         };
         let expired = registry.expire(now);
+        let mut suspected = false;
+        if registry.reverse_monitoring() {
+            match self.dataplane.reverse_counters() {
+                Ok(counters) => suspected = registry.watch_reverse(now, &counters),
+                Err(e) => tracing::warn!("reading the reverse-tunnel counters: {e:#}"),
+            }
+        }
         let mut requests = registry.refresh_requests(now);
         let (probes, conditions_changed) = registry.probe(now);
         requests.extend(probes);
-        if expired || conditions_changed {
+        if expired || suspected || conditions_changed {
             self.republish();
         }
         requests.into_iter().map(|r| (None, r)).collect()
@@ -561,7 +568,13 @@ impl Agent {
                 },
             },
             Ok(Request::Bindings) => match &self.registry {
-                Some(r) => Response::Bindings(r.report(Instant::now())),
+                Some(r) => {
+                    let counters = self.dataplane.reverse_counters();
+                    if let Err(e) = &counters {
+                        tracing::warn!("reading the reverse-tunnel counters: {e:#}");
+                    }
+                    Response::Bindings(r.report(Instant::now(), counters.ok().as_ref()))
+                }
                 None => Response::Error {
                     message: "registration is not enabled in the configuration".into(),
                 },

@@ -4,6 +4,21 @@
 //!
 //! This module is pure: it takes datagrams and the time, and returns replies and whether the
 //! forwarding state changed. The agent daemon owns the sockets, timers and maps.
+//!
+//! Reverse-tunnel monitoring (`registration.reverse_tunnel`): servers that run with
+//! `--reverse-tunnel` send their SYN-ACKs back through the agent. Per server (identity, over
+//! all its real addresses) the agent compares the TCP SYNs it forwarded with the SYN-ACKs
+//! that came back ([`Registry::watch_reverse`], fed with the data path's counters):
+//!
+//! ```text
+//!   off --first reverse-tunnelled packet--> ok
+//!   ok --new SYNs forwarded, then suspect_after_ms without a reverse packet--> suspect
+//!        (a refresh request goes out at once, and again after each miss, until `misses`
+//!         in a row make the binding down, as any probe's do)
+//!   suspect --it answers the refresh request--> silent (alive, but its SYN-ACKs no
+//!        longer come through us: not watched until they do)
+//!   suspect, silent --a reverse-tunnelled packet--> ok
+//! ```
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -17,8 +32,8 @@ use anycast_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Limits, Prefix, RefreshProbe, Registration},
-    dataplane::DesiredService,
+    config::{Limits, Prefix, RefreshProbe, Registration, ReverseTunnel},
+    dataplane::{DesiredService, ReverseCounters},
     selection::{Candidate, Condition, ServicePlan, Smoother},
 };
 
@@ -65,6 +80,10 @@ pub struct Binding {
     probe_next: Instant,
     pub probe_misses: u32,
     probe_limit: u32,
+    /// The reverse-tunnel monitor asked for a refresh request now: after each miss the
+    /// next one goes out at once rather than at the probe interval, until the binding
+    /// answers or is down.
+    probe_urgent: bool,
 }
 
 impl Binding {
@@ -121,6 +140,50 @@ pub struct Registry {
     buckets: HashMap<IpAddr, Bucket>,
     counters: BTreeMap<String, u64>,
     probe: Option<RefreshProbe>,
+    reverse_tunnel: Option<ReverseTunnel>,
+    /// Reverse-tunnel monitoring, per server identity.
+    reverse: BTreeMap<String, ReverseWatch>,
+}
+
+/// Whether a server's SYN-ACKs come back through the agent (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReverseState {
+    /// Not watched: no reverse-tunnelled packet seen yet, or monitoring is not configured.
+    Off,
+    /// Watched: new flows get their SYN-ACKs back through the agent.
+    Ok,
+    /// Given new TCP flows for `suspect_after_ms` without a SYN-ACK coming back; a refresh
+    /// request confirms (answered: silent) or refutes (unanswered: down).
+    Suspect,
+    /// Answered the refresh request, but its SYN-ACKs no longer come through the agent: not
+    /// watched until they do again.
+    Silent,
+}
+
+/// One server's reverse-tunnel watch.
+#[derive(Debug, Clone)]
+struct ReverseWatch {
+    state: ReverseState,
+    /// Sums over the server's real addresses at the last observation.
+    syns: u64,
+    packets: u64,
+    /// Since when the server has been given new TCP flows with no reverse-tunnelled packet
+    /// after them.
+    waiting_since: Option<Instant>,
+}
+
+/// The reverse-tunnel side of a binding in `anycast-ctl bindings`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReverseReport {
+    /// The server's monitor state (all its bindings share it).
+    pub state: ReverseState,
+    /// TCP SYNs the agent forwarded to this binding's real address (all services).
+    pub syns: u64,
+    /// Packets (SYN-ACKs) the server reverse-tunnelled from this real address.
+    pub syn_acks: u64,
+    /// Seconds since the newest of them; absent: none yet.
+    pub last_syn_ack_secs: Option<f64>,
 }
 
 /// One line of `anycast-ctl bindings`.
@@ -138,6 +201,9 @@ pub struct BindingReport {
     pub condition: Condition,
     /// Published weight (free capacity, smoothed).
     pub weight: u32,
+    /// Reverse-tunnel counters and monitor state.
+    #[serde(default)]
+    pub reverse: Option<ReverseReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +254,8 @@ impl Registry {
             buckets: HashMap::new(),
             counters: BTreeMap::new(),
             probe: reg.probe,
+            reverse_tunnel: reg.reverse_tunnel,
+            reverse: BTreeMap::new(),
         }
     }
 
@@ -200,9 +268,13 @@ impl Registry {
         let bindings = std::mem::take(&mut self.bindings);
         let last = std::mem::take(&mut self.last_mesg_id);
         let counters = std::mem::take(&mut self.counters);
+        let reverse = std::mem::take(&mut self.reverse);
         *self = new;
         self.last_mesg_id = last;
         self.counters = counters;
+        if self.reverse_tunnel.is_some() {
+            self.reverse = reverse;
+        }
         let before = bindings.len();
         for (id, b) in bindings {
             let allowed = self
@@ -388,6 +460,7 @@ impl Registry {
                 // Any update answers an outstanding probe.
                 b.probe_sent = None;
                 b.probe_misses = 0;
+                b.probe_urgent = false;
                 if was != Condition::Up {
                     tracing::info!(
                         "'{}' for {} via {} is up again",
@@ -405,6 +478,7 @@ impl Registry {
                 b.state = BindingState::Active;
                 b.source = from;
                 b.refresh_requested = false;
+                changed |= self.reverse_answered(&id);
                 changed
             }
             None => {
@@ -426,6 +500,7 @@ impl Registry {
                     probe_next: now,
                     probe_misses: 0,
                     probe_limit,
+                    probe_urgent: false,
                 };
                 self.bindings.insert(id, b);
                 true
@@ -662,6 +737,14 @@ impl Registry {
                 b.probe_misses = b.probe_misses.saturating_add(1);
                 misses += 1;
                 let after = b.condition();
+                if b.probe_urgent {
+                    if after == Condition::Down {
+                        b.probe_urgent = false;
+                    } else {
+                        // Confirm a reverse-tunnel suspicion at once, not at the interval.
+                        b.probe_next = now;
+                    }
+                }
                 if after != before {
                     changed = true;
                     tracing::warn!(
@@ -718,6 +801,127 @@ impl Registry {
         (out, changed)
     }
 
+    /// Whether reverse-tunnel monitoring is configured.
+    pub fn reverse_monitoring(&self) -> bool {
+        self.reverse_tunnel.is_some()
+    }
+
+    /// Reverse-tunnel monitoring: takes the data path's counters (per real address: SYNs
+    /// forwarded, reverse-tunnelled packets received) and moves each server's watch (see the
+    /// module documentation). A server that becomes suspect gets refresh requests at once
+    /// (sent by the next [`Registry::probe`]). Returns whether a binding's condition changed.
+    ///
+    /// New flows are seen as rises of the SYN counter between two calls, so a call's
+    /// interval (the agent calls every 50 ms) is the resolution of `suspect_after_ms`.
+    pub fn watch_reverse(
+        &mut self,
+        now: Instant,
+        counters: &BTreeMap<IpAddr, ReverseCounters>,
+    ) -> bool {
+        let Some(cfg) = self.reverse_tunnel else {
+            return false;
+        };
+        let window = Duration::from_millis(cfg.suspect_after_ms);
+        // Per server: the sums over the distinct real addresses of its active bindings.
+        let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut seen: BTreeSet<(String, IpAddr)> = BTreeSet::new();
+        for id in self.bindings.keys() {
+            let s = sums.entry(id.server.clone()).or_default();
+            if self.bindings[id].state == BindingState::Active
+                && seen.insert((id.server.clone(), id.real))
+            {
+                let c = counters.get(&id.real).copied().unwrap_or_default();
+                s.0 += c.syns;
+                s.1 += c.reverse_packets;
+            }
+        }
+        self.reverse.retain(|server, _| sums.contains_key(server));
+        let mut suspects = Vec::new();
+        let mut changed = false;
+        for (server, (syns, packets)) in sums {
+            let w = self.reverse.entry(server.clone()).or_insert(ReverseWatch {
+                state: ReverseState::Off,
+                syns,
+                packets: 0,
+                waiting_since: None,
+            });
+            // A counter that went down was reset (an address left and came back): rebase.
+            let new_syns = syns > w.syns;
+            let new_packets = packets > w.packets;
+            w.syns = syns;
+            w.packets = packets;
+            let before = w.state;
+            if new_packets {
+                // Everything forwarded before now counts as answered.
+                w.waiting_since = None;
+                w.state = ReverseState::Ok;
+            } else if w.state == ReverseState::Ok {
+                if new_syns && w.waiting_since.is_none() {
+                    w.waiting_since = Some(now);
+                }
+                if w.waiting_since
+                    .is_some_and(|t| now.duration_since(t) >= window)
+                {
+                    w.state = ReverseState::Suspect;
+                    w.waiting_since = None;
+                    suspects.push(server.clone());
+                }
+            }
+            if w.state == before {
+                continue;
+            }
+            changed |= before == ReverseState::Suspect || w.state == ReverseState::Suspect;
+            match (before, w.state) {
+                (ReverseState::Off, _) => tracing::info!(
+                    "'{server}' reverse-tunnels its SYN-ACKs: watching it (suspect after \
+                     {} ms of new flows without one)",
+                    cfg.suspect_after_ms
+                ),
+                (_, ReverseState::Suspect) => tracing::warn!(
+                    "'{server}' is suspect: given new TCP flows for {} ms without a \
+                     reverse-tunnelled SYN-ACK; sending refresh requests",
+                    cfg.suspect_after_ms
+                ),
+                _ => {
+                    tracing::info!("'{server}' reverse-tunnels its SYN-ACKs again (was {before:?})")
+                }
+            }
+        }
+        for server in suspects {
+            self.count("reverse_suspected");
+            for (id, b) in self.bindings.iter_mut() {
+                if id.server == server && b.state == BindingState::Active {
+                    b.probe_urgent = true;
+                    if b.probe_sent.is_none() {
+                        b.probe_next = now;
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// An update arrived from `id`'s server: if the reverse-tunnel monitor suspected it,
+    /// it is alive but its SYN-ACKs do not come through us. Returns whether its condition
+    /// changed.
+    fn reverse_answered(&mut self, id: &BindingId) -> bool {
+        let Some(w) = self.reverse.get_mut(&id.server) else {
+            return false;
+        };
+        if w.state != ReverseState::Suspect {
+            return false;
+        }
+        w.state = ReverseState::Silent;
+        w.waiting_since = None;
+        tracing::warn!(
+            "'{}' answered the refresh request, but its SYN-ACKs no longer come through the \
+             agent: up; reverse-tunnel monitoring of it paused until they do",
+            id.server
+        );
+        self.count("reverse_silent");
+        true
+    }
+
     /// The configured services plus those the bindings bring, with every binding as a
     /// candidate server (weight from its load, tier from its priority, probe condition).
     pub fn plan(&self, configured: &[ServicePlan]) -> Vec<ServicePlan> {
@@ -740,7 +944,7 @@ impl Registry {
                     address: id.real,
                     weight: b.smoother.weight(),
                     priority: b.load.map_or(0, |l| l.priority),
-                    condition: b.condition(),
+                    condition: self.condition(id, b),
                     draining: b.state == BindingState::Draining,
                 });
             }
@@ -758,7 +962,26 @@ impl Registry {
             .collect()
     }
 
-    pub fn report(&self, now: Instant) -> BindingsReport {
+    /// The binding's condition: its probes', made at least suspect while the reverse-tunnel
+    /// monitor suspects its server (suspect keeps the share; only probe misses take it).
+    fn condition(&self, id: &BindingId, b: &Binding) -> Condition {
+        let reverse = match self.reverse.get(&id.server) {
+            Some(w) if w.state == ReverseState::Suspect && b.state == BindingState::Active => {
+                Condition::Suspect
+            }
+            _ => Condition::Up,
+        };
+        b.condition().max(reverse)
+    }
+
+    /// The bindings and counters. `reverse`: the data path's reverse-tunnel counters per
+    /// real address, if read.
+    pub fn report(
+        &self,
+        now: Instant,
+        reverse: Option<&BTreeMap<IpAddr, ReverseCounters>>,
+    ) -> BindingsReport {
+        let clock = crate::dataplane::coarse_clock_ns();
         let bindings = self
             .bindings
             .iter()
@@ -769,8 +992,21 @@ impl Registry {
                 age_secs: now.duration_since(b.registered).as_secs_f64(),
                 lifetime_secs: b.lifetime.as_secs(),
                 lifetime_left_secs: b.expires.saturating_duration_since(now).as_secs_f64(),
-                condition: b.condition(),
+                condition: self.condition(id, b),
                 weight: b.smoother.weight(),
+                reverse: reverse.map(|r| {
+                    let c = r.get(&id.real).copied().unwrap_or_default();
+                    ReverseReport {
+                        state: self
+                            .reverse
+                            .get(&id.server)
+                            .map_or(ReverseState::Off, |w| w.state),
+                        syns: c.syns,
+                        syn_acks: c.reverse_packets,
+                        last_syn_ack_secs: (c.last_reverse_ns > 0)
+                            .then(|| clock.saturating_sub(c.last_reverse_ns) as f64 / 1e9),
+                    }
+                }),
                 load: b.load.map(|l| LoadReport {
                     priority: l.priority,
                     sessions_in_use: l.sessions_in_use,
@@ -823,7 +1059,7 @@ fn service_name(key: &ServiceKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RegisteredServer;
+    use crate::config::{RegisteredServer, ReverseTunnel};
 
     const AGENT: &str = "10.0.0.1";
     const KEY1: &[u8] = b"0123456789abcdef-server-one";
@@ -846,6 +1082,9 @@ mod tests {
                 interval_ms: 1000,
                 timeout_ms: 500,
                 misses: 2,
+            }),
+            reverse_tunnel: Some(ReverseTunnel {
+                suspect_after_ms: 300,
             }),
             servers: vec![
                 server("s1", 1, &["192.0.2.1", "2001:db8::/64"]),
@@ -967,7 +1206,7 @@ mod tests {
             crate::selection::DEFAULT_WEIGHT,
             "no capacity reported"
         );
-        let report = r.report(now);
+        let report = r.report(now, None);
         assert_eq!(report.bindings[0].load.as_ref().unwrap().sessions_in_use, 3);
         // A refresh with a newer sequence number is accepted and changes nothing.
         let o = r.handle(&Bu::new(11, WALL + 1).bytes(), from(), now, WALL);
@@ -1043,7 +1282,7 @@ mod tests {
             "{o:?}"
         );
         assert_eq!(r.desired(&[]), before, "nothing changed");
-        let c = r.report(now).counters;
+        let c = r.report(now, None).counters;
         assert_eq!(c["refused_146"], 2);
         assert_eq!(c["refused_145"], 2);
         assert_eq!(c["refused_129"], 1);
@@ -1089,7 +1328,7 @@ mod tests {
         // Unanswered past the timeout: suspect (keeps its share until confirmed).
         let (_, changed) = r.probe(t0 + Duration::from_millis(600));
         assert!(changed);
-        assert_eq!(r.report(t0).bindings[0].condition, Condition::Suspect);
+        assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Suspect);
         assert!(r.desired(&[])[0].servers[0].up);
         // The next probe goes out at the interval and is missed too: down.
         let (sent, _) = r.probe(t0 + Duration::from_millis(1000));
@@ -1107,6 +1346,121 @@ mod tests {
         assert!(o.changed);
         let s = &r.desired(&[])[0].servers[0];
         assert!(s.up && s.weight > 0);
+    }
+
+    fn reverse_counters(syns: u64, packets: u64) -> BTreeMap<IpAddr, ReverseCounters> {
+        BTreeMap::from([(
+            "10.0.2.11".parse().unwrap(),
+            ReverseCounters {
+                syns,
+                reverse_packets: packets,
+                last_reverse_ns: packets,
+            },
+        )])
+    }
+
+    fn reverse_state(r: &Registry) -> ReverseState {
+        r.report(Instant::now(), Some(&reverse_counters(0, 0)))
+            .bindings[0]
+            .reverse
+            .as_ref()
+            .unwrap()
+            .state
+    }
+
+    #[test]
+    fn reverse_monitor_suspects_a_silent_server_and_confirms_with_refresh_requests() {
+        let mut r = registry(Limits::default(), 30);
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        r.handle(&Bu::new(1, WALL).bytes(), from(), t0, WALL);
+        // The regular probe at registration, answered.
+        assert_eq!(r.probe(t0).0.len(), 1);
+        r.handle(&Bu::new(2, WALL + 1).bytes(), from(), ms(10), WALL);
+
+        // New flows, but nothing reverse-tunnelled yet: not watched, never suspect.
+        assert!(!r.watch_reverse(ms(20), &reverse_counters(5, 0)));
+        assert!(!r.watch_reverse(ms(2000), &reverse_counters(50, 0)));
+        assert_eq!(reverse_state(&r), ReverseState::Off);
+        assert!(r.probe(ms(2000)).0.len() <= 1, "only the regular probe");
+        r.handle(&Bu::new(3, WALL + 2).bytes(), from(), ms(2010), WALL);
+
+        // The first SYN-ACK through the agent: watched.
+        assert!(!r.watch_reverse(ms(2050), &reverse_counters(50, 1)));
+        assert_eq!(reverse_state(&r), ReverseState::Ok);
+        // SYNs answered within the window, and idle time, keep it ok.
+        assert!(!r.watch_reverse(ms(2100), &reverse_counters(51, 1)));
+        assert!(!r.watch_reverse(ms(2300), &reverse_counters(51, 2)));
+        assert!(!r.watch_reverse(ms(9000), &reverse_counters(51, 2)));
+        assert_eq!(reverse_state(&r), ReverseState::Ok);
+
+        // A new flow at 9050 and no SYN-ACK: suspect once the 300 ms window is over, and a
+        // refresh request goes out at once although the regular probe is not due.
+        assert!(!r.watch_reverse(ms(9050), &reverse_counters(52, 2)));
+        assert!(!r.watch_reverse(ms(9300), &reverse_counters(53, 2)));
+        assert_eq!(reverse_state(&r), ReverseState::Ok, "within the window");
+        assert!(r.watch_reverse(ms(9350), &reverse_counters(53, 2)));
+        assert_eq!(reverse_state(&r), ReverseState::Suspect);
+        assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Suspect);
+        assert!(r.desired(&[])[0].servers[0].up, "suspect keeps its share");
+        assert_eq!(r.report(t0, None).counters["reverse_suspected"], 1);
+        let (sent, _) = r.probe(ms(9350));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            wire::decode(&sent[0].payload).unwrap().body,
+            Body::BindingRefreshRequest
+        );
+        // Still silent: no second suspicion while suspect.
+        assert!(!r.watch_reverse(ms(9700), &reverse_counters(60, 2)));
+
+        // It answers: up, and no longer watched while its SYN-ACKs go elsewhere.
+        let o = r.handle(&Bu::new(4, WALL + 3).bytes(), from(), ms(9400), WALL);
+        assert!(o.changed);
+        assert_eq!(reverse_state(&r), ReverseState::Silent);
+        assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Up);
+        assert!(!r.watch_reverse(ms(20000), &reverse_counters(500, 2)));
+        assert_eq!(reverse_state(&r), ReverseState::Silent);
+        assert_eq!(r.report(t0, None).counters["reverse_silent"], 1);
+        // Its SYN-ACKs come back through the agent: watched again.
+        assert!(!r.watch_reverse(ms(20050), &reverse_counters(501, 3)));
+        assert_eq!(reverse_state(&r), ReverseState::Ok);
+
+        // Now it dies: suspect, then each unanswered refresh request is followed at once by
+        // the next, so two misses (the configured `misses`) take 2 x 500 ms, not the 1 s
+        // probe interval: down.
+        assert!(!r.watch_reverse(ms(21000), &reverse_counters(502, 3)));
+        assert!(r.watch_reverse(ms(21300), &reverse_counters(505, 3)));
+        assert_eq!(r.probe(ms(21300)).0.len(), 1);
+        let (sent, changed) = r.probe(ms(21800));
+        assert!(changed, "first miss");
+        assert_eq!(sent.len(), 1, "the next request at once");
+        assert!(r.desired(&[])[0].servers[0].up);
+        let (_, changed) = r.probe(ms(22300));
+        assert!(changed, "second miss");
+        assert!(!r.desired(&[])[0].servers[0].up, "down: its flows move");
+        assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Down);
+        let (sent, _) = r.probe(ms(22310));
+        assert!(sent.is_empty(), "back to the regular interval once down");
+    }
+
+    #[test]
+    fn reverse_monitoring_is_off_unless_configured() {
+        let mut reg = registration(Limits::default(), 30);
+        reg.reverse_tunnel = None;
+        let keys = HashMap::from([("s1".to_string(), KEY1.to_vec())]);
+        let mut r = Registry::new(&reg, &keys, &[AGENT.parse().unwrap()], 64);
+        let t0 = Instant::now();
+        r.handle(&Bu::new(1, WALL).bytes(), from(), t0, WALL);
+        assert!(!r.reverse_monitoring());
+        r.watch_reverse(t0, &reverse_counters(1, 1));
+        assert!(!r.watch_reverse(t0 + Duration::from_secs(5), &reverse_counters(9, 1)));
+        let report = r.report(t0, Some(&reverse_counters(9, 1)));
+        let rev = report.bindings[0].reverse.as_ref().unwrap();
+        assert_eq!(
+            (rev.state, rev.syns, rev.syn_acks),
+            (ReverseState::Off, 9, 1),
+            "counters shown, not watched"
+        );
     }
 
     #[test]
@@ -1195,7 +1549,7 @@ mod tests {
         // The other binding (lifetime 5 units = 20 s) expires by itself.
         assert!(r.expire(now + Duration::from_secs(20)));
         assert!(r.desired(&[]).is_empty());
-        assert_eq!(r.report(now).counters["expired"], 1);
+        assert_eq!(r.report(now, None).counters["expired"], 1);
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub struct Registration {
     /// `null` turns probing off (lifetime expiry still applies).
     #[serde(default = "default_probe")]
     pub probe: Option<RefreshProbe>,
+    /// Reverse-tunnel monitoring: a server that sends its SYN-ACKs back through the agent
+    /// (`anycast-ctl server --reverse-tunnel`) and then, while it is given new TCP flows,
+    /// sends none for `suspect_after_ms`, is suspect and gets a refresh request at once (the
+    /// probe's misses make it down). Absent: off (reverse-tunnelled packets are still
+    /// forwarded and counted).
+    #[serde(default)]
+    pub reverse_tunnel: Option<ReverseTunnel>,
     /// Every server that may register: its identity, key and the addresses it may bind.
     pub servers: Vec<RegisteredServer>,
 }
@@ -88,6 +95,23 @@ pub struct RefreshProbe {
     pub interval_ms: u64,
     pub timeout_ms: u64,
     pub misses: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseTunnel {
+    /// How long a monitored server may be given new TCP flows without a SYN-ACK coming back
+    /// through the agent before it is suspect.
+    #[serde(default = "default_suspect_after_ms")]
+    pub suspect_after_ms: u64,
+}
+
+pub const DEFAULT_SUSPECT_AFTER_MS: u64 = 1000;
+/// The agent reads the counters every 50 ms; a shorter window could not be measured.
+pub const MIN_SUSPECT_AFTER_MS: u64 = 100;
+
+fn default_suspect_after_ms() -> u64 {
+    DEFAULT_SUSPECT_AFTER_MS
 }
 
 fn default_probe() -> Option<RefreshProbe> {
@@ -598,6 +622,23 @@ impl Registration {
                 ));
             }
         }
+        if let Some(r) = self.reverse_tunnel {
+            if !(MIN_SUSPECT_AFTER_MS..=3_600_000).contains(&r.suspect_after_ms) {
+                return Err(err(
+                    "registration.reverse_tunnel.suspect_after_ms",
+                    format!(
+                        "{} is not between {MIN_SUSPECT_AFTER_MS} and 3600000",
+                        r.suspect_after_ms
+                    ),
+                ));
+            }
+            if self.probe.is_none() {
+                return Err(err(
+                    "registration.reverse_tunnel",
+                    "needs registration.probe: its refresh requests confirm a suspicion",
+                ));
+            }
+        }
         let mut ids = HashSet::new();
         for (i, s) in self.servers.iter().enumerate() {
             let f = |field: &str| format!("registration.servers[{i}].{field}");
@@ -704,6 +745,39 @@ mod tests {
         assert_eq!(
             case("\"registration\": {", "\"registration\": {\"probe\": {\"interval_ms\": 100, \"timeout_ms\": 100, \"misses\": 1}, "),
             "registration.probe"
+        );
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                "\"registration\": {\"reverse_tunnel\": {\"suspect_after_ms\": 20}, "
+            ),
+            "registration.reverse_tunnel.suspect_after_ms"
+        );
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                "\"registration\": {\"probe\": null, \"reverse_tunnel\": {}, "
+            ),
+            "registration.reverse_tunnel"
+        );
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                "\"registration\": {\"reverse_tunnel\": {\"after\": 1}, "
+            ),
+            "config"
+        );
+        let on = Config::parse(&base.replace(
+            "\"registration\": {",
+            "\"registration\": {\"reverse_tunnel\": {}, ",
+        ))
+        .unwrap();
+        assert_eq!(
+            on.registration.unwrap().reverse_tunnel,
+            Some(ReverseTunnel {
+                suspect_after_ms: DEFAULT_SUSPECT_AFTER_MS
+            }),
+            "an empty object turns monitoring on with the default window"
         );
         assert_eq!(
             case(

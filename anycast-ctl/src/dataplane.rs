@@ -9,23 +9,30 @@
 //! (`CLOCK_MONOTONIC_COARSE`, whole seconds; [`flow_clock_now`]), entries idle past their
 //! protocol's timeout ([`FlowTimeouts`]) are re-chosen by the data path and deleted by
 //! [`Dataplane::sweep_flows`].
+//!
+//! Reverse tunnel: `REVERSE` holds one entry per installed server real address (written
+//! here, counted into by the data path), so only known servers' reverse-tunnelled packets
+//! are decapsulated; [`Dataplane::reverse_counters`] reads them with the SYNs forwarded to
+//! each address.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
 };
 
 use anycast_common::{
     maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey,
-    PreferenceTable, ServerInfo, ServiceInfo, ServiceKey, Traffic, AGENT_HAS_V4, AGENT_HAS_V6,
-    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-    DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING,
-    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
+    Traffic, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
+    DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, NO_SERVER,
+    SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
     },
     programs::{xdp::XdpMode, Xdp},
     Ebpf, EbpfLoader,
@@ -116,6 +123,40 @@ pub fn attach(ebpf: &mut Ebpf, program: &str, iface: &str, mode: XdpModeName) ->
     prog.attach(iface, xdp_mode(mode)).with_context(|| {
         format!("attaching {program} to {iface} in {mode:?} mode failed (is XDP supported there, and no other program attached?)")
     })?;
+    Ok(())
+}
+
+/// Loads (once) a TC program of the object and attaches it to an interface's egress through
+/// the clsact qdisc (which the caller adds), as a netlink `cls_bpf` filter in direct-action
+/// mode, so `tc filter show dev IF egress` lists it. Filters of the same program name left
+/// by an earlier run that was killed are removed first. Dropping the object detaches it.
+pub fn attach_tc_egress(ebpf: &mut Ebpf, program: &str, iface: &str) -> Result<()> {
+    use aya::programs::{
+        tc::{qdisc_detach_program, NlOptions, TcAttachOptions, TcError},
+        SchedClassifier, TcAttachType,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("the kernel refused to load {program}"))?;
+    }
+    match qdisc_detach_program(iface, TcAttachType::Egress, program) {
+        Ok(()) => tracing::info!("removed a stale {program} filter from {iface}"),
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("looking for stale {program} filters on {iface}"))
+        }
+    }
+    prog.attach_with_options(
+        iface,
+        TcAttachType::Egress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    )
+    .with_context(|| format!("attaching {program} to {iface} egress"))?;
     Ok(())
 }
 
@@ -292,7 +333,10 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     verdicts: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Traffic>,
-    server_stats: PerCpuArray<MapData, Traffic>,
+    server_stats: PerCpuArray<MapData, ServerTraffic>,
+    reverse_map: PerCpuHashMap<MapData, RealKey, ReverseStats>,
+    /// The real addresses that have an entry in `REVERSE`.
+    reverse_keys: BTreeSet<IpAddr>,
     installed: HashMap<ServiceKey, InstalledService>,
     free_service_ids: Vec<u32>,
     /// Server slots not in use, oldest freed first, so a slot is reused as late as possible.
@@ -322,6 +366,8 @@ impl Dataplane {
             verdicts: take(&mut ebpf, maps::VERDICTS)?,
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             server_stats: take(&mut ebpf, maps::SERVER_STATS)?,
+            reverse_map: take(&mut ebpf, maps::REVERSE)?,
+            reverse_keys: BTreeSet::new(),
             ebpf,
             sizes,
             installed: HashMap::new(),
@@ -596,7 +642,58 @@ impl Dataplane {
             }
             self.free_service_ids.push(svc.id);
         }
+        self.sync_reverse_keys()
+    }
+
+    /// One `REVERSE` entry per installed server address: new addresses get a zeroed entry
+    /// (counting starts), addresses no longer installed lose theirs.
+    fn sync_reverse_keys(&mut self) -> Result<()> {
+        let want: BTreeSet<IpAddr> = self
+            .installed
+            .values()
+            .flat_map(|s| s.servers.iter().map(|x| x.address))
+            .collect();
+        for &a in want.difference(&self.reverse_keys) {
+            let zero = PerCpuValues::try_from(vec![ReverseStats::default(); nr_cpus()?])?;
+            self.reverse_map
+                .insert(RealKey::new(a), zero, 0)
+                .context("adding a server to the reverse-tunnel map")?;
+        }
+        for a in self.reverse_keys.difference(&want) {
+            match self.reverse_map.remove(&RealKey::new(*a)) {
+                Err(e) if !is_enoent(&e) => {
+                    return Err(e).context("removing a server from the reverse-tunnel map")
+                }
+                _ => {}
+            }
+        }
+        self.reverse_keys = want;
         Ok(())
+    }
+
+    /// Per installed server real address: the TCP SYNs forwarded to it (over all its
+    /// services) and the packets it reverse-tunnelled through us.
+    pub fn reverse_counters(&self) -> Result<BTreeMap<IpAddr, ReverseCounters>> {
+        let mut out: BTreeMap<IpAddr, ReverseCounters> = BTreeMap::new();
+        for svc in self.installed.values() {
+            for s in &svc.servers {
+                let t = sum_server(&self.server_stats.get(&s.slot, 0)?);
+                out.entry(s.address).or_default().syns += t.syns;
+            }
+        }
+        for a in &self.reverse_keys {
+            let values = match self.reverse_map.get(&RealKey::new(*a), 0) {
+                Ok(v) => v,
+                Err(e) if is_enoent(&e) => continue,
+                Err(e) => return Err(e).context("reading the reverse-tunnel map"),
+            };
+            let c = out.entry(*a).or_default();
+            for v in values.iter() {
+                c.reverse_packets += v.packets;
+                c.last_reverse_ns = c.last_reverse_ns.max(v.last_seen_ns);
+            }
+        }
+        Ok(out)
     }
 
     /// Refuses preference sets the maps cannot hold, before anything changes.
@@ -781,7 +878,7 @@ impl Dataplane {
         self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
         self.server_stats.set(
             slot,
-            PerCpuValues::try_from(vec![Traffic::default(); nr_cpus()?])?,
+            PerCpuValues::try_from(vec![ServerTraffic::default(); nr_cpus()?])?,
             0,
         )?;
         Ok(slot)
@@ -822,7 +919,7 @@ impl Dataplane {
             let live = svc.area.live().unwrap_or(&[]);
             let mut servers = Vec::new();
             for s in &svc.servers {
-                let t = sum(&self.server_stats.get(&s.slot, 0)?);
+                let t = sum_server(&self.server_stats.get(&s.slot, 0)?);
                 servers.push(ServerReport {
                     name: s.name.clone(),
                     address: s.address,
@@ -832,6 +929,7 @@ impl Dataplane {
                     table_entries: live.iter().filter(|&&e| e == s.slot).count() as u32,
                     packets: t.packets,
                     bytes: t.bytes,
+                    syns: t.syns,
                 });
             }
             servers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -911,6 +1009,16 @@ fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting possible CPUs: {e}"))
 }
 
+fn sum_server(values: &PerCpuValues<ServerTraffic>) -> ServerTraffic {
+    values
+        .iter()
+        .fold(ServerTraffic::default(), |a, t| ServerTraffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+            syns: a.syns + t.syns,
+        })
+}
+
 fn sum(values: &PerCpuValues<Traffic>) -> Traffic {
     values.iter().fold(Traffic::default(), |a, t| Traffic {
         packets: a.packets + t.packets,
@@ -949,6 +1057,32 @@ pub struct ServerReport {
     pub table_entries: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// TCP SYNs (without ACK) among `packets`.
+    #[serde(default)]
+    pub syns: u64,
+}
+
+/// What the reverse-tunnel monitor reads for one server real address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReverseCounters {
+    /// TCP SYNs (without ACK) forwarded to the address, over all its services.
+    pub syns: u64,
+    /// Packets the server reverse-tunnelled from this address (its SYN-ACKs).
+    pub reverse_packets: u64,
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the newest of them; 0: none yet.
+    pub last_reverse_ns: u64,
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of [`ReverseCounters::last_reverse_ns`].
+pub fn coarse_clock_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE) failed");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A flow-table entry.

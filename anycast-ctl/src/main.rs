@@ -129,6 +129,11 @@ enum Command {
         /// After deregistering, seconds to let open connections finish.
         #[arg(long, default_value_t = 30)]
         drain_timeout: u64,
+        /// Send each connection's SYN-ACK back through the (first) agent, IP-in-IP, so that
+        /// the agent can tell that this server answers the new flows it is given (TC egress
+        /// program on the --iface interfaces; enables forwarding on lo, see the README).
+        #[arg(long, requires = "agents")]
+        reverse_tunnel: bool,
     },
     /// Attach an XDP program that passes every frame (for veth peers of an agent in native mode).
     Passthrough {
@@ -258,6 +263,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             max_sessions,
             load_cmd,
             drain_timeout,
+            reverse_tunnel,
         } => {
             let registration = if agents.is_empty() {
                 None
@@ -281,6 +287,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         None => LoadSource::Sockets { max_sessions },
                     },
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    reverse_tunnel,
                 })
             };
             server::run(server::ServerOptions {

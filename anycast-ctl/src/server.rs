@@ -2,19 +2,25 @@
 //! addresses this server answers for (the kernel here has no ipip module), holds those
 //! addresses on `lo` so replies leave with the anycast address as source, straight to the
 //! client, and undoes all of it on exit.
+//!
+//! With `--reverse-tunnel`, a TC egress program on the interfaces sends each connection's
+//! SYN-ACK back through the agent, IP-in-IP (from the server's real address to the first
+//! `--agent` address), so the agent sees that the server answers the flows it is given.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use anycast_common::{decap, maps, programs, wire::ServiceSelector, ServedKey};
+use anycast_common::{
+    addr_words, decap, maps, programs, reverse, wire::ServiceSelector, ReverseConfig, ServedKey,
+};
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 
 use crate::{
     client::{established_sessions, AnycastBinding, Client, ClientConfig, LoadSource},
     config::XdpModeName,
-    dataplane::{attach, load_object, Sizes},
+    dataplane::{attach, attach_tc_egress, load_object, Sizes},
     sys::{self, HostChanges},
 };
 
@@ -83,6 +89,9 @@ pub struct RegistrationOptions {
     pub load: LoadSource,
     /// After deregistering, how long open connections may take to finish.
     pub drain_timeout: Duration,
+    /// Send each connection's SYN-ACK back through the first agent (IP-in-IP from the real
+    /// address of the agent's family), so the agent can watch that we answer new flows.
+    pub reverse_tunnel: bool,
 }
 
 /// The server side's maps are tiny; the agent's share the object and are shrunk to nothing.
@@ -120,6 +129,60 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         ebpf.take_map(maps::DECAP_STATS)
             .ok_or_else(|| anyhow!("no DECAP_STATS map"))?,
     )?;
+    let reverse_stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+        ebpf.take_map(maps::REVERSE_STATS)
+            .ok_or_else(|| anyhow!("no REVERSE_STATS map"))?,
+    )?;
+    // The real addresses to bind through (and the reverse tunnel's source).
+    let real = match &opts.registration {
+        Some(reg) if reg.real.is_empty() => sys::global_addresses(&opts.interfaces)?,
+        Some(reg) => reg.real.clone(),
+        None => Vec::new(),
+    };
+    let tunnel = match &opts.registration {
+        Some(reg) if reg.reverse_tunnel => {
+            let agent = reg
+                .agents
+                .first()
+                .ok_or_else(|| anyhow!("--reverse-tunnel needs --agent"))?
+                .ip();
+            let source = real
+                .iter()
+                .copied()
+                .find(|r| r.is_ipv4() == agent.is_ipv4())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--reverse-tunnel: no real address of the agent {agent}'s family to \
+                         send from; give --real"
+                    )
+                })?;
+            Some((agent, source))
+        }
+        _ => None,
+    };
+    // Held until exit: closing a map's last descriptor before the program that uses it is
+    // loaded would free it.
+    let mut _reverse_config: Option<Array<MapData, ReverseConfig>> = None;
+    if let Some((agent, source)) = tunnel {
+        let (agent_words, family) = addr_words(agent);
+        let mut config: Array<MapData, ReverseConfig> = Array::try_from(
+            ebpf.take_map(maps::REVERSE_CONFIG)
+                .ok_or_else(|| anyhow!("no REVERSE_CONFIG map"))?,
+        )?;
+        config
+            .set(
+                0,
+                ReverseConfig {
+                    agent: agent_words,
+                    source: addr_words(source).0,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .context("writing the reverse tunnel's configuration")?;
+        _reverse_config = Some(config);
+    }
 
     let mut host = HostChanges::default();
     if addresses.iter().any(|a| a.is_ipv4()) {
@@ -131,9 +194,30 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     for &a in &addresses {
         host.add_address(a, "lo")?;
     }
+    if let Some((agent, _)) = tunnel {
+        // The program asks the FIB for the route to the agent as for a packet sent from this
+        // host, i.e. entering on lo, and the kernel only answers such lookups for an
+        // interface that forwards. lo never receives a packet for another host, so this
+        // makes the server forward nothing.
+        if agent.is_ipv4() {
+            host.sysctl("net.ipv4.conf.lo.forwarding", "1")?;
+        } else {
+            host.sysctl("net.ipv6.conf.lo.forwarding", "1")?;
+        }
+    }
     for name in &opts.interfaces {
         attach(&mut ebpf, programs::SERVER_DECAP, name, opts.xdp_mode)?;
         tracing::info!("decapsulating on {name} in {:?} XDP mode", opts.xdp_mode);
+    }
+    if let Some((agent, source)) = tunnel {
+        for name in &opts.interfaces {
+            host.add_clsact(name)?;
+            attach_tc_egress(&mut ebpf, programs::SERVER_REVERSE, name)?;
+            tracing::info!(
+                "reverse tunnel on {name} egress: SYN-ACKs from the anycast addresses go to \
+                 the agent {agent}, IP-in-IP from {source}"
+            );
+        }
     }
     let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     tracing::info!("server ready: answering for {}", list.join(", "));
@@ -141,11 +225,6 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     let why = match opts.registration {
         None => sys::shutdown_signal().await?,
         Some(reg) => {
-            let real = if reg.real.is_empty() {
-                sys::global_addresses(&opts.interfaces)?
-            } else {
-                reg.real.clone()
-            };
             let client = Client::new(ClientConfig {
                 agents: reg.agents.clone(),
                 identity: reg.identity.clone(),
@@ -204,6 +283,12 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     for (i, name) in decap::NAMES.iter().enumerate() {
         let v: u64 = stats.get(&(i as u32), 0)?.iter().sum();
         counts.push(format!("{name}={v}"));
+    }
+    if tunnel.is_some() {
+        for (i, name) in reverse::NAMES.iter().enumerate() {
+            let v: u64 = reverse_stats.get(&(i as u32), 0)?.iter().sum();
+            counts.push(format!("reverse_{name}={v}"));
+        }
     }
     tracing::info!("{why}: stopping ({})", counts.join(" "));
     drop(ebpf);

@@ -89,13 +89,14 @@ pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:>7} {:>6} {:>8} {:>9} {:>12}",
+        "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:<24} {:>7} {:>6} {:>8} {:>9} {:>12}",
         "ANYCAST ADDRESS",
         "SERVICE",
         "SERVER",
         "REAL ADDRESS",
         "STATE",
         "PROBE",
+        "REVERSE SYN-ACKS/SYNS",
         "WEIGHT",
         "SEQ",
         "AGE",
@@ -117,15 +118,24 @@ pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
             }
         });
         let state = format!("{:?}", b.state).to_lowercase();
+        let reverse = b.reverse.as_ref().map_or("-".to_string(), |r| {
+            format!(
+                "{} {}/{}",
+                format!("{:?}", r.state).to_lowercase(),
+                r.syn_acks,
+                r.syns
+            )
+        });
         let _ = writeln!(
             out,
-            "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:>7} {:>6} {:>7.0}s {:>8.1}s {:>12}",
+            "{:<24} {:<10} {:<12} {:<28} {:<9} {:<8} {:<24} {:>7} {:>6} {:>7.0}s {:>8.1}s {:>12}",
             b.id.anycast.to_string(),
             service,
             b.id.server,
             b.id.real.to_string(),
             state,
             format!("{:?}", b.condition).to_lowercase(),
+            reverse,
             b.weight,
             b.seq,
             b.age_secs,

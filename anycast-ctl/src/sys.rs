@@ -1,5 +1,5 @@
-//! The host around the data path: interface indexes, sysctls and addresses, each change
-//! recorded so it is undone when the agent or server exits.
+//! The host around the data path: interface indexes, sysctls, addresses and clsact qdiscs,
+//! each change recorded so it is undone when the agent or server exits.
 use std::{net::IpAddr, process::Command};
 
 use anyhow::{bail, Context as _, Result};
@@ -33,6 +33,8 @@ pub fn sysctl_get(key: &str) -> Result<String> {
 pub struct HostChanges {
     sysctls: Vec<(String, String)>,
     addresses: Vec<(IpAddr, String)>,
+    /// Interfaces we gave a clsact qdisc (for TC programs).
+    qdiscs: Vec<String>,
 }
 
 impl HostChanges {
@@ -81,7 +83,37 @@ impl HostChanges {
         Ok(())
     }
 
+    /// Gives an interface the clsact qdisc TC programs attach to, unless it has one.
+    pub fn add_clsact(&mut self, dev: &str) -> Result<()> {
+        match aya::programs::tc::qdisc_add_clsact(dev) {
+            Ok(()) => {
+                tracing::info!("added the clsact qdisc to {dev}");
+                self.qdiscs.push(dev.to_string());
+                Ok(())
+            }
+            Err(aya::programs::tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                tracing::info!("{dev} already has a clsact qdisc; leaving it there");
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("adding the clsact qdisc to {dev}")),
+        }
+    }
+
     pub fn undo(&mut self) {
+        while let Some(dev) = self.qdiscs.pop() {
+            // Deleting the qdisc deletes every filter on it.
+            let ok = Command::new("tc")
+                .args(["qdisc", "del", "dev", &dev, "clsact"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                tracing::info!("removed the clsact qdisc from {dev}");
+            } else {
+                tracing::warn!("could not remove the clsact qdisc from {dev}");
+            }
+        }
         while let Some((addr, dev)) = self.addresses.pop() {
             let prefix = if addr.is_ipv4() { 32 } else { 128 };
             let ok = Command::new("ip")

@@ -3,13 +3,19 @@
 //! parse -> look up the service -> flow table, else consistent-hash table (the client's
 //! preferred one, for a service with topology preferences) -> encapsulate -> FIB lookup ->
 //! XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
+//!
+//! Reverse tunnel: an IP-in-IP packet from a known server's real address to the agent's own
+//! address whose inner source is an anycast service is a server's reverse-tunnelled
+//! response (its SYN-ACK): counted per server in `REVERSE`, outer header stripped, inner
+//! packet passed to the kernel, which forwards it to the client. Only packets whose outer
+//! protocol is 4 or 41 take that path, so client packets pay nothing for it.
 use anycast_common::{
     flow_hash, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey, PreferenceTable,
-    ServerInfo, ServiceInfo, ServiceKey, Traffic, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
-    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
-    PREFERENCE_KEY_BITS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP,
-    SERVICE_HAS_PREFERENCES,
+    RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey, Traffic,
+    AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
+    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS, PREFERENCE_KEY_BITS, PROTO_IPIP,
+    PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use aya_ebpf::{
     bindings::{
@@ -18,7 +24,9 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap,
+    },
     programs::XdpContext,
 };
 
@@ -55,7 +63,13 @@ static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT
 #[map]
 static SERVICE_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 #[map]
-static SERVER_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
+static SERVER_STATS: PerCpuArray<ServerTraffic> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
+/// The installed servers' real addresses (keys written by the controller) and the packets
+/// each reverse-tunnelled through us. A packet from any other outer source is not
+/// decapsulated: the agent does not relay anycast-sourced packets for strangers.
+#[map]
+static REVERSE: PerCpuHashMap<RealKey, ReverseStats> =
+    PerCpuHashMap::with_max_entries(MAX_SERVERS, 0);
 
 const TTL: u8 = 64;
 
@@ -99,9 +113,23 @@ struct Parsed {
 }
 
 #[inline(always)]
+fn add_server_traffic(index: u32, bytes: u64, syn: bool) {
+    if let Some(t) = SERVER_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes;
+            (*t).syns += syn as u64;
+        }
+    }
+}
+
+#[inline(always)]
 fn forward(ctx: &XdpContext) -> (u32, u32) {
     let p = match parse(ctx) {
         Ok(p) => p,
+        // IP-in-IP (outer protocol 4 or 41): a server's reverse tunnel, or nothing of ours.
+        Err(verdict::REVERSE_TUNNEL) => return reverse(ctx),
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
     let Some(service) = lookup_service(&p.key) else {
@@ -113,7 +141,8 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     add_traffic(&SERVICE_STATS, service.id, frame_len);
-    add_traffic(&SERVER_STATS, server_id, frame_len);
+    let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    add_server_traffic(server_id, frame_len, syn);
     match encapsulate(ctx, &p, &server, hash) {
         Ok(outer_len) => send(ctx, &p, &server, outer_len),
         Err(reason) => (xdp_action::XDP_DROP, reason),
@@ -168,6 +197,8 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
     let l4_len = match proto {
         PROTO_TCP => TCP_LEN,
         PROTO_UDP => UDP_LEN,
+        // Not a verdict here: `forward` takes it to `reverse`.
+        PROTO_IPIP | PROTO_IPV6 => return Err(verdict::REVERSE_TUNNEL),
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };
     // The whole fixed L4 header must be inside the IP packet.
@@ -191,6 +222,131 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         tos,
         tcp_flags,
     })
+}
+
+/// A tunnel packet (outer IPv4 or IPv6, already checked by `parse`: version, lengths, not a
+/// fragment; protocol 4 or 41). If it goes from a known server's real address to the agent's
+/// own address and its inner source address, protocol and port are an anycast service, it is
+/// counted for that server, its outer header is stripped and the inner packet goes to the
+/// kernel (`XDP_PASS`), which forwards it to the client. Anything else passes untouched.
+#[inline(always)]
+fn reverse(ctx: &XdpContext) -> (u32, u32) {
+    const NOT_OURS: (u32, u32) = (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
+    const MALFORMED: (u32, u32) = (xdp_action::XDP_PASS, verdict::PASS_MALFORMED);
+    let Some(l2) = parse_l2(ctx) else {
+        return MALFORMED;
+    };
+    let l3 = l2.l3;
+    let Some(agent) = AGENT.get(0) else {
+        return NOT_OURS;
+    };
+    let mut real = RealKey::default();
+    let (outer_len, inner_proto) = match l2.ether_type {
+        ETH_P_IPV4 => {
+            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, l3) else {
+                return MALFORMED;
+            };
+            let dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+            if agent.flags & AGENT_HAS_V4 == 0 || dst != agent.v4 {
+                return NOT_OURS;
+            }
+            real.family = FAMILY_V4;
+            real.addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+            (((h[0] & 0x0f) as usize) * 4, h[9])
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, l3) else {
+                return MALFORMED;
+            };
+            if agent.flags & AGENT_HAS_V6 == 0 {
+                return NOT_OURS;
+            }
+            real.family = FAMILY_V6;
+            let mut i = 0;
+            while i < 4 {
+                let s = 8 + i * 4;
+                let d = 24 + i * 4;
+                if u32::from_ne_bytes([h[d], h[d + 1], h[d + 2], h[d + 3]]) != agent.v6[i] {
+                    return NOT_OURS;
+                }
+                real.addr[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
+                i += 1;
+            }
+            (IPV6_LEN, h[6])
+        }
+        _ => return NOT_OURS,
+    };
+    if outer_len < IPV4_LEN {
+        return MALFORMED;
+    }
+    let inner = l3 + outer_len;
+    let mut service = ServiceKey::default();
+    let (l4, ether_type) = match inner_proto {
+        PROTO_IPIP => {
+            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, inner) else {
+                return MALFORMED;
+            };
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            if h[0] >> 4 != 4 || ihl < IPV4_LEN {
+                return MALFORMED;
+            }
+            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+                return (xdp_action::XDP_PASS, verdict::PASS_FRAGMENT);
+            }
+            service.family = FAMILY_V4;
+            service.addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+            service.proto = h[9];
+            (inner + ihl, ETH_P_IPV4)
+        }
+        _ => {
+            // PROTO_IPV6: parse let nothing else through.
+            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, inner) else {
+                return MALFORMED;
+            };
+            if h[0] >> 4 != 6 {
+                return MALFORMED;
+            }
+            service.family = FAMILY_V6;
+            let mut i = 0;
+            while i < 4 {
+                let s = 8 + i * 4;
+                service.addr[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
+                i += 1;
+            }
+            service.proto = h[6];
+            (inner + IPV6_LEN, ETH_P_IPV6)
+        }
+    };
+    if service.proto != PROTO_TCP && service.proto != PROTO_UDP {
+        return NOT_OURS;
+    }
+    let Some(sport) = read_be16(ctx, l4) else {
+        return MALFORMED;
+    };
+    service.port = sport;
+    // SAFETY: only tested for presence.
+    if unsafe { SERVICES.get(&service) }.is_none() {
+        service.port = ANY_PORT;
+        if unsafe { SERVICES.get(&service) }.is_none() {
+            return NOT_OURS;
+        }
+    }
+    let Some(stats) = REVERSE.get_ptr_mut(&real) else {
+        return NOT_OURS;
+    };
+    // SAFETY: this CPU's value of an existing entry; no concurrent writer.
+    unsafe {
+        (*stats).packets += 1;
+        (*stats).last_seen_ns = bpf_ktime_get_coarse_ns();
+    }
+    if move_l2(ctx, 0, outer_len, l2.l3 != ETH_LEN, ether_type).is_none() {
+        return MALFORMED;
+    }
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+        return MALFORMED;
+    }
+    (xdp_action::XDP_PASS, verdict::REVERSE_TUNNEL)
 }
 
 #[inline(always)]

@@ -12,8 +12,9 @@ use aya_ebpf::{
 
 use crate::packet::*;
 
+/// Also read by the reverse-tunnel program (`reverse.rs`): its SYN-ACKs come from these.
 #[map]
-static SERVED: HashMap<ServedKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
+pub(crate) static SERVED: HashMap<ServedKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap::COUNT, 0);
 

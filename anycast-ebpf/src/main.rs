@@ -1,5 +1,6 @@
-//! The anycast data path: the agent's XDP forwarder, the server's decapsulator, and two
-//! trivial programs (a pass-through for veth peers, a MAC-swapping baseline for benchmarks).
+//! The anycast data path: the agent's XDP forwarder, the server's decapsulator (XDP) and
+//! reverse tunnel (TC egress), and two trivial programs (a pass-through for veth peers, a
+//! MAC-swapping baseline for benchmarks).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -9,6 +10,8 @@ mod agent;
 mod decap;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod reverse;
 
 #[cfg(target_arch = "bpf")]
 mod trivial {

@@ -23,16 +23,17 @@ use std::{
 };
 
 use anycast_common::{
-    flow_hash, maps, programs, verdict, FlowKey, PreferenceTable, ServiceKey, PROTO_TCP, PROTO_UDP,
+    addr_words, flow_hash, maps, programs, reverse, verdict, FlowKey, PreferenceTable,
+    ReverseConfig, ServedKey, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
-    flow_clock_now, Dataplane, DesiredServer, DesiredService, FlowReport, FlowTimeouts, Preference,
-    Sizes,
+    coarse_clock_ns, flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService,
+    FlowReport, FlowTimeouts, Preference, ReverseCounters, Sizes,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key as LpmKey, LpmTrie, Map, MapData, MapInfo},
-    programs::{TestRun, TestRunOptions, Xdp},
+    maps::{lpm_trie::Key as LpmKey, Array, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 
 // XDP actions, as the program returns them.
@@ -1135,6 +1136,9 @@ fn fixtures() -> Vec<Fixture> {
         verdict::PASS_FRAGMENT,
     ));
 
+    // --- Reverse tunnel: a server's SYN-ACK back through the agent.
+    v.extend(reverse_fixtures());
+
     // --- Every truncation of four packets.
     for (what, full, services) in [
         ("IPv4 TCP", &frame_tcp, web_and_dns()),
@@ -1161,7 +1165,10 @@ fn fixtures() -> Vec<Fixture> {
 fn looks_up_flow(reason: u32) -> bool {
     !matches!(
         reason,
-        verdict::PASS_NOT_SERVICE | verdict::PASS_FRAGMENT | verdict::PASS_MALFORMED
+        verdict::PASS_NOT_SERVICE
+            | verdict::PASS_FRAGMENT
+            | verdict::PASS_MALFORMED
+            | verdict::REVERSE_TUNNEL
     )
 }
 
@@ -1200,6 +1207,14 @@ fn check_fixture(
             &delta[..split],
             &want[..split],
             "{}: verdict counters that rose (expected {} +1)",
+            f.description,
+            verdict::NAMES[f.reason as usize]
+        );
+        let rest = verdict::FLOW_EXPIRED as usize + 1;
+        assert_eq!(
+            &delta[rest..],
+            &want[rest..],
+            "{}: verdict counters after the flow counters (expected {} +1)",
             f.description,
             verdict::NAMES[f.reason as usize]
         );
@@ -2319,5 +2334,625 @@ fn invalid_or_too_many_preferences_are_refused_before_anything_changes() -> Resu
         servers_used(&send_all(&h, &low, TCP_SYN)?),
         addrs(&[SERVER_C])
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Reverse tunnel, agent side: a server's SYN-ACK, IP-in-IP from its real address to the
+// agent, decapsulated and handed to the kernel for the client.
+
+/// The server's MAC in frames it sends to the agent's fx0.
+const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x0b];
+const TCP_SYN_ACK: u8 = 0x12;
+
+/// A TCP segment with `flags`.
+fn tcp_with_flags(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut seg = tcp(sport, dport, &[]);
+    seg[13] = flags;
+    seg
+}
+
+/// A server's answer: from the anycast `service` address and `port` to the client.
+fn answer(service: &str, proto: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let l4 = if proto == PROTO_TCP {
+        tcp_with_flags(sport, dport, flags)
+    } else {
+        udp(sport, dport, PAYLOAD)
+    };
+    match service.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(s) => ipv4(TOS, DF, proto, s, CLIENT_V4, &[], &l4),
+        IpAddr::V6(s) => ipv6(TCLASS, INNER_LABEL, proto, s, CLIENT_V6, &l4),
+    }
+}
+
+/// `inner` in an outer header from `real` to `agent` (IPv4: DF, TTL 64; IPv6: hop limit
+/// 64), in a frame from the server to the agent's fx0.
+fn reverse_frame(vlan: Option<u16>, real: &str, agent: IpAddr, inner: &[u8]) -> Vec<u8> {
+    let next = if inner[0] >> 4 == 4 { 4u8 } else { 41u8 };
+    let outer = match (real.parse::<IpAddr>().unwrap(), agent) {
+        (IpAddr::V4(r), IpAddr::V4(a)) => ipv4(0, DF, next, r, a, &[], inner),
+        (IpAddr::V6(r), IpAddr::V6(a)) => ipv6(0, 0, next, r, a, inner),
+        _ => panic!("mixed outer families"),
+    };
+    ethernet(FX0_MAC, SERVER_MAC, vlan, ethertype_of(&outer), &outer)
+}
+
+/// What the agent passes to the kernel: the inner packet in the same frame.
+fn decapsulated(vlan: Option<u16>, inner: &[u8]) -> Vec<u8> {
+    ethernet(FX0_MAC, SERVER_MAC, vlan, ethertype_of(inner), inner)
+}
+
+/// 192.0.2.10 tcp 80 served by 10.9.2.11; [2001:db8::10] tcp 443 served by 10.9.2.11 and
+/// fd09:2::11; 192.0.2.30 udp (every port) served by 10.9.2.11.
+fn reverse_services() -> Vec<DesiredService> {
+    vec![
+        service("web", "192.0.2.10", PROTO_TCP, 80, &[("10.9.2.11", 1)]),
+        service(
+            "web6",
+            "2001:db8::10",
+            PROTO_TCP,
+            443,
+            &[("10.9.2.11", 1), ("fd09:2::11", 1)],
+        ),
+        service("any-udp", "192.0.2.30", PROTO_UDP, 0, &[("10.9.2.11", 1)]),
+    ]
+}
+
+fn reverse_fixtures() -> Vec<Fixture> {
+    let mut v = Vec::new();
+    let a4 = IpAddr::V4(AGENT_V4);
+    let a6 = IpAddr::V6(AGENT_V6);
+    let syn_ack4 = answer("192.0.2.10", PROTO_TCP, 80, 40100, TCP_SYN_ACK);
+    let syn_ack6 = answer("2001:db8::10", PROTO_TCP, 443, 40101, TCP_SYN_ACK);
+    for (what, vlan, real, agent, inner) in [
+        ("IPv4-in-IPv4", None, "10.9.2.11", a4, &syn_ack4),
+        ("IPv6-in-IPv4", None, "10.9.2.11", a4, &syn_ack6),
+        ("IPv4-in-IPv6", None, "fd09:2::11", a6, &syn_ack4),
+        ("IPv6-in-IPv6", None, "fd09:2::11", a6, &syn_ack6),
+        (
+            "802.1Q VID 7 IPv4-in-IPv4",
+            Some(7),
+            "10.9.2.11",
+            a4,
+            &syn_ack4,
+        ),
+    ] {
+        v.push(fixture(
+            format!("reverse tunnel: {what} SYN-ACK from server {real} to the agent -> outer header stripped, XDP_PASS"),
+            reverse_services(),
+            reverse_frame(vlan, real, agent, inner),
+            XDP_PASS,
+            verdict::REVERSE_TUNNEL,
+            decapsulated(vlan, inner),
+        ));
+    }
+    let udp_answer = answer("192.0.2.30", PROTO_UDP, 5353, 40102, 0);
+    v.push(fixture(
+        "reverse tunnel: UDP answer from 192.0.2.30:5353 (a port-wildcard service) -> stripped, XDP_PASS",
+        reverse_services(),
+        reverse_frame(None, "10.9.2.11", a4, &udp_answer),
+        XDP_PASS,
+        verdict::REVERSE_TUNNEL,
+        decapsulated(None, &udp_answer),
+    ));
+    let icmp = ipv4(
+        TOS,
+        DF,
+        1,
+        "192.0.2.10".parse().unwrap(),
+        CLIENT_V4,
+        &[],
+        &[0, 0, 0xff, 0xff, 0, 0, 0, 0],
+    );
+    for (what, real, agent, inner) in [
+        (
+            "outer destination not the agent (10.9.2.12)",
+            "10.9.2.11",
+            IpAddr::V4("10.9.2.12".parse().unwrap()),
+            syn_ack4.clone(),
+        ),
+        (
+            "outer source 10.9.2.99 is no server of ours",
+            "10.9.2.99",
+            a4,
+            syn_ack4.clone(),
+        ),
+        (
+            "inner source 192.0.2.11 is no service",
+            "10.9.2.11",
+            a4,
+            answer("192.0.2.11", PROTO_TCP, 80, 40103, TCP_SYN_ACK),
+        ),
+        (
+            "inner source port 81 is not the service's",
+            "10.9.2.11",
+            a4,
+            answer("192.0.2.10", PROTO_TCP, 81, 40103, TCP_SYN_ACK),
+        ),
+        (
+            "inner UDP from the TCP service's address and port",
+            "10.9.2.11",
+            a4,
+            answer("192.0.2.10", PROTO_UDP, 80, 40103, 0),
+        ),
+        ("inner ICMP from the service address", "10.9.2.11", a4, icmp),
+    ] {
+        v.push(untouched(
+            format!("reverse tunnel: {what} -> pass untouched"),
+            reverse_services(),
+            reverse_frame(None, real, agent, &inner),
+            verdict::PASS_NOT_SERVICE,
+        ));
+    }
+    let mut frag = syn_ack4.clone();
+    frag[6..8].copy_from_slice(&0x2000u16.to_be_bytes()); // MF
+    frag[10..12].copy_from_slice(&[0, 0]);
+    let sum = inet_checksum(&frag[..20]);
+    frag[10..12].copy_from_slice(&sum.to_be_bytes());
+    v.push(untouched(
+        "reverse tunnel: the inner packet is a fragment -> pass untouched",
+        reverse_services(),
+        reverse_frame(None, "10.9.2.11", a4, &frag),
+        verdict::PASS_FRAGMENT,
+    ));
+    let full = reverse_frame(None, "10.9.2.11", a4, &syn_ack4);
+    for len in 14..full.len() {
+        v.push(untouched(
+            format!(
+                "reverse tunnel: IPv4-in-IPv4 truncated to {len} of {} bytes -> pass untouched",
+                full.len()
+            ),
+            reverse_services(),
+            full[..len].to_vec(),
+            verdict::PASS_MALFORMED,
+        ));
+    }
+    // The outer IPv4 header says 20 bytes more than the frame holds: the inner header is
+    // cut short, so nothing is decapsulated.
+    let mut short = full.clone();
+    let inner_cut = 14 + 20 + 12;
+    short.truncate(inner_cut);
+    let outer_total = (short.len() - 14) as u16;
+    short[16..18].copy_from_slice(&outer_total.to_be_bytes());
+    short[24..26].copy_from_slice(&[0, 0]);
+    let sum = inet_checksum(&short[14..34]);
+    short[24..26].copy_from_slice(&sum.to_be_bytes());
+    v.push(untouched(
+        "reverse tunnel: the inner IPv4 header is cut short (12 of 20 bytes) -> pass untouched",
+        reverse_services(),
+        short,
+        verdict::PASS_MALFORMED,
+    ));
+    v
+}
+
+fn reverse_counts(dp: &Dataplane) -> Result<BTreeMap<IpAddr, ReverseCounters>> {
+    dp.reverse_counters()
+}
+
+#[test]
+fn reverse_tunnelled_packets_are_counted_per_server_and_syns_per_server() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.dataplane.apply(&reverse_services())?;
+    let a4 = IpAddr::V4(AGENT_V4);
+    let a6 = IpAddr::V6(AGENT_V6);
+    let s4: IpAddr = "10.9.2.11".parse()?;
+    let s6: IpAddr = "fd09:2::11".parse()?;
+    let c = reverse_counts(&h.dataplane)?;
+    assert_eq!(
+        c.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([s4, s6]),
+        "one entry per installed server address"
+    );
+    assert!(
+        c.values().all(|x| *x == ReverseCounters::default()),
+        "{c:?}"
+    );
+
+    // Three reverse packets from 10.9.2.11 (two families inside), one from fd09:2::11.
+    let t0 = coarse_clock_ns();
+    let syn_ack4 = answer("192.0.2.10", PROTO_TCP, 80, 40200, TCP_SYN_ACK);
+    let syn_ack6 = answer("2001:db8::10", PROTO_TCP, 443, 40201, TCP_SYN_ACK);
+    for (real, agent, inner) in [
+        ("10.9.2.11", a4, &syn_ack4),
+        ("10.9.2.11", a4, &syn_ack4),
+        ("10.9.2.11", a4, &syn_ack6),
+        ("fd09:2::11", a6, &syn_ack4),
+    ] {
+        let (action, _) = run_xdp(
+            &h.dataplane,
+            h.fx0,
+            &reverse_frame(None, real, agent, inner),
+        )?;
+        assert_eq!(action_name(action), action_name(XDP_PASS));
+    }
+    // Refused ones count nothing.
+    run_xdp(
+        &h.dataplane,
+        h.fx0,
+        &reverse_frame(None, "10.9.2.99", a4, &syn_ack4),
+    )?;
+    run_xdp(
+        &h.dataplane,
+        h.fx0,
+        &reverse_frame(
+            None,
+            "10.9.2.11",
+            a4,
+            &answer("192.0.2.11", PROTO_TCP, 80, 1, TCP_SYN_ACK),
+        ),
+    )?;
+    let c = reverse_counts(&h.dataplane)?;
+    assert_eq!(c[&s4].reverse_packets, 3, "{c:?}");
+    assert_eq!(c[&s6].reverse_packets, 1, "{c:?}");
+    let now = coarse_clock_ns();
+    for s in [s4, s6] {
+        assert!(
+            (t0.saturating_sub(20_000_000)..=now + 20_000_000).contains(&c[&s].last_reverse_ns),
+            "{s}: last seen {} not within [{t0}, {now}] (coarse clock)",
+            c[&s].last_reverse_ns
+        );
+    }
+    assert_eq!(
+        counter(&h.dataplane, verdict::REVERSE_TUNNEL)?,
+        4,
+        "reverse_tunnel verdicts"
+    );
+
+    // SYNs (without ACK) forwarded to a server are counted for its address; other TCP
+    // packets and UDP are not.
+    let web = Flow::v4("192.0.2.10", PROTO_TCP, 40300, 80);
+    send(&h, &web, 0x02)?; // SYN
+    send(&h, &web, 0x02)?; // its retransmission
+    send(&h, &web, 0x10)?; // ACK
+    send(&h, &web, 0x18)?; // PSH ACK
+    let other = Flow::v4("192.0.2.10", PROTO_TCP, 40301, 80);
+    send(&h, &other, 0x02)?;
+    let dns = Flow::v4("192.0.2.30", PROTO_UDP, 40302, 53);
+    send(&h, &dns, 0)?;
+    let c = reverse_counts(&h.dataplane)?;
+    assert_eq!(c[&s4].syns, 3, "{c:?}");
+    assert_eq!(c[&s6].syns, 0, "{c:?}");
+    let report = h.dataplane.report()?;
+    let web_servers = &report
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .unwrap()
+        .servers;
+    assert_eq!(web_servers[0].syns, 3, "status shows the SYNs per server");
+
+    // A server that leaves loses its entry; its reverse packets are no longer taken.
+    h.dataplane.apply(&[service(
+        "web",
+        "192.0.2.10",
+        PROTO_TCP,
+        80,
+        &[("10.9.2.11", 1)],
+    )])?;
+    let c = reverse_counts(&h.dataplane)?;
+    assert!(!c.contains_key(&s6), "{c:?}");
+    assert_eq!(
+        c[&s4].reverse_packets, 3,
+        "a server that stays keeps its count"
+    );
+    let input = reverse_frame(None, "fd09:2::11", a6, &syn_ack4);
+    let (action, out) = run_xdp(&h.dataplane, h.fx0, &input)?;
+    assert_eq!(
+        (action_name(action), out),
+        (action_name(XDP_PASS), input),
+        "untouched"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Reverse tunnel, server side: the TC egress program, run with BPF_PROG_TEST_RUN.
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The server side's object, its maps and its loaded TC program, in the test namespace
+/// (whose forwarding, lo included, is on: the program's FIB lookups need it on lo).
+struct ServerSide {
+    ebpf: aya::Ebpf,
+    /// Held: a map whose last descriptor closes before the program loads is freed.
+    _served: aya::maps::HashMap<MapData, ServedKey, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, ReverseConfig>,
+    _ns: Netns,
+}
+
+impl ServerSide {
+    fn new(served: &[&str]) -> Result<Self> {
+        let ns = Netns::new()?;
+        let mut ebpf = load_object(Sizes {
+            ring_size: 1,
+            max_services: 1,
+            max_flows: 1,
+            max_preference_tables: 1,
+        })?;
+        let mut map: aya::maps::HashMap<MapData, ServedKey, u32> = aya::maps::HashMap::try_from(
+            ebpf.take_map(maps::SERVED)
+                .ok_or_else(|| anyhow!("no SERVED"))?,
+        )?;
+        for a in served {
+            map.insert(ServedKey::new(a.parse()?), 1, 0)?;
+        }
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map(maps::REVERSE_STATS)
+                .ok_or_else(|| anyhow!("no REVERSE_STATS"))?,
+        )?;
+        let config = Array::try_from(
+            ebpf.take_map(maps::REVERSE_CONFIG)
+                .ok_or_else(|| anyhow!("no REVERSE_CONFIG"))?,
+        )?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(programs::SERVER_REVERSE)
+            .ok_or_else(|| anyhow!("no program {}", programs::SERVER_REVERSE))?
+            .try_into()?;
+        prog.load().context("loading the reverse-tunnel program")?;
+        Ok(ServerSide {
+            ebpf,
+            _served: map,
+            stats,
+            config,
+            _ns: ns,
+        })
+    }
+
+    fn set_tunnel(&mut self, agent: &str, source: &str) -> Result<()> {
+        let (agent, family) = addr_words(agent.parse()?);
+        self.config.set(
+            0,
+            ReverseConfig {
+                agent,
+                source: addr_words(source.parse()?).0,
+                family,
+                _pad: [0; 3],
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    fn run(&self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(programs::SERVER_REVERSE)
+            .ok_or_else(|| anyhow!("no program"))?
+            .try_into()?;
+        let mut out = vec![0u8; input.len() + 128];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN (sched_cls)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn counters(&self) -> Result<Vec<u64>> {
+        (0..reverse::COUNT)
+            .map(|i| Ok(self.stats.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+/// A frame as the server's stack sends it towards the client (via its router).
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x09, 0x01];
+
+fn server_frame(ip: &[u8]) -> Vec<u8> {
+    ethernet(ROUTER_MAC, SERVER_MAC, None, ethertype_of(ip), ip)
+}
+
+/// `inner` IP-in-IP from `source` to `agent` as the program builds it: outer IPv4 with the
+/// inner DSCP/ECN, DF, TTL 64, id 0; outer IPv6 with the inner traffic class, flow label 0,
+/// hop limit 64.
+fn tunnelled(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    source: &str,
+    agent: &str,
+    inner: &[u8],
+) -> Vec<u8> {
+    let (tos, next) = match inner[0] >> 4 {
+        4 => (inner[1], 4u8),
+        _ => ((inner[0] << 4) | (inner[1] >> 4), 41u8),
+    };
+    let outer = match (
+        source.parse::<IpAddr>().unwrap(),
+        agent.parse::<IpAddr>().unwrap(),
+    ) {
+        (IpAddr::V4(s), IpAddr::V4(a)) => {
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&(20 + inner.len() as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0x40, 0, 64, next, 0, 0]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&a.octets());
+            let sum = inet_checksum(&h);
+            h[10..12].copy_from_slice(&sum.to_be_bytes());
+            h.extend_from_slice(inner);
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(a)) => {
+            let first = (6u32 << 28) | (u32::from(tos) << 20);
+            let mut h = first.to_be_bytes().to_vec();
+            h.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+            h.push(next);
+            h.push(64);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&a.octets());
+            h.extend_from_slice(inner);
+            h
+        }
+        _ => panic!("mixed outer families"),
+    };
+    ethernet(dst_mac, src_mac, None, ethertype_of(&outer), &outer)
+}
+
+/// Runs the server's program on `input` and compares action, output and the counter that
+/// rose; returns a description of what differs.
+fn tc_case(
+    srv: &ServerSide,
+    what: &str,
+    input: Vec<u8>,
+    rc: u32,
+    want: Vec<u8>,
+    reason: u32,
+) -> Option<String> {
+    let outcome = (|| -> Result<Option<String>> {
+        let before = srv.counters()?;
+        let (got_rc, out) = srv.run(&input)?;
+        let after = srv.counters()?;
+        let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let mut want_delta = vec![0; reverse::COUNT as usize];
+        want_delta[reason as usize] = 1;
+        if got_rc == rc && out == want && delta == want_delta {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "{what}: action {got_rc} (want {rc}), counters {delta:?} (want {want_delta:?}), {}\nactual:\n{}expected:\n{}",
+            first_difference(&out, &want),
+            hex(&out),
+            hex(&want)
+        )))
+    })();
+    outcome.unwrap_or_else(|e| Some(format!("{what}: {e:#}")))
+}
+
+#[test]
+fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_else() -> Result<()>
+{
+    let mut srv = ServerSide::new(&["192.0.2.10", "2001:db8::10"])?;
+    let syn_ack4 = answer("192.0.2.10", PROTO_TCP, 80, 40400, TCP_SYN_ACK);
+    let syn_ack6 = answer("2001:db8::10", PROTO_TCP, 443, 40401, TCP_SYN_ACK);
+
+    // Not configured yet: untouched.
+    let (rc, out) = srv.run(&server_frame(&syn_ack4))?;
+    assert_eq!((rc, out), (TC_ACT_OK, server_frame(&syn_ack4)));
+
+    // The agent 10.9.3.11 is routed via fy0 (a permanent neighbour): the route to the
+    // agent, not the client's, gives the egress and the MACs.
+    srv.set_tunnel("10.9.3.11", "10.9.2.1")?;
+    let agent_mac = neighbour_mac("10.9.3.11");
+    let mut failures = Vec::new();
+    failures.extend(tc_case(
+        &srv,
+        "IPv4 SYN-ACK from 192.0.2.10 -> IPv4-in-IPv4 to the agent, redirected",
+        server_frame(&syn_ack4),
+        TC_ACT_REDIRECT,
+        tunnelled(agent_mac, FY0_MAC, "10.9.2.1", "10.9.3.11", &syn_ack4),
+        reverse::TUNNELLED,
+    ));
+    failures.extend(tc_case(
+        &srv,
+        "IPv6 SYN-ACK from 2001:db8::10 -> IPv6-in-IPv4 (41) to the agent, redirected",
+        server_frame(&syn_ack6),
+        TC_ACT_REDIRECT,
+        tunnelled(agent_mac, FY0_MAC, "10.9.2.1", "10.9.3.11", &syn_ack6),
+        reverse::TUNNELLED,
+    ));
+    for (what, flags) in [
+        ("SYN", 0x02u8),
+        ("ACK", 0x10),
+        ("PSH ACK (data)", 0x18),
+        ("FIN ACK", 0x11),
+        ("RST ACK", 0x14),
+        ("SYN ACK with RST", 0x16),
+    ] {
+        let p = answer("192.0.2.10", PROTO_TCP, 80, 40402, flags);
+        failures.extend(tc_case(
+            &srv,
+            &format!("{what} from the anycast address -> untouched"),
+            server_frame(&p),
+            TC_ACT_OK,
+            server_frame(&p),
+            reverse::PASS_OTHER,
+        ));
+    }
+    let udp_answer = answer("192.0.2.10", PROTO_UDP, 53, 40403, 0);
+    failures.extend(tc_case(
+        &srv,
+        "UDP from the anycast address -> untouched",
+        server_frame(&udp_answer),
+        TC_ACT_OK,
+        server_frame(&udp_answer),
+        reverse::PASS_OTHER,
+    ));
+    let not_served = answer("192.0.2.99", PROTO_TCP, 80, 40404, TCP_SYN_ACK);
+    failures.extend(tc_case(
+        &srv,
+        "SYN-ACK from 192.0.2.99, not an anycast address of ours -> untouched",
+        server_frame(&not_served),
+        TC_ACT_OK,
+        server_frame(&not_served),
+        reverse::PASS_NOT_SERVED,
+    ));
+    failures.extend(tc_case(
+        &srv,
+        "ARP -> untouched",
+        arp_request(),
+        TC_ACT_OK,
+        arp_request(),
+        reverse::PASS_OTHER,
+    ));
+    // The kernel refuses sched_cls test frames of the IPv4 ether type shorter than an IPv4
+    // header (14 + 20 bytes); 46 ends just before the TCP flags.
+    for len in [34usize, 40, 46] {
+        let cut = server_frame(&syn_ack4)[..len].to_vec();
+        failures.extend(tc_case(
+            &srv,
+            &format!("SYN-ACK truncated to {len} bytes -> untouched"),
+            cut.clone(),
+            TC_ACT_OK,
+            cut,
+            reverse::PASS_OTHER,
+        ));
+    }
+
+    // No neighbour entry for the agent yet: tunnelled and left to bpf_redirect_neigh,
+    // MACs untouched.
+    srv.set_tunnel("10.9.2.99", "10.9.2.1")?;
+    failures.extend(tc_case(
+        &srv,
+        "agent 10.9.2.99 without a neighbour entry -> tunnelled, redirect_neigh, MACs unchanged",
+        server_frame(&syn_ack4),
+        TC_ACT_REDIRECT,
+        tunnelled(ROUTER_MAC, SERVER_MAC, "10.9.2.1", "10.9.2.99", &syn_ack4),
+        reverse::TUNNELLED_RESOLVING,
+    ));
+    srv.set_tunnel("10.99.0.1", "10.9.2.1")?;
+    failures.extend(tc_case(
+        &srv,
+        "no route to the agent 10.99.0.1 -> untouched, straight to the client",
+        server_frame(&syn_ack4),
+        TC_ACT_OK,
+        server_frame(&syn_ack4),
+        reverse::PASS_NO_ROUTE,
+    ));
+
+    // An IPv6 agent: IPv4-in-IPv6 and IPv6-in-IPv6 from the server's IPv6 address, via fx0.
+    srv.set_tunnel("fd09:2::11", "fd09:2::1")?;
+    let agent6_mac = neighbour_mac("fd09:2::11");
+    failures.extend(tc_case(
+        &srv,
+        "IPv4 SYN-ACK, IPv6 agent -> IPv4-in-IPv6 (4), redirected via fx0",
+        server_frame(&syn_ack4),
+        TC_ACT_REDIRECT,
+        tunnelled(agent6_mac, FX0_MAC, "fd09:2::1", "fd09:2::11", &syn_ack4),
+        reverse::TUNNELLED,
+    ));
+    failures.extend(tc_case(
+        &srv,
+        "IPv6 SYN-ACK, IPv6 agent -> IPv6-in-IPv6 (41), redirected via fx0",
+        server_frame(&syn_ack6),
+        TC_ACT_REDIRECT,
+        tunnelled(agent6_mac, FX0_MAC, "fd09:2::1", "fd09:2::11", &syn_ack6),
+        reverse::TUNNELLED,
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

@@ -100,10 +100,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The health-check targets of a service's candidate: one per configured check, at the
 /// check's port or the service's (none for TCP/HTTP checks of an every-port service).
-fn targets(checks: &[CheckConfig], port: u16, c: &Candidate) -> Vec<Target> {
-    checks
+fn targets(checks: &[CheckConfig], which: &[usize], port: u16, c: &Candidate) -> Vec<Target> {
+    which
         .iter()
-        .enumerate()
+        .filter_map(|&i| checks.get(i).map(|check| (i, check)))
         .filter_map(|(i, check)| {
             let port = match &check.kind {
                 CheckKind::Tcp { port: Some(p) } | CheckKind::Http { port: Some(p), .. } => *p,
@@ -241,7 +241,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     agent
         .checker
         .borrow_mut()
-        .set_checks(agent.config.health_checks.clone());
+        .set_checks(agent.config.all_checks());
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
     let why = local
         .run_until(async {
@@ -344,7 +344,7 @@ impl Agent {
             Some(r) => r.plan(&configured),
             None => configured,
         };
-        let checks = &self.config.health_checks;
+        let checks = self.config.all_checks();
         let checker = self.checker.borrow();
         for plan in &mut plans {
             plan.preferences = self
@@ -365,7 +365,14 @@ impl Agent {
             for c in &mut plan.candidates {
                 c.draining |= self.drained.contains(&c.name);
                 // The worst of the binding's own condition and every check of the server.
-                for t in targets(checks, plan.key.port, c) {
+                for t in targets(
+                    &checks,
+                    &self
+                        .config
+                        .checks_of(plan.key.ip(), plan.key.proto, plan.key.port),
+                    plan.key.port,
+                    c,
+                ) {
                     let seen = match checker.health(&t) {
                         Some(Health::Down) => Condition::Down,
                         Some(Health::Suspect) => Condition::Suspect,
@@ -388,13 +395,18 @@ impl Agent {
             Some(r) => r.plan(&configured),
             None => configured,
         };
-        let checks = &self.config.health_checks;
+        let checks = self.config.all_checks();
         let all: std::collections::BTreeSet<Target> = plans
             .iter()
             .flat_map(|p| {
-                p.candidates
-                    .iter()
-                    .flat_map(|c| targets(checks, p.key.port, c))
+                p.candidates.iter().flat_map(|c| {
+                    targets(
+                        &checks,
+                        &self.config.checks_of(p.key.ip(), p.key.proto, p.key.port),
+                        p.key.port,
+                        c,
+                    )
+                })
             })
             .collect();
         self.checker.borrow_mut().set_targets(all);
@@ -503,7 +515,7 @@ impl Agent {
         self.config = new;
         self.checker
             .borrow_mut()
-            .set_checks(self.config.health_checks.clone());
+            .set_checks(self.config.all_checks());
         self.dataplane
             .set_flow_timeouts(self.config.flow_timeouts)?;
         self.registry = match (self.registry.take(), new_registry) {
@@ -534,7 +546,7 @@ impl Agent {
                 .map(|(t, h, detail)| HealthStatus {
                     check: self
                         .config
-                        .health_checks
+                        .all_checks()
                         .get(t.check)
                         .map_or("?".into(), |c| kind_name(&c.kind)),
                     server: t.server,

@@ -263,6 +263,10 @@ pub struct Service {
     /// 1-65535, or 0 for every port of the address and protocol.
     pub port: u16,
     pub servers: Vec<Server>,
+    /// This service's own health checks, instead of the top-level `health_checks`
+    /// (`[]`: none). Absent: the top-level ones.
+    #[serde(default)]
+    pub health_checks: Option<Vec<crate::health::CheckConfig>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -516,6 +520,24 @@ impl Config {
                     ));
                 }
             }
+            for (j, c) in s.health_checks.iter().flatten().enumerate() {
+                c.validate(&format!("services[{i}].health_checks[{j}]"))
+                    .map_err(|e| match e.split_once(": ") {
+                        Some((f, why)) => err(f, why),
+                        None => err(format!("services[{i}].health_checks[{j}]"), e),
+                    })?;
+                let needs_port = matches!(
+                    c.kind,
+                    crate::health::CheckKind::Tcp { port: None }
+                        | crate::health::CheckKind::Http { port: None, .. }
+                );
+                if needs_port && s.port == 0 {
+                    return Err(err(
+                        format!("services[{i}].health_checks[{j}].port"),
+                        "a TCP or HTTP check of an every-port service needs a port",
+                    ));
+                }
+            }
             server_count += s.servers.len();
         }
         if server_count > MAX_SERVERS as usize {
@@ -572,6 +594,35 @@ impl Config {
             r.validate()?;
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Every health check: the top-level ones, then each service's own, in order; what the
+    /// checker runs and what `Target::check` indexes.
+    pub fn all_checks(&self) -> Vec<crate::health::CheckConfig> {
+        let mut all = self.health_checks.clone();
+        for s in &self.services {
+            all.extend(s.health_checks.iter().flatten().cloned());
+        }
+        all
+    }
+
+    /// The indexes (into `all_checks`) of the checks that apply to a service: its own if it
+    /// is configured with some, else the top-level ones.
+    pub fn checks_of(&self, address: IpAddr, protocol: u8, port: u16) -> Vec<usize> {
+        let mut next = self.health_checks.len();
+        for s in &self.services {
+            let own = s.health_checks.as_ref().map_or(0, Vec::len);
+            if s.address == address && s.protocol.number() == protocol && s.port == port {
+                if let Some(list) = &s.health_checks {
+                    return (next..next + list.len()).collect();
+                }
+                break;
+            }
+            next += own;
+        }
+        (0..self.health_checks.len()).collect()
     }
 }
 
@@ -795,6 +846,36 @@ mod tests {
         );
         let checks = base.replace("\"services\": [", r#""health_checks": [{"type": "tcp", "interval_ms": 100, "timeout_ms": 200}], "services": ["#);
         assert_eq!(field_of(&checks), "health_checks[0].timeout_ms");
+    }
+
+    #[test]
+    fn a_service_can_have_its_own_health_checks() {
+        let text = good()
+            .replace(
+                "\"services\": [",
+                r#""health_checks": [{"type": "icmp"}], "services": ["#,
+            )
+            .replace(
+                "\"port\": 80,",
+                r#""port": 80, "health_checks": [{"type": "tcp"}, {"type": "http", "path": "/"}],"#,
+            );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.all_checks().len(), 3);
+        let web = c.checks_of("192.0.2.10".parse().unwrap(), 6, 80);
+        assert_eq!(web, vec![1, 2], "the web service's own checks");
+        let dns = c.checks_of("2001:db8::53".parse().unwrap(), 17, 0);
+        assert_eq!(dns, vec![0], "the top-level checks");
+        assert_eq!(
+            c.checks_of("198.51.100.1".parse().unwrap(), 6, 80),
+            vec![0],
+            "a registered service"
+        );
+        // A TCP check without a port on an every-port service is refused.
+        let bad = text.replace(
+            "\"port\": 0,",
+            r#""port": 0, "health_checks": [{"type": "tcp"}],"#,
+        );
+        assert_eq!(field_of(&bad), "services[1].health_checks[0].port");
     }
 
     #[test]

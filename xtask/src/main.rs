@@ -314,9 +314,6 @@ fn run_binary(root: &Path, name: &str, args: &[String]) -> Result<()> {
         .map_or_else(|| root.join("target"), |dir| root.join(dir));
     let bin = target_dir.join("release").join(name);
     if !bin.is_file() {
-        if name == "anycast-bench" {
-            bail!("benchmarks are not implemented yet (issue 5)");
-        }
         bail!("{} was not built", bin.display());
     }
     let mut cmd = Command::new(&bin);

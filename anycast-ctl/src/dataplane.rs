@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
 };
 
 use anycast_common::{
@@ -31,8 +32,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMapHash, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
-        PerCpuValues,
+        Array, DevMapHash, HashMap as BpfHashMap, IterableMap as _, MapData, MapError, PerCpuArray,
+        PerCpuHashMap, PerCpuValues,
     },
     programs::{xdp::XdpMode, Xdp},
     Ebpf, EbpfLoader,
@@ -239,6 +240,57 @@ pub fn flow_clock_now() -> u32 {
     ts.tv_sec as u32
 }
 
+/// What a consistent-hash table is a function of: the ring size and, in order, each
+/// server's address (its member key), its weight as a member (0 when it is down or not a
+/// member of this table) and its slot (what the entries hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TableInputs {
+    ring: u32,
+    members: Vec<(IpAddr, u32, u32)>,
+}
+
+impl TableInputs {
+    /// The inputs of the table over the `servers` that `member` admits.
+    fn new(
+        servers: &[InstalledServer],
+        member: impl Fn(&InstalledServer) -> bool,
+        ring: u32,
+    ) -> Self {
+        TableInputs {
+            ring,
+            members: servers
+                .iter()
+                .map(|s| {
+                    let weight = if s.up && member(s) { s.weight } else { 0 };
+                    (s.address, weight, s.slot)
+                })
+                .collect(),
+        }
+    }
+
+    /// The consistent-hash table, as server slots.
+    fn build(&self) -> Vec<u32> {
+        let members: Vec<table::Member> = self
+            .members
+            .iter()
+            .map(|&(address, weight, _)| table::Member {
+                key: table::member_key(&address.to_string()),
+                weight,
+            })
+            .collect();
+        table::build(&members, self.ring)
+            .into_iter()
+            .map(|i| {
+                if i == NO_SERVER {
+                    NO_SERVER
+                } else {
+                    self.members[i as usize].2
+                }
+            })
+            .collect()
+    }
+}
+
 /// A consistent-hash table's two areas in `RINGS`: the data path reads one (live), the
 /// controller writes the other, then switches.
 #[derive(Default)]
@@ -247,6 +299,8 @@ struct TableArea {
     live_half: u32,
     /// What each half holds, if known (a half never written is unknown and written whole).
     halves: [Option<Vec<u32>>; 2],
+    /// What the live half was built from, if known.
+    live_inputs: Option<TableInputs>,
 }
 
 impl TableArea {
@@ -255,6 +309,7 @@ impl TableArea {
         TableArea {
             live_half: 1,
             halves: [None, None],
+            live_inputs: None,
         }
     }
 
@@ -262,29 +317,136 @@ impl TableArea {
         self.halves[self.live_half as usize].as_deref()
     }
 
-    /// Writes `entries` into the half the data path is not reading (only the entries that
-    /// differ from what it holds) and makes it the live half; the caller then points the
-    /// data path at `base(live_half)`. Returns the new live half.
-    fn write_next(
+    /// Makes the live half hold the table of `inputs`. When the live half was built from the
+    /// same inputs, or holds the same entries, nothing is built, written or switched.
+    /// Otherwise the table is written into the half the data path is not reading (only the
+    /// entries that differ from what it holds), which becomes the live half; the caller then
+    /// points the data path at `base(live_half)`. Returns whether the live half changed.
+    fn publish(
         &mut self,
-        rings: &mut Array<MapData, u32>,
+        rings: &mut Rings,
         base: impl Fn(u32) -> u32,
-        entries: Vec<u32>,
-    ) -> Result<u32> {
+        inputs: TableInputs,
+    ) -> Result<bool> {
+        if self.live().is_some() && self.live_inputs.as_ref() == Some(&inputs) {
+            return Ok(false);
+        }
+        let entries = inputs.build();
+        if self.live() == Some(&entries[..]) {
+            self.live_inputs = Some(inputs);
+            return Ok(false);
+        }
         let half = 1 - self.live_half;
         let start = base(half);
         let known = self.halves[half as usize].take();
+        let mut indices = Vec::new();
+        let mut values = Vec::new();
         for (i, &e) in entries.iter().enumerate() {
             if known.as_ref().is_some_and(|k| k[i] == e) {
                 continue;
             }
-            rings
-                .set(start + i as u32, e, 0)
-                .context("writing a consistent-hash table")?;
+            indices.push(start + i as u32);
+            values.push(e);
         }
+        rings
+            .write(&indices, &values)
+            .context("writing a consistent-hash table")?;
         self.halves[half as usize] = Some(entries);
         self.live_half = half;
-        Ok(half)
+        self.live_inputs = Some(inputs);
+        Ok(true)
+    }
+}
+
+/// `bpf(2)` command `BPF_MAP_UPDATE_BATCH` (Linux 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `ENOTSUPP`, the kernel-internal "operation not supported" `bpf(2)` may return.
+const ENOTSUPP: i32 = 524;
+/// Entries per `BPF_MAP_UPDATE_BATCH` call.
+const BATCH_CHUNK: usize = 8192;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `RINGS`, written with `BPF_MAP_UPDATE_BATCH` where the kernel takes it, else one update
+/// per entry.
+struct Rings {
+    map: Array<MapData, u32>,
+    /// False once the kernel refused a batch update.
+    batch: bool,
+}
+
+impl Rings {
+    /// Sets `map[indices[i]] = values[i]` for every i.
+    fn write(&mut self, indices: &[u32], values: &[u32]) -> Result<(), MapError> {
+        debug_assert_eq!(indices.len(), values.len());
+        for (keys, vals) in indices.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
+            if self.batch {
+                match self.update_batch(keys, vals) {
+                    Ok(()) => continue,
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)
+                        ) =>
+                    {
+                        tracing::debug!(
+                            "BPF_MAP_UPDATE_BATCH refused ({e}); writing tables entry by entry"
+                        );
+                        self.batch = false;
+                    }
+                    Err(io_error) => {
+                        return Err(MapError::SyscallError(aya::sys::SyscallError {
+                            call: "BPF_MAP_UPDATE_BATCH",
+                            io_error,
+                        }))
+                    }
+                }
+            }
+            // Entry by entry (the whole chunk again, if a batch stopped part-way: the writes
+            // are idempotent).
+            for (&k, &v) in keys.iter().zip(vals) {
+                self.map.set(k, v, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn update_batch(&self, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+        let fd = self.map.map().fd().as_fd().as_raw_fd();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys` and `values`
+        // hold `count` u32 keys and values (the map's key and value size) and outlive the
+        // call; the kernel only reads them and writes `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +460,8 @@ struct InstalledService {
     preference_tables: Vec<Option<u32>>,
     /// The service's entries in `PREFERENCES`.
     preference_keys: HashMap<PreferenceKey, PreferenceTable>,
+    /// What its `SERVICES` entry holds, if written.
+    published: Option<ServiceInfo>,
 }
 
 impl InstalledService {
@@ -324,8 +488,10 @@ pub struct Dataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
     services_map: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
-    rings: Array<MapData, u32>,
+    rings: Rings,
     servers_map: Array<MapData, ServerInfo>,
+    /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
+    servers_written: Vec<ServerInfo>,
     agent_map: Array<MapData, AgentInfo>,
     flows_map: BpfHashMap<MapData, FlowKey, FlowValue>,
     flow_config: Array<MapData, FlowConfig>,
@@ -356,8 +522,12 @@ impl Dataplane {
         let mut ebpf = load_object(sizes)?;
         let mut dp = Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
-            rings: take(&mut ebpf, maps::RINGS)?,
+            rings: Rings {
+                map: take(&mut ebpf, maps::RINGS)?,
+                batch: true,
+            },
             servers_map: take(&mut ebpf, maps::SERVERS)?,
+            servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
             agent_map: take(&mut ebpf, maps::AGENT)?,
             flows_map: take(&mut ebpf, maps::FLOWS)?,
             flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
@@ -519,9 +689,31 @@ impl Dataplane {
     /// family than the service, or longer than its address) are refused before anything
     /// changes, as is a set that needs more preference tables or prefixes than the maps
     /// hold.
+    ///
+    /// Servers that stay but go up or down get their `SERVERS` slot written first, for every
+    /// service, before any table is built: flows pinned to a server that went down are
+    /// re-chosen at once. A table whose inputs (servers, weights, states, slots) did not
+    /// change since it was published is neither rebuilt nor rewritten nor switched.
     pub fn apply(&mut self, desired: &[DesiredService]) -> Result<()> {
         let ring = self.sizes.ring_size;
         self.check_preferences(desired)?;
+        // Servers that stay and change state, first.
+        let mut changed = Vec::new();
+        for want in desired {
+            let Some(svc) = self.installed.get(&want.key) else {
+                continue;
+            };
+            for w in &want.servers {
+                if let Some(s) = svc.servers.iter().find(|s| s.address == w.address) {
+                    if s.up != w.up {
+                        changed.push((s.slot, w.address, w.up));
+                    }
+                }
+            }
+        }
+        for (slot, address, up) in changed {
+            self.write_server(slot, address, up)?;
+        }
         // Services no longer wanted give up their preference tables first (their clients use
         // the service's table until the service goes), so others can take them.
         let gone: Vec<ServiceKey> = self
@@ -541,9 +733,12 @@ impl Dataplane {
                 .into_iter()
                 .flatten()
                 .collect();
-            self.services_map
-                .insert(key, info, 0)
-                .context("publishing a service")?;
+            if svc.published != Some(info) {
+                self.services_map
+                    .insert(key, info, 0)
+                    .context("publishing a service")?;
+                svc.published = Some(info);
+            }
             for k in keys.keys() {
                 self.remove_preference_key(k)?;
             }
@@ -581,6 +776,7 @@ impl Dataplane {
                         servers: Vec::new(),
                         preference_tables: Vec::new(),
                         preference_keys: HashMap::new(),
+                        published: None,
                     }
                 }
             };
@@ -602,11 +798,11 @@ impl Dataplane {
                 });
             }
             let leaving = std::mem::replace(&mut svc.servers, servers);
-            // The table, into the half the data path is not reading.
-            let entries = table_entries(&svc.servers, |_| true, ring);
+            // The table, into the half the data path is not reading (unless unchanged).
+            let inputs = TableInputs::new(&svc.servers, |_| true, ring);
             let id = svc.id;
             svc.area
-                .write_next(&mut self.rings, |half| (id * 2 + half) * ring, entries)?;
+                .publish(&mut self.rings, |half| (id * 2 + half) * ring, inputs)?;
             // Preference tables and their prefixes, before the switch that may start using
             // them.
             let (tables, keys, spare) = self.write_preferences(&svc, want)?;
@@ -617,9 +813,13 @@ impl Dataplane {
             } else {
                 SERVICE_HAS_PREFERENCES
             };
-            self.services_map
-                .insert(want.key, svc.info(ring, flags), 0)
-                .context("publishing a service")?;
+            let info = svc.info(ring, flags);
+            if svc.published != Some(info) {
+                self.services_map
+                    .insert(want.key, info, 0)
+                    .context("publishing a service")?;
+                svc.published = Some(info);
+            }
             for k in old_keys.keys() {
                 if !svc.preference_keys.contains_key(k) {
                     self.remove_preference_key(k)?;
@@ -812,16 +1012,14 @@ impl Dataplane {
                     t
                 }
             };
-            let entries = table_entries(&svc.servers, |s| able(s, pref), ring);
+            let inputs = TableInputs::new(&svc.servers, |s| able(s, pref), ring);
             let area_index = self.sizes.max_services + t;
             let area = &mut self.preference_areas[t as usize];
-            if area.live() != Some(&entries[..]) {
-                area.write_next(
-                    &mut self.rings,
-                    |half| (area_index * 2 + half) * ring,
-                    entries,
-                )?;
-            }
+            area.publish(
+                &mut self.rings,
+                |half| (area_index * 2 + half) * ring,
+                inputs,
+            )?;
             let value = PreferenceTable {
                 ring_base: (area_index * 2 + area.live_half) * ring,
                 ring_size: ring,
@@ -893,15 +1091,21 @@ impl Dataplane {
             _pad: [0; 2],
             generation: self.generations[slot as usize],
         };
-        self.servers_map
-            .set(slot, info, 0)
-            .context("writing a server")
+        self.set_server(slot, info).context("writing a server")
+    }
+
+    /// Writes a `SERVERS` slot, unless it already holds `info`.
+    fn set_server(&mut self, slot: u32, info: ServerInfo) -> Result<(), MapError> {
+        if self.servers_written[slot as usize] != info {
+            self.servers_map.set(slot, info, 0)?;
+            self.servers_written[slot as usize] = info;
+        }
+        Ok(())
     }
 
     /// Marks the slot down, so flows pinned to it are re-chosen, and queues it for reuse.
     fn release_slot(&mut self, slot: u32) -> Result<()> {
-        self.servers_map
-            .set(slot, ServerInfo::default(), 0)
+        self.set_server(slot, ServerInfo::default())
             .context("removing a server")?;
         self.free_slots.push_back(slot);
         Ok(())
@@ -949,32 +1153,6 @@ impl Dataplane {
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(DataplaneReport { services, verdicts })
     }
-}
-
-/// The consistent-hash table over the `servers` that `member` admits (the others get no
-/// entries), as server slots.
-fn table_entries(
-    servers: &[InstalledServer],
-    member: impl Fn(&InstalledServer) -> bool,
-    ring: u32,
-) -> Vec<u32> {
-    let members: Vec<table::Member> = servers
-        .iter()
-        .map(|s| table::Member {
-            key: table::member_key(&s.address.to_string()),
-            weight: if s.up && member(s) { s.weight } else { 0 },
-        })
-        .collect();
-    table::build(&members, ring)
-        .into_iter()
-        .map(|i| {
-            if i == NO_SERVER {
-                NO_SERVER
-            } else {
-                servers[i as usize].slot
-            }
-        })
-        .collect()
 }
 
 /// Preferences of `want` that get a table: those with a server able to take new flows.

@@ -143,8 +143,11 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     add_traffic(&SERVICE_STATS, service.id, frame_len);
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     add_server_traffic(server_id, frame_len, syn);
-    match encapsulate(ctx, &p, &server, hash) {
-        Ok(outer_len) => send(ctx, &p, &server, outer_len),
+    let Some(agent) = AGENT.get(0) else {
+        return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
+    };
+    match encapsulate(ctx, &p, agent, &server, hash) {
+        Ok(outer_len) => send(ctx, &p, agent, &server, outer_len),
         Err(reason) => (xdp_action::XDP_DROP, reason),
     }
 }
@@ -157,40 +160,61 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
     let mut key = FlowKey::default();
     let (l4, proto, inner_len, tos) = match l2.ether_type {
         ETH_P_IPV4 => {
-            let h = read::<[u8; IPV4_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)?;
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
-            if h[0] >> 4 != 4 || ihl < IPV4_LEN || tot_len < ihl || l3 + tot_len > frame_len {
+            let h = ptr_at::<[u8; IPV4_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)? as *const u8;
+            // SAFETY: ptr_at checked the bounds of the whole header.
+            let (vhl, tos, tot_len, frag, proto, src, dst) = unsafe {
+                (
+                    load::<u8>(h, 0),
+                    load::<u8>(h, 1),
+                    u16::from_be(load::<u16>(h, 2)) as usize,
+                    u16::from_be(load::<u16>(h, 6)),
+                    load::<u8>(h, 9),
+                    load::<u32>(h, 12),
+                    load::<u32>(h, 16),
+                )
+            };
+            let ihl = ((vhl & 0x0f) as usize) * 4;
+            if vhl >> 4 != 4 || ihl < IPV4_LEN || tot_len < ihl || l3 + tot_len > frame_len {
                 return Err(verdict::PASS_MALFORMED);
             }
-            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            if frag & 0x3fff != 0 {
                 return Err(verdict::PASS_FRAGMENT);
             }
             key.family = FAMILY_V4;
-            key.src[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-            key.dst[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
-            (l3 + ihl, h[9], tot_len, h[1])
+            key.src[0] = src;
+            key.dst[0] = dst;
+            (l3 + ihl, proto, tot_len, tos)
         }
         ETH_P_IPV6 => {
-            let h = read::<[u8; IPV6_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)?;
-            let tot_len = IPV6_LEN + u16::from_be_bytes([h[4], h[5]]) as usize;
-            if h[0] >> 4 != 6 || l3 + tot_len > frame_len {
+            let h = ptr_at::<[u8; IPV6_LEN]>(ctx, l3).ok_or(verdict::PASS_MALFORMED)? as *const u8;
+            // SAFETY: ptr_at checked the bounds of the whole header.
+            let (b0, b1, payload_len, next) = unsafe {
+                (
+                    load::<u8>(h, 0),
+                    load::<u8>(h, 1),
+                    u16::from_be(load::<u16>(h, 4)),
+                    load::<u8>(h, 6),
+                )
+            };
+            let tot_len = IPV6_LEN + payload_len as usize;
+            if b0 >> 4 != 6 || l3 + tot_len > frame_len {
                 return Err(verdict::PASS_MALFORMED);
             }
-            if h[6] == 44 {
+            if next == 44 {
                 return Err(verdict::PASS_FRAGMENT);
             }
             key.family = FAMILY_V6;
             let mut i = 0;
             while i < 4 {
-                let s = 8 + i * 4;
-                let d = 24 + i * 4;
-                key.src[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
-                key.dst[i] = u32::from_ne_bytes([h[d], h[d + 1], h[d + 2], h[d + 3]]);
+                // SAFETY: ptr_at checked the bounds of the whole header.
+                unsafe {
+                    key.src[i] = load::<u32>(h, 8 + i * 4);
+                    key.dst[i] = load::<u32>(h, 24 + i * 4);
+                }
                 i += 1;
             }
-            let tos = (h[0] << 4) | (h[1] >> 4);
-            (l3 + IPV6_LEN, h[6], tot_len, tos)
+            let tos = (b0 << 4) | (b1 >> 4);
+            (l3 + IPV6_LEN, next, tot_len, tos)
         }
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };
@@ -205,15 +229,18 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
     if l4 + l4_len > l3 + inner_len {
         return Err(verdict::PASS_MALFORMED);
     }
-    let ports = read::<[u8; 4]>(ctx, l4).ok_or(verdict::PASS_MALFORMED)?;
+    let ports = ptr_at::<[u8; 4]>(ctx, l4).ok_or(verdict::PASS_MALFORMED)? as *const u8;
     let tcp_flags = if proto == PROTO_TCP {
         read::<u8>(ctx, l4 + TCP_FLAGS_OFF).ok_or(verdict::PASS_MALFORMED)?
     } else {
         0
     };
     key.proto = proto;
-    key.sport = u16::from_be_bytes([ports[0], ports[1]]);
-    key.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    // SAFETY: ptr_at checked the bounds of both ports.
+    unsafe {
+        key.sport = u16::from_be(load::<u16>(ports, 0));
+        key.dport = u16::from_be(load::<u16>(ports, 2));
+    }
     Ok(Parsed {
         l3,
         vlan: l3 != ETH_LEN,
@@ -243,36 +270,47 @@ fn reverse(ctx: &XdpContext) -> (u32, u32) {
     let mut real = RealKey::default();
     let (outer_len, inner_proto) = match l2.ether_type {
         ETH_P_IPV4 => {
-            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, l3) else {
+            let Some(h) = ptr_at::<[u8; IPV4_LEN]>(ctx, l3) else {
                 return MALFORMED;
             };
-            let dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+            let h = h as *const u8;
+            // SAFETY: ptr_at checked the bounds of the whole header; even offsets.
+            let (vhl, proto, src, dst) = unsafe {
+                (
+                    load::<u8>(h, 0),
+                    load::<u8>(h, 9),
+                    load::<u32>(h, 12),
+                    load::<u32>(h, 16),
+                )
+            };
             if agent.flags & AGENT_HAS_V4 == 0 || dst != agent.v4 {
                 return NOT_OURS;
             }
             real.family = FAMILY_V4;
-            real.addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-            (((h[0] & 0x0f) as usize) * 4, h[9])
+            real.addr[0] = src;
+            (((vhl & 0x0f) as usize) * 4, proto)
         }
         ETH_P_IPV6 => {
-            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, l3) else {
+            let Some(h) = ptr_at::<[u8; IPV6_LEN]>(ctx, l3) else {
                 return MALFORMED;
             };
+            let h = h as *const u8;
             if agent.flags & AGENT_HAS_V6 == 0 {
                 return NOT_OURS;
             }
             real.family = FAMILY_V6;
             let mut i = 0;
             while i < 4 {
-                let s = 8 + i * 4;
-                let d = 24 + i * 4;
-                if u32::from_ne_bytes([h[d], h[d + 1], h[d + 2], h[d + 3]]) != agent.v6[i] {
+                // SAFETY: ptr_at checked the bounds of the whole header; even offsets.
+                let (src, dst) = unsafe { (load::<u32>(h, 8 + i * 4), load::<u32>(h, 24 + i * 4)) };
+                if dst != agent.v6[i] {
                     return NOT_OURS;
                 }
-                real.addr[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
+                real.addr[i] = src;
                 i += 1;
             }
-            (IPV6_LEN, h[6])
+            // SAFETY: as above.
+            (IPV6_LEN, unsafe { load::<u8>(h, 6) })
         }
         _ => return NOT_OURS,
     };
@@ -283,37 +321,50 @@ fn reverse(ctx: &XdpContext) -> (u32, u32) {
     let mut service = ServiceKey::default();
     let (l4, ether_type) = match inner_proto {
         PROTO_IPIP => {
-            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, inner) else {
+            let Some(h) = ptr_at::<[u8; IPV4_LEN]>(ctx, inner) else {
                 return MALFORMED;
             };
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            if h[0] >> 4 != 4 || ihl < IPV4_LEN {
+            let h = h as *const u8;
+            // SAFETY: ptr_at checked the bounds of the whole header; even offsets.
+            let (vhl, frag, proto, src) = unsafe {
+                (
+                    load::<u8>(h, 0),
+                    u16::from_be(load::<u16>(h, 6)),
+                    load::<u8>(h, 9),
+                    load::<u32>(h, 12),
+                )
+            };
+            let ihl = ((vhl & 0x0f) as usize) * 4;
+            if vhl >> 4 != 4 || ihl < IPV4_LEN {
                 return MALFORMED;
             }
-            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            if frag & 0x3fff != 0 {
                 return (xdp_action::XDP_PASS, verdict::PASS_FRAGMENT);
             }
             service.family = FAMILY_V4;
-            service.addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-            service.proto = h[9];
+            service.addr[0] = src;
+            service.proto = proto;
             (inner + ihl, ETH_P_IPV4)
         }
         _ => {
             // PROTO_IPV6: parse let nothing else through.
-            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, inner) else {
+            let Some(h) = ptr_at::<[u8; IPV6_LEN]>(ctx, inner) else {
                 return MALFORMED;
             };
-            if h[0] >> 4 != 6 {
+            let h = h as *const u8;
+            // SAFETY: ptr_at checked the bounds of the whole header; even offsets.
+            if unsafe { load::<u8>(h, 0) } >> 4 != 6 {
                 return MALFORMED;
             }
             service.family = FAMILY_V6;
             let mut i = 0;
             while i < 4 {
-                let s = 8 + i * 4;
-                service.addr[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
+                // SAFETY: as above.
+                service.addr[i] = unsafe { load::<u32>(h, 8 + i * 4) };
                 i += 1;
             }
-            service.proto = h[6];
+            // SAFETY: as above.
+            service.proto = unsafe { load::<u8>(h, 6) };
             (inner + IPV6_LEN, ETH_P_IPV6)
         }
     };
@@ -445,10 +496,16 @@ fn choose_server(p: &Parsed, service: &ServiceInfo, hash: u32) -> Option<(u32, S
 }
 
 /// Puts an outer IPv4 or IPv6 header (by the server's real address) in front of the IP packet.
-/// Returns the outer packet's total length.
+/// Returns the outer packet's total length. The header is built in registers and stored as
+/// 32-bit words.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, hash: u32) -> Result<u16, u32> {
-    let agent = AGENT.get(0).ok_or(verdict::DROP_NO_AGENT_ADDR)?;
+fn encapsulate(
+    ctx: &XdpContext,
+    p: &Parsed,
+    agent: &AgentInfo,
+    server: &ServerInfo,
+    hash: u32,
+) -> Result<u16, u32> {
     let inner_proto = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
@@ -459,49 +516,57 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, hash: u32) -> 
             return Err(verdict::DROP_NO_AGENT_ADDR);
         }
         let total = p.inner_len + IPV4_LEN as u16;
-        let mut h = [0u8; IPV4_LEN];
-        h[0] = 0x45;
-        h[1] = p.tos;
-        [h[2], h[3]] = total.to_be_bytes();
-        h[6] = 0x40; // DF: an oversize tunnel packet must fail loudly, not be fragmented
-        h[8] = TTL;
-        h[9] = inner_proto;
-        [h[12], h[13], h[14], h[15]] = agent.v4.to_ne_bytes();
-        [h[16], h[17], h[18], h[19]] = server.addr[0].to_ne_bytes();
-        [h[10], h[11]] = ipv4_checksum(&h).to_be_bytes();
+        let [t0, t1] = total.to_be_bytes();
+        // DF: an oversize tunnel packet must fail loudly, not be fragmented.
+        let mut w = [
+            u32::from_ne_bytes([0x45, p.tos, t0, t1]),
+            u32::from_ne_bytes([0, 0, 0x40, 0]),
+            u32::from_ne_bytes([TTL, inner_proto, 0, 0]),
+            agent.v4,
+            server.addr[0],
+        ];
+        let [c0, c1] = ipv4_checksum(&w).to_be_bytes();
+        w[2] = u32::from_ne_bytes([TTL, inner_proto, c0, c1]);
         grow(ctx, p, IPV4_LEN, ETH_P_IPV4)?;
-        let dst = ptr_at::<[u8; IPV4_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { dst.write_unaligned(h) };
+        let dst = ptr_at::<[u8; IPV4_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)? as *mut u8;
+        let mut i = 0;
+        while i < w.len() {
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { store(dst, i * 4, w[i]) };
+            i += 1;
+        }
         Ok(total)
     } else {
         if agent.flags & AGENT_HAS_V6 == 0 {
             return Err(verdict::DROP_NO_AGENT_ADDR);
         }
-        let mut h = [0u8; IPV6_LEN];
         // Version, traffic class from the inner packet, flow label from the flow hash so
         // that ECMP on the way to the server keeps a flow on one path.
         let label = hash & 0x000f_ffff;
-        h[0] = 0x60 | (p.tos >> 4);
-        h[1] = (p.tos << 4) | (label >> 16) as u8;
-        h[2] = (label >> 8) as u8;
-        h[3] = label as u8;
-        [h[4], h[5]] = p.inner_len.to_be_bytes();
-        h[6] = inner_proto;
-        h[7] = TTL;
+        let [l0, l1] = p.inner_len.to_be_bytes();
+        let w0 = u32::from_ne_bytes([
+            0x60 | (p.tos >> 4),
+            (p.tos << 4) | (label >> 16) as u8,
+            (label >> 8) as u8,
+            label as u8,
+        ]);
+        let w1 = u32::from_ne_bytes([l0, l1, inner_proto, TTL]);
+        grow(ctx, p, IPV6_LEN, ETH_P_IPV6)?;
+        let dst = ptr_at::<[u8; IPV6_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)? as *mut u8;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            store(dst, 0, w0);
+            store(dst, 4, w1);
+        }
         let mut i = 0;
         while i < 4 {
-            let s = agent.v6[i].to_ne_bytes();
-            let d = server.addr[i].to_ne_bytes();
-            let o = 8 + i * 4;
-            [h[o], h[o + 1], h[o + 2], h[o + 3]] = s;
-            [h[o + 16], h[o + 17], h[o + 18], h[o + 19]] = d;
+            // SAFETY: bounds checked by ptr_at.
+            unsafe {
+                store(dst, 8 + i * 4, agent.v6[i]);
+                store(dst, 24 + i * 4, server.addr[i]);
+            }
             i += 1;
         }
-        grow(ctx, p, IPV6_LEN, ETH_P_IPV6)?;
-        let dst = ptr_at::<[u8; IPV6_LEN]>(ctx, p.l3).ok_or(verdict::DROP_ENCAP)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { dst.write_unaligned(h) };
         Ok(p.inner_len + IPV6_LEN as u16)
     }
 }
@@ -516,54 +581,114 @@ fn grow(ctx: &XdpContext, p: &Parsed, outer: usize, ether_type: u16) -> Result<(
     move_l2(ctx, outer, 0, p.vlan, ether_type).ok_or(verdict::DROP_ENCAP)
 }
 
+/// The IPv4 header checksum of a header given as five words in memory order.
 #[inline(always)]
-fn ipv4_checksum(h: &[u8; IPV4_LEN]) -> u16 {
+fn ipv4_checksum(w: &[u32; IPV4_LEN / 4]) -> u16 {
     let mut sum = 0u32;
     let mut i = 0;
-    while i < IPV4_LEN {
-        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
-        i += 2;
+    while i < w.len() {
+        let x = u32::from_be(w[i]);
+        sum += (x >> 16) + (x & 0xffff);
+        i += 1;
     }
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
 
+/// The FIB lookup's parameter block, written as 16 words, every byte. Not `mem::zeroed` nor
+/// an array of plain stores: LLVM turns the runs of zero stores into a `memset` call, a byte
+/// loop on BPF; volatile word stores stay word stores.
+#[inline(always)]
+fn fib_params(
+    fib: &mut core::mem::MaybeUninit<FibParams>,
+    family: u8,
+    l4_protocol: u8,
+    tot_len: u16,
+    ifindex: u32,
+    src: [u32; 4],
+    dst: [u32; 4],
+) {
+    let [t0, t1] = tot_len.to_ne_bytes();
+    let p = fib.as_mut_ptr() as *mut u32;
+    // SAFETY: word `i` < 16 of the 64-byte, 4-aligned block.
+    let put = |i: usize, v: u32| unsafe { p.add(i).write_volatile(v) };
+    put(0, u32::from_ne_bytes([family, l4_protocol, 0, 0])); // sport 0
+    put(1, u32::from_ne_bytes([0, 0, t0, t1])); // dport 0, tot_len
+    put(2, ifindex);
+    put(3, 0); // tos / flowinfo
+    let mut i = 0;
+    while i < 4 {
+        put(4 + i, src[i]);
+        put(8 + i, dst[i]);
+        i += 1;
+    }
+    put(12, 0); // vlan / tbid
+    put(13, 0); // smac
+    put(14, 0); // smac, dmac
+    put(15, 0); // dmac
+}
+
+/// The MAC addresses the FIB lookup found, as the first 12 bytes of an Ethernet header
+/// (destination, then source), in three words.
+#[inline(always)]
+fn fib_macs(fib: &FibParams) -> [u32; 3] {
+    // smac is bytes 52..58 of the block and dmac 58..64: half-words 26..32.
+    let h = fib as *const FibParams as *const u16;
+    // SAFETY: within the 64-byte, 4-aligned block.
+    let h = |i: usize| unsafe { h.add(i).read() };
+    let pair = |a: u16, b: u16| {
+        let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+        u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
+    };
+    [pair(h(29), h(30)), pair(h(31), h(26)), pair(h(27), h(28))]
+}
+
 /// Next hop by the kernel's FIB, then out of the same port or redirected to another.
 #[inline(always)]
-fn send(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, outer_len: u16) -> (u32, u32) {
-    let Some(agent) = AGENT.get(0) else {
-        return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
-    };
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = server.family;
-    fib.l4_protocol = if p.key.family == FAMILY_V4 {
+fn send(
+    ctx: &XdpContext,
+    p: &Parsed,
+    agent: &AgentInfo,
+    server: &ServerInfo,
+    outer_len: u16,
+) -> (u32, u32) {
+    let l4_protocol = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
         PROTO_IPV6
     };
-    fib.__bindgen_anon_1.tot_len = outer_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    if server.family == FAMILY_V4 {
-        fib.__bindgen_anon_3.ipv4_src = agent.v4;
-        fib.__bindgen_anon_4.ipv4_dst = server.addr[0];
+    // An IPv4 address is the union's first word; the rest stays zero.
+    let (src, dst) = if server.family == FAMILY_V4 {
+        ([agent.v4, 0, 0, 0], [server.addr[0], 0, 0, 0])
     } else {
-        fib.__bindgen_anon_3.ipv6_src = agent.v6;
-        fib.__bindgen_anon_4.ipv6_dst = server.addr;
-    }
+        (agent.v6, server.addr)
+    };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut fib = core::mem::MaybeUninit::uninit();
+    fib_params(
+        &mut fib,
+        server.family,
+        l4_protocol,
+        outer_len,
+        ingress,
+        src,
+        dst,
+    );
+    // SAFETY: fib_params wrote all 64 bytes; any bytes are a valid bpf_fib_lookup.
+    let fib = unsafe { fib.assume_init_mut() };
     // SAFETY: fib is a valid, fully sized parameter block.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib as *mut FibParams,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
     } as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let (action, reason) = if fib.ifindex == ctx.ingress_ifindex() as u32 {
+            let (action, reason) = if fib.ifindex == ingress {
                 (xdp_action::XDP_TX, verdict::TX)
             } else {
                 match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
@@ -576,11 +701,14 @@ fn send(ctx: &XdpContext, p: &Parsed, server: &ServerInfo, outer_len: u16) -> (u
             let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
                 return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
             };
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&fib.dmac);
-            macs[6..].copy_from_slice(&fib.smac);
-            // SAFETY: bounds checked by ptr_at.
-            unsafe { eth.write_unaligned(macs) };
+            let eth = eth as *mut u8;
+            let macs = fib_macs(fib);
+            // SAFETY: bounds checked by ptr_at; the frame starts at an even address.
+            unsafe {
+                store(eth, 0, macs[0]);
+                store(eth, 4, macs[1]);
+                store(eth, 8, macs[2]);
+            }
             (action, reason)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => (xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH),

@@ -1,5 +1,6 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
 //! stopped when their guard drops, waiting on conditions, and the demo/e2e topology.
+pub mod load;
 pub mod netns;
 pub mod topology;
 

@@ -13,69 +13,10 @@ use std::{
 };
 
 use anycast_tests::{
-    netns::Netns,
-    topology::{http_get, http_get_within, Held, ServerMode, Topology, HTTP_PORT},
+    load::Load,
+    topology::{http_get, Held, ServerMode, Topology, HTTP_PORT},
     wait_until,
 };
-
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// A client that keeps opening connections until stopped, logging when each started and
-/// who answered.
-struct Load {
-    stop: Arc<AtomicBool>,
-    log: Log,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(client: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let log: Log = Arc::default();
-        let (s, l, name) = (stop.clone(), log.clone(), client.to_string());
-        let thread = std::thread::spawn(move || {
-            let ns = Netns { name };
-            let _ = ns.in_ns(move || {
-                while !s.load(Ordering::SeqCst) {
-                    let started = Instant::now();
-                    let r = http_get_within(
-                        Topology::anycast(false, HTTP_PORT),
-                        Duration::from_millis(500),
-                    );
-                    l.lock()
-                        .unwrap()
-                        .push((started, r.map_err(|e| format!("{e:#}"))));
-                }
-                Ok(())
-            });
-            std::mem::forget(ns); // the topology owns it
-        });
-        Load {
-            stop,
-            log,
-            thread: Some(thread),
-        }
-    }
-
-    fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(at, _)| *at >= t)
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Long-lived connections asked every 20 ms; records the slowest answer and any error.
 struct Watch {
@@ -286,7 +227,7 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
     // 3. Kill s2 (its server side and its service) while a client keeps connecting and
     //    long-lived connections to s1 and s3 keep talking.
     let watch = Watch::start(held_on(&topo, &["s1", "s3"])?);
-    let load = Load::start(&topo.clients[0].name);
+    let load = Load::start(&topo.clients[0].name, Duration::ZERO);
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(3000)); // some traffic before the failure
     {

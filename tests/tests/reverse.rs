@@ -17,80 +17,16 @@
 //! Runs as root.
 use std::{
     collections::BTreeMap,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
 
 use anycast_tests::{
-    netns::Netns,
-    topology::{http_get, http_get_within, ServerMode, Topology, HTTP_PORT},
+    load::Load,
+    topology::{http_get, ServerMode, Topology, HTTP_PORT},
     wait_until,
 };
 
 const SUSPECT_AFTER_MS: u64 = 300;
-
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// A client that keeps opening IPv4 connections until dropped, logging when each started
-/// and who answered.
-struct Load {
-    stop: Arc<AtomicBool>,
-    log: Log,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(client: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let log: Log = Arc::default();
-        let (s, l, name) = (stop.clone(), log.clone(), client.to_string());
-        let thread = std::thread::spawn(move || {
-            let ns = Netns { name };
-            let _ = ns.in_ns(move || {
-                while !s.load(Ordering::SeqCst) {
-                    let started = Instant::now();
-                    let r = http_get_within(
-                        Topology::anycast(false, HTTP_PORT),
-                        Duration::from_millis(500),
-                    );
-                    l.lock()
-                        .unwrap()
-                        .push((started, r.map_err(|e| format!("{e:#}"))));
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Ok(())
-            });
-            std::mem::forget(ns); // the topology owns it
-        });
-        Load {
-            stop,
-            log,
-            thread: Some(thread),
-        }
-    }
-
-    fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(at, _)| *at >= t)
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// `anycast-ctl bindings --json`: each binding of `server` as (condition, reverse state,
 /// SYN-ACKs, SYNs).
@@ -213,7 +149,7 @@ fn reverse_tunnel_monitoring_suspects_confirms_and_detects_a_dead_server() -> an
         .ns
         .exec("tc", &["filter", "del", "dev", "eth0", "egress"])?;
     let removed = Instant::now();
-    let load = Load::start(&topo.clients[0].name);
+    let load = Load::start(&topo.clients[0].name, Duration::from_millis(10));
     let agent = topo.agent_proc.as_mut().unwrap();
     agent.wait_for_line("'s1' is suspect", Duration::from_secs(10))?;
     let suspected = Instant::now();

@@ -1,0 +1,75 @@
+//! A client that keeps opening connections to the anycast address, for failover tests.
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::Netns,
+    topology::{http_get_within, Topology, HTTP_PORT},
+};
+
+/// When each connection started, and who answered (or why it failed).
+pub type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
+
+/// Opens IPv4 HTTP connections one after another (with `pause` between them) from a
+/// client namespace until dropped, logging each.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub log: Log,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(client: &str, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log: Log = Arc::default();
+        let (s, l, name) = (stop.clone(), log.clone(), client.to_string());
+        let thread = std::thread::spawn(move || {
+            let ns = Netns { name };
+            let _ = ns.in_ns(move || {
+                while !s.load(Ordering::SeqCst) {
+                    let started = Instant::now();
+                    let r = http_get_within(
+                        Topology::anycast(false, HTTP_PORT),
+                        Duration::from_millis(500),
+                    );
+                    l.lock()
+                        .unwrap()
+                        .push((started, r.map_err(|e| format!("{e:#}"))));
+                    std::thread::sleep(pause);
+                }
+                Ok(())
+            });
+            std::mem::forget(ns); // the topology owns it
+        });
+        Load {
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    /// The connections started at or after `t`.
+    pub fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -352,7 +352,14 @@ impl Agent {
                 .preferences
                 .iter()
                 .map(|p| Preference {
-                    clients: p.clients.iter().map(|c| (c.addr, c.len)).collect(),
+                    // A preference lists clients of both families; a service takes those of
+                    // its own address's family.
+                    clients: p
+                        .clients
+                        .iter()
+                        .filter(|c| c.addr.is_ipv4() == plan.key.ip().is_ipv4())
+                        .map(|c| (c.addr, c.len))
+                        .collect(),
                     servers: plan
                         .candidates
                         .iter()
@@ -360,7 +367,7 @@ impl Agent {
                         .map(|c| c.address)
                         .collect(),
                 })
-                .filter(|p| !p.servers.is_empty())
+                .filter(|p| !p.servers.is_empty() && !p.clients.is_empty())
                 .collect();
             for c in &mut plan.candidates {
                 c.draining |= self.drained.contains(&c.name);

@@ -407,7 +407,7 @@ impl Topology {
             .iter()
             .map(|s| serde_json::json!({"name": s.name, "address": s.v6.to_string()}))
             .collect();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "interfaces": ["eth0", "eth1"],
             "xdp_mode": self.xdp_mode,
             "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
@@ -418,6 +418,7 @@ impl Topology {
                 {"name": "udp6", "address": ANYCAST_V6.to_string(), "protocol": "udp", "port": 0, "servers": servers6},
             ]
         });
+        merge(&mut config, &self.config_extra);
         fs::write(&self.config_path, serde_json::to_string_pretty(&config)?)?;
         self.configured = count;
         Ok(())

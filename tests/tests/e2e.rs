@@ -210,6 +210,37 @@ fn anycast_end_to_end() -> anyhow::Result<()> {
     );
     drop(held);
 
+    // Topology preference: c1 (IPv4 and IPv6) prefers s2; c2 is hashed over everyone.
+    topo.config_extra = serde_json::json!({"preferences": [
+        {"clients": ["10.71.1.11/32", "fd71:1::11/128"], "servers": ["s2"]}
+    ]});
+    topo.write_config(4)?;
+    topo.ctl(&["reload"])?;
+    for v6 in [false, true] {
+        let addr = Topology::anycast(v6, HTTP_PORT);
+        let c1 = topo.clients[0].in_ns(move || {
+            let mut c = Counts::new();
+            for _ in 0..40 {
+                *c.entry(http_get(addr)?).or_default() += 1;
+            }
+            Ok(c)
+        })?;
+        let c2 = topo.clients[1].in_ns(move || {
+            let mut c = Counts::new();
+            for _ in 0..40 {
+                *c.entry(http_get(addr)?).or_default() += 1;
+            }
+            Ok(c)
+        })?;
+        println!("preference (v6={v6}): c1 {c1:?}, c2 {c2:?}");
+        assert_eq!(
+            c1.keys().collect::<Vec<_>>(),
+            vec!["s2"],
+            "c1 goes to its preferred server"
+        );
+        assert!(c2.len() >= 3, "c2 is hashed over all servers: {c2:?}");
+    }
+
     // Clean shutdown: the agent detaches, the server removes the anycast address from lo.
     let mut agent = topo.agent_proc.take().unwrap();
     let status = agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;

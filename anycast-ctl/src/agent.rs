@@ -336,14 +336,7 @@ impl Agent {
     /// The forwarding state: configured services plus what the live bindings bring, with
     /// operator drains applied, then selection (tiers, weights, conditions).
     fn desired(&self) -> Vec<DesiredService> {
-        let configured: Vec<ServicePlan> = desired(&self.config)
-            .iter()
-            .map(ServicePlan::from_desired)
-            .collect();
-        let mut plans = match &self.registry {
-            Some(r) => r.plan(&configured),
-            None => configured,
-        };
+        let mut plans = self.plans();
         let checks = self.config.all_checks();
         let checker = self.checker.borrow();
         for plan in &mut plans {
@@ -392,16 +385,21 @@ impl Agent {
         plans.iter().map(ServicePlan::to_desired).collect()
     }
 
-    /// Keeps the health checker's targets in line with the services' servers.
-    fn update_targets(&mut self) {
+    /// Configured services plus those the live bindings bring, before health and drains.
+    fn plans(&self) -> Vec<ServicePlan> {
         let configured: Vec<ServicePlan> = desired(&self.config)
             .iter()
             .map(ServicePlan::from_desired)
             .collect();
-        let plans = match &self.registry {
+        match &self.registry {
             Some(r) => r.plan(&configured),
             None => configured,
-        };
+        }
+    }
+
+    /// Keeps the health checker's targets in line with the services' servers.
+    fn update_targets(&mut self) {
+        let plans = self.plans();
         let checks = self.config.all_checks();
         let all: std::collections::BTreeSet<Target> = plans
             .iter()

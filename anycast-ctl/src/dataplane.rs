@@ -230,14 +230,7 @@ impl FlowTimeouts {
 /// The flow clock, as the data path reads it (`bpf_ktime_get_coarse_ns() / 10^9`): whole
 /// seconds of `CLOCK_MONOTONIC_COARSE`. Pass it to [`Dataplane::sweep_flows`].
 pub fn flow_clock_now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE) failed");
-    ts.tv_sec as u32
+    (coarse_clock_ns() / 1_000_000_000) as u32
 }
 
 /// What a consistent-hash table is a function of: the ring size and, in order, each

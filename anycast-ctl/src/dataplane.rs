@@ -353,6 +353,22 @@ impl TableArea {
 
 /// `bpf(2)` command `BPF_MAP_UPDATE_BATCH` (Linux 5.6).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `bpf(2)` command `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// Map update flag: only create, never replace.
+const BPF_NOEXIST: u64 = 1;
+
+/// The element-command member of `union bpf_attr` (lookup, update, delete).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 /// `ENOTSUPP`, the kernel-internal "operation not supported" `bpf(2)` may return.
 const ENOTSUPP: i32 = 524;
 /// Entries per `BPF_MAP_UPDATE_BATCH` call.
@@ -583,18 +599,60 @@ impl Dataplane {
         }
         let mut removed = 0;
         for key in candidates {
-            match self.flows_map.get(&key, 0) {
-                Ok(value) if config.expired(key.proto, &value, now) => {}
-                Ok(_) | Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e).context("reading the flow table"),
-            }
-            match self.flows_map.remove(&key) {
-                Ok(()) => removed += 1,
-                Err(e) if is_enoent(&e) => {}
+            // The data path may have reused the entry since it was read (a new connection
+            // on the same 5-tuple): take it out atomically and put a live one back, so a
+            // flow is never dropped from under its connection.
+            let value = match self.take_flow(&key) {
+                Ok(Some(value)) => value,
+                Ok(None) => continue,
                 Err(e) => return Err(e).context("deleting a flow-table entry"),
+            };
+            if config.expired(key.proto, &value, now) {
+                removed += 1;
+                continue;
+            }
+            match self.flows_map.insert(key, value, BPF_NOEXIST) {
+                // EEXIST: the data path has written a newer entry meanwhile; it wins.
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).context("restoring a live flow-table entry"),
             }
         }
         Ok(removed)
+    }
+
+    /// Removes one flow entry and returns what it held, in one step
+    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14 for hash maps).
+    fn take_flow(&self, key: &FlowKey) -> std::io::Result<Option<FlowValue>> {
+        let fd = self.flows_map.map().fd().as_fd().as_raw_fd();
+        let mut value = std::mem::MaybeUninit::<FlowValue>::zeroed();
+        let mut attr = ElemAttr {
+            map_fd: fd as u32,
+            key: key as *const FlowKey as u64,
+            value: value.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` element command of its own size; `key` and
+        // `value` are the map's key and value types and outlive the call; the kernel reads
+        // the key and writes the value.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &mut attr as *mut ElemAttr,
+                std::mem::size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: the kernel filled the value (a plain `repr(C)` struct of integers).
+        Ok(Some(unsafe { value.assume_init() }))
     }
 
     /// The flow table's entries, for `anycast-ctl flows` (unordered).

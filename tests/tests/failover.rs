@@ -331,6 +331,7 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
     // 5. The flow table (read from the map): a FIN or RST from the client ends its flow's
     //    entry after the closing timeout, an idle UDP flow's entry expires, an active
     //    connection's entry stays.
+    let opened = Instant::now();
     let mut conns = held_on(&topo, &["s1", "s3"])?;
     let fin = conns.pop().unwrap();
     let rst = conns.pop().unwrap();
@@ -349,16 +350,27 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
         Ok(sock.local_addr()?.port())
     })?;
     let flows = flow_states(&topo)?;
-    for (what, port) in [
+    let ours = [
         ("fin", fin_port),
         ("rst", rst_port),
         ("active", active_port),
         ("udp", udp_port),
-    ] {
+    ];
+    // Printed before asserting, so a failure shows every one of them.
+    let states: Vec<String> = ours
+        .iter()
+        .map(|(what, port)| format!("{what} (port {port}): {:?}", flows.get(port)))
+        .collect();
+    println!(
+        "flow entries {:?} after opening them: {}",
+        opened.elapsed(),
+        states.join(", ")
+    );
+    for (what, port) in ours {
         assert_eq!(
             flows.get(&port).map(String::as_str),
             Some("active"),
-            "{what} flow in the map: {flows:?}"
+            "{what} flow in the map"
         );
     }
     drop(fin); // FIN

@@ -35,6 +35,12 @@ pub mod maps {
     /// [`PreferenceTable`](super::PreferenceTable).
     pub const PREFERENCES: &str = "PREFERENCES";
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// A bitmap of the anycast addresses in `SERVICES` ([`address_filter_bit`](super::address_filter_bit)),
+    /// so traffic for any other address passes after one array read, without a hash lookup.
+    pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
+    /// Per CPU, per server slot: the last FIB answer for the server's real address
+    /// ([`NextHop`](super::NextHop)), reused within the same second.
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SERVER_STATS: &str = "SERVER_STATS";
@@ -460,6 +466,43 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Words of 64 bits in `ADDRESS_FILTER`: 65536 bits, so a few thousand anycast addresses
+/// still leave almost every other address's bit clear.
+pub const ADDRESS_FILTER_WORDS: u32 = 1024;
+
+/// The `ADDRESS_FILTER` word and bit of an address (an IPv4 address is `[a, 0, 0, 0]`, in
+/// network byte order as the packet holds it). A set bit means "maybe a service address":
+/// the data path then looks `SERVICES` up; a clear bit means "certainly not".
+#[inline(always)]
+pub fn address_filter_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
+    let mut h = family as u32;
+    h = mix(h, addr[0]);
+    h = mix(h, addr[1]);
+    h = mix(h, addr[2]);
+    h = mix(h, addr[3]);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    let bit = h & (ADDRESS_FILTER_WORDS * 64 - 1);
+    (bit >> 6, 1u64 << (bit & 63))
+}
+
+/// A cached FIB answer for one server slot on one CPU: valid while `second` is the current
+/// flow-clock second, the slot still holds the same server (`generation`), the packet came
+/// in on `ingress` and is no longer than `max_len` (the longest outer packet the FIB has
+/// accepted for this route, so a longer one is checked against the MTU again). 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub second: u32,
+    pub generation: u32,
+    pub ingress: u32,
+    pub egress: u32,
+    /// Destination then source MAC: the first 12 bytes of the Ethernet header, as words.
+    pub macs: [u32; 3],
+    pub max_len: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -467,6 +510,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for ServerInfo {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for FlowConfig {}

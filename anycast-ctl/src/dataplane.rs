@@ -21,12 +21,12 @@ use std::{
 };
 
 use anycast_common::{
-    maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey,
-    PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
-    Traffic, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE,
-    DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, NO_SERVER,
-    SERVER_UP, SERVICE_HAS_PREFERENCES,
+    address_filter_bit, maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
+    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
+    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
+    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
+    MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -497,6 +497,9 @@ pub struct Dataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
     services_map: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+    address_filter: Array<MapData, u64>,
+    /// What `ADDRESS_FILTER` holds, word by word.
+    filter_written: Vec<u64>,
     rings: Rings,
     servers_map: Array<MapData, ServerInfo>,
     /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
@@ -531,6 +534,8 @@ impl Dataplane {
         let mut ebpf = load_object(sizes)?;
         let mut dp = Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
+            address_filter: take(&mut ebpf, maps::ADDRESS_FILTER)?,
+            filter_written: vec![0; ADDRESS_FILTER_WORDS as usize],
             rings: Rings {
                 map: take(&mut ebpf, maps::RINGS)?,
                 batch: true,
@@ -804,6 +809,15 @@ impl Dataplane {
                 .map_or(0, |s| s.preference_tables.iter().flatten().count() as i64);
             preference_tables_needed(want) as i64 - held
         });
+        // Every address about to be published passes the filter before its service exists;
+        // addresses that go keep their bits until their services are gone.
+        self.write_address_filter(
+            self.installed
+                .keys()
+                .chain(desired.iter().map(|d| &d.key))
+                .copied()
+                .collect(),
+        )?;
         for want in order {
             let mut svc = match self.installed.remove(&want.key) {
                 Some(s) => s,
@@ -893,7 +907,27 @@ impl Dataplane {
             }
             self.free_service_ids.push(svc.id);
         }
+        self.write_address_filter(self.installed.keys().copied().collect())?;
         self.sync_reverse_keys()
+    }
+
+    /// Sets `ADDRESS_FILTER` to the bits of exactly these services' addresses, writing only
+    /// the words that change.
+    fn write_address_filter(&mut self, services: Vec<ServiceKey>) -> Result<()> {
+        let mut words = vec![0u64; ADDRESS_FILTER_WORDS as usize];
+        for key in services {
+            let (word, bit) = address_filter_bit(key.family, &key.addr);
+            words[word as usize] |= bit;
+        }
+        for (i, (&want, have)) in words.iter().zip(self.filter_written.iter_mut()).enumerate() {
+            if want != *have {
+                self.address_filter
+                    .set(i as u32, want, 0)
+                    .context("writing the address filter")?;
+                *have = want;
+            }
+        }
+        Ok(())
     }
 
     /// One `REVERSE` entry per installed server address: new addresses get a zeroed entry

@@ -10,12 +10,13 @@
 //! packet passed to the kernel, which forwards it to the client. Only packets whose outer
 //! protocol is 4 or 41 take that path, so client packets pay nothing for it.
 use anycast_common::{
-    flow_hash, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, PreferenceKey, PreferenceTable,
-    RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey, Traffic,
-    AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
-    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS, PREFERENCE_KEY_BITS, PROTO_IPIP,
-    PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    address_filter_bit, flow_hash, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, NextHop,
+    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
+    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+    FAMILY_V4, FAMILY_V6, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
+    PREFERENCE_KEY_BITS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP,
+    SERVICE_HAS_PREFERENCES,
 };
 use aya_ebpf::{
     bindings::{
@@ -49,6 +50,14 @@ static PREFERENCES: LpmTrie<[u32; 5], PreferenceTable> =
     LpmTrie::with_max_entries(MAX_PREFERENCE_PREFIXES, 0);
 #[map]
 static SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
+/// Set bits: addresses that may be services (written by the controller before their
+/// `SERVICES` entries, cleared after). Other traffic passes without a hash lookup.
+#[map]
+static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRESS_FILTER_WORDS, 0);
+/// Per CPU and server slot, the FIB's last answer, reused within its second: a FIB lookup
+/// costs more than all the rest of a flow-table hit.
+#[map]
+static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 #[map]
@@ -136,7 +145,8 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
     };
     let hash = flow_hash(&p.key);
-    let Some((server_id, server)) = choose_server(&p, &service, hash) else {
+    let now = now_secs();
+    let Some((server_id, server)) = choose_server(&p, &service, hash, now) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
@@ -147,7 +157,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
     };
     match encapsulate(ctx, &p, agent, &server, hash) {
-        Ok(outer_len) => send(ctx, &p, agent, &server, outer_len),
+        Ok(outer_len) => send(ctx, &p, agent, server_id, &server, outer_len, now),
         Err(reason) => (xdp_action::XDP_DROP, reason),
     }
 }
@@ -225,6 +235,9 @@ fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
         PROTO_IPIP | PROTO_IPV6 => return Err(verdict::REVERSE_TUNNEL),
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };
+    if !maybe_service(key.family, &key.dst) {
+        return Err(verdict::PASS_NOT_SERVICE);
+    }
     // The whole fixed L4 header must be inside the IP packet.
     if l4 + l4_len > l3 + inner_len {
         return Err(verdict::PASS_MALFORMED);
@@ -400,6 +413,13 @@ fn reverse(ctx: &XdpContext) -> (u32, u32) {
     (xdp_action::XDP_PASS, verdict::REVERSE_TUNNEL)
 }
 
+/// False when no service has this address (its `ADDRESS_FILTER` bit is clear).
+#[inline(always)]
+fn maybe_service(family: u8, addr: &[u32; 4]) -> bool {
+    let (word, bit) = address_filter_bit(family, addr);
+    ADDRESS_FILTER.get(word).is_some_and(|w| *w & bit != 0)
+}
+
 #[inline(always)]
 fn lookup_service(flow: &FlowKey) -> Option<ServiceInfo> {
     let mut key = ServiceKey {
@@ -434,9 +454,13 @@ fn now_secs() -> u32 {
 /// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
 /// second changed (or the entry starts closing), not on every packet.
 #[inline(always)]
-fn choose_server(p: &Parsed, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
+fn choose_server(
+    p: &Parsed,
+    service: &ServiceInfo,
+    hash: u32,
+    now: u32,
+) -> Option<(u32, ServerInfo)> {
     let key = &p.key;
-    let now = now_secs();
     let closes = (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING;
     let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(pin) = FLOWS.get_ptr_mut(key) {
@@ -644,15 +668,92 @@ fn fib_macs(fib: &FibParams) -> [u32; 3] {
     [pair(h(29), h(30)), pair(h(31), h(26)), pair(h(27), h(28))]
 }
 
-/// Next hop by the kernel's FIB, then out of the same port or redirected to another.
+/// Next hop by the kernel's FIB (or its answer cached for this server within the second),
+/// then out of the same port or redirected to another.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
     p: &Parsed,
     agent: &AgentInfo,
+    server_id: u32,
     server: &ServerInfo,
     outer_len: u16,
+    now: u32,
 ) -> (u32, u32) {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(cache) = NEXT_HOPS.get_ptr_mut(server_id) else {
+        return (xdp_action::XDP_PASS, verdict::PASS_NO_ROUTE);
+    };
+    // SAFETY: this CPU's slot, copied out at once; no concurrent writer.
+    let cached = unsafe { *cache };
+    let hop = if cached.second == now
+        && cached.generation == server.generation
+        && cached.ingress == ingress
+        && outer_len as u32 <= cached.max_len
+    {
+        cached
+    } else {
+        match fib_next_hop(ctx, p, agent, server, outer_len, ingress) {
+            Ok((egress, macs)) => {
+                let same = cached.second == now
+                    && cached.generation == server.generation
+                    && cached.ingress == ingress
+                    && cached.egress == egress
+                    && cached.macs == macs;
+                let hop = NextHop {
+                    second: now,
+                    generation: server.generation,
+                    ingress,
+                    egress,
+                    macs,
+                    // A longer packet than any the FIB accepted goes to the FIB again (MTU).
+                    max_len: if same {
+                        cached.max_len.max(outer_len as u32)
+                    } else {
+                        outer_len as u32
+                    },
+                };
+                // SAFETY: as above.
+                unsafe { *cache = hop };
+                hop
+            }
+            Err(result) => return result,
+        }
+    };
+    let (action, reason) = if hop.egress == ingress {
+        (xdp_action::XDP_TX, verdict::TX)
+    } else {
+        match TX_PORTS.redirect(hop.egress, xdp_action::XDP_PASS as u64) {
+            Ok(action) => (action, verdict::REDIRECT),
+            // The kernel forwards it: the MACs must stay addressed to us.
+            Err(action) => return (action, verdict::PASS_NOT_TX_PORT),
+        }
+    };
+    // The frame leaves after we return, so the MACs can be set after redirect().
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
+    };
+    let eth = eth as *mut u8;
+    // SAFETY: bounds checked by ptr_at; the frame starts at an even address.
+    unsafe {
+        store(eth, 0, hop.macs[0]);
+        store(eth, 4, hop.macs[1]);
+        store(eth, 8, hop.macs[2]);
+    }
+    (action, reason)
+}
+
+/// The FIB's egress interface and MACs for the tunnelled packet, or what to do with the
+/// packet when there is none (no neighbour yet: the kernel resolves it; too big; no route).
+#[inline(always)]
+fn fib_next_hop(
+    ctx: &XdpContext,
+    p: &Parsed,
+    agent: &AgentInfo,
+    server: &ServerInfo,
+    outer_len: u16,
+    ingress: u32,
+) -> Result<(u32, [u32; 3]), (u32, u32)> {
     let l4_protocol = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
@@ -664,7 +765,6 @@ fn send(
     } else {
         (agent.v6, server.addr)
     };
-    let ingress = ctx.ingress_ifindex() as u32;
     let mut fib = core::mem::MaybeUninit::uninit();
     fib_params(
         &mut fib,
@@ -687,32 +787,9 @@ fn send(
         )
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            let (action, reason) = if fib.ifindex == ingress {
-                (xdp_action::XDP_TX, verdict::TX)
-            } else {
-                match TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
-                    Ok(action) => (action, verdict::REDIRECT),
-                    // The kernel forwards it: the MACs must stay addressed to us.
-                    Err(action) => return (action, verdict::PASS_NOT_TX_PORT),
-                }
-            };
-            // The frame leaves after we return, so the MACs can be set after redirect().
-            let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-                return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
-            };
-            let eth = eth as *mut u8;
-            let macs = fib_macs(fib);
-            // SAFETY: bounds checked by ptr_at; the frame starts at an even address.
-            unsafe {
-                store(eth, 0, macs[0]);
-                store(eth, 4, macs[1]);
-                store(eth, 8, macs[2]);
-            }
-            (action, reason)
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => (xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => (xdp_action::XDP_DROP, verdict::DROP_TOO_BIG),
-        _ => (xdp_action::XDP_PASS, verdict::PASS_NO_ROUTE),
+        BPF_FIB_LKUP_RET_SUCCESS => Ok((fib.ifindex, fib_macs(fib))),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err((xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH)),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err((xdp_action::XDP_DROP, verdict::DROP_TOO_BIG)),
+        _ => Err((xdp_action::XDP_PASS, verdict::PASS_NO_ROUTE)),
     }
 }

@@ -445,6 +445,23 @@ fn ip_packet_with(flow: &Flow, frag: u16, options: &[u8]) -> Vec<u8> {
     }
 }
 
+/// An IPv4 TCP packet of `total` bytes.
+fn big_packet(flow: &Flow, total: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..total - 40).map(|i| i as u8).collect();
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (flow.src, flow.dst) else {
+        panic!("IPv4 only")
+    };
+    ipv4(
+        TOS,
+        DF,
+        PROTO_TCP,
+        s,
+        d,
+        &[],
+        &tcp(flow.sport, flow.dport, &payload),
+    )
+}
+
 fn ethertype_of(ip: &[u8]) -> u16 {
     match ip[0] >> 4 {
         4 => 0x0800,
@@ -972,21 +989,7 @@ fn fixtures() -> Vec<Fixture> {
     ));
 
     // --- The egress MTU (1500 on the veths) bounds the outer packet.
-    let big = |flow: &Flow, total: usize| {
-        let payload: Vec<u8> = (0..total - 40).map(|i| i as u8).collect();
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (flow.src, flow.dst) else {
-            panic!("IPv4 only")
-        };
-        ipv4(
-            TOS,
-            DF,
-            PROTO_TCP,
-            s,
-            d,
-            &[],
-            &tcp(flow.sport, flow.dport, &payload),
-        )
-    };
+    let big = big_packet;
     let f_mtu = Flow::v4("192.0.2.10", PROTO_TCP, 40020, 80);
     let ip_1480 = big(&f_mtu, 1480);
     v.push(fixture(
@@ -2188,6 +2191,11 @@ fn ipv6_clients_get_their_preference_too() -> Result<()> {
 /// The agent program's `PREFERENCES` map, opened by id behind the data plane's back, so a
 /// test can put in an entry the controller would never write.
 fn raw_preferences(dp: &Dataplane) -> Result<LpmTrie<MapData, [u32; 5], PreferenceTable>> {
+    Ok(LpmTrie::try_from(agent_map(dp, maps::PREFERENCES)?)?)
+}
+
+/// One of the agent program's maps, opened by id behind the data plane's back.
+fn agent_map(dp: &Dataplane, name: &str) -> Result<Map> {
     let prog: &Xdp = dp
         .ebpf
         .program(programs::AGENT)
@@ -2198,13 +2206,11 @@ fn raw_preferences(dp: &Dataplane) -> Result<LpmTrie<MapData, [u32; 5], Preferen
         .map_ids()?
         .ok_or_else(|| anyhow!("the kernel does not list a program's maps"))?;
     for id in ids {
-        if MapInfo::from_id(id)?.name_as_str() == Some(maps::PREFERENCES) {
-            return Ok(LpmTrie::try_from(Map::from_map_data(MapData::from_id(
-                id,
-            )?)?)?);
+        if MapInfo::from_id(id)?.name_as_str() == Some(name) {
+            return Ok(Map::from_map_data(MapData::from_id(id)?)?);
         }
     }
-    bail!("the agent program uses no map {}", maps::PREFERENCES)
+    bail!("the agent program uses no map {name}")
 }
 
 #[test]
@@ -2954,5 +2960,186 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         reverse::TUNNELLED,
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The next-hop cache and the address filter.
+
+/// The agent keeps the FIB's answer per server for the current second: a longer packet
+/// than any the FIB accepted is checked against the MTU again, a changed neighbour or a
+/// neighbour that went away takes effect within the next second, and a failed lookup is
+/// never cached.
+#[test]
+fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<()> {
+    let h = Harness::new()?;
+    let mut dp = h.dataplane;
+    dp.apply(&web_and_dns())?;
+    let flow = Flow::v4("192.0.2.10", PROTO_TCP, 41000, 80);
+    let run = |dp: &Dataplane, inner: &[u8]| run_xdp(dp, h.fx0, &client_frame(None, inner));
+    let small = ip_packet(&flow);
+    let at_mtu = big_packet(&flow, 1480);
+    let over_mtu = big_packet(&flow, 1481);
+    // Within one flow-clock second, so the second and third packets meet a cached answer.
+    let second = flow_clock_now();
+    wait_past(second);
+    let (action, out) = run(&dp, &small)?;
+    assert_eq!(action, XDP_TX, "a small packet is sent");
+    assert_eq!(out, tx_to("10.9.2.11", None, &flow, &small));
+    let before = counter(&dp, verdict::DROP_TOO_BIG)?;
+    let (action, _) = run(&dp, &over_mtu)?;
+    assert_eq!(
+        action, XDP_DROP,
+        "an outer packet of 1501 bytes after a cached answer for a small one"
+    );
+    assert_eq!(counter(&dp, verdict::DROP_TOO_BIG)?, before + 1);
+    let (action, out) = run(&dp, &at_mtu)?;
+    assert_eq!(action, XDP_TX, "an outer packet of exactly the MTU");
+    assert_eq!(out, tx_to("10.9.2.11", None, &flow, &at_mtu));
+    let (action, _) = run(&dp, &over_mtu)?;
+    assert_eq!(
+        action, XDP_DROP,
+        "1501 bytes after a cached answer for 1500"
+    );
+
+    // The neighbour's MAC changes: packets follow within the next second.
+    let new_mac = [0x02, 0, 0, 0, 0x02, 0x7e];
+    ip(&[
+        "neigh",
+        "replace",
+        "10.9.2.11",
+        "lladdr",
+        &mac_str(new_mac),
+        "dev",
+        "fx0",
+        "nud",
+        "permanent",
+    ])?;
+    let changed = Instant::now();
+    let want = encapsulated(new_mac, FX0_MAC, None, &flow, &small, "10.9.2.11");
+    loop {
+        let (action, out) = run(&dp, &small)?;
+        if action == XDP_TX && out == want {
+            break;
+        }
+        assert_eq!(
+            out,
+            tx_to("10.9.2.11", None, &flow, &small),
+            "before the change shows, the old neighbour's frame exactly"
+        );
+        assert!(
+            changed.elapsed() < Duration::from_secs(3),
+            "the new neighbour MAC was not used within 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "new neighbour MAC used {:?} after the change",
+        changed.elapsed()
+    );
+
+    // The neighbour goes away: the packet goes to the kernel (which resolves it) within the
+    // next second, and that failure is not cached.
+    ip(&["neigh", "del", "10.9.2.11", "dev", "fx0"])?;
+    let removed = Instant::now();
+    while run(&dp, &small)?.0 != XDP_PASS {
+        assert!(
+            removed.elapsed() < Duration::from_secs(3),
+            "the packet was still sent 3 s after its neighbour went away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = counter(&dp, verdict::PASS_NO_NEIGH)?;
+    run(&dp, &small)?;
+    assert_eq!(counter(&dp, verdict::PASS_NO_NEIGH)?, before + 1);
+    ip(&[
+        "neigh",
+        "replace",
+        "10.9.2.11",
+        "lladdr",
+        &mac_str(new_mac),
+        "dev",
+        "fx0",
+        "nud",
+        "permanent",
+    ])?;
+    let (action, out) = run(&dp, &small)?;
+    assert_eq!(
+        (action, out),
+        (XDP_TX, want),
+        "the first packet after the neighbour returns is sent (no cached failure)"
+    );
+    Ok(())
+}
+
+/// The bits of `ADDRESS_FILTER` that are set.
+fn filter_bits(dp: &Dataplane) -> Result<BTreeSet<(u32, u64)>> {
+    let map: Array<MapData, u64> = Array::try_from(agent_map(dp, maps::ADDRESS_FILTER)?)?;
+    let mut bits = BTreeSet::new();
+    for i in 0..anycast_common::ADDRESS_FILTER_WORDS {
+        let w = map.get(&i, 0)?;
+        for b in 0..64 {
+            if w & (1u64 << b) != 0 {
+                bits.insert((i, 1u64 << b));
+            }
+        }
+    }
+    Ok(bits)
+}
+
+fn filter_bit(addr: &str) -> (u32, u64) {
+    let (words, family) = addr_words(addr.parse().unwrap());
+    anycast_common::address_filter_bit(family, &words)
+}
+
+/// `ADDRESS_FILTER` holds exactly the bits of the installed services' addresses; an address
+/// whose bit is clear passes untouched, and so does one whose bit it shares with a service
+/// address (the filter only says "maybe").
+#[test]
+fn the_address_filter_holds_the_service_addresses_and_only_says_maybe() -> Result<()> {
+    let h = Harness::new()?;
+    let mut dp = h.dataplane;
+    let mut both = web_and_dns();
+    both.extend(web6());
+    dp.apply(&both)?;
+    let want: BTreeSet<_> = [filter_bit("192.0.2.10"), filter_bit("2001:db8::10")].into();
+    assert_eq!(filter_bits(&dp)?, want, "two service addresses");
+    dp.apply(&web6())?;
+    assert_eq!(
+        filter_bits(&dp)?,
+        [filter_bit("2001:db8::10")].into(),
+        "the IPv4 address's bit cleared with its services"
+    );
+    dp.apply(&web_and_dns())?;
+    // An address that shares the service address's bit: looked up, not a service, passed.
+    let service_bit = filter_bit("192.0.2.10");
+    let twin = (0u32..1 << 24)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 | i).to_string())
+        .find(|a| a != "192.0.2.10" && filter_bit(a) == service_bit)
+        .expect("some 10/8 address shares the bit");
+    let clear = (0u32..1 << 24)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 | i).to_string())
+        .find(|a| !filter_bits(&dp).unwrap().contains(&filter_bit(a)))
+        .expect("some 10/8 address has a clear bit");
+    for (what, addr) in [("shares the bit", &twin), ("clear bit", &clear)] {
+        let inner = ip_packet(&Flow::v4(addr, PROTO_TCP, 41001, 80));
+        let input = client_frame(None, &inner);
+        let before = counter(&dp, verdict::PASS_NOT_SERVICE)?;
+        let (action, out) = run_xdp(&dp, h.fx0, &input)?;
+        assert_eq!(
+            (action, &out),
+            (XDP_PASS, &input),
+            "{what} ({addr}): passed untouched"
+        );
+        assert_eq!(counter(&dp, verdict::PASS_NOT_SERVICE)?, before + 1);
+    }
+    // The service address itself is still forwarded.
+    let flow = Flow::v4("192.0.2.10", PROTO_TCP, 41002, 80);
+    let inner = ip_packet(&flow);
+    let (action, out) = run_xdp(&dp, h.fx0, &client_frame(None, &inner))?;
+    assert_eq!(
+        (action, out),
+        (XDP_TX, tx_to("10.9.2.11", None, &flow, &inner))
+    );
     Ok(())
 }

@@ -162,7 +162,9 @@ pub struct ServerInfo {
     pub addr: [u32; 4],
     pub family: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The service this slot serves (every service has slots of its own), so a flow-table
+    /// hit needs no service lookup.
+    pub service: u16,
     /// Bumped each time the slot is given to another server, so a flow pinned to an earlier
     /// holder of the slot is not sent to the new one.
     pub generation: u32,

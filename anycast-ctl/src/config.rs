@@ -426,6 +426,10 @@ impl Config {
         if self.max_services == 0 {
             return Err(err("max_services", "must be at least 1"));
         }
+        if self.max_services > 65536 {
+            // A server slot names its service in 16 bits.
+            return Err(err("max_services", "must be at most 65536"));
+        }
         let ring_entries = 2u64 * self.max_services as u64 * self.ring_size as u64;
         if ring_entries > u32::MAX as u64 {
             return Err(err(
@@ -943,6 +947,13 @@ mod tests {
         assert_eq!(
             field_of(&g.replace("\"interfaces\"", "\"max_services\": 1, \"interfaces\"")),
             "services"
+        );
+        assert_eq!(
+            field_of(&g.replace(
+                "\"interfaces\"",
+                "\"max_services\": 70000, \"ring_size\": 7, \"interfaces\""
+            )),
+            "max_services"
         );
     }
 }

@@ -762,13 +762,13 @@ impl Dataplane {
             for w in &want.servers {
                 if let Some(s) = svc.servers.iter().find(|s| s.address == w.address) {
                     if s.up != w.up {
-                        changed.push((s.slot, w.address, w.up));
+                        changed.push((s.slot, svc.id, w.address, w.up));
                     }
                 }
             }
         }
-        for (slot, address, up) in changed {
-            self.write_server(slot, address, up)?;
+        for (slot, service, address, up) in changed {
+            self.write_server(slot, service, address, up)?;
         }
         // Services no longer wanted give up their preference tables first (their clients use
         // the service's table until the service goes), so others can take them.
@@ -853,7 +853,7 @@ impl Dataplane {
                     Some(i) => svc.servers.swap_remove(i).slot,
                     None => self.take_slot()?,
                 };
-                self.write_server(slot, w.address, w.up)?;
+                self.write_server(slot, svc.id, w.address, w.up)?;
                 servers.push(InstalledServer {
                     name: w.name.clone(),
                     address: w.address,
@@ -1167,13 +1167,13 @@ impl Dataplane {
         Ok(slot)
     }
 
-    fn write_server(&mut self, slot: u32, address: IpAddr, up: bool) -> Result<()> {
+    fn write_server(&mut self, slot: u32, service: u32, address: IpAddr, up: bool) -> Result<()> {
         let (addr, family) = anycast_common::addr_words(address);
         let info = ServerInfo {
             addr,
             family,
             flags: if up { SERVER_UP } else { 0 },
-            _pad: [0; 2],
+            service: u16::try_from(service).context("service id beyond 65535")?,
             generation: self.generations[slot as usize],
         };
         self.set_server(slot, info).context("writing a server")

@@ -141,16 +141,24 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         Err(verdict::REVERSE_TUNNEL) => return reverse(ctx),
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
-    let Some(service) = lookup_service(&p.key) else {
-        return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
-    };
-    let hash = flow_hash(&p.key);
     let now = now_secs();
-    let Some((server_id, server)) = choose_server(&p, &service, hash, now) else {
-        return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
+    let hash = flow_hash(&p.key);
+    // A flow-table hit names its server, and the server slot its service: no service lookup.
+    let (server_id, server) = match pinned_server(&p, now) {
+        Some(pinned) => pinned,
+        None => {
+            let Some(service) = lookup_service(&p.key) else {
+                return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
+            };
+            count(verdict::FLOW_MISS);
+            let Some(chosen) = choose_server(&p, &service, hash, now) else {
+                return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
+            };
+            chosen
+        }
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    add_traffic(&SERVICE_STATS, service.id, frame_len);
+    add_traffic(&SERVICE_STATS, server.service as u32, frame_len);
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     add_server_traffic(server_id, frame_len, syn);
     let Some(agent) = AGENT.get(0) else {
@@ -444,15 +452,50 @@ fn now_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-/// The flow's server: the one it is pinned to if that server is still up (and is the same
-/// server, not a later holder of its slot) and the entry has not ended, else the
-/// consistent-hash table's choice (the client's preferred table, if its service has
-/// preferences and the client is in one of their prefixes).
+/// The server the flow is pinned to, if that server is still up (and is the same server,
+/// not a later holder of its slot) and the entry has not ended.
 ///
 /// An entry ends when it has been idle longer than its protocol's timeout (closing entries:
 /// the closing timeout), or when it is closing and a SYN without ACK reuses its 5-tuple.
 /// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
 /// second changed (or the entry starts closing), not on every packet.
+#[inline(always)]
+fn pinned_server(p: &Parsed, now: u32) -> Option<(u32, ServerInfo)> {
+    let key = &p.key;
+    let pin = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: a valid map value; copied out at once.
+    let v = unsafe { *pin };
+    let s = SERVERS.get(v.server)?;
+    if s.flags & SERVER_UP == 0 || s.generation != v.generation {
+        return None;
+    }
+    let config = FLOW_CONFIG.get(0)?;
+    let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if config.expired(key.proto, &v, now) | (opens & (v.flags & FLOW_CLOSING != 0)) {
+        count(verdict::FLOW_EXPIRED);
+        return None;
+    }
+    count(verdict::FLOW_HIT);
+    let flags = v.flags | closes(p);
+    if v.last_seen != now || flags != v.flags {
+        // SAFETY: a valid map value; racing writers store the same kind of values, each
+        // field whole.
+        unsafe {
+            (*pin).last_seen = now;
+            (*pin).flags = flags;
+        }
+    }
+    Some((v.server, *s))
+}
+
+/// `FLOW_CLOSING` for a client's FIN or RST, else 0.
+#[inline(always)]
+fn closes(p: &Parsed) -> u32 {
+    (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING
+}
+
+/// A new choice for the flow: the consistent-hash table's (the client's preferred table, if
+/// its service has preferences and the client is in one of their prefixes), pinned.
 #[inline(always)]
 fn choose_server(
     p: &Parsed,
@@ -461,34 +504,6 @@ fn choose_server(
     now: u32,
 ) -> Option<(u32, ServerInfo)> {
     let key = &p.key;
-    let closes = (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING;
-    let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(pin) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a valid map value; copied out at once.
-        let v = unsafe { *pin };
-        if let Some(s) = SERVERS.get(v.server) {
-            if s.flags & SERVER_UP != 0 && s.generation == v.generation {
-                let config = FLOW_CONFIG.get(0)?;
-                let ended =
-                    config.expired(key.proto, &v, now) | (opens & (v.flags & FLOW_CLOSING != 0));
-                if !ended {
-                    count(verdict::FLOW_HIT);
-                    let flags = v.flags | closes;
-                    if v.last_seen != now || flags != v.flags {
-                        // SAFETY: a valid map value; racing writers store the same kind of
-                        // values, each field whole.
-                        unsafe {
-                            (*pin).last_seen = now;
-                            (*pin).flags = flags;
-                        }
-                    }
-                    return Some((v.server, *s));
-                }
-                count(verdict::FLOW_EXPIRED);
-            }
-        }
-    }
-    count(verdict::FLOW_MISS);
     let (mut base, mut size) = (service.ring_base, service.ring_size);
     if service.flags & SERVICE_HAS_PREFERENCES != 0 {
         let client = PreferenceKey {
@@ -513,7 +528,7 @@ fn choose_server(
         server: server_id,
         generation: s.generation,
         last_seen: now,
-        flags: closes,
+        flags: closes(p),
     };
     let _ = FLOWS.insert(key, &pin, 0);
     Some((server_id, s))

@@ -1,6 +1,6 @@
 //! The agent: forwards packets for anycast services to a server's real address, IP-in-IP.
 //!
-//! parse -> look up the service -> flow table, else consistent-hash table (the client's
+//! parse -> address filter -> flow table, else service lookup and consistent-hash table (the client's
 //! preferred one, for a service with topology preferences) -> encapsulate -> FIB lookup ->
 //! XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
 //!
@@ -142,7 +142,6 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
     let now = now_secs();
-    let hash = flow_hash(&p.key);
     // A flow-table hit names its server, and the server slot its service: no service lookup.
     let (server_id, server) = match pinned_server(&p, now) {
         Some(pinned) => pinned,
@@ -151,7 +150,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
                 return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
             };
             count(verdict::FLOW_MISS);
-            let Some(chosen) = choose_server(&p, &service, hash, now) else {
+            let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now) else {
                 return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
             };
             chosen
@@ -164,7 +163,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     let Some(agent) = AGENT.get(0) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
     };
-    match encapsulate(ctx, &p, agent, &server, hash) {
+    match encapsulate(ctx, &p, agent, &server) {
         Ok(outer_len) => send(ctx, &p, agent, server_id, &server, outer_len, now),
         Err(reason) => (xdp_action::XDP_DROP, reason),
     }
@@ -543,7 +542,6 @@ fn encapsulate(
     p: &Parsed,
     agent: &AgentInfo,
     server: &ServerInfo,
-    hash: u32,
 ) -> Result<u16, u32> {
     let inner_proto = if p.key.family == FAMILY_V4 {
         PROTO_IPIP
@@ -581,7 +579,8 @@ fn encapsulate(
         }
         // Version, traffic class from the inner packet, flow label from the flow hash so
         // that ECMP on the way to the server keeps a flow on one path.
-        let label = hash & 0x000f_ffff;
+        // (Computed again after a miss: hits, the common case, need it only here.)
+        let label = flow_hash(&p.key) & 0x000f_ffff;
         let [l0, l1] = p.inner_len.to_be_bytes();
         let w0 = u32::from_ne_bytes([
             0x60 | (p.tos >> 4),

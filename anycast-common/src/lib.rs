@@ -39,7 +39,7 @@ pub mod maps {
     /// so traffic for any other address passes after one array read, without a hash lookup.
     pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
     /// Per CPU, per server slot: the last FIB answer for the server's real address
-    /// ([`NextHop`](super::NextHop)), reused within the same second.
+    /// ([`NextHop`](super::NextHop)), reused within the same tick of the flow clock.
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
@@ -194,7 +194,7 @@ pub struct FlowKey {
 pub struct FlowValue {
     pub server: u32,
     pub generation: u32,
-    /// Seconds of the flow clock (see [`FlowConfig`]) when the flow last sent a packet; for
+    /// Tick of the flow clock (see [`FlowConfig`]) when the flow last sent a packet; for
     /// a closing flow, at least when it sent its FIN or RST.
     pub last_seen: u32,
     /// [`FLOW_CLOSING`].
@@ -205,13 +205,15 @@ pub struct FlowValue {
 /// `tcp_closing` seconds after the last packet, and a SYN (without ACK) starts a new flow.
 pub const FLOW_CLOSING: u32 = 1;
 
-/// Flow idle timeouts in seconds (`FLOW_CONFIG`, one entry).
+/// Flow idle timeouts in ticks of the flow clock (`FLOW_CONFIG`, one entry).
 ///
-/// The flow clock is `CLOCK_MONOTONIC_COARSE` in whole seconds: in the data path
-/// `bpf_ktime_get_coarse_ns() / 1_000_000_000`, in userspace the `tv_sec` of
-/// `clock_gettime(CLOCK_MONOTONIC_COARSE)` (the same kernel clock, so the same second).
-/// An entry is expired when `now - last_seen > timeout` (whole seconds, so it lives at
-/// least `timeout` seconds after its last packet, at most one second more).
+/// The flow clock is `CLOCK_MONOTONIC_COARSE` in ticks of 2^30 ns (about 1.07 s): in the
+/// data path `bpf_ktime_get_coarse_ns() >> 30` (a shift, where whole seconds would cost a
+/// 64-bit division per packet), in userspace the same of `clock_gettime
+/// (CLOCK_MONOTONIC_COARSE)` (the same kernel clock, so the same tick). An entry is expired
+/// when `now - last_seen > timeout`; [`FlowConfig::new`] rounds timeouts in seconds up to
+/// whole ticks, so an entry lives at least its timeout after its last packet, at most about
+/// 1.07 s more (plus the rounding).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowConfig {
@@ -224,8 +226,33 @@ pub const DEFAULT_TCP_IDLE: u32 = 300;
 pub const DEFAULT_UDP_IDLE: u32 = 30;
 pub const DEFAULT_TCP_CLOSING: u32 = 10;
 
+/// The flow clock's tick: `CLOCK_MONOTONIC_COARSE` nanoseconds shifted right by this.
+pub const FLOW_CLOCK_SHIFT: u32 = 30;
+
+/// The flow clock's tick at `ns` of `CLOCK_MONOTONIC_COARSE`.
+#[inline(always)]
+pub const fn flow_tick(ns: u64) -> u32 {
+    (ns >> FLOW_CLOCK_SHIFT) as u32
+}
+
+/// `secs` seconds in ticks of the flow clock, rounded up.
+pub const fn flow_ticks(secs: u32) -> u32 {
+    ((secs as u64 * 1_000_000_000).div_ceil(1 << FLOW_CLOCK_SHIFT)) as u32
+}
+
+/// `ticks` ticks of the flow clock in whole seconds, rounded down.
+pub const fn flow_ticks_as_secs(ticks: u32) -> u32 {
+    (((ticks as u64) << FLOW_CLOCK_SHIFT) / 1_000_000_000) as u32
+}
+
 impl FlowConfig {
+    /// Timeouts given in seconds.
     pub const fn new(tcp_idle: u32, udp_idle: u32, tcp_closing: u32) -> Self {
+        let (tcp_idle, udp_idle, tcp_closing) = (
+            flow_ticks(tcp_idle),
+            flow_ticks(udp_idle),
+            flow_ticks(tcp_closing),
+        );
         FlowConfig {
             timeouts: [tcp_idle, udp_idle, tcp_closing, udp_idle],
         }
@@ -488,14 +515,14 @@ pub fn address_filter_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
     (bit >> 6, 1u64 << (bit & 63))
 }
 
-/// A cached FIB answer for one server slot on one CPU: valid while `second` is the current
-/// flow-clock second, the slot still holds the same server (`generation`), the packet came
+/// A cached FIB answer for one server slot on one CPU: valid while `tick` is the current
+/// tick of the flow clock (about a second), the slot still holds the same server (`generation`), the packet came
 /// in on `ingress` and is no longer than `max_len` (the longest outer packet the FIB has
 /// accepted for this route, so a longer one is checked against the MTU again). 32 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
-    pub second: u32,
+    pub tick: u32,
     pub generation: u32,
     pub ingress: u32,
     pub egress: u32,

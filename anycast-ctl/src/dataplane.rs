@@ -5,8 +5,8 @@
 //! Topology preferences get tables of their own (double-buffered the same way) that the
 //! `PREFERENCES` LPM trie points to by client prefix.
 //!
-//! The flow table ages: each entry carries the second it was last seen on the flow clock
-//! (`CLOCK_MONOTONIC_COARSE`, whole seconds; [`flow_clock_now`]), entries idle past their
+//! The flow table ages: each entry carries the tick it was last seen on the flow clock
+//! (`CLOCK_MONOTONIC_COARSE` in ticks of 2^30 ns; [`flow_clock_now`]), entries idle past their
 //! protocol's timeout ([`FlowTimeouts`]) are re-chosen by the data path and deleted by
 //! [`Dataplane::sweep_flows`].
 //!
@@ -199,8 +199,9 @@ pub struct DesiredServer {
 
 /// Flow-table idle timeouts, in seconds. An entry idle for longer than its timeout is
 /// re-chosen at its next packet (counted as `flow_expired`) and deleted by
-/// [`Dataplane::sweep_flows`]. The clock has whole seconds: an entry lives at least its
-/// timeout after its last packet, and at most one second more.
+/// [`Dataplane::sweep_flows`]. The clock ticks every 2^30 ns and timeouts are rounded up to
+/// whole ticks: an entry lives at least its timeout after its last packet, and at most
+/// about 1.07 s more (plus the rounding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FlowTimeouts {
     /// TCP flows.
@@ -227,10 +228,10 @@ impl FlowTimeouts {
     }
 }
 
-/// The flow clock, as the data path reads it (`bpf_ktime_get_coarse_ns() / 10^9`): whole
-/// seconds of `CLOCK_MONOTONIC_COARSE`. Pass it to [`Dataplane::sweep_flows`].
+/// The flow clock, as the data path reads it (`bpf_ktime_get_coarse_ns() >> 30`): ticks of
+/// about 1.07 s of `CLOCK_MONOTONIC_COARSE`. Pass it to [`Dataplane::sweep_flows`].
 pub fn flow_clock_now() -> u32 {
-    (coarse_clock_ns() / 1_000_000_000) as u32
+    anycast_common::flow_tick(coarse_clock_ns())
 }
 
 /// What a consistent-hash table is a function of: the ring size and, in order, each
@@ -585,7 +586,7 @@ impl Dataplane {
         self.timeouts
     }
 
-    /// Deletes the flow-table entries that are past their timeout at `now` (seconds of
+    /// Deletes the flow-table entries that are past their timeout at `now` (ticks of
     /// [`flow_clock_now`]): idle longer than their protocol's timeout, or closing for longer
     /// than the closing timeout. Returns how many it deleted.
     ///
@@ -700,7 +701,7 @@ impl Dataplane {
                 server_slot: value.server,
                 server,
                 last_seen: value.last_seen,
-                age: now.saturating_sub(value.last_seen),
+                age: anycast_common::flow_ticks_as_secs(now.saturating_sub(value.last_seen)),
                 closing: value.flags & FLOW_CLOSING != 0,
                 expired: config.expired(key.proto, &value, now),
             });
@@ -1364,7 +1365,7 @@ pub struct FlowReport {
     /// The server's real address, if the slot still holds the server the flow was pinned
     /// to (else the flow is re-chosen at its next packet).
     pub server: Option<IpAddr>,
-    /// When the flow last sent a packet, in seconds of [`flow_clock_now`].
+    /// When the flow last sent a packet, in ticks of [`flow_clock_now`].
     pub last_seen: u32,
     /// Seconds since the flow's last packet.
     pub age: u32,

@@ -10,9 +10,9 @@
 //! packet passed to the kernel, which forwards it to the client. Only packets whose outer
 //! protocol is 4 or 41 take that path, so client packets pay nothing for it.
 use anycast_common::{
-    address_filter_bit, flow_hash, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue, NextHop,
-    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
-    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
+    address_filter_bit, flow_hash, flow_tick, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
+    NextHop, PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic,
+    ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
     DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
     FAMILY_V4, FAMILY_V6, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
     PREFERENCE_KEY_BITS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, SERVER_UP,
@@ -54,7 +54,8 @@ static SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
 /// `SERVICES` entries, cleared after). Other traffic passes without a hash lookup.
 #[map]
 static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRESS_FILTER_WORDS, 0);
-/// Per CPU and server slot, the FIB's last answer, reused within its second: a FIB lookup
+/// Per CPU and server slot, the FIB's last answer, reused within its tick of the flow clock
+/// (about a second): a FIB lookup
 /// costs more than all the rest of a flow-table hit.
 #[map]
 static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
@@ -141,7 +142,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         Err(verdict::REVERSE_TUNNEL) => return reverse(ctx),
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
-    let now = now_secs();
+    let now = flow_clock_now();
     // A flow-table hit names its server, and the server slot its service: no service lookup.
     let (server_id, server) = match pinned_server(&p, now) {
         Some(pinned) => pinned,
@@ -443,12 +444,12 @@ fn lookup_service(flow: &FlowKey) -> Option<ServiceInfo> {
     unsafe { SERVICES.get(&key) }.copied()
 }
 
-/// The flow clock: `CLOCK_MONOTONIC_COARSE` in whole seconds (the controller reads the same
-/// clock with `clock_gettime`). The coarse clock is a memory read, no clocksource access.
+/// The flow clock: `CLOCK_MONOTONIC_COARSE` in ticks of 2^30 ns (the controller reads the
+/// same clock with `clock_gettime`). The coarse clock is a memory read, no clocksource access.
 #[inline(always)]
-fn now_secs() -> u32 {
+fn flow_clock_now() -> u32 {
     // SAFETY: plain helper call without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    flow_tick(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
 /// The server the flow is pinned to, if that server is still up (and is the same server,
@@ -457,7 +458,7 @@ fn now_secs() -> u32 {
 /// An entry ends when it has been idle longer than its protocol's timeout (closing entries:
 /// the closing timeout), or when it is closing and a SYN without ACK reuses its 5-tuple.
 /// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
-/// second changed (or the entry starts closing), not on every packet.
+/// tick changed (or the entry starts closing), not on every packet.
 #[inline(always)]
 fn pinned_server(p: &Parsed, now: u32) -> Option<(u32, ServerInfo)> {
     let key = &p.key;
@@ -682,7 +683,7 @@ fn fib_macs(fib: &FibParams) -> [u32; 3] {
     [pair(h(29), h(30)), pair(h(31), h(26)), pair(h(27), h(28))]
 }
 
-/// Next hop by the kernel's FIB (or its answer cached for this server within the second),
+/// Next hop by the kernel's FIB (or its answer cached for this server within the tick),
 /// then out of the same port or redirected to another.
 #[inline(always)]
 fn send(
@@ -700,7 +701,7 @@ fn send(
     };
     // SAFETY: this CPU's slot, copied out at once; no concurrent writer.
     let cached = unsafe { *cache };
-    let hop = if cached.second == now
+    let hop = if cached.tick == now
         && cached.generation == server.generation
         && cached.ingress == ingress
         && outer_len as u32 <= cached.max_len
@@ -709,13 +710,13 @@ fn send(
     } else {
         match fib_next_hop(ctx, p, agent, server, outer_len, ingress) {
             Ok((egress, macs)) => {
-                let same = cached.second == now
+                let same = cached.tick == now
                     && cached.generation == server.generation
                     && cached.ingress == ingress
                     && cached.egress == egress
                     && cached.macs == macs;
                 let hop = NextHop {
-                    second: now,
+                    tick: now,
                     generation: server.generation,
                     ingress,
                     egress,

@@ -23,7 +23,7 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, flow_hash, maps, programs, reverse, verdict, FlowKey, PreferenceTable,
+    addr_words, flow_hash, flow_ticks, maps, programs, reverse, verdict, FlowKey, PreferenceTable,
     ReverseConfig, ServedKey, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
@@ -1930,25 +1930,28 @@ fn sweeping_deletes_idle_and_closed_entries_and_keeps_active_ones() -> Result<()
         .is_some_and(|s| addrs(&[SERVER_A, SERVER_B]).contains(&s)));
     assert!(e.age <= 1 && !e.closing && !e.expired, "{e:?}");
 
-    // Default timeouts: TCP 300 s, UDP 30 s, closing 10 s.
+    // Default timeouts: TCP 300 s, UDP 30 s, closing 10 s, in ticks of the flow clock (an
+    // entry's last tick may be `now` or, if the clock ticked meanwhile, `now - 1`).
     assert_eq!(
         h.dataplane.sweep_flows(now)?,
         0,
         "nothing is past its timeout yet"
     );
+    assert_eq!(h.dataplane.sweep_flows(now + flow_ticks(10) - 1)?, 0);
     assert_eq!(
-        h.dataplane.sweep_flows(now + 11)?,
+        h.dataplane.sweep_flows(now + flow_ticks(10) + 1)?,
         2,
         "the closed entries go after 10 s"
     );
     assert_eq!(listed(&h.dataplane)?, [25000, 25001]);
+    assert_eq!(h.dataplane.sweep_flows(now + flow_ticks(30) - 1)?, 0);
     assert_eq!(
-        h.dataplane.sweep_flows(now + 31)?,
+        h.dataplane.sweep_flows(now + flow_ticks(30) + 1)?,
         1,
         "the UDP entry goes after 30 s"
     );
     assert_eq!(listed(&h.dataplane)?, [25001]);
-    assert_eq!(h.dataplane.sweep_flows(now + 299)?, 0);
+    assert_eq!(h.dataplane.sweep_flows(now + flow_ticks(300) - 1)?, 0);
     assert_eq!(listed(&h.dataplane)?, [25001]);
 
     // The sweep follows the timeouts the data path has.
@@ -1956,8 +1959,12 @@ fn sweeping_deletes_idle_and_closed_entries_and_keeps_active_ones() -> Result<()
         tcp_idle: 5,
         ..FlowTimeouts::default()
     })?;
-    assert_eq!(h.dataplane.sweep_flows(now + 3)?, 0);
-    assert_eq!(h.dataplane.sweep_flows(now + 7)?, 1, "TCP idle after 5 s");
+    assert_eq!(h.dataplane.sweep_flows(now + flow_ticks(5) - 1)?, 0);
+    assert_eq!(
+        h.dataplane.sweep_flows(now + flow_ticks(5) + 1)?,
+        1,
+        "TCP idle after 5 s"
+    );
     assert!(listed(&h.dataplane)?.is_empty());
 
     // A swept flow's next packet is a plain miss (there is no entry left to expire).
@@ -2980,7 +2987,7 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
     let small = ip_packet(&flow);
     let at_mtu = big_packet(&flow, 1480);
     let over_mtu = big_packet(&flow, 1481);
-    // Within one flow-clock second, so the second and third packets meet a cached answer.
+    // Just after a tick of the flow clock, so the next packets meet a cached answer.
     let second = flow_clock_now();
     wait_past(second);
     let (action, out) = run(&dp, &small)?;

@@ -285,6 +285,9 @@ pub struct AgentInfo {
     pub v6: [u32; 4],
     pub v4: u32,
     pub flags: u32,
+    /// Bumped by the controller whenever the kernel reports a route, neighbour, address or
+    /// link change: cached next hops ([`NextHop`]) of an older generation are not used.
+    pub fib_generation: u32,
 }
 pub const AGENT_HAS_V4: u32 = 1;
 pub const AGENT_HAS_V6: u32 = 2;
@@ -516,13 +519,16 @@ pub fn address_filter_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
 }
 
 /// A cached FIB answer for one server slot on one CPU: valid while `tick` is the current
-/// tick of the flow clock (about a second), the slot still holds the same server (`generation`), the packet came
+/// tick of the flow clock (about a second) and no route, neighbour, address or link changed
+/// since (`fib_generation`), the slot still holds the same server (`generation`), the packet came
 /// in on `ingress` and is no longer than `max_len` (the longest outer packet the FIB has
-/// accepted for this route, so a longer one is checked against the MTU again). 32 bytes.
+/// accepted for this route, so a longer one is checked against the MTU again). 36 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
     pub tick: u32,
+    /// [`AgentInfo::fib_generation`] when the FIB gave this answer.
+    pub fib_generation: u32,
     pub generation: u32,
     pub ingress: u32,
     pub egress: u32,
@@ -724,7 +730,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(PreferenceKey, addr), 8);
         assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
         assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
-        assert_eq!(core::mem::size_of::<AgentInfo>(), 24);
+        assert_eq!(core::mem::size_of::<AgentInfo>(), 28);
+        assert_eq!(core::mem::size_of::<NextHop>(), 36);
         assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
         assert_eq!(core::mem::size_of::<RealKey>(), 20);
         assert_eq!(core::mem::size_of::<ReverseStats>(), 16);

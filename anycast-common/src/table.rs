@@ -8,7 +8,7 @@
 //! entry `(offset + i * skip) % M`.
 //!
 //! Unlike plain Maglev, entries are not handed out round robin. Position `i` of member `s`
-//! carries the score `E = -ln(1 - (i + 1) / (M + 1)) / w_s`, the `i`-th order statistic of an
+//! carries the score `E = -ln(1 - (i + 1) / (M + 1)) * (1 / w_s)`, the `i`-th order statistic of an
 //! exponential race with rate `w_s`, and entry `j` belongs to the member with the smallest
 //! `(score, key)` among all members that list it (which is every member). That is a
 //! rendezvous (highest-random-weight) choice per entry, so:
@@ -19,15 +19,16 @@
 //!   a member's weight only moves entries to it (strict minimal disruption);
 //! * the result depends only on the set of `(key, weight)` pairs, not on their order.
 //!
-//! The table is built by merging the members' score sequences (each is increasing along its
-//! list) with a binary heap: the first member to reach an entry is its argmin.
+//! The table is built in two passes instead of merging the members' score sequences in order
+//! (which takes about `M ln M` heap steps): each member walks its list while its score is
+//! below a threshold, which settles all but about `M / n` entries in about `M ln n` steps,
+//! and the rest get every member's score computed directly from its position. The tests
+//! check the result against the heap merge.
 //!
 //! The logarithms come from a small portable implementation that uses only IEEE-754 basic
 //! operations (no libm), so agents on different platforms or C libraries compute bit-identical
 //! scores and therefore identical tables.
 
-use std::cmp::Ordering;
-use std::collections::binary_heap::{BinaryHeap, PeekMut};
 use std::sync::{Arc, Mutex};
 
 use crate::NO_SERVER;
@@ -64,7 +65,8 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     let mut table = vec![NO_SERVER; m];
 
     // Members taking part, in a canonical order (by key, then weight, then caller index for
-    // exact duplicates) so that the result does not depend on the caller's order.
+    // exact duplicates): a member's rank in it breaks ties between equal scores, so the
+    // result does not depend on the caller's order.
     let mut order: Vec<u32> = (0..members.len() as u32)
         .filter(|&i| members[i as usize].weight > 0)
         .collect();
@@ -72,55 +74,151 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
         return table;
     }
     order.sort_unstable_by_key(|&i| (members[i as usize].key, members[i as usize].weight, i));
-
     let ln = ln_table(size);
-    let mut cursors: Vec<Cursor> = Vec::with_capacity(order.len());
-    let mut heap: BinaryHeap<Head> = BinaryHeap::with_capacity(order.len());
-    for (slot, &caller_index) in order.iter().enumerate() {
-        let member = members[caller_index as usize];
-        let (offset, skip) = permutation(member.key, size);
-        let weight = f64::from(member.weight);
-        cursors.push(Cursor {
-            pos: offset,
-            skip,
-            next: 0,
-            weight,
-            caller_index,
-        });
-        heap.push(Head::new(ln[0] / weight, slot as u32));
-    }
+    let modulus = Modulus::new(size);
+    let lists: Vec<List> = order
+        .iter()
+        .map(|&i| List::new(members[i as usize], size, &modulus))
+        .collect();
 
-    let mut unclaimed = m;
-    while unclaimed > 0 {
-        // The global minimum of (score, slot) among every member's next position; slots are
-        // in key order, so this is the minimum (score, key).
-        let Some(mut top) = heap.peek_mut() else {
-            // Unreachable for a prime size: a member that walked its whole list visited every
-            // entry, so all of them were claimed by then.
-            break;
-        };
-        let cursor = &mut cursors[top.slot() as usize];
-        let entry = &mut table[cursor.pos as usize];
-        if *entry == NO_SERVER {
-            *entry = cursor.caller_index;
-            unclaimed -= 1;
+    // 1. Every member walks its list while its score is below `threshold`, and each entry
+    //    keeps the smallest (score, rank) seen. An entry reached this way has its final
+    //    owner: every position not walked scores `threshold` or more (scores only grow
+    //    along a list). The scores of one entry are exponential with rates w_s, so an entry
+    //    stays unreached with probability exp(-threshold * sum(w)); with threshold
+    //    ln(n) / sum(w) that leaves about 1/n of the entries, after about m * ln(n) steps.
+    let total_weight: f64 = lists.iter().map(|l| l.weight).sum();
+    let threshold = (lists.len().max(2) as f64).ln() / total_weight;
+    // (Ranks are visited in increasing order and only a strictly smaller score replaces
+    // the best, so equal scores go to the lower rank.)
+    let mut best_score: Vec<f64> = vec![f64::INFINITY; m];
+    let mut best_rank: Vec<u32> = vec![u32::MAX; m];
+    for (rank, list) in lists.iter().enumerate() {
+        let steps = ln.partition_point(|&ln_i| list.score(ln_i) < threshold);
+        let mut pos = list.offset as usize;
+        for &ln_i in &ln[..steps] {
+            let score = list.score(ln_i);
+            if score < best_score[pos] {
+                best_score[pos] = score;
+                best_rank[pos] = rank as u32;
+            }
+            pos += list.skip as usize;
+            if pos >= m {
+                pos -= m;
+            }
         }
-        cursor.next += 1;
-        if cursor.next == size {
-            PeekMut::pop(top);
-        } else {
-            let pos = u64::from(cursor.pos) + u64::from(cursor.skip);
-            cursor.pos = if pos >= u64::from(size) {
-                (pos - u64::from(size)) as u32
-            } else {
-                pos as u32
-            };
-            // Scores only grow along a member's list, so updating in place and letting
-            // `PeekMut` sift the head down keeps the merge in global order.
-            top.set_score(ln[cursor.next as usize] / cursor.weight);
+    }
+    // 2. The entries nobody reached: each member's score for it, directly (its position in
+    //    the member's list is `(entry - offset) / skip` modulo m).
+    for (entry, (score, owner)) in best_score.iter_mut().zip(&mut best_rank).enumerate() {
+        if *owner != u32::MAX {
+            continue;
         }
+        for (rank, list) in lists.iter().enumerate() {
+            let i = list.position(entry as u32, &modulus);
+            let candidate = list.score(ln[i as usize]);
+            if candidate < *score {
+                *score = candidate;
+                *owner = rank as u32;
+            }
+        }
+    }
+    for (entry, &owner) in table.iter_mut().zip(&best_rank) {
+        *entry = order[owner as usize];
     }
     table
+}
+
+/// Arithmetic modulo the table size (a prime below 2^32), with Barrett reduction: the
+/// direct position computation is a multiply, not a 64-bit division.
+struct Modulus {
+    m: u64,
+    /// floor(2^64 / m).
+    mu: u128,
+}
+
+impl Modulus {
+    fn new(m: u32) -> Self {
+        Modulus {
+            m: u64::from(m),
+            mu: (1u128 << 64) / u128::from(m),
+        }
+    }
+
+    /// `x mod m` for any `x < 2^64`.
+    #[inline]
+    fn reduce(&self, x: u64) -> u64 {
+        let q = ((u128::from(x) * self.mu) >> 64) as u64;
+        let r = x - q * self.m;
+        // The estimate is low by at most one.
+        if r >= self.m {
+            r - self.m
+        } else {
+            r
+        }
+    }
+
+    #[inline]
+    fn mul(&self, a: u32, b: u32) -> u32 {
+        self.reduce(u64::from(a) * u64::from(b)) as u32
+    }
+
+    /// `a^(m-2) = a^-1 mod m` (Fermat: m is prime), for `0 < a < m`.
+    fn inverse(&self, a: u32) -> u32 {
+        let mut result = 1u32;
+        let mut base = a;
+        let mut e = self.m - 2;
+        while e > 0 {
+            if e & 1 == 1 {
+                result = self.mul(result, base);
+            }
+            base = self.mul(base, base);
+            e >>= 1;
+        }
+        result
+    }
+}
+
+/// A member's preference list: position `i` is entry `(offset + i * skip) % m`.
+struct List {
+    offset: u32,
+    skip: u32,
+    /// `skip^-1 mod m`: the position of entry `j` is `(j - offset) * skip^-1 mod m`.
+    inverse_skip: u32,
+    weight: f64,
+    /// `1 / weight`: a score is `ln[i] * inverse_weight` (a multiply per step, not a division).
+    inverse_weight: f64,
+}
+
+impl List {
+    fn new(member: Member, size: u32, modulus: &Modulus) -> Self {
+        let (offset, skip) = permutation(member.key, size);
+        List {
+            offset,
+            skip,
+            inverse_skip: modulus.inverse(skip),
+            weight: f64::from(member.weight),
+            inverse_weight: 1.0 / f64::from(member.weight),
+        }
+    }
+
+    /// The score of a position whose logarithm is `ln_i`.
+    #[inline]
+    fn score(&self, ln_i: f64) -> f64 {
+        ln_i * self.inverse_weight
+    }
+
+    /// The position of `entry` in this list.
+    #[inline]
+    fn position(&self, entry: u32, modulus: &Modulus) -> u32 {
+        let m = modulus.m as u32;
+        let delta = if entry >= self.offset {
+            entry - self.offset
+        } else {
+            entry + (m - self.offset)
+        };
+        modulus.mul(delta, self.inverse_skip)
+    }
 }
 
 /// Stable key for a server identity string (e.g. "10.0.2.11" or a server name): FNV-1a 64.
@@ -161,55 +259,6 @@ pub fn shares(table: &[u32], n: usize) -> Vec<usize> {
         }
     }
     counts
-}
-
-/// A member's walk along its preference list.
-struct Cursor {
-    /// Entry at position `next`.
-    pos: u32,
-    skip: u32,
-    /// Position in the preference list.
-    next: u32,
-    weight: f64,
-    /// Index into the caller's slice, written into the table.
-    caller_index: u32,
-}
-
-/// A heap element: the next score of the member in `slot`, packed as
-/// `score bits << 64 | slot` so one integer comparison orders by `(score, slot)`. The bits of
-/// non-negative finite floats order like the floats. Ordered in reverse so that `BinaryHeap`
-/// (a max-heap) yields the smallest first.
-#[derive(PartialEq, Eq)]
-struct Head(u128);
-
-impl Head {
-    #[inline]
-    fn new(score: f64, slot: u32) -> Self {
-        Head(u128::from(score.to_bits()) << 64 | u128::from(slot))
-    }
-
-    #[inline]
-    fn slot(&self) -> u32 {
-        self.0 as u32
-    }
-
-    #[inline]
-    fn set_score(&mut self, score: f64) {
-        *self = Head::new(score, self.slot());
-    }
-}
-
-impl Ord for Head {
-    #[inline]
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.0.cmp(&self.0)
-    }
-}
-
-impl PartialOrd for Head {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
 }
 
 /// splitmix64's finaliser: a bijective 64-bit mixer with full avalanche.
@@ -296,6 +345,113 @@ mod tests {
     use std::time::Instant;
 
     const M: u32 = 65537;
+
+    use std::cmp::Ordering;
+    use std::collections::binary_heap::{BinaryHeap, PeekMut};
+
+    /// The first implementation, kept as the reference: merges the members' score
+    /// sequences with a binary heap; the first member to reach an entry is its argmin.
+    fn build_by_merge(members: &[Member], size: u32) -> Vec<u32> {
+        let m = size as usize;
+        let mut table = vec![NO_SERVER; m];
+        let mut order: Vec<u32> = (0..members.len() as u32)
+            .filter(|&i| members[i as usize].weight > 0)
+            .collect();
+        if order.is_empty() {
+            return table;
+        }
+        order.sort_unstable_by_key(|&i| (members[i as usize].key, members[i as usize].weight, i));
+        let ln = ln_table(size);
+        let mut cursors: Vec<Cursor> = Vec::with_capacity(order.len());
+        let mut heap: BinaryHeap<Head> = BinaryHeap::with_capacity(order.len());
+        for (slot, &caller_index) in order.iter().enumerate() {
+            let member = members[caller_index as usize];
+            let (offset, skip) = permutation(member.key, size);
+            let weight = f64::from(member.weight);
+            cursors.push(Cursor {
+                pos: offset,
+                skip,
+                next: 0,
+                weight,
+                caller_index,
+            });
+            heap.push(Head::new(ln[0] * (1.0 / weight), slot as u32));
+        }
+        let mut unclaimed = m;
+        while unclaimed > 0 {
+            let Some(mut top) = heap.peek_mut() else {
+                break;
+            };
+            let cursor = &mut cursors[top.slot() as usize];
+            let entry = &mut table[cursor.pos as usize];
+            if *entry == NO_SERVER {
+                *entry = cursor.caller_index;
+                unclaimed -= 1;
+            }
+            cursor.next += 1;
+            if cursor.next == size {
+                PeekMut::pop(top);
+            } else {
+                let pos = u64::from(cursor.pos) + u64::from(cursor.skip);
+                cursor.pos = if pos >= u64::from(size) {
+                    (pos - u64::from(size)) as u32
+                } else {
+                    pos as u32
+                };
+                top.set_score(ln[cursor.next as usize] * (1.0 / cursor.weight));
+            }
+        }
+        table
+    }
+
+    /// A member's walk along its preference list.
+    struct Cursor {
+        /// Entry at position `next`.
+        pos: u32,
+        skip: u32,
+        /// Position in the preference list.
+        next: u32,
+        weight: f64,
+        /// Index into the caller's slice, written into the table.
+        caller_index: u32,
+    }
+
+    /// A heap element: the next score of the member in `slot`, packed as
+    /// `score bits << 64 | slot` so one integer comparison orders by `(score, slot)`. The bits of
+    /// non-negative finite floats order like the floats. Ordered in reverse so that `BinaryHeap`
+    /// (a max-heap) yields the smallest first.
+    #[derive(PartialEq, Eq)]
+    struct Head(u128);
+
+    impl Head {
+        #[inline]
+        fn new(score: f64, slot: u32) -> Self {
+            Head(u128::from(score.to_bits()) << 64 | u128::from(slot))
+        }
+
+        #[inline]
+        fn slot(&self) -> u32 {
+            self.0 as u32
+        }
+
+        #[inline]
+        fn set_score(&mut self, score: f64) {
+            *self = Head::new(score, self.slot());
+        }
+    }
+
+    impl Ord for Head {
+        #[inline]
+        fn cmp(&self, other: &Self) -> Ordering {
+            other.0.cmp(&self.0)
+        }
+    }
+
+    impl PartialOrd for Head {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
 
     fn members(weights: &[u32]) -> Vec<Member> {
         weights
@@ -582,6 +738,61 @@ mod tests {
         assert!(!is_prime(65521 * 65521)); // square of a prime
     }
 
+    /// The threshold walk with its direct tail gives exactly the table of the heap merge:
+    /// many member counts, weights (equal, mixed, extreme), sizes, and duplicate keys.
+    #[test]
+    fn build_equals_the_merge_reference() {
+        let mut cases: Vec<(Vec<Member>, u32)> = Vec::new();
+        for n in [1usize, 2, 3, 7, 50, 300, 1000] {
+            cases.push((members(&vec![100; n]), M));
+            cases.push((members(&mixed_weights(n)), M));
+        }
+        cases.push((members(&[1, 1_000_000]), M));
+        cases.push((members(&[u32::MAX, 1, 7]), M));
+        cases.push((members(&[0, 3, 0, 5]), M));
+        for size in [2u32, 3, 13, 251, 4099] {
+            cases.push((members(&[1, 2, 3, 4, 5]), size));
+            cases.push((members(&mixed_weights(40)), size));
+        }
+        let mut dup = members(&[4, 4, 9]);
+        dup[1].key = dup[0].key;
+        cases.push((dup.clone(), M));
+        dup[1].weight = 9;
+        cases.push((dup, 251));
+        for (ms, size) in &cases {
+            assert_eq!(
+                build(ms, *size),
+                build_by_merge(ms, *size),
+                "{} members, size {size}",
+                ms.len()
+            );
+        }
+    }
+
+    #[test]
+    fn modular_arithmetic() {
+        for m in [2u32, 3, 13, M, 1_000_003, 4_294_967_291] {
+            let modulus = Modulus::new(m);
+            for x in [
+                0u64,
+                1,
+                m as u64 - 1,
+                m as u64,
+                u64::MAX,
+                u64::MAX - 1,
+                1 << 63,
+            ] {
+                assert_eq!(modulus.reduce(x), x % m as u64, "{x} mod {m}");
+            }
+            for a in [1u32, 2, m / 2, m - 1] {
+                if a % m == 0 {
+                    continue;
+                }
+                assert_eq!(modulus.mul(a, modulus.inverse(a)), 1, "{a}^-1 mod {m}");
+            }
+        }
+    }
+
     #[test]
     fn build_time_1000_members() {
         let ms = members(&mixed_weights(1000));
@@ -603,6 +814,10 @@ mod tests {
             "build of 1000 members at M={M}: min {:?}, median {:?}, max {:?}",
             times[0], times[2], times[4]
         );
+        let start = Instant::now();
+        let reference = build_by_merge(&ms, M);
+        println!("the heap merge, same members: {:?}", start.elapsed());
+        assert_eq!(table, reference);
         assert_eq!(shares(&table, ms.len()).iter().sum::<usize>(), M as usize);
         let mut seen: HashMap<u32, usize> = HashMap::new();
         for &e in &table {

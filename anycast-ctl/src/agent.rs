@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     dataplane::{flow_clock_now, Dataplane, DesiredServer, DesiredService, Preference, Sizes},
     health::{self, CheckConfig, CheckKind, Checker, Health, Target, Transition},
+    route_events::RouteEvents,
     selection::{Candidate, Condition, ServicePlan},
     sys::{self, HostChanges},
 };
@@ -243,6 +244,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         .borrow_mut()
         .set_checks(agent.config.all_checks());
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
+    let route_events = RouteEvents::subscribe()?;
     let why = local
         .run_until(async {
             let _checks = health::spawn(&agent.checker, health_tx);
@@ -278,6 +280,15 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                         while health_rx.try_recv().is_ok() {}
                         agent.republish();
                     }
+                    changed = route_events.changed() => match changed {
+                        // The data path's cached next hops are stale: it asks the FIB again.
+                        Ok(()) => {
+                            if let Err(e) = agent.dataplane.fib_changed() {
+                                tracing::warn!("{e:#}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("{e:#}"),
+                    },
                     _ = tick.tick() => {
                         let replies = agent.housekeeping();
                         send_all(&listeners, replies).await;

@@ -506,6 +506,8 @@ pub struct Dataplane {
     /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
     servers_written: Vec<ServerInfo>,
     agent_map: Array<MapData, AgentInfo>,
+    /// What `AGENT` holds.
+    agent_info: AgentInfo,
     flows_map: BpfHashMap<MapData, FlowKey, FlowValue>,
     flow_config: Array<MapData, FlowConfig>,
     preferences_map: LpmTrie<MapData, [u32; 5], PreferenceTable>,
@@ -544,6 +546,7 @@ impl Dataplane {
             servers_map: take(&mut ebpf, maps::SERVERS)?,
             servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
             agent_map: take(&mut ebpf, maps::AGENT)?,
+            agent_info: AgentInfo::default(),
             flows_map: take(&mut ebpf, maps::FLOWS)?,
             flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
             preferences_map: take(&mut ebpf, maps::PREFERENCES)?,
@@ -710,7 +713,10 @@ impl Dataplane {
     }
 
     pub fn set_agent_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
-        let mut info = AgentInfo::default();
+        let mut info = AgentInfo {
+            fib_generation: self.agent_info.fib_generation,
+            ..AgentInfo::default()
+        };
         if let Some(a) = v4 {
             info.v4 = anycast_common::addr_words(a).0[0];
             info.flags |= AGENT_HAS_V4;
@@ -721,7 +727,23 @@ impl Dataplane {
         }
         self.agent_map
             .set(0, info, 0)
-            .context("writing the agent's addresses")
+            .context("writing the agent's addresses")?;
+        self.agent_info = info;
+        Ok(())
+    }
+
+    /// The kernel's routes, neighbours, addresses or links changed: the data path stops
+    /// using the next hops it cached (it asks the FIB again at each server's next packet).
+    pub fn fib_changed(&mut self) -> Result<()> {
+        let info = AgentInfo {
+            fib_generation: self.agent_info.fib_generation.wrapping_add(1),
+            ..self.agent_info
+        };
+        self.agent_map
+            .set(0, info, 0)
+            .context("writing the FIB generation")?;
+        self.agent_info = info;
+        Ok(())
     }
 
     /// Lets the data path redirect tunnelled packets to this interface.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod keys;
+pub mod route_events;
 pub mod selection;
 pub mod server;
 pub mod status;

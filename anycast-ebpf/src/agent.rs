@@ -702,6 +702,7 @@ fn send(
     // SAFETY: this CPU's slot, copied out at once; no concurrent writer.
     let cached = unsafe { *cache };
     let hop = if cached.tick == now
+        && cached.fib_generation == agent.fib_generation
         && cached.generation == server.generation
         && cached.ingress == ingress
         && outer_len as u32 <= cached.max_len
@@ -711,12 +712,14 @@ fn send(
         match fib_next_hop(ctx, p, agent, server, outer_len, ingress) {
             Ok((egress, macs)) => {
                 let same = cached.tick == now
+                    && cached.fib_generation == agent.fib_generation
                     && cached.generation == server.generation
                     && cached.ingress == ingress
                     && cached.egress == egress
                     && cached.macs == macs;
                 let hop = NextHop {
                     tick: now,
+                    fib_generation: agent.fib_generation,
                     generation: server.generation,
                     ingress,
                     egress,

@@ -3009,7 +3009,39 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
         "1501 bytes after a cached answer for 1500"
     );
 
-    // The neighbour's MAC changes: packets follow within the next second.
+    // The neighbour's MAC changes and the controller reports it (the agent does on every
+    // routing event): the very next packet asks the FIB again.
+    let wait_mac = [0x02, 0, 0, 0, 0x02, 0x7d];
+    let second = flow_clock_now();
+    wait_past(second);
+    run(&dp, &small)?; // a fresh answer cached for this tick
+    ip(&[
+        "neigh",
+        "replace",
+        "10.9.2.11",
+        "lladdr",
+        &mac_str(wait_mac),
+        "dev",
+        "fx0",
+        "nud",
+        "permanent",
+    ])?;
+    dp.fib_changed()?;
+    let tick = flow_clock_now();
+    let old = encapsulated(wait_mac, FX0_MAC, None, &flow, &small, "10.9.2.11");
+    let (action, out) = run(&dp, &small)?;
+    assert_eq!(
+        (action, &out),
+        (XDP_TX, &old),
+        "the first packet after a reported change"
+    );
+    assert_eq!(
+        flow_clock_now(),
+        tick,
+        "(the tick did not change meanwhile)"
+    );
+
+    // Unreported, a changed MAC is picked up at the next tick of the flow clock.
     let new_mac = [0x02, 0, 0, 0, 0x02, 0x7e];
     ip(&[
         "neigh",
@@ -3030,8 +3062,7 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
             break;
         }
         assert_eq!(
-            out,
-            tx_to("10.9.2.11", None, &flow, &small),
+            out, old,
             "before the change shows, the old neighbour's frame exactly"
         );
         assert!(

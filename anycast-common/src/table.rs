@@ -88,20 +88,17 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     //    stays unreached with probability exp(-threshold * sum(w)); with threshold
     //    ln(n) / sum(w) that leaves about 1/n of the entries, after about m * ln(n) steps.
     let total_weight: f64 = lists.iter().map(|l| l.weight).sum();
-    let threshold = (lists.len().max(2) as f64).ln() / total_weight;
-    // (Ranks are visited in increasing order and only a strictly smaller score replaces
-    // the best, so equal scores go to the lower rank.)
-    let mut best_score: Vec<f64> = vec![f64::INFINITY; m];
-    let mut best_rank: Vec<u32> = vec![u32::MAX; m];
+    let threshold = ((lists.len().max(2) as f64).ln() / total_weight) as f32;
+    // Each entry's best as one integer, `score bits << 32 | rank` (the bits of non-negative
+    // floats order like the floats), so keeping the best is a branch-free `min`: whether a
+    // step improves its entry is a coin toss for a branch predictor.
+    let mut best: Vec<u64> = vec![u64::MAX; m];
     for (rank, list) in lists.iter().enumerate() {
         let steps = ln.partition_point(|&ln_i| list.score(ln_i) < threshold);
         let mut pos = list.offset as usize;
         for &ln_i in &ln[..steps] {
-            let score = list.score(ln_i);
-            if score < best_score[pos] {
-                best_score[pos] = score;
-                best_rank[pos] = rank as u32;
-            }
+            let candidate = pack(list.score(ln_i), rank);
+            best[pos] = best[pos].min(candidate);
             pos += list.skip as usize;
             if pos >= m {
                 pos -= m;
@@ -110,23 +107,25 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     }
     // 2. The entries nobody reached: each member's score for it, directly (its position in
     //    the member's list is `(entry - offset) / skip` modulo m).
-    for (entry, (score, owner)) in best_score.iter_mut().zip(&mut best_rank).enumerate() {
-        if *owner != u32::MAX {
+    for (entry, owner) in best.iter_mut().enumerate() {
+        if *owner != u64::MAX {
             continue;
         }
         for (rank, list) in lists.iter().enumerate() {
             let i = list.position(entry as u32, &modulus);
-            let candidate = list.score(ln[i as usize]);
-            if candidate < *score {
-                *score = candidate;
-                *owner = rank as u32;
-            }
+            *owner = (*owner).min(pack(list.score(ln[i as usize]), rank));
         }
     }
-    for (entry, &owner) in table.iter_mut().zip(&best_rank) {
-        *entry = order[owner as usize];
+    for (entry, &owner) in table.iter_mut().zip(&best) {
+        *entry = order[owner as u32 as usize];
     }
     table
+}
+
+/// A score and the member's rank as one integer that orders by `(score, rank)`.
+#[inline]
+fn pack(score: f32, rank: usize) -> u64 {
+    u64::from(score.to_bits()) << 32 | rank as u64
 }
 
 /// Arithmetic modulo the table size (a prime below 2^32), with Barrett reduction: the
@@ -202,10 +201,12 @@ impl List {
         }
     }
 
-    /// The score of a position whose logarithm is `ln_i`.
+    /// The score of a position whose logarithm is `ln_i`, rounded to single precision: the
+    /// table's working set (a best score per entry) then stays in a core's cache. Rounding
+    /// keeps scores non-decreasing along a list; equal scores go to the lower key.
     #[inline]
-    fn score(&self, ln_i: f64) -> f64 {
-        ln_i * self.inverse_weight
+    fn score(&self, ln_i: f64) -> f32 {
+        (ln_i * self.inverse_weight) as f32
     }
 
     /// The position of `entry` in this list.
@@ -375,7 +376,10 @@ mod tests {
                 weight,
                 caller_index,
             });
-            heap.push(Head::new(ln[0] * (1.0 / weight), slot as u32));
+            heap.push(Head::new(
+                (ln[0] * (1.0 / weight)) as f32 as f64,
+                slot as u32,
+            ));
         }
         let mut unclaimed = m;
         while unclaimed > 0 {
@@ -398,7 +402,7 @@ mod tests {
                 } else {
                     pos as u32
                 };
-                top.set_score(ln[cursor.next as usize] * (1.0 / cursor.weight));
+                top.set_score((ln[cursor.next as usize] * (1.0 / cursor.weight)) as f32 as f64);
             }
         }
         table

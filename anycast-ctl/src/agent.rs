@@ -224,9 +224,10 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         tracing::info!("accepting binding updates on {}", addrs.join(", "));
     }
     tracing::info!(
-        "agent ready: {} services, control socket {}",
+        "agent ready: {} services, control socket {}, tables written by {}",
         config.services.len(),
-        socket.display()
+        socket.display(),
+        dataplane.table_write_path()
     );
 
     let mut agent = Agent {

@@ -389,18 +389,106 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `RINGS`, written with `BPF_MAP_UPDATE_BATCH` where the kernel takes it, else one update
-/// per entry.
+/// `RINGS`, written through a shared memory mapping of the map (plain stores: a whole
+/// 65537-entry table in tens of microseconds, where map updates take milliseconds), else
+/// with `BPF_MAP_UPDATE_BATCH` where the kernel takes it, else one update per entry.
 struct Rings {
     map: Array<MapData, u32>,
+    /// The map's values, mapped into our memory (an array map's values are 8 bytes apart).
+    mapped: Option<MappedArray>,
     /// False once the kernel refused a batch update.
     batch: bool,
 }
 
+/// A shared mapping of a `BPF_F_MMAPABLE` array map's values.
+struct MappedArray {
+    base: *mut u8,
+    len: usize,
+    entries: u32,
+}
+
+/// An array map's value stride: value sizes are rounded up to 8 bytes.
+const ARRAY_STRIDE: usize = 8;
+
+impl MappedArray {
+    fn new(map: &Array<MapData, u32>) -> std::io::Result<Self> {
+        let entries = map.len();
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (entries as usize * ARRAY_STRIDE).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks size and flags.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.map().fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(MappedArray {
+            base: base as *mut u8,
+            len,
+            entries,
+        })
+    }
+
+    fn write(&self, indices: &[u32], values: &[u32]) -> Result<(), MapError> {
+        for (&i, &v) in indices.iter().zip(values) {
+            if i >= self.entries {
+                return Err(MapError::OutOfBounds {
+                    index: i,
+                    max_entries: self.entries,
+                });
+            }
+            // SAFETY: in bounds of the mapping, 4-aligned; the data path reads each entry
+            // as one 32-bit load, so a 32-bit store is never seen half-written.
+            unsafe {
+                (self.base.add(i as usize * ARRAY_STRIDE) as *const std::sync::atomic::AtomicU32)
+                    .as_ref()
+                    .expect("mapped")
+                    .store(v, std::sync::atomic::Ordering::Relaxed)
+            };
+        }
+        // Every entry is stored before the caller switches the service to the table.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MappedArray {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
 impl Rings {
+    fn new(map: Array<MapData, u32>) -> Self {
+        let mapped = match MappedArray::new(&map) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::debug!("RINGS cannot be memory-mapped ({e}); writing it by map updates");
+                None
+            }
+        };
+        Rings {
+            map,
+            mapped,
+            batch: true,
+        }
+    }
+
     /// Sets `map[indices[i]] = values[i]` for every i.
     fn write(&mut self, indices: &[u32], values: &[u32]) -> Result<(), MapError> {
         debug_assert_eq!(indices.len(), values.len());
+        if let Some(m) = &self.mapped {
+            return m.write(indices, values);
+        }
         for (keys, vals) in indices.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
             if self.batch {
                 match self.update_batch(keys, vals) {
@@ -539,10 +627,7 @@ impl Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
             address_filter: take(&mut ebpf, maps::ADDRESS_FILTER)?,
             filter_written: vec![0; ADDRESS_FILTER_WORDS as usize],
-            rings: Rings {
-                map: take(&mut ebpf, maps::RINGS)?,
-                batch: true,
-            },
+            rings: Rings::new(take(&mut ebpf, maps::RINGS)?),
             servers_map: take(&mut ebpf, maps::SERVERS)?,
             servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
             agent_map: take(&mut ebpf, maps::AGENT)?,
@@ -574,6 +659,18 @@ impl Dataplane {
 
     pub fn sizes(&self) -> Sizes {
         self.sizes
+    }
+
+    /// How consistent-hash tables reach the kernel: `"memory mapping"` (plain stores into
+    /// the mapped `RINGS`), `"batch updates"` or `"single updates"`.
+    pub fn table_write_path(&self) -> &'static str {
+        if self.rings.mapped.is_some() {
+            "memory mapping"
+        } else if self.rings.batch {
+            "batch updates"
+        } else {
+            "single updates"
+        }
     }
 
     /// Sets the flow table's idle timeouts; they apply at once, to existing entries too.

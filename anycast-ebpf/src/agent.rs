@@ -21,7 +21,7 @@ use anycast_common::{
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MMAPABLE,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
@@ -37,11 +37,11 @@ use crate::packet::*;
 static SERVICES: HashMap<ServiceKey, ServiceInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 /// All consistent-hash tables, two areas (live and next) per service, then two per
-/// preference table.
+/// preference table. Memory-mappable: the controller writes a table with plain stores.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(
     (DEFAULT_MAX_SERVICES + DEFAULT_MAX_PREFERENCE_TABLES) * 2 * DEFAULT_RING_SIZE,
-    0,
+    BPF_F_MMAPABLE,
 );
 /// Topology preferences: (service id, client prefix) -> the preferred table. Only looked up
 /// for services with `SERVICE_HAS_PREFERENCES`.

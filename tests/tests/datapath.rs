@@ -3228,3 +3228,12 @@ fn traffic_is_counted_per_service_and_server_on_hits_and_misses() -> Result<()> 
     assert_eq!(report.services.len(), 2);
     Ok(())
 }
+
+/// This kernel maps `RINGS` into the controller's memory, so tables are written with plain
+/// stores; the fixtures and affinity tests above check what the data path then reads.
+#[test]
+fn tables_are_written_through_a_memory_mapping() -> Result<()> {
+    let h = Harness::new()?;
+    assert_eq!(h.dataplane.table_write_path(), "memory mapping");
+    Ok(())
+}

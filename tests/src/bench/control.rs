@@ -56,8 +56,9 @@ pub fn control_plane(quick: bool) -> Result<Section> {
         random (hash, index) pairs and fill a 65537-entry table from them) run in the same \
         loop. Publishing: Dataplane::apply after one server of 1000 leaves (new table built \
         and only the changed entries written to the map, then the switch), the same with \
-        nothing changed, and a new service (its table written whole, one bpf() map update \
-        per entry). Binding updates: \
+        nothing changed, and a new service (its table written whole); tables are written \
+        through the memory-mapped RINGS map (the row notes say if the kernel refused the \
+        mapping and map updates were used). Binding updates: \
         anycast_ctl::bindings::Registry::handle on one core over pre-built, distinct, valid, \
         signed BUs (256 servers, all for one anycast address, each registering once and \
         then refreshing with increasing sequence numbers and timestamps; every one \
@@ -133,8 +134,12 @@ pub fn control_plane(quick: bool) -> Result<Section> {
         .baseline("table::build alone", median(&build_only)),
     );
     drop(dp);
-    // A new service: its table is written whole, one map update per entry.
+    // A new service: its table is written whole.
     let mut dp = Dataplane::new(Sizes::default())?;
+    s.notes.push(format!(
+        "consistent-hash tables written by {}",
+        dp.table_write_path()
+    ));
     let one = [server_v4(1)];
     let (mut install, mut build_one) = (Vec::new(), Vec::new());
     for _ in 0..reps.min(5) {

@@ -3237,3 +3237,56 @@ fn tables_are_written_through_a_memory_mapping() -> Result<()> {
     assert_eq!(h.dataplane.table_write_path(), "memory mapping");
     Ok(())
 }
+
+/// IPv4 and IPv6 flows are listed with their addresses, ports and servers, and swept.
+#[test]
+fn ipv4_and_ipv6_flows_are_listed_and_swept() -> Result<()> {
+    let h = Harness::new()?;
+    let mut dp = h.dataplane;
+    let mut both = web_and_dns();
+    both.extend(web6());
+    dp.apply(&both)?;
+    let v4 = Flow::v4("192.0.2.10", PROTO_TCP, 41020, 80);
+    let v6 = Flow::v6("2001:db8::10", PROTO_TCP, 41021, 443);
+    for f in [&v4, &v6] {
+        let (action, _) = run_xdp(&dp, h.fx0, &client_frame(None, &ip_packet(f)))?;
+        assert_eq!(action, XDP_TX, "{f:?}");
+    }
+    let listed: BTreeMap<u16, (IpAddr, IpAddr, u16, Option<IpAddr>)> = dp
+        .flows()?
+        .into_iter()
+        .map(|f| (f.client_port, (f.client, f.address, f.port, f.server)))
+        .collect();
+    assert_eq!(
+        listed,
+        BTreeMap::from([
+            (
+                41020,
+                (
+                    IpAddr::V4(CLIENT_V4),
+                    "192.0.2.10".parse()?,
+                    80,
+                    Some("10.9.2.11".parse()?)
+                )
+            ),
+            (
+                41021,
+                (
+                    IpAddr::V6(CLIENT_V6),
+                    "2001:db8::10".parse()?,
+                    443,
+                    Some("fd09:2::11".parse()?)
+                )
+            ),
+        ])
+    );
+    let now = flow_clock_now();
+    assert_eq!(dp.sweep_flows(now)?, 0);
+    assert_eq!(
+        dp.sweep_flows(now + flow_ticks(300) + 1)?,
+        2,
+        "one per table"
+    );
+    assert!(dp.flows()?.is_empty());
+    Ok(())
+}

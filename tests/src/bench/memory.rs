@@ -123,12 +123,17 @@ pub fn memory() -> Result<Section> {
         .note("two 65537-entry tables of 4-byte server slots dominate"),
     );
 
-    let (sv, st) = (get(&a, maps::SERVERS)?, get(&a, maps::SERVER_STATS)?);
-    let per_server = (sv.memlock + st.memlock) as f64 / f64::from(MAX_SERVERS);
-    let kv_server = (sv.key + sv.value + st.key + st.value * ncpu) as f64;
+    let (sv, st, nh) = (
+        get(&a, maps::SERVERS)?,
+        get(&a, maps::SERVER_STATS)?,
+        get(&a, maps::NEXT_HOPS)?,
+    );
+    let per_server = (sv.memlock + st.memlock + nh.memlock) as f64 / f64::from(MAX_SERVERS);
+    let kv_server =
+        (sv.key + sv.value + st.key + st.value * ncpu + nh.key + nh.value * ncpu) as f64;
     s.rows.push(
         Row::new(
-            "per server: kernel memory (server maps / 4096 slots)",
+            "per server: kernel memory (server maps incl. per-CPU next hops / 4096 slots)",
             per_server,
             "bytes",
         )

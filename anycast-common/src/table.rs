@@ -64,16 +64,10 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     let m = size as usize;
     let mut table = vec![NO_SERVER; m];
 
-    // Members taking part, in a canonical order (by key, then weight, then caller index for
-    // exact duplicates): a member's rank in it breaks ties between equal scores, so the
-    // result does not depend on the caller's order.
-    let mut order: Vec<u32> = (0..members.len() as u32)
-        .filter(|&i| members[i as usize].weight > 0)
-        .collect();
+    let order = canonical_order(members);
     if order.is_empty() {
         return table;
     }
-    order.sort_unstable_by_key(|&i| (members[i as usize].key, members[i as usize].weight, i));
     let ln = ln_table(size);
     let modulus = Modulus::new(size);
     let lists: Vec<List> = order
@@ -120,6 +114,17 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
         *entry = order[owner as u32 as usize];
     }
     table
+}
+
+/// The members taking part (weight above 0), as caller indexes in a canonical order (by key,
+/// then weight, then caller index for exact duplicates): a member's rank in it breaks ties
+/// between equal scores, so the result does not depend on the caller's order.
+fn canonical_order(members: &[Member]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..members.len() as u32)
+        .filter(|&i| members[i as usize].weight > 0)
+        .collect();
+    order.sort_unstable_by_key(|&i| (members[i as usize].key, members[i as usize].weight, i));
+    order
 }
 
 /// A score and the member's rank as one integer that orders by `(score, rank)`.
@@ -355,13 +360,10 @@ mod tests {
     fn build_by_merge(members: &[Member], size: u32) -> Vec<u32> {
         let m = size as usize;
         let mut table = vec![NO_SERVER; m];
-        let mut order: Vec<u32> = (0..members.len() as u32)
-            .filter(|&i| members[i as usize].weight > 0)
-            .collect();
+        let order = canonical_order(members);
         if order.is_empty() {
             return table;
         }
-        order.sort_unstable_by_key(|&i| (members[i as usize].key, members[i as usize].weight, i));
         let ln = ln_table(size);
         let mut cursors: Vec<Cursor> = Vec::with_capacity(order.len());
         let mut heap: BinaryHeap<Head> = BinaryHeap::with_capacity(order.len());

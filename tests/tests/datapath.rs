@@ -3015,17 +3015,7 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
     let second = flow_clock_now();
     wait_past(second);
     run(&dp, &small)?; // a fresh answer cached for this tick
-    ip(&[
-        "neigh",
-        "replace",
-        "10.9.2.11",
-        "lladdr",
-        &mac_str(wait_mac),
-        "dev",
-        "fx0",
-        "nud",
-        "permanent",
-    ])?;
+    set_server_a_mac(wait_mac)?;
     dp.fib_changed()?;
     let tick = flow_clock_now();
     let old = encapsulated(wait_mac, FX0_MAC, None, &flow, &small, "10.9.2.11");
@@ -3043,17 +3033,7 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
 
     // Unreported, a changed MAC is picked up at the next tick of the flow clock.
     let new_mac = [0x02, 0, 0, 0, 0x02, 0x7e];
-    ip(&[
-        "neigh",
-        "replace",
-        "10.9.2.11",
-        "lladdr",
-        &mac_str(new_mac),
-        "dev",
-        "fx0",
-        "nud",
-        "permanent",
-    ])?;
+    set_server_a_mac(new_mac)?;
     let changed = Instant::now();
     let want = encapsulated(new_mac, FX0_MAC, None, &flow, &small, "10.9.2.11");
     loop {
@@ -3090,17 +3070,7 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
     let before = counter(&dp, verdict::PASS_NO_NEIGH)?;
     run(&dp, &small)?;
     assert_eq!(counter(&dp, verdict::PASS_NO_NEIGH)?, before + 1);
-    ip(&[
-        "neigh",
-        "replace",
-        "10.9.2.11",
-        "lladdr",
-        &mac_str(new_mac),
-        "dev",
-        "fx0",
-        "nud",
-        "permanent",
-    ])?;
+    set_server_a_mac(new_mac)?;
     let (action, out) = run(&dp, &small)?;
     assert_eq!(
         (action, out),
@@ -3108,6 +3078,21 @@ fn the_next_hop_cache_follows_the_fib_and_never_skips_the_mtu_check() -> Result<
         "the first packet after the neighbour returns is sent (no cached failure)"
     );
     Ok(())
+}
+
+/// Points the test namespace's neighbour entry for server A (10.9.2.11) at `mac`.
+fn set_server_a_mac(mac: [u8; 6]) -> Result<()> {
+    ip(&[
+        "neigh",
+        "replace",
+        "10.9.2.11",
+        "lladdr",
+        &mac_str(mac),
+        "dev",
+        "fx0",
+        "nud",
+        "permanent",
+    ])
 }
 
 /// The bits of `ADDRESS_FILTER` that are set.

@@ -22,7 +22,7 @@ use crate::{
     api::{HealthStatus, InterfaceStatus, Request, Response, Status},
     bindings::{Registry, Reply},
     config::Config,
-    dataplane::{flow_clock_now, Dataplane, DesiredServer, DesiredService, Preference, Sizes},
+    dataplane::{Dataplane, DesiredServer, DesiredService, FlowSweeper, Preference, Sizes},
     health::{self, CheckConfig, CheckKind, Checker, Health, Target, Transition},
     route_events::RouteEvents,
     selection::{Candidate, Condition, ServicePlan},
@@ -93,7 +93,8 @@ struct Agent {
     /// Servers the operator drained (by name); not kept across restarts.
     drained: std::collections::BTreeSet<String>,
     checker: Rc<RefCell<Checker>>,
-    last_sweep: Instant,
+    /// Deletes expired flow entries on a thread of its own; stops with the agent.
+    _sweeper: FlowSweeper,
 }
 
 /// How often expired flow entries are deleted from the map.
@@ -230,6 +231,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         dataplane.table_write_path()
     );
 
+    let sweeper = dataplane.spawn_sweeper(SWEEP_EVERY)?;
     let mut agent = Agent {
         config_path: config_path.to_path_buf(),
         config,
@@ -238,7 +240,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         interfaces,
         drained: Default::default(),
         checker: Rc::new(RefCell::new(Checker::new(Vec::new()))),
-        last_sweep: Instant::now(),
+        _sweeper: sweeper,
     };
     agent
         .checker
@@ -486,14 +488,6 @@ impl Agent {
 
     fn housekeeping(&mut self) -> Vec<(Option<usize>, Reply)> {
         let now = Instant::now();
-        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
-            self.last_sweep = now;
-            match self.dataplane.sweep_flows(flow_clock_now()) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!("swept {n} expired flows"),
-                Err(e) => tracing::warn!("sweeping the flow table: {e:#}"),
-            }
-        }
         let Some(registry) = self.registry.as_mut() else {
             return Vec::new();
         };

@@ -32,8 +32,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMapHash, HashMap as BpfHashMap, IterableMap as _, MapData, MapError, PerCpuArray,
-        PerCpuHashMap, PerCpuValues,
+        Array, DevMapHash, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError,
+        PerCpuArray, PerCpuHashMap, PerCpuValues,
     },
     programs::{xdp::XdpMode, Xdp},
     Ebpf, EbpfLoader,
@@ -548,6 +548,179 @@ impl Rings {
     }
 }
 
+/// The flow sweeper's thread (see [`Dataplane::spawn_sweeper`]); stops and joins on drop.
+pub struct FlowSweeper {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for FlowSweeper {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Deletes the flow-table entries past their timeout at `now`; see
+/// [`Dataplane::sweep_flows`].
+fn sweep(
+    flows: &mut BpfHashMap<MapData, FlowKey, FlowValue>,
+    config: &FlowConfig,
+    now: u32,
+) -> Result<usize> {
+    let candidates: Vec<FlowKey> = flow_entries(flows)?
+        .into_iter()
+        .filter(|(key, value)| config.expired(key.proto, value, now))
+        .map(|(key, _)| key)
+        .collect();
+    let mut removed = 0;
+    for key in candidates {
+        // The data path may have reused the entry since it was read (a new connection on
+        // the same 5-tuple): take it out atomically and put a live one back, so a flow is
+        // never dropped from under its connection.
+        let value = match take_flow(flows, &key) {
+            Ok(Some(value)) => value,
+            Ok(None) => continue,
+            Err(e) => return Err(e).context("deleting a flow-table entry"),
+        };
+        if config.expired(key.proto, &value, now) {
+            removed += 1;
+            continue;
+        }
+        match flows.insert(key, value, BPF_NOEXIST) {
+            // EEXIST: the data path has written a newer entry meanwhile; it wins.
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context("restoring a live flow-table entry"),
+        }
+    }
+    Ok(removed)
+}
+
+/// `bpf(2)` command `BPF_MAP_LOOKUP_BATCH` (Linux 5.6; hash maps, LRU included).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call.
+const LOOKUP_CHUNK: usize = 4096;
+
+/// Every entry of the flow table, read `LOOKUP_CHUNK` entries per `bpf()` call (a
+/// million-entry table in a few hundred calls, where key-by-key iteration takes two
+/// calls per entry); key by key where the kernel refuses batches.
+fn flow_entries(
+    flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
+) -> Result<Vec<(FlowKey, FlowValue)>> {
+    match lookup_batch(flows) {
+        Ok(entries) => Ok(entries),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)
+            ) =>
+        {
+            flows
+                .iter()
+                .map(|e| e.context("reading the flow table"))
+                .collect()
+        }
+        Err(e) => Err(e).context("reading the flow table (BPF_MAP_LOOKUP_BATCH)"),
+    }
+}
+
+fn lookup_batch(
+    flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
+) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
+    let fd = flows.map().fd().as_fd().as_raw_fd();
+    let mut keys = vec![FlowKey::default(); LOOKUP_CHUNK];
+    let mut values = vec![FlowValue::default(); LOOKUP_CHUNK];
+    let mut out = Vec::new();
+    // The hash map's batch token: a bucket index.
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u32 as u64
+            },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: LOOKUP_CHUNK as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys` and `values`
+        // hold `count` map keys and values and outlive the call; the tokens are u32.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        let got = attr.count as usize;
+        match error.as_ref().and_then(|e| e.raw_os_error()) {
+            None | Some(libc::ENOENT) => {
+                out.extend(
+                    keys[..got]
+                        .iter()
+                        .copied()
+                        .zip(values[..got].iter().copied()),
+                );
+            }
+            _ => return Err(error.expect("an error")),
+        }
+        if error.is_some() {
+            // ENOENT: that was the last batch.
+            return Ok(out);
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Removes one flow entry and returns what it held, in one step
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14 for hash maps).
+fn take_flow(
+    flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
+    key: &FlowKey,
+) -> std::io::Result<Option<FlowValue>> {
+    let fd = flows.map().fd().as_fd().as_raw_fd();
+    let mut value = std::mem::MaybeUninit::<FlowValue>::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        key: key as *const FlowKey as u64,
+        value: value.as_mut_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` element command of its own size; `key` and
+    // `value` are the map's key and value types and outlive the call; the kernel reads the
+    // key and writes the value.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel filled the value (a plain `repr(C)` struct of integers).
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
 struct InstalledService {
     name: String,
     id: u32,
@@ -695,70 +868,66 @@ impl Dataplane {
     /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
     /// same server).
     pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
-        let config = self.timeouts.config();
-        let mut candidates = Vec::new();
-        for entry in self.flows_map.iter() {
-            let (key, value) = entry.context("reading the flow table")?;
-            if config.expired(key.proto, &value, now) {
-                candidates.push(key);
-            }
-        }
-        let mut removed = 0;
-        for key in candidates {
-            // The data path may have reused the entry since it was read (a new connection
-            // on the same 5-tuple): take it out atomically and put a live one back, so a
-            // flow is never dropped from under its connection.
-            let value = match self.take_flow(&key) {
-                Ok(Some(value)) => value,
-                Ok(None) => continue,
-                Err(e) => return Err(e).context("deleting a flow-table entry"),
-            };
-            if config.expired(key.proto, &value, now) {
-                removed += 1;
-                continue;
-            }
-            match self.flows_map.insert(key, value, BPF_NOEXIST) {
-                // EEXIST: the data path has written a newer entry meanwhile; it wins.
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(e).context("restoring a live flow-table entry"),
-            }
-        }
-        Ok(removed)
+        sweep(&mut self.flows_map, &self.timeouts.config(), now)
     }
 
-    /// Removes one flow entry and returns what it held, in one step
-    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14 for hash maps).
-    fn take_flow(&self, key: &FlowKey) -> std::io::Result<Option<FlowValue>> {
-        let fd = self.flows_map.map().fd().as_fd().as_raw_fd();
-        let mut value = std::mem::MaybeUninit::<FlowValue>::zeroed();
-        let mut attr = ElemAttr {
-            map_fd: fd as u32,
-            key: key as *const FlowKey as u64,
-            value: value.as_mut_ptr() as u64,
-            ..ElemAttr::default()
+    /// Starts a thread that sweeps the flow table every `every`, with the timeouts the
+    /// data path has (read from `FLOW_CONFIG` at each sweep), on handles of its own: a
+    /// sweep of a large table takes long enough that it must not hold up the agent's
+    /// event loop (binding updates, health transitions). Stops when dropped.
+    pub fn spawn_sweeper(&self, every: std::time::Duration) -> Result<FlowSweeper> {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<Map> {
+            let owned = fd
+                .try_clone_to_owned()
+                .context("duplicating a map descriptor")?;
+            Ok(Map::from_map_data(MapData::from_fd(owned)?)?)
         };
-        // SAFETY: `attr` is a valid `bpf_attr` element command of its own size; `key` and
-        // `value` are the map's key and value types and outlive the call; the kernel reads
-        // the key and writes the value.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                &mut attr as *mut ElemAttr,
-                std::mem::size_of::<ElemAttr>() as libc::c_uint,
-            )
-        };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(None),
-                _ => Err(e),
-            };
-        }
-        // SAFETY: the kernel filled the value (a plain `repr(C)` struct of integers).
-        Ok(Some(unsafe { value.assume_init() }))
+        let mut flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(dup(self.flows_map.map().fd().as_fd())?)?;
+        let config: Array<MapData, FlowConfig> =
+            Array::try_from(dup(self.flow_config.map().fd().as_fd())?)?;
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("flow-sweeper".into())
+            .spawn(move || {
+                let (lock, wake) = &*stopped;
+                let mut last_error = String::new();
+                loop {
+                    let done = wake
+                        .wait_timeout_while(
+                            lock.lock().unwrap_or_else(|e| e.into_inner()),
+                            every,
+                            |s| !*s,
+                        )
+                        .map(|(s, _)| *s)
+                        .unwrap_or(true);
+                    if done {
+                        return;
+                    }
+                    let outcome = config
+                        .get(&0, 0)
+                        .context("reading the flow timeouts")
+                        .and_then(|c| sweep(&mut flows, &c, flow_clock_now()));
+                    match outcome {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!("swept {n} expired flows"),
+                        Err(e) => {
+                            // Once per distinct error, not once a second.
+                            let e = format!("{e:#}");
+                            if e != last_error {
+                                tracing::warn!("sweeping the flow table: {e}");
+                                last_error = e;
+                            }
+                        }
+                    }
+                }
+            })
+            .context("starting the flow sweeper")?;
+        Ok(FlowSweeper {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// The flow table's entries, for `anycast-ctl flows` (unordered).
@@ -774,8 +943,7 @@ impl Dataplane {
             }
         }
         let mut out = Vec::new();
-        for entry in self.flows_map.iter() {
-            let (key, value) = entry.context("reading the flow table")?;
+        for (key, value) in flow_entries(&self.flows_map)? {
             let service_of = |port: u16| {
                 services.iter().find(|(k, _)| {
                     k.addr == key.dst

@@ -226,10 +226,14 @@ struct Harness {
 }
 
 fn new_dataplane(fy0: u32) -> Result<Dataplane> {
+    new_dataplane_with_flows(fy0, 4096)
+}
+
+fn new_dataplane_with_flows(fy0: u32, max_flows: u32) -> Result<Dataplane> {
     let mut dp = Dataplane::new(Sizes {
         ring_size: 4099,
         max_services: 8,
-        max_flows: 4096,
+        max_flows,
         ..Default::default()
     })?;
     dp.set_agent_addresses(Some(IpAddr::V4(AGENT_V4)), Some(IpAddr::V6(AGENT_V6)))?;
@@ -3272,6 +3276,36 @@ fn ipv4_and_ipv6_flows_are_listed_and_swept() -> Result<()> {
         2,
         "one per table"
     );
+    assert!(dp.flows()?.is_empty());
+    Ok(())
+}
+
+/// The flow table is read in batches of 4096 entries: a table of 10 000 flows is listed
+/// whole, each flow once, and swept whole.
+#[test]
+fn large_flow_tables_are_listed_and_swept_whole() -> Result<()> {
+    let h = Harness::new()?;
+    let mut dp = new_dataplane_with_flows(h.fy0, 16384)?;
+    dp.apply(&web_and_dns())?;
+    let n: u32 = 10_000;
+    for i in 0..n {
+        let flow = Flow {
+            src: IpAddr::V4(Ipv4Addr::from(0xc633_0000 | (i >> 8))),
+            ..Flow::v4("192.0.2.10", PROTO_UDP, 20000 + (i & 0xff) as u16, 53)
+        };
+        let (action, _) = run_xdp(&dp, h.fx0, &client_frame(None, &ip_packet(&flow)))?;
+        assert_eq!(action, XDP_TX);
+    }
+    let listed: BTreeSet<(IpAddr, u16)> = dp
+        .flows()?
+        .iter()
+        .map(|f| (f.client, f.client_port))
+        .collect();
+    assert_eq!(listed.len(), n as usize, "every flow listed once");
+    assert_eq!(dp.flows()?.len(), n as usize, "and nothing twice");
+    let now = flow_clock_now();
+    assert_eq!(dp.sweep_flows(now)?, 0);
+    assert_eq!(dp.sweep_flows(now + flow_ticks(30) + 1)?, n as usize);
     assert!(dp.flows()?.is_empty());
     Ok(())
 }

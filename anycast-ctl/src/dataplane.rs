@@ -572,11 +572,12 @@ fn sweep(
     config: &FlowConfig,
     now: u32,
 ) -> Result<usize> {
-    let candidates: Vec<FlowKey> = flow_entries(flows)?
-        .into_iter()
-        .filter(|(key, value)| config.expired(key.proto, value, now))
-        .map(|(key, _)| key)
-        .collect();
+    let mut candidates: Vec<FlowKey> = Vec::new();
+    for_each_flow(flows, |key, value| {
+        if config.expired(key.proto, value, now) {
+            candidates.push(*key);
+        }
+    })?;
     let mut removed = 0;
     for key in candidates {
         // The data path may have reused the entry since it was read (a new connection on
@@ -606,24 +607,35 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 const LOOKUP_CHUNK: usize = 4096;
 
-/// Every entry of the flow table, read `LOOKUP_CHUNK` entries per `bpf()` call (a
-/// million-entry table in a few hundred calls, where key-by-key iteration takes two
-/// calls per entry); key by key where the kernel refuses batches.
+/// Every entry of the flow table.
 fn flow_entries(
     flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
 ) -> Result<Vec<(FlowKey, FlowValue)>> {
-    match lookup_batch(flows) {
-        Ok(entries) => Ok(entries),
+    let mut out = Vec::new();
+    for_each_flow(flows, |k, v| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Calls `f` on every entry of the flow table, read `LOOKUP_CHUNK` entries per `bpf()`
+/// call (a million-entry table in a few hundred calls, where key-by-key iteration takes
+/// two calls per entry); key by key where the kernel refuses batches.
+fn for_each_flow(
+    flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
+    mut f: impl FnMut(&FlowKey, &FlowValue),
+) -> Result<()> {
+    match lookup_batch(flows, &mut f) {
+        Ok(()) => Ok(()),
         Err(e)
             if matches!(
                 e.raw_os_error(),
                 Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | ENOTSUPP)
             ) =>
         {
-            flows
-                .iter()
-                .map(|e| e.context("reading the flow table"))
-                .collect()
+            for entry in flows.iter() {
+                let (k, v) = entry.context("reading the flow table")?;
+                f(&k, &v);
+            }
+            Ok(())
         }
         Err(e) => Err(e).context("reading the flow table (BPF_MAP_LOOKUP_BATCH)"),
     }
@@ -631,11 +643,11 @@ fn flow_entries(
 
 fn lookup_batch(
     flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
-) -> std::io::Result<Vec<(FlowKey, FlowValue)>> {
+    f: &mut impl FnMut(&FlowKey, &FlowValue),
+) -> std::io::Result<()> {
     let fd = flows.map().fd().as_fd().as_raw_fd();
     let mut keys = vec![FlowKey::default(); LOOKUP_CHUNK];
     let mut values = vec![FlowValue::default(); LOOKUP_CHUNK];
-    let mut out = Vec::new();
     // The hash map's batch token: a bucket index.
     let (mut token_in, mut token_out) = (0u32, 0u32);
     let mut first = true;
@@ -667,18 +679,15 @@ fn lookup_batch(
         let got = attr.count as usize;
         match error.as_ref().and_then(|e| e.raw_os_error()) {
             None | Some(libc::ENOENT) => {
-                out.extend(
-                    keys[..got]
-                        .iter()
-                        .copied()
-                        .zip(values[..got].iter().copied()),
-                );
+                for (k, v) in keys[..got].iter().zip(&values[..got]) {
+                    f(k, v);
+                }
             }
             _ => return Err(error.expect("an error")),
         }
         if error.is_some() {
             // ENOENT: that was the last batch.
-            return Ok(out);
+            return Ok(());
         }
         token_in = token_out;
         first = false;
@@ -871,7 +880,8 @@ impl Dataplane {
         sweep(&mut self.flows_map, &self.timeouts.config(), now)
     }
 
-    /// Starts a thread that sweeps the flow table every `every`, with the timeouts the
+    /// Starts a thread that sweeps the flow table every `every` (less often when a sweep
+    /// takes more than a tenth of that), with the timeouts the
     /// data path has (read from `FLOW_CONFIG` at each sweep), on handles of its own: a
     /// sweep of a large table takes long enough that it must not hold up the agent's
     /// event loop (binding updates, health transitions). Stops when dropped.
@@ -893,11 +903,12 @@ impl Dataplane {
             .spawn(move || {
                 let (lock, wake) = &*stopped;
                 let mut last_error = String::new();
+                let mut pause = every;
                 loop {
                     let done = wake
                         .wait_timeout_while(
                             lock.lock().unwrap_or_else(|e| e.into_inner()),
-                            every,
+                            pause,
                             |s| !*s,
                         )
                         .map(|(s, _)| *s)
@@ -905,10 +916,14 @@ impl Dataplane {
                     if done {
                         return;
                     }
+                    let started = std::time::Instant::now();
                     let outcome = config
                         .get(&0, 0)
                         .context("reading the flow timeouts")
                         .and_then(|c| sweep(&mut flows, &c, flow_clock_now()));
+                    // At most a tenth of a CPU: a huge table is swept less often (the
+                    // data path re-chooses expired entries by itself meanwhile).
+                    pause = every.max(started.elapsed() * 9);
                     match outcome {
                         Ok(0) => {}
                         Ok(n) => tracing::debug!("swept {n} expired flows"),

@@ -638,7 +638,9 @@ pub fn scale(effort: Effort) -> Result<Section> {
          every point of this series (1024 services x 65537-entry tables would need 545 MB \
          of RINGS). Servers: one service with that many servers, 65537-entry table, 4096 \
          flows. Baseline: xdp_tx_swap on the same frames; the 'agent at ...' column \
-         compares the agent with itself at the smallest point.",
+         compares the agent with itself at the smallest point. Sweep: \
+         Dataplane::sweep_flows over the filled table (batch reads of 4096 entries), beside \
+         the agent's 1 s sweep interval.",
         effort.rounds, effort.batch
     );
     let ingress = ifindex("fx0")?;
@@ -659,7 +661,7 @@ pub fn scale(effort: Effort) -> Result<Section> {
             max_flows: 1_200_000,
             ..Sizes::default()
         };
-        let dp = dataplane(sizes, &[service("v4", IpAddr::V4(SVC_V4), &three)])?;
+        let mut dp = dataplane(sizes, &[service("v4", IpAddr::V4(SVC_V4), &three)])?;
         let src = Source::new(template.clone(), vec![], Pick::Same, 7);
         let what = format!("{n} flows");
         let ((a, s), _, n2) = hit_and_miss(&dp, src, n, false, ingress, effort, &what)?;
@@ -671,6 +673,25 @@ pub fn scale(effort: Effort) -> Result<Section> {
                 .other("agent at 1 flow", base),
         );
         data.push(json!({"series": "flows", "n": n, "agent_ns": a, "xdp_tx_swap_ns": s}));
+        if n >= 10_000 {
+            // The agent's sweeper reads the whole table every second (on its own thread).
+            let t = Instant::now();
+            let removed = dp.sweep_flows(anycast_ctl::dataplane::flow_clock_now())?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if removed != 0 {
+                notes.push(format!(
+                    "check failed: the sweep of {n} fresh flows removed {removed}"
+                ));
+            }
+            section.rows.push(
+                Row::new(
+                    format!("sweep of the flow table with {n} flows (nothing expired)"),
+                    ms,
+                    "ms",
+                )
+                .baseline("the sweep interval", 1000.0),
+            );
+        }
     }
 
     // Services.

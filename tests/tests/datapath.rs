@@ -17,7 +17,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     panic::{catch_unwind, AssertUnwindSafe},
-    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -30,6 +29,7 @@ use anycast_ctl::dataplane::{
     coarse_clock_ns, flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService,
     FlowReport, FlowTimeouts, Preference, ReverseCounters, Sizes,
 };
+use anycast_tests::netns::{run, Netns as TestNetns};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key as LpmKey, Array, LpmTrie, Map, MapData, MapInfo, PerCpuArray},
@@ -94,18 +94,7 @@ fn mac_str(m: [u8; 6]) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run("ip", args).map(|_| ())
 }
 
 fn setns(file: &File) -> Result<()> {
@@ -116,10 +105,11 @@ fn setns(file: &File) -> Result<()> {
     Ok(())
 }
 
-/// A network namespace this thread has entered; on drop the thread goes back to where it
-/// was and the namespace is deleted (also when the test panics).
+/// A network namespace (from `anycast_tests::netns`) that this thread has entered; on drop
+/// the thread goes back to where it was, then the namespace is deleted (also when the test
+/// panics).
 struct Netns {
-    name: String,
+    ns: TestNetns,
     original: File,
 }
 
@@ -133,20 +123,16 @@ impl Netns {
         );
         let original =
             File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        ip(&["netns", "add", &name])?;
-        let ns = Netns { name, original };
+        let ns = Netns {
+            ns: TestNetns::new(&name)?,
+            original,
+        };
         ns.configure()?;
         Ok(ns)
     }
 
     fn configure(&self) -> Result<()> {
-        let n = self.name.as_str();
-        let ipn = |rest: &[&str]| {
-            let mut args = vec!["-n", n];
-            args.extend_from_slice(rest);
-            ip(&args)
-        };
-        ipn(&["link", "set", "lo", "up"])?;
+        let ipn = |args: &[&str]| self.ns.ip(args).map(|_| ());
         let pairs = [
             ("fx0", "fx1", FX0_MAC, vec!["10.9.2.1/24", "fd09:2::1/64"]),
             ("fy0", "fy1", FY0_MAC, vec!["10.9.3.1/24"]),
@@ -178,9 +164,9 @@ impl Netns {
                 "permanent",
             ])?;
         }
-        let target = File::open(format!("/run/netns/{n}"))
-            .with_context(|| format!("opening /run/netns/{n}"))?;
-        setns(&target)?;
+        // The kernel does the data path's FIB lookups in the namespace of the thread that
+        // runs the program: this one, from now on.
+        self.ns.enter()?;
         // Net sysctls resolve in the namespace of the writing thread: this one, now.
         for (path, what) in [
             ("/proc/sys/net/ipv4/ip_forward", "IPv4 forwarding"),
@@ -194,11 +180,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Back first; `ns` then deletes the namespace.
         if let Err(e) = setns(&self.original) {
-            eprintln!("leaving namespace {}: {e:#}", self.name);
-        }
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("deleting namespace {}: {e:#}", self.name);
+            eprintln!("leaving namespace {}: {e:#}", self.ns.name);
         }
     }
 }

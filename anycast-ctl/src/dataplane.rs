@@ -352,6 +352,24 @@ impl TableArea {
     }
 }
 
+/// `bpf(cmd, attr, sizeof attr)`; returns the raw result (negative on error, see errno).
+///
+/// # Safety
+///
+/// `attr` must be the `union bpf_attr` member that `cmd` takes, and every pointer in it
+/// valid for what the kernel reads or writes through it for the duration of the call.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
+    // SAFETY: upheld by the caller.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut A,
+            std::mem::size_of::<A>() as libc::c_uint,
+        )
+    }
+}
+
 /// `bpf(2)` command `BPF_MAP_UPDATE_BATCH` (Linux 5.6).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// `bpf(2)` command `BPF_MAP_LOOKUP_AND_DELETE_ELEM`.
@@ -533,14 +551,7 @@ impl Rings {
         // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys` and `values`
         // hold `count` u32 keys and values (the map's key and value size) and outlive the
         // call; the kernel only reads them and writes `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
+        let rc = unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -667,14 +678,7 @@ fn lookup_batch(
         };
         // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys` and `values`
         // hold `count` map keys and values and outlive the call; the tokens are u32.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
+        let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let error = (rc < 0).then(std::io::Error::last_os_error);
         let got = attr.count as usize;
         match error.as_ref().and_then(|e| e.raw_os_error()) {
@@ -711,14 +715,7 @@ fn take_flow(
     // SAFETY: `attr` is a valid `bpf_attr` element command of its own size; `key` and
     // `value` are the map's key and value types and outlive the call; the kernel reads the
     // key and writes the value.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>() as libc::c_uint,
-        )
-    };
+    let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) };
     if rc < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {

@@ -247,7 +247,14 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         .borrow_mut()
         .set_checks(agent.config.all_checks());
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
-    let route_events = RouteEvents::subscribe()?;
+    // Without routing events the data path still follows the kernel, a tick later.
+    let mut route_events = match RouteEvents::subscribe() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!("{e:#}: cached next hops follow routing changes within about a second");
+            None
+        }
+    };
     let why = local
         .run_until(async {
             let _checks = health::spawn(&agent.checker, health_tx);
@@ -283,14 +290,21 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                         while health_rx.try_recv().is_ok() {}
                         agent.republish();
                     }
-                    changed = route_events.changed() => match changed {
+                    changed = async { route_events.as_ref().expect("guarded").changed().await },
+                        if route_events.is_some() => match changed {
                         // The data path's cached next hops are stale: it asks the FIB again.
                         Ok(()) => {
                             if let Err(e) = agent.dataplane.fib_changed() {
                                 tracing::warn!("{e:#}");
                             }
                         }
-                        Err(e) => tracing::warn!("{e:#}"),
+                        Err(e) => {
+                            tracing::warn!(
+                                "{e:#}: no more routing events; cached next hops follow \
+                                 routing changes within about a second"
+                            );
+                            route_events = None;
+                        }
                     },
                     _ = tick.tick() => {
                         let replies = agent.housekeeping();

@@ -1,8 +1,9 @@
 //! The agent: forwards packets for anycast services to a server's real address, IP-in-IP.
 //!
-//! parse -> address filter -> flow table, else service lookup and consistent-hash table (the client's
-//! preferred one, for a service with topology preferences) -> encapsulate -> FIB lookup ->
-//! XDP_TX / XDP_REDIRECT (or hand to the kernel when the neighbour is unknown).
+//! parse -> address filter -> flow table, else service lookup and consistent-hash table
+//! (the client's preferred one, for a service with topology preferences) -> encapsulate ->
+//! next hop (cached FIB answer) -> XDP_TX / XDP_REDIRECT (or hand to the kernel when the
+//! neighbour is unknown).
 //!
 //! Reverse tunnel: an IP-in-IP packet from a known server's real address to the agent's own
 //! address whose inner source is an anycast service is a server's reverse-tunnelled
@@ -55,8 +56,8 @@ static SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
 #[map]
 static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRESS_FILTER_WORDS, 0);
 /// Per CPU and server slot, the FIB's last answer, reused within its tick of the flow clock
-/// (about a second): a FIB lookup
-/// costs more than all the rest of a flow-table hit.
+/// (about a second) unless a routing change was reported: a FIB lookup costs more than all
+/// the rest of a flow-table hit.
 #[map]
 static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
 #[map]

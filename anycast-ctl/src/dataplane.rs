@@ -578,13 +578,16 @@ impl Drop for FlowSweeper {
 
 /// Deletes the flow-table entries past their timeout at `now`; see
 /// [`Dataplane::sweep_flows`].
+/// Returns how many entries it saw and how many it deleted.
 fn sweep(
     flows: &mut BpfHashMap<MapData, FlowKey, FlowValue>,
     config: &FlowConfig,
     now: u32,
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     let mut candidates: Vec<FlowKey> = Vec::new();
+    let mut seen = 0;
     for_each_flow(flows, |key, value| {
+        seen += 1;
         if config.expired(key.proto, value, now) {
             candidates.push(*key);
         }
@@ -610,7 +613,7 @@ fn sweep(
             Err(e) => return Err(e).context("restoring a live flow-table entry"),
         }
     }
-    Ok(removed)
+    Ok((seen, removed))
 }
 
 /// `bpf(2)` command `BPF_MAP_LOOKUP_BATCH` (Linux 5.6; hash maps, LRU included).
@@ -773,6 +776,8 @@ pub struct Dataplane {
     /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
     servers_written: Vec<ServerInfo>,
     agent_map: Array<MapData, AgentInfo>,
+    /// Written by the sweeper thread, read by [`Dataplane::report`].
+    sweep_report: std::sync::Arc<std::sync::Mutex<SweepReport>>,
     /// What `AGENT` holds.
     agent_info: AgentInfo,
     flows_map: BpfHashMap<MapData, FlowKey, FlowValue>,
@@ -811,6 +816,7 @@ impl Dataplane {
             servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
             agent_map: take(&mut ebpf, maps::AGENT)?,
             agent_info: AgentInfo::default(),
+            sweep_report: Default::default(),
             flows_map: take(&mut ebpf, maps::FLOWS)?,
             flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
             preferences_map: take(&mut ebpf, maps::PREFERENCES)?,
@@ -874,7 +880,7 @@ impl Dataplane {
     /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
     /// same server).
     pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
-        sweep(&mut self.flows_map, &self.timeouts.config(), now)
+        Ok(sweep(&mut self.flows_map, &self.timeouts.config(), now)?.1)
     }
 
     /// Starts a thread that sweeps the flow table every `every` (less often when a sweep
@@ -895,6 +901,7 @@ impl Dataplane {
             Array::try_from(dup(self.flow_config.map().fd().as_fd())?)?;
         let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let stopped = stop.clone();
+        let report = self.sweep_report.clone();
         let thread = std::thread::Builder::new()
             .name("flow-sweeper".into())
             .spawn(move || {
@@ -921,9 +928,16 @@ impl Dataplane {
                     // At most a tenth of a CPU: a huge table is swept less often (the
                     // data path re-chooses expired entries by itself meanwhile).
                     pause = every.max(started.elapsed() * 9);
+                    if let Ok((seen, removed)) = outcome {
+                        let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+                        r.sweeps += 1;
+                        r.entries = (seen - removed) as u64;
+                        r.swept += removed as u64;
+                        r.last_sweep_ms = started.elapsed().as_secs_f64() * 1e3;
+                    }
                     match outcome {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!("swept {n} expired flows"),
+                        Ok((_, 0)) => {}
+                        Ok((_, n)) => tracing::debug!("swept {n} expired flows"),
                         Err(e) => {
                             // Once per distinct error, not once a second.
                             let e = format!("{e:#}");
@@ -1536,7 +1550,16 @@ impl Dataplane {
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(DataplaneReport { services, verdicts })
+        Ok(DataplaneReport {
+            services,
+            verdicts,
+            flow_table: self
+                .sweep_report
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            table_write_path: self.table_write_path().to_string(),
+        })
     }
 }
 
@@ -1594,6 +1617,25 @@ pub struct DataplaneReport {
     pub services: Vec<ServiceReport>,
     /// (reason, packets), in the order of `anycast_common::verdict`.
     pub verdicts: Vec<(String, u64)>,
+    /// What the flow sweeper saw (zeros when no sweeper runs).
+    #[serde(default)]
+    pub flow_table: SweepReport,
+    /// How consistent-hash tables reach the kernel ([`Dataplane::table_write_path`]).
+    #[serde(default)]
+    pub table_write_path: String,
+}
+
+/// The flow sweeper's account, for `anycast-ctl status`.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct SweepReport {
+    /// Sweeps done since the agent started.
+    pub sweeps: u64,
+    /// Entries in the flow table at the last sweep.
+    pub entries: u64,
+    /// Entries deleted since the agent started.
+    pub swept: u64,
+    /// How long the last sweep took, in milliseconds.
+    pub last_sweep_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]

@@ -76,6 +76,21 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "drained by the operator: {}", s.drained.join(", "));
     }
     let _ = writeln!(out);
+    let f = &s.dataplane.flow_table;
+    if f.sweeps > 0 {
+        let _ = writeln!(
+            out,
+            "flow table: {} entries, {} expired entries deleted, last sweep {:.1} ms",
+            f.entries, f.swept, f.last_sweep_ms
+        );
+    }
+    if !s.dataplane.table_write_path.is_empty() {
+        let _ = writeln!(
+            out,
+            "consistent-hash tables written by {}",
+            s.dataplane.table_write_path
+        );
+    }
     let _ = write!(out, "verdicts:");
     for (name, n) in &s.dataplane.verdicts {
         let _ = write!(out, " {name}={n}");

@@ -350,29 +350,41 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
         Ok(sock.local_addr()?.port())
     })?;
     let flows = flow_states(&topo)?;
-    let ours = [
-        ("fin", fin_port),
-        ("rst", rst_port),
-        ("active", active_port),
+    // By protocol and port: the UDP client may well use a port number that one of the
+    // thousands of TCP connections before it used too.
+    let (fin_key, rst_key, active_key, udp_key) = (
+        ("tcp", fin_port),
+        ("tcp", rst_port),
+        ("tcp", active_port),
         ("udp", udp_port),
+    );
+    let ours = [
+        ("fin", fin_key),
+        ("rst", rst_key),
+        ("active", active_key),
+        ("udp", udp_key),
     ];
     // Printed before asserting, so a failure shows every one of them.
     let states: Vec<String> = ours
         .iter()
-        .map(|(what, port)| format!("{what} (port {port}): {:?}", flows.get(port)))
+        .map(|(what, key)| format!("{what} (port {}): {:?}", key.1, flows.get(key)))
         .collect();
     println!(
         "flow entries {:?} after opening them: {}",
         opened.elapsed(),
         states.join(", ")
     );
-    for (what, port) in ours {
+    for (what, key) in ours {
         assert_eq!(
-            flows.get(&port).map(String::as_str),
+            flows.get(&key).map(String::as_str),
             Some("active"),
             "{what} flow in the map"
         );
     }
+    let swept = |topo: &Topology| -> anyhow::Result<u64> {
+        Ok(topo.status()?["flow_table"]["swept"].as_u64().unwrap_or(0))
+    };
+    let swept_before = swept(&topo)?;
     drop(fin); // FIN
     rst.reset(); // RST
     let t = Instant::now();
@@ -381,14 +393,19 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
         Duration::from_secs(15),
         || {
             let f = flow_states(&topo)?;
-            Ok(!f.contains_key(&fin_port)
-                && !f.contains_key(&rst_port)
-                && !f.contains_key(&udp_port))
+            Ok(!f.contains_key(&fin_key) && !f.contains_key(&rst_key) && !f.contains_key(&udp_key))
         },
     )?;
     println!(
         "closed and idle flow entries removed {:?} after the close",
         t.elapsed()
+    );
+    // The sweeper (its own thread) accounts for them in `anycast-ctl status`.
+    let sweeper = &topo.status()?["flow_table"];
+    println!("flow sweeper: {sweeper}");
+    assert!(
+        swept(&topo)? >= swept_before + 3,
+        "the sweeper's report counts the three deleted entries (it had {swept_before}): {sweeper}"
     );
     assert_eq!(
         active.ask()?,
@@ -396,15 +413,15 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
         "the active connection still works"
     );
     assert!(
-        flow_states(&topo)?.contains_key(&active_port),
+        flow_states(&topo)?.contains_key(&active_key),
         "an active flow's entry stays"
     );
     println!("{}", topo.ctl(&["status"])?);
     Ok(())
 }
 
-/// Client port -> state of every IPv4 flow entry to the anycast address.
-fn flow_states(topo: &Topology) -> anyhow::Result<BTreeMap<u16, String>> {
+/// (protocol, client port) -> state of every IPv4 flow entry to the anycast address.
+fn flow_states(topo: &Topology) -> anyhow::Result<BTreeMap<(&'static str, u16), String>> {
     let flows: serde_json::Value = serde_json::from_str(&topo.ctl(&["flows", "--json"])?)?;
     Ok(flows
         .as_array()
@@ -419,8 +436,9 @@ fn flow_states(topo: &Topology) -> anyhow::Result<BTreeMap<u16, String>> {
             } else {
                 "active"
             };
+            let protocol = if f["protocol"] == "udp" { "udp" } else { "tcp" };
             (
-                f["client_port"].as_u64().unwrap_or(0) as u16,
+                (protocol, f["client_port"].as_u64().unwrap_or(0) as u16),
                 state.to_string(),
             )
         })

@@ -53,6 +53,18 @@ impl Load {
         }
     }
 
+    /// How long after `t` the last failed connection started, if any failed.
+    pub fn last_failure_since(
+        after: &[(Instant, Result<String, String>)],
+        t: Instant,
+    ) -> Option<Duration> {
+        after
+            .iter()
+            .filter(|(_, r)| r.is_err())
+            .map(|(at, _)| at.duration_since(t))
+            .max()
+    }
+
     /// The connections started at or after `t`.
     pub fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
         self.log

@@ -259,11 +259,7 @@ fn load_drain_death_and_link_failure() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2)); // traffic after the failure
     let after = load.since(killed);
     drop(load);
-    let last_failure = after
-        .iter()
-        .filter(|(_, r)| r.is_err())
-        .map(|(t, _)| t.duration_since(killed))
-        .max();
+    let last_failure = Load::last_failure_since(&after, killed);
     let answered: BTreeMap<String, u32> =
         after
             .iter()

@@ -222,11 +222,7 @@ fn reverse_tunnel_monitoring_suspects_confirms_and_detects_a_dead_server() -> an
     std::thread::sleep(Duration::from_millis(1500));
     let after = load.since(killed);
     drop(load);
-    let last_failure = after
-        .iter()
-        .filter(|(_, r)| r.is_err())
-        .map(|(t, _)| t.duration_since(killed))
-        .max();
+    let last_failure = Load::last_failure_since(&after, killed);
     println!(
         "s2 killed: suspect after {:?}, declared down after {detected:?} (regular probes every \
          10 s); last failed connection {last_failure:?} after the kill",

@@ -267,6 +267,27 @@ enum Kind {
     Pass,
 }
 
+/// The services of part 1 and of `--spin`: IPv4, IPv6 and IPv4-in-IPv6, three servers each.
+fn case_services() -> Vec<DesiredService> {
+    vec![
+        service(
+            "v4",
+            IpAddr::V4(SVC_V4),
+            &[server_v4(1), server_v4(2), server_v4(3)],
+        ),
+        service(
+            "v6",
+            IpAddr::V6(SVC_V6),
+            &[server_v6(1), server_v6(2), server_v6(3)],
+        ),
+        service(
+            "4in6",
+            IpAddr::V4(SVC_4IN6),
+            &[server_v6(0x11), server_v6(0x12), server_v6(0x13)],
+        ),
+    ]
+}
+
 /// Part 1: the cases of the issue, each beside xdp_tx_swap and xdp_pass.
 pub fn per_packet(effort: Effort) -> Result<Section> {
     let mut section = Section::new("per_packet", "1. Per-packet cost (BPF_PROG_TEST_RUN)");
@@ -284,24 +305,7 @@ pub fn per_packet(effort: Effort) -> Result<Section> {
          time per call of the same loops, minus the xdp_pass loop.",
         effort.rounds, effort.batch
     );
-    let services = vec![
-        service(
-            "v4",
-            IpAddr::V4(SVC_V4),
-            &[server_v4(1), server_v4(2), server_v4(3)],
-        ),
-        service(
-            "v6",
-            IpAddr::V6(SVC_V6),
-            &[server_v6(1), server_v6(2), server_v6(3)],
-        ),
-        service(
-            "4in6",
-            IpAddr::V4(SVC_4IN6),
-            &[server_v6(0x11), server_v6(0x12), server_v6(0x13)],
-        ),
-    ];
-    let dp = dataplane(Sizes::default(), &services)?;
+    let dp = dataplane(Sizes::default(), &case_services())?;
     let ingress = ifindex("fx0")?;
     let agent = program(&dp, programs::AGENT)?;
     let pass = program(&dp, programs::PASS)?;
@@ -784,24 +788,7 @@ pub fn scale(effort: Effort) -> Result<Section> {
 /// outside profiler (`perf record -e cpu-clock -C CPU`). Cases: `hit4`, `miss4`, `hit6`,
 /// `miss6`, `4in6`, `pass`.
 pub fn spin(case: &str, secs: f64) -> Result<String> {
-    let services = vec![
-        service(
-            "v4",
-            IpAddr::V4(SVC_V4),
-            &[server_v4(1), server_v4(2), server_v4(3)],
-        ),
-        service(
-            "v6",
-            IpAddr::V6(SVC_V6),
-            &[server_v6(1), server_v6(2), server_v6(3)],
-        ),
-        service(
-            "4in6",
-            IpAddr::V4(SVC_4IN6),
-            &[server_v6(0x11), server_v6(0x12), server_v6(0x13)],
-        ),
-    ];
-    let dp = dataplane(Sizes::default(), &services)?;
+    let dp = dataplane(Sizes::default(), &case_services())?;
     let ingress = ifindex("fx0")?;
     let agent = program(&dp, programs::AGENT)?;
     let v4 = |dst: Ipv4Addr, flags: u8| packets::v4_tcp(CLIENT_V4, 40000, dst, 80, flags);

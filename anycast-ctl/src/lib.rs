@@ -1,15 +1,19 @@
-//! The anycast controller: configuration, BPF maps, the agent daemon, the server side and
-//! the CLI's rendering. The binary (`main.rs`) is a thin clap front end over these.
+//! The anycast controller. Folders by role:
+//! - `agent/`: the agent daemon (start-up, the owner task, control-socket and routing tasks);
+//! - `registration/`: the binding protocol, the agent's registry (`agent/`) and the server's
+//!   registration client (`server/`);
+//! - `health/`: active health checks of the servers;
+//! - `dataplane/`: the BPF maps: loading, writing tables, the flow sweeper, reports;
+//! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
+//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side.
 pub mod agent;
-pub mod api;
-pub mod bindings;
-pub mod client;
+pub mod cli;
 pub mod config;
+pub mod control_socket;
 pub mod dataplane;
 pub mod health;
-pub mod keys;
-pub mod route_events;
+pub mod host;
+pub mod model;
+pub mod registration;
 pub mod selection;
 pub mod server;
-pub mod status;
-pub mod sys;

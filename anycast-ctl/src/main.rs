@@ -2,11 +2,11 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anycast_ctl::{
-    agent,
-    api::{self, Request, Response},
-    client::LoadSource,
+    agent, cli as status,
     config::{Config, XdpModeName},
-    keys, server, status,
+    control_socket::{self as api, Request, Response},
+    registration::{keys, server::LoadSource},
+    server,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 

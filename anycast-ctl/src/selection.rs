@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use anycast_common::{wire::LoadInfo, ServiceKey};
 
-use crate::dataplane::{DesiredServer, DesiredService, Preference};
+use crate::model::{DesiredServer, DesiredService, Preference};
 
 pub const MAX_WEIGHT: u32 = 1_000_000;
 

@@ -18,10 +18,12 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 
 use crate::{
-    client::{established_sessions, AnycastBinding, Client, ClientConfig, LoadSource},
     config::XdpModeName,
     dataplane::{attach, attach_tc_egress, load_object, Sizes},
-    sys::{self, HostChanges},
+    host::{self as sys, HostChanges},
+    registration::server::{
+        established_sessions, AnycastBinding, Client, ClientConfig, LoadSource,
+    },
 };
 
 pub struct ServerOptions {

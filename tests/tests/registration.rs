@@ -220,7 +220,7 @@ fn servers_register_deregister_expire_and_forgeries_are_refused() -> anyhow::Res
     let s3 = &topo.servers[2];
     let real: IpAddr = s3.v4.into();
     let key = std::fs::read_to_string(topo.key_file(3))?;
-    let key = anycast_ctl::keys::parse_key(&key)?;
+    let key = anycast_ctl::registration::keys::parse_key(&key)?;
     let before = binding_ids(&topo)?;
 
     let forged = bu(

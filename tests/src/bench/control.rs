@@ -13,9 +13,9 @@ use anycast_common::{
     DEFAULT_RING_SIZE,
 };
 use anycast_ctl::{
-    bindings::Registry,
     config::Registration,
     dataplane::{Dataplane, Sizes},
+    registration::agent::Registry,
 };
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
@@ -59,7 +59,7 @@ pub fn control_plane(quick: bool) -> Result<Section> {
         nothing changed, and a new service (its table written whole); tables are written \
         through the memory-mapped RINGS map (the row notes say if the kernel refused the \
         mapping and map updates were used). Binding updates: \
-        anycast_ctl::bindings::Registry::handle on one core over pre-built, distinct, valid, \
+        anycast_ctl::registration::agent::Registry::handle on one core over pre-built, distinct, valid, \
         signed BUs (256 servers, all for one anycast address, each registering once and \
         then refreshing with increasing sequence numbers and timestamps; every one \
         verified, accepted and answered with a signed BA), beside wire::decode and \

@@ -59,7 +59,7 @@ pub fn run(quick: bool, registration: bool, iperf: bool) -> Vec<(&'static str, R
 
 /// One BU for `s2`, as its server would send it: the anycast address through its real one.
 fn binding_update(topo: &Topology, real: Ipv4Addr) -> Result<Vec<u8>> {
-    let key = anycast_ctl::keys::read_key(&topo.key_file(2))?;
+    let key = anycast_ctl::registration::keys::read_key(&topo.key_file(2))?;
     let msg = Message {
         src: wire::to_mapped(IpAddr::V4(ANYCAST_V4)),
         dst: wire::to_mapped(IpAddr::V4(AGENT)),

@@ -33,7 +33,7 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
-    Bindings(crate::bindings::BindingsReport),
+    Bindings(crate::registration::agent::BindingsReport),
     Reloaded,
     Drained {
         server: String,

@@ -18,16 +18,18 @@ use tokio::{
     sync::mpsc,
 };
 
+mod route_events;
+
 use crate::{
-    api::{HealthStatus, InterfaceStatus, Request, Response, Status},
-    bindings::{Registry, Reply},
     config::Config,
+    control_socket::{HealthStatus, InterfaceStatus, Request, Response, Status},
     dataplane::{Dataplane, DesiredServer, DesiredService, FlowSweeper, Preference, Sizes},
     health::{self, CheckConfig, CheckKind, Checker, Health, Target, Transition},
-    route_events::RouteEvents,
+    host::{self as sys, HostChanges},
+    registration::agent::{Registry, Reply},
     selection::{Candidate, Condition, ServicePlan},
-    sys::{self, HostChanges},
 };
+use route_events::RouteEvents;
 
 /// The services and servers a configuration lists itself.
 pub fn desired(config: &Config) -> Vec<DesiredService> {

@@ -1,7 +1,7 @@
 //! Human rendering of the agent's status (`anycast-ctl status`; `--json` prints the raw answer).
 use std::fmt::Write as _;
 
-use crate::api::Status;
+use crate::control_socket::Status;
 
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -100,7 +100,7 @@ pub fn render(s: &Status) -> String {
 }
 
 /// Human rendering of `anycast-ctl bindings`.
-pub fn render_bindings(r: &crate::bindings::BindingsReport) -> String {
+pub fn render_bindings(r: &crate::registration::agent::BindingsReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

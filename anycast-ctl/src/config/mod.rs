@@ -1,0 +1,355 @@
+//! The agent's configuration file: JSON, read whole and validated before anything changes.
+//! Errors name the field (`services[1].servers[0].address`) and the reason.
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+
+use anycast_common::{
+    table, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_SERVERS,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces the XDP program is attached to (clients' packets arrive there, tunnelled
+    /// packets leave there).
+    pub interfaces: Vec<String>,
+    /// `native` (driver mode, the default), `generic` (skb mode) or `auto` (kernel's choice).
+    #[serde(default)]
+    pub xdp_mode: XdpModeName,
+    /// The agent's own addresses: source of the tunnels.
+    pub agent_address: AgentAddress,
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default = "default_max_services")]
+    pub max_services: u32,
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    /// Consistent-hash tables for topology preferences, over all services.
+    #[serde(default = "default_max_preference_tables")]
+    pub max_preference_tables: u32,
+    /// Statically configured services (and their static servers, if any).
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Servers that register themselves with binding updates. Absent: static servers only.
+    #[serde(default)]
+    pub registration: Option<Registration>,
+    /// Active health checks of every server's real address (ICMP echo, TCP connect, HTTP GET,
+    /// an operator's command). TCP and HTTP checks connect to the service port unless they
+    /// name one; services on every port (port 0) need a port in the check.
+    #[serde(default)]
+    pub health_checks: Vec<crate::health::CheckConfig>,
+    /// How long a flow keeps its server without packets (seconds): TCP, UDP, and TCP after
+    /// the client's FIN or RST.
+    #[serde(default)]
+    pub flow_timeouts: crate::dataplane::FlowTimeouts,
+    /// Topology preference, for every service: clients in these prefixes go to these servers
+    /// (by name) first, while any of them can take new flows.
+    #[serde(default)]
+    pub preferences: Vec<PreferenceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceConfig {
+    pub clients: Vec<Prefix>,
+    pub servers: Vec<String>,
+}
+
+/// The binding protocol's settings and its policy: which server may bind which addresses.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// UDP port the agent listens on, on its agent addresses.
+    #[serde(default = "default_registration_port")]
+    pub port: u16,
+    /// Longest lifetime granted, in seconds; longer requests are cut to this.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: u32,
+    /// After a server deregisters, its open flows stay on it this long (seconds); no new ones.
+    #[serde(default = "default_drain_time")]
+    pub drain_time: u32,
+    /// A binding update's timestamp (MESG-ID) may differ from the agent's clock by this much.
+    #[serde(default = "default_replay_window")]
+    pub replay_window: u32,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Health by refresh requests: every binding is asked for a fresh update at this interval
+    /// and must answer within the timeout; `misses` in a row make it down (one: suspect).
+    /// `null` turns probing off (lifetime expiry still applies).
+    #[serde(default = "default_probe")]
+    pub probe: Option<RefreshProbe>,
+    /// Reverse-tunnel monitoring: a server that sends its SYN-ACKs back through the agent
+    /// (`anycast-ctl server --reverse-tunnel`) and then, while it is given new TCP flows,
+    /// sends none for `suspect_after_ms`, is suspect and gets a refresh request at once (the
+    /// probe's misses make it down). Absent: off (reverse-tunnelled packets are still
+    /// forwarded and counted).
+    #[serde(default)]
+    pub reverse_tunnel: Option<ReverseTunnel>,
+    /// Every server that may register: its identity, key and the addresses it may bind.
+    pub servers: Vec<RegisteredServer>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshProbe {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub misses: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseTunnel {
+    /// How long a monitored server may be given new TCP flows without a SYN-ACK coming back
+    /// through the agent before it is suspect.
+    #[serde(default = "default_suspect_after_ms")]
+    pub suspect_after_ms: u64,
+}
+
+pub const DEFAULT_SUSPECT_AFTER_MS: u64 = 1000;
+/// The agent reads the counters every 50 ms; a shorter window could not be measured.
+pub const MIN_SUSPECT_AFTER_MS: u64 = 100;
+
+fn default_suspect_after_ms() -> u64 {
+    DEFAULT_SUSPECT_AFTER_MS
+}
+
+fn default_probe() -> Option<RefreshProbe> {
+    Some(RefreshProbe {
+        interval_ms: 1000,
+        timeout_ms: 500,
+        misses: 2,
+    })
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub bindings_per_address: u32,
+    pub bindings_per_server: u32,
+    /// Binding messages accepted per second from one source address (a burst of twice that).
+    pub messages_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            bindings_per_address: 256,
+            bindings_per_server: 16,
+            messages_per_second: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisteredServer {
+    /// The server's identity (MN-ID), e.g. `s1`.
+    pub id: String,
+    /// Security parameter index the server's messages carry.
+    pub spi: u32,
+    /// File with the server's secret key (hex); relative paths are relative to the config file.
+    pub key_file: std::path::PathBuf,
+    /// Anycast addresses or prefixes this server may bind (`10.71.100.1`, `fd71:100::/64`).
+    pub allow: Vec<Prefix>,
+}
+
+fn default_registration_port() -> u16 {
+    anycast_common::wire::DEFAULT_PORT
+}
+fn default_max_lifetime() -> u32 {
+    600
+}
+fn default_drain_time() -> u32 {
+    30
+}
+fn default_replay_window() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeName {
+    #[default]
+    Native,
+    Generic,
+    Auto,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAddress {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// The anycast address.
+    pub address: IpAddr,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// 1-65535, or 0 for every port of the address and protocol.
+    pub port: u16,
+    pub servers: Vec<Server>,
+    /// This service's own health checks, instead of the top-level `health_checks`
+    /// (`[]`: none). Absent: the top-level ones.
+    #[serde(default)]
+    pub health_checks: Option<Vec<crate::health::CheckConfig>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => anycast_common::PROTO_TCP,
+            Protocol::Udp => anycast_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub name: String,
+    /// The server's real address: where tunnelled packets go.
+    pub address: IpAddr,
+    /// Share of new flows relative to the service's other servers; 0 drains the server.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+fn default_max_services() -> u32 {
+    DEFAULT_MAX_SERVICES
+}
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+fn default_max_preference_tables() -> u32 {
+    anycast_common::DEFAULT_MAX_PREFERENCE_TABLES
+}
+fn default_weight() -> u32 {
+    1
+}
+
+/// A configuration error: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Largest ring the map layout allows (the map holds two tables per service).
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_json::from_str(text).map_err(|e| err("config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Every health check: the top-level ones, then each service's own, in order; what the
+    /// checker runs and what `Target::check` indexes.
+    pub fn all_checks(&self) -> Vec<crate::health::CheckConfig> {
+        let mut all = self.health_checks.clone();
+        for s in &self.services {
+            all.extend(s.health_checks.iter().flatten().cloned());
+        }
+        all
+    }
+
+    /// The indexes (into `all_checks`) of the checks that apply to a service: its own if it
+    /// is configured with some, else the top-level ones.
+    pub fn checks_of(&self, address: IpAddr, protocol: u8, port: u16) -> Vec<usize> {
+        let mut next = self.health_checks.len();
+        for s in &self.services {
+            let own = s.health_checks.as_ref().map_or(0, Vec::len);
+            if s.address == address && s.protocol.number() == protocol && s.port == port {
+                if let Some(list) = &s.health_checks {
+                    return (next..next + list.len()).collect();
+                }
+                break;
+            }
+            next += own;
+        }
+        (0..self.health_checks.len()).collect()
+    }
+}
+
+impl Config {
+    /// Reads every registered server's key file (relative paths from the config file's
+    /// directory). A missing or bad key names its field.
+    pub fn load_keys(
+        &self,
+        config_path: &Path,
+    ) -> Result<std::collections::HashMap<String, Vec<u8>>, ConfigError> {
+        let mut keys = std::collections::HashMap::new();
+        let Some(r) = &self.registration else {
+            return Ok(keys);
+        };
+        let dir = config_path.parent().unwrap_or(Path::new("."));
+        for (i, s) in r.servers.iter().enumerate() {
+            let path = dir.join(&s.key_file);
+            let key = crate::registration::keys::read_key(&path).map_err(|e| {
+                err(
+                    format!("registration.servers[{i}].key_file"),
+                    format!("{e:#}"),
+                )
+            })?;
+            keys.insert(s.id.clone(), key);
+        }
+        Ok(keys)
+    }
+}
+
+mod prefix;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use prefix::Prefix;

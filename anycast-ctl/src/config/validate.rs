@@ -1,0 +1,329 @@
+//! Everything that can be checked without the running system (interfaces are checked when
+//! attaching); every error names its field.
+use super::*;
+
+impl Config {
+    /// Checks everything that does not need the running system (interfaces are checked when
+    /// attaching).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(err("interfaces", "at least one interface is needed"));
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains('/') {
+                return Err(err(
+                    format!("interfaces[{i}]"),
+                    format!("'{name}' is not a valid interface name"),
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(err(
+                    format!("interfaces[{i}]"),
+                    format!("'{name}' is listed twice"),
+                ));
+            }
+        }
+        match self.agent_address.v4 {
+            Some(IpAddr::V6(a)) => {
+                return Err(err(
+                    "agent_address.v4",
+                    format!("{a} is not an IPv4 address"),
+                ))
+            }
+            Some(a) if a.is_unspecified() || a.is_multicast() => {
+                return Err(err(
+                    "agent_address.v4",
+                    format!("{a} cannot be a tunnel source"),
+                ))
+            }
+            _ => {}
+        }
+        match self.agent_address.v6 {
+            Some(IpAddr::V4(a)) => {
+                return Err(err(
+                    "agent_address.v6",
+                    format!("{a} is not an IPv6 address"),
+                ))
+            }
+            Some(a) if a.is_unspecified() || a.is_multicast() => {
+                return Err(err(
+                    "agent_address.v6",
+                    format!("{a} cannot be a tunnel source"),
+                ))
+            }
+            _ => {}
+        }
+        if self.agent_address.v4.is_none() && self.agent_address.v6.is_none() {
+            return Err(err("agent_address", "give at least one of v4 and v6"));
+        }
+        if !(2..=MAX_RING_SIZE).contains(&self.ring_size) || !table::is_prime(self.ring_size) {
+            return Err(err(
+                "ring_size",
+                format!(
+                    "{} is not a prime between 2 and {MAX_RING_SIZE}",
+                    self.ring_size
+                ),
+            ));
+        }
+        if self.max_services == 0 {
+            return Err(err("max_services", "must be at least 1"));
+        }
+        if self.max_services > 65536 {
+            // A server slot names its service in 16 bits.
+            return Err(err("max_services", "must be at most 65536"));
+        }
+        let ring_entries = 2u64 * self.max_services as u64 * self.ring_size as u64;
+        if ring_entries > u32::MAX as u64 {
+            return Err(err(
+                "max_services",
+                "max_services * ring_size * 2 exceeds the map's index range",
+            ));
+        }
+        if self.max_flows == 0 {
+            return Err(err("max_flows", "must be at least 1"));
+        }
+        if self.services.len() > self.max_services as usize {
+            return Err(err(
+                "services",
+                format!(
+                    "{} services but max_services is {}",
+                    self.services.len(),
+                    self.max_services
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        let mut server_count = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let f = |field: &str| format!("services[{i}].{field}");
+            if s.name.is_empty() {
+                return Err(err(f("name"), "must not be empty"));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(err(
+                    f("name"),
+                    format!("'{}' is used by another service", s.name),
+                ));
+            }
+            if s.address.is_unspecified() || s.address.is_multicast() || s.address.is_loopback() {
+                return Err(err(
+                    f("address"),
+                    format!("{} cannot be an anycast address", s.address),
+                ));
+            }
+            if !keys.insert((s.address, s.protocol, s.port)) {
+                return Err(err(
+                    f("address"),
+                    format!(
+                        "{} {} port {} is already another service",
+                        s.address, s.protocol, s.port
+                    ),
+                ));
+            }
+            let mut server_names = HashSet::new();
+            let mut server_addrs = HashSet::new();
+            for (j, srv) in s.servers.iter().enumerate() {
+                let g = |field: &str| format!("services[{i}].servers[{j}].{field}");
+                if srv.name.is_empty() {
+                    return Err(err(g("name"), "must not be empty"));
+                }
+                if !server_names.insert(srv.name.as_str()) {
+                    return Err(err(
+                        g("name"),
+                        format!("'{}' is used by another server of this service", srv.name),
+                    ));
+                }
+                if srv.address.is_unspecified()
+                    || srv.address.is_multicast()
+                    || srv.address.is_loopback()
+                {
+                    return Err(err(
+                        g("address"),
+                        format!("{} cannot be a server's real address", srv.address),
+                    ));
+                }
+                if !server_addrs.insert(srv.address) {
+                    return Err(err(
+                        g("address"),
+                        format!("{} is already another server of this service", srv.address),
+                    ));
+                }
+                let (family, have) = match srv.address {
+                    IpAddr::V4(_) => ("v4", self.agent_address.v4.is_some()),
+                    IpAddr::V6(_) => ("v6", self.agent_address.v6.is_some()),
+                };
+                if !have {
+                    return Err(err(
+                        g("address"),
+                        format!("{} needs an IP{family} tunnel source, but agent_address.{family} is not set", srv.address),
+                    ));
+                }
+                if srv.weight > MAX_WEIGHT {
+                    return Err(err(
+                        g("weight"),
+                        format!("{} is above the maximum {MAX_WEIGHT}", srv.weight),
+                    ));
+                }
+            }
+            for (j, c) in s.health_checks.iter().flatten().enumerate() {
+                c.validate(&format!("services[{i}].health_checks[{j}]"))
+                    .map_err(|e| match e.split_once(": ") {
+                        Some((f, why)) => err(f, why),
+                        None => err(format!("services[{i}].health_checks[{j}]"), e),
+                    })?;
+                let needs_port = matches!(
+                    c.kind,
+                    crate::health::CheckKind::Tcp { port: None }
+                        | crate::health::CheckKind::Http { port: None, .. }
+                );
+                if needs_port && s.port == 0 {
+                    return Err(err(
+                        format!("services[{i}].health_checks[{j}].port"),
+                        "a TCP or HTTP check of an every-port service needs a port",
+                    ));
+                }
+            }
+            server_count += s.servers.len();
+        }
+        if server_count > MAX_SERVERS as usize {
+            return Err(err(
+                "services",
+                format!("{server_count} servers in all, the maximum is {MAX_SERVERS}"),
+            ));
+        }
+        let t = &self.flow_timeouts;
+        for (name, v) in [
+            ("tcp_idle", t.tcp_idle),
+            ("udp_idle", t.udp_idle),
+            ("tcp_closing", t.tcp_closing),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    format!("flow_timeouts.{name}"),
+                    "must be at least 1 second",
+                ));
+            }
+        }
+        for (i, p) in self.preferences.iter().enumerate() {
+            if p.clients.is_empty() || p.servers.is_empty() {
+                return Err(err(
+                    format!("preferences[{i}]"),
+                    "needs at least one client prefix and one server",
+                ));
+            }
+        }
+        if self.preferences.len() > self.max_preference_tables as usize {
+            return Err(err(
+                "preferences",
+                format!(
+                    "{} preferences but max_preference_tables is {}",
+                    self.preferences.len(),
+                    self.max_preference_tables
+                ),
+            ));
+        }
+        let entries = 2u64
+            * (self.max_services as u64 + self.max_preference_tables as u64)
+            * self.ring_size as u64;
+        if entries > u32::MAX as u64 {
+            return Err(err("max_services", "2 * (max_services + max_preference_tables) * ring_size exceeds the map's index range"));
+        }
+        for (i, c) in self.health_checks.iter().enumerate() {
+            c.validate(&format!("health_checks[{i}]"))
+                .map_err(|e| match e.split_once(": ") {
+                    Some((f, why)) => err(f, why),
+                    None => err(format!("health_checks[{i}]"), e),
+                })?;
+        }
+        if let Some(r) = &self.registration {
+            r.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Registration {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.port == 0 {
+            return Err(err("registration.port", "must not be 0"));
+        }
+        // Lifetimes travel in 4-second units in a 16-bit field.
+        if self.max_lifetime < 4 || self.max_lifetime > 65535 * 4 {
+            return Err(err(
+                "registration.max_lifetime",
+                format!(
+                    "{} is not between 4 and {} seconds",
+                    self.max_lifetime,
+                    65535 * 4
+                ),
+            ));
+        }
+        if self.replay_window == 0 {
+            return Err(err(
+                "registration.replay_window",
+                "must be at least 1 second",
+            ));
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("bindings_per_address", l.bindings_per_address),
+            ("bindings_per_server", l.bindings_per_server),
+            ("messages_per_second", l.messages_per_second),
+        ] {
+            if v == 0 {
+                return Err(err(
+                    format!("registration.limits.{name}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(p) = self.probe {
+            if p.interval_ms < 10
+                || p.timeout_ms == 0
+                || p.timeout_ms >= p.interval_ms
+                || p.misses == 0
+            {
+                return Err(err(
+                    "registration.probe",
+                    "needs interval_ms >= 10, 0 < timeout_ms < interval_ms and misses >= 1",
+                ));
+            }
+        }
+        if let Some(r) = self.reverse_tunnel {
+            if !(MIN_SUSPECT_AFTER_MS..=3_600_000).contains(&r.suspect_after_ms) {
+                return Err(err(
+                    "registration.reverse_tunnel.suspect_after_ms",
+                    format!(
+                        "{} is not between {MIN_SUSPECT_AFTER_MS} and 3600000",
+                        r.suspect_after_ms
+                    ),
+                ));
+            }
+            if self.probe.is_none() {
+                return Err(err(
+                    "registration.reverse_tunnel",
+                    "needs registration.probe: its refresh requests confirm a suspicion",
+                ));
+            }
+        }
+        let mut ids = HashSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let f = |field: &str| format!("registration.servers[{i}].{field}");
+            if s.id.is_empty() || s.id.len() > 254 {
+                return Err(err(f("id"), "must be 1-254 characters"));
+            }
+            if !ids.insert(s.id.as_str()) {
+                return Err(err(f("id"), format!("'{}' is listed twice", s.id)));
+            }
+            if s.allow.is_empty() {
+                return Err(err(
+                    f("allow"),
+                    "lists no address: the server could bind nothing",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

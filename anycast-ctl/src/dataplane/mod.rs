@@ -1,0 +1,270 @@
+//! The agent's view of its BPF maps: loads the XDP program, attaches it, and turns a desired
+//! set of services and servers into map contents. Consistent-hash tables are double-buffered
+//! per service: the new table is written into the half the data path is not reading, then
+//! one `SERVICES` update switches the data path over, so no lookup sees a half-written table.
+//! Topology preferences get tables of their own (double-buffered the same way) that the
+//! `PREFERENCES` LPM trie points to by client prefix.
+//!
+//! The flow table ages: each entry carries the tick it was last seen on the flow clock
+//! (`CLOCK_MONOTONIC_COARSE` in ticks of 2^30 ns; [`flow_clock_now`]), entries idle past their
+//! protocol's timeout ([`FlowTimeouts`]) are re-chosen by the data path and deleted by
+//! [`Dataplane::sweep_flows`].
+//!
+//! Reverse tunnel: `REVERSE` holds one entry per installed server real address (written
+//! here, counted into by the data path), so only known servers' reverse-tunnelled packets
+//! are decapsulated; [`Dataplane::reverse_counters`] reads them with the SYNs forwarded to
+//! each address.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use crate::config::XdpModeName;
+use anycast_common::{
+    address_filter_bit, maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
+    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
+    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
+    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
+    MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
+};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMapHash, HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError,
+        PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
+    programs::{xdp::XdpMode, Xdp},
+    Ebpf, EbpfLoader,
+};
+use serde::Serialize;
+
+mod apply;
+mod bpf_sys;
+mod flows;
+mod loader;
+mod report;
+mod rings;
+
+pub use crate::model::{DesiredServer, DesiredService, Preference};
+pub use flows::{flow_clock_now, FlowSweeper, FlowTimeouts};
+use loader::take;
+pub use loader::{attach, attach_tc_egress, load_object, xdp_mode, Sizes, EBPF_OBJECT};
+pub use report::{
+    coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,
+    SweepReport,
+};
+use rings::{Rings, TableArea, TableInputs};
+
+struct InstalledService {
+    name: String,
+    id: u32,
+    area: TableArea,
+    servers: Vec<InstalledServer>,
+    /// Per preference (by index in `DesiredService::preferences`): its table, when it has
+    /// servers able to take new flows.
+    preference_tables: Vec<Option<u32>>,
+    /// The service's entries in `PREFERENCES`.
+    preference_keys: HashMap<PreferenceKey, PreferenceTable>,
+    /// What its `SERVICES` entry holds, if written.
+    published: Option<ServiceInfo>,
+}
+
+impl InstalledService {
+    fn info(&self, ring: u32, flags: u32) -> ServiceInfo {
+        ServiceInfo {
+            id: self.id,
+            ring_base: (self.id * 2 + self.area.live_half) * ring,
+            ring_size: ring,
+            flags,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct InstalledServer {
+    name: String,
+    address: IpAddr,
+    weight: u32,
+    up: bool,
+    slot: u32,
+}
+
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    sizes: Sizes,
+    services_map: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+    address_filter: Array<MapData, u64>,
+    /// What `ADDRESS_FILTER` holds, word by word.
+    filter_written: Vec<u64>,
+    rings: Rings,
+    servers_map: Array<MapData, ServerInfo>,
+    /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
+    servers_written: Vec<ServerInfo>,
+    agent_map: Array<MapData, AgentInfo>,
+    /// Written by the sweeper thread, read by [`Dataplane::report`].
+    sweep_report: std::sync::Arc<std::sync::Mutex<SweepReport>>,
+    /// What `AGENT` holds.
+    agent_info: AgentInfo,
+    flows_map: BpfHashMap<MapData, FlowKey, FlowValue>,
+    flow_config: Array<MapData, FlowConfig>,
+    preferences_map: LpmTrie<MapData, [u32; 5], PreferenceTable>,
+    tx_ports: DevMapHash<MapData>,
+    verdicts: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, Traffic>,
+    server_stats: PerCpuArray<MapData, ServerTraffic>,
+    reverse_map: PerCpuHashMap<MapData, RealKey, ReverseStats>,
+    /// The real addresses that have an entry in `REVERSE`.
+    reverse_keys: BTreeSet<IpAddr>,
+    installed: HashMap<ServiceKey, InstalledService>,
+    free_service_ids: Vec<u32>,
+    /// Server slots not in use, oldest freed first, so a slot is reused as late as possible.
+    free_slots: VecDeque<u32>,
+    generations: Vec<u32>,
+    timeouts: FlowTimeouts,
+    /// Preference table areas, by table index (after the services' areas in `RINGS`). An
+    /// area keeps its state across owners, so a new owner writes the half the previous one
+    /// was not reading.
+    preference_areas: Vec<TableArea>,
+    /// Preference tables not in use, oldest freed first.
+    free_preference_tables: VecDeque<u32>,
+}
+
+impl Dataplane {
+    pub fn new(sizes: Sizes) -> Result<Self> {
+        let mut ebpf = load_object(sizes)?;
+        let mut dp = Dataplane {
+            services_map: take(&mut ebpf, maps::SERVICES)?,
+            address_filter: take(&mut ebpf, maps::ADDRESS_FILTER)?,
+            filter_written: vec![0; ADDRESS_FILTER_WORDS as usize],
+            rings: Rings::new(take(&mut ebpf, maps::RINGS)?),
+            servers_map: take(&mut ebpf, maps::SERVERS)?,
+            servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
+            agent_map: take(&mut ebpf, maps::AGENT)?,
+            agent_info: AgentInfo::default(),
+            sweep_report: Default::default(),
+            flows_map: take(&mut ebpf, maps::FLOWS)?,
+            flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
+            preferences_map: take(&mut ebpf, maps::PREFERENCES)?,
+            tx_ports: take(&mut ebpf, maps::TX_PORTS)?,
+            verdicts: take(&mut ebpf, maps::VERDICTS)?,
+            service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
+            server_stats: take(&mut ebpf, maps::SERVER_STATS)?,
+            reverse_map: take(&mut ebpf, maps::REVERSE)?,
+            reverse_keys: BTreeSet::new(),
+            ebpf,
+            sizes,
+            installed: HashMap::new(),
+            free_service_ids: (0..sizes.max_services).rev().collect(),
+            free_slots: (0..MAX_SERVERS).collect(),
+            generations: vec![0; MAX_SERVERS as usize],
+            timeouts: FlowTimeouts::default(),
+            preference_areas: (0..sizes.max_preference_tables)
+                .map(|_| TableArea::new())
+                .collect(),
+            free_preference_tables: (0..sizes.max_preference_tables).collect(),
+        };
+        dp.set_flow_timeouts(FlowTimeouts::default())?;
+        Ok(dp)
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// How consistent-hash tables reach the kernel: `"memory mapping"` (plain stores into
+    /// the mapped `RINGS`), `"batch updates"` or `"single updates"`.
+    pub fn table_write_path(&self) -> &'static str {
+        if self.rings.mapped.is_some() {
+            "memory mapping"
+        } else if self.rings.batch {
+            "batch updates"
+        } else {
+            "single updates"
+        }
+    }
+
+    pub fn set_agent_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
+        let mut info = AgentInfo {
+            fib_generation: self.agent_info.fib_generation,
+            ..AgentInfo::default()
+        };
+        if let Some(a) = v4 {
+            info.v4 = anycast_common::addr_words(a).0[0];
+            info.flags |= AGENT_HAS_V4;
+        }
+        if let Some(a) = v6 {
+            info.v6 = anycast_common::addr_words(a).0;
+            info.flags |= AGENT_HAS_V6;
+        }
+        self.agent_map
+            .set(0, info, 0)
+            .context("writing the agent's addresses")?;
+        self.agent_info = info;
+        Ok(())
+    }
+
+    /// The kernel's routes, neighbours, addresses or links changed: the data path stops
+    /// using the next hops it cached (it asks the FIB again at each server's next packet).
+    pub fn fib_changed(&mut self) -> Result<()> {
+        let info = AgentInfo {
+            fib_generation: self.agent_info.fib_generation.wrapping_add(1),
+            ..self.agent_info
+        };
+        self.agent_map
+            .set(0, info, 0)
+            .context("writing the FIB generation")?;
+        self.agent_info = info;
+        Ok(())
+    }
+
+    /// Lets the data path redirect tunnelled packets to this interface.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .context("adding an interface to the device map")
+    }
+
+    pub fn attach(&mut self, iface: &str, mode: XdpModeName) -> Result<()> {
+        attach(&mut self.ebpf, programs::AGENT, iface, mode)
+    }
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        anycast_common::PROTO_TCP => "tcp".into(),
+        anycast_common::PROTO_UDP => "udp".into(),
+        p => p.to_string(),
+    }
+}
+
+fn is_enoent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting possible CPUs: {e}"))
+}
+
+fn sum_server(values: &PerCpuValues<ServerTraffic>) -> ServerTraffic {
+    values
+        .iter()
+        .fold(ServerTraffic::default(), |a, t| ServerTraffic {
+            packets: a.packets + t.packets,
+            bytes: a.bytes + t.bytes,
+            syns: a.syns + t.syns,
+        })
+}
+
+fn sum(values: &PerCpuValues<Traffic>) -> Traffic {
+    values.iter().fold(Traffic::default(), |a, t| Traffic {
+        packets: a.packets + t.packets,
+        bytes: a.bytes + t.bytes,
+    })
+}

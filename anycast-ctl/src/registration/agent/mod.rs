@@ -1,0 +1,600 @@
+//! The agent's binding table: servers register themselves with authenticated binding updates
+//! (RFC 6275 Mobility Header in DSMIPv6 framing, see `anycast_common::wire`), and the set of
+//! live, authorized bindings becomes the services and servers the data path forwards to.
+//!
+//! This module is pure: it takes datagrams and the time, and returns replies and whether the
+//! forwarding state changed. The agent daemon owns the sockets, timers and maps.
+//!
+//! Reverse-tunnel monitoring (`registration.reverse_tunnel`): servers that run with
+//! `--reverse-tunnel` send their SYN-ACKs back through the agent. Per server (identity, over
+//! all its real addresses) the agent compares the TCP SYNs it forwarded with the SYN-ACKs
+//! that came back ([`Registry::watch_reverse`], fed with the data path's counters):
+//!
+//! ```text
+//!   off --first reverse-tunnelled packet--> ok
+//!   ok --new SYNs forwarded, then suspect_after_ms without a reverse packet--> suspect
+//!        (a refresh request goes out at once, and again after each miss, until `misses`
+//!         in a row make the binding down, as any probe's do)
+//!   suspect --it answers the refresh request--> silent (alive, but its SYN-ACKs no
+//!        longer come through us: not watched until they do)
+//!   suspect, silent --a reverse-tunnelled packet--> ok
+//! ```
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anycast_common::{
+    wire::{self, status, Body, Key, LoadInfo, Message, Options, ServiceSelector},
+    ServiceKey, PROTO_TCP, PROTO_UDP,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Limits, Prefix, RefreshProbe, Registration, ReverseTunnel},
+    dataplane::{DesiredService, ReverseCounters},
+    selection::{Candidate, Condition, ServicePlan, Smoother},
+};
+
+/// BA status for a BU without an Alternate Care-of Address (RFC 6275: reason unspecified).
+pub const STATUS_UNSPECIFIED: u8 = 128;
+/// Binding Error status: unrecognized MH type value (RFC 6275 6.1.9).
+pub const STATUS_UNKNOWN_MH_TYPE: u8 = 2;
+
+/// What a binding is for: one server's real address for one anycast address (and service).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BindingId {
+    pub anycast: IpAddr,
+    /// Protocol and port, when the server bound one service rather than the whole address.
+    pub selector: Option<(u8, u16)>,
+    pub server: String,
+    pub real: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// Takes new flows.
+    Active,
+    /// Deregistered: keeps its open flows until the drain time ends, takes no new ones.
+    Draining,
+}
+
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub seq: u16,
+    pub registered: Instant,
+    pub updated: Instant,
+    pub expires: Instant,
+    pub lifetime: Duration,
+    pub load: Option<LoadInfo>,
+    pub state: BindingState,
+    /// Where the last update came from: where refresh requests go.
+    pub source: SocketAddr,
+    refresh_requested: bool,
+    /// Load reports, smoothed into the weight the data path gets.
+    pub smoother: Smoother,
+    /// Refresh-request probing (health): when the outstanding probe went out, misses in a row.
+    probe_sent: Option<Instant>,
+    probe_next: Instant,
+    pub probe_misses: u32,
+    probe_limit: u32,
+    /// The reverse-tunnel monitor asked for a refresh request now: after each miss the
+    /// next one goes out at once rather than at the probe interval, until the binding
+    /// answers or is down.
+    probe_urgent: bool,
+}
+
+impl Binding {
+    /// Up, suspect after one missed probe, down after the configured number in a row.
+    pub fn condition(&self) -> Condition {
+        match self.probe_misses {
+            0 => Condition::Up,
+            n if n >= self.probe_limit => Condition::Down,
+            _ => Condition::Suspect,
+        }
+    }
+}
+
+struct ServerPolicy {
+    spi: u32,
+    key: Vec<u8>,
+    allow: Vec<Prefix>,
+}
+
+/// Token bucket per source address, so a flood from one source cannot starve the others.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// What became of one datagram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub reply: Option<Reply>,
+    /// The forwarding state must be rebuilt.
+    pub changed: bool,
+    /// The counter it was counted under.
+    pub counted: String,
+}
+
+pub struct Registry {
+    port: u16,
+    max_lifetime: Duration,
+    drain_time: Duration,
+    replay_window: u64,
+    limits: Limits,
+    max_services: usize,
+    agent: Vec<Ipv6Addr>,
+    servers: HashMap<String, ServerPolicy>,
+    bindings: BTreeMap<BindingId, Binding>,
+    last_mesg_id: HashMap<String, u64>,
+    buckets: HashMap<IpAddr, Bucket>,
+    counters: BTreeMap<String, u64>,
+    probe: Option<RefreshProbe>,
+    reverse_tunnel: Option<ReverseTunnel>,
+    /// Reverse-tunnel monitoring, per server identity.
+    reverse: BTreeMap<String, ReverseWatch>,
+}
+
+impl Registry {
+    pub fn new(
+        reg: &Registration,
+        keys: &HashMap<String, Vec<u8>>,
+        agent: &[IpAddr],
+        max_services: usize,
+    ) -> Registry {
+        let servers = reg
+            .servers
+            .iter()
+            .map(|s| {
+                let policy = ServerPolicy {
+                    spi: s.spi,
+                    key: keys.get(&s.id).cloned().unwrap_or_default(),
+                    allow: s.allow.clone(),
+                };
+                (s.id.clone(), policy)
+            })
+            .collect();
+        Registry {
+            port: reg.port,
+            max_lifetime: Duration::from_secs(reg.max_lifetime as u64),
+            drain_time: Duration::from_secs(reg.drain_time as u64),
+            replay_window: reg.replay_window as u64,
+            limits: reg.limits.clone(),
+            max_services,
+            agent: agent.iter().map(|&a| wire::to_mapped(a)).collect(),
+            servers,
+            bindings: BTreeMap::new(),
+            last_mesg_id: HashMap::new(),
+            buckets: HashMap::new(),
+            counters: BTreeMap::new(),
+            probe: reg.probe,
+            reverse_tunnel: reg.reverse_tunnel,
+            reverse: BTreeMap::new(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Takes a new policy (a reload) and keeps the bindings it still allows.
+    pub fn update_policy(&mut self, new: Registry) -> bool {
+        let bindings = std::mem::take(&mut self.bindings);
+        let last = std::mem::take(&mut self.last_mesg_id);
+        let counters = std::mem::take(&mut self.counters);
+        let reverse = std::mem::take(&mut self.reverse);
+        *self = new;
+        self.last_mesg_id = last;
+        self.counters = counters;
+        if self.reverse_tunnel.is_some() {
+            self.reverse = reverse;
+        }
+        let before = bindings.len();
+        for (id, b) in bindings {
+            let allowed = self
+                .servers
+                .get(&id.server)
+                .is_some_and(|p| p.allow.iter().any(|a| a.contains(id.anycast)));
+            if allowed {
+                self.bindings.insert(id, b);
+            } else {
+                tracing::info!(
+                    "binding of {} for {} via {} removed: no longer allowed",
+                    id.server,
+                    id.anycast,
+                    id.real
+                );
+            }
+        }
+        self.bindings.len() != before
+    }
+
+    fn count(&mut self, what: impl Into<String>) -> String {
+        let what = what.into();
+        *self.counters.entry(what.clone()).or_default() += 1;
+        what
+    }
+
+    fn allow_rate(&mut self, source: IpAddr, now: Instant) -> bool {
+        let rate = self.limits.messages_per_second as f64;
+        // Bounded memory: forget idle sources when the table grows large.
+        if self.buckets.len() > 65536 {
+            self.buckets
+                .retain(|_, b| now.duration_since(b.last) < Duration::from_secs(10));
+        }
+        let b = self.buckets.entry(source).or_insert(Bucket {
+            tokens: 2.0 * rate,
+            last: now,
+        });
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(2.0 * rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Handles one datagram from `from`. `wall` is the agent's clock as an NTP timestamp.
+    pub fn handle(&mut self, payload: &[u8], from: SocketAddr, now: Instant, wall: u64) -> Outcome {
+        let none = |counted: String| Outcome {
+            reply: None,
+            changed: false,
+            counted,
+        };
+        if !self.allow_rate(from.ip(), now) {
+            return none(self.count("dropped_rate_limited"));
+        }
+        let msg = match wire::decode(payload) {
+            Ok(m) => m,
+            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from),
+            Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
+        };
+        let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
+            return none(self.count("dropped_not_binding_update"));
+        };
+        if !self.agent.contains(&msg.dst) {
+            return none(self.count("dropped_not_for_this_agent"));
+        }
+        let home = wire::from_mapped(msg.src);
+        // Identify and authenticate before anything else is believed.
+        let Some(identity) = msg.options.mn_id.clone() else {
+            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+        };
+        let Some(policy) = self.servers.get(&identity) else {
+            tracing::warn!("binding update from {from} for unknown server '{identity}' refused");
+            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+        };
+        let key = Key {
+            spi: policy.spi,
+            secret: &policy.key,
+        };
+        let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
+        if !spi_ok || !wire::verify(payload, key) {
+            tracing::warn!(
+                "binding update from {from} claiming to be '{identity}' failed authentication"
+            );
+            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+        }
+        let signer = Some(identity.clone());
+        // Replay protection: the timestamp must be near our clock and newer than the last one.
+        let fresh = msg.options.mesg_id.is_some_and(|ts| {
+            let skew = (ts >> 32).abs_diff(wall >> 32);
+            skew <= self.replay_window
+                && self
+                    .last_mesg_id
+                    .get(&identity)
+                    .is_none_or(|&last| ts > last)
+        });
+        if !fresh {
+            tracing::warn!(
+                "binding update from '{identity}' at {from} refused: replayed or stale timestamp"
+            );
+            return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
+        }
+        self.last_mesg_id
+            .insert(identity.clone(), msg.options.mesg_id.unwrap_or_default());
+        let Some(coa) = msg.options.alt_coa else {
+            return self.refuse(&msg, from, STATUS_UNSPECIFIED, seq, signer);
+        };
+        let real = wire::from_mapped(coa);
+        let policy = &self.servers[&identity];
+        if !policy.allow.iter().any(|p| p.contains(home))
+            || real.is_unspecified()
+            || real.is_multicast()
+        {
+            tracing::warn!("'{identity}' is not authorized to bind {home} (via {real}): refused");
+            return self.refuse(&msg, from, status::PROHIBITED, seq, signer);
+        }
+        let id = BindingId {
+            anycast: home,
+            selector: msg
+                .options
+                .service
+                .map(|s: ServiceSelector| (s.protocol, s.port)),
+            server: identity.clone(),
+            real,
+        };
+        if let Some(b) = self.bindings.get(&id) {
+            // Sequence numbers compare modulo 2^16 (RFC 6275 9.5.1).
+            if (seq.wrapping_sub(b.seq) as i16) <= 0 {
+                let last = b.seq;
+                return self.refuse(&msg, from, status::SEQUENCE_OUT_OF_WINDOW, last, signer);
+            }
+        }
+        if lifetime == 0 {
+            let changed = match self.bindings.get_mut(&id) {
+                Some(b) if self.drain_time > Duration::ZERO => {
+                    b.seq = seq;
+                    let was = b.state;
+                    b.state = BindingState::Draining;
+                    b.expires = now + self.drain_time;
+                    if was == BindingState::Active {
+                        tracing::info!(
+                            "'{identity}' deregistered {home} via {real}: draining for {:?}",
+                            self.drain_time
+                        );
+                    }
+                    was == BindingState::Active
+                }
+                Some(_) => {
+                    self.bindings.remove(&id);
+                    tracing::info!("'{identity}' deregistered {home} via {real}");
+                    true
+                }
+                None => false,
+            };
+            let counted = self.count("deregistered");
+            let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
+            return Outcome {
+                reply,
+                changed,
+                counted,
+            };
+        }
+        let is_new = !self.bindings.contains_key(&id);
+        if is_new {
+            if let Some(why) = self.over_limit(&id) {
+                tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+                return self.refuse(&msg, from, status::INSUFFICIENT_RESOURCES, seq, signer);
+            }
+        }
+        let granted = Duration::from_secs(lifetime as u64 * 4).min(self.max_lifetime);
+        let units = (granted.as_secs() / 4) as u16;
+        let load = msg.options.load;
+        let probe_limit = self.probe.map_or(u32::MAX, |p| p.misses);
+        let changed = match self.bindings.get_mut(&id) {
+            Some(b) => {
+                let was = b.condition();
+                let mut changed = b.state != BindingState::Active;
+                changed |= b.smoother.update(load.as_ref());
+                changed |= b.load.map(|l| l.priority) != load.map(|l| l.priority);
+                // Any update answers an outstanding probe.
+                b.probe_sent = None;
+                b.probe_misses = 0;
+                b.probe_urgent = false;
+                if was != Condition::Up {
+                    tracing::info!(
+                        "'{}' for {} via {} is up again",
+                        id.server,
+                        id.anycast,
+                        id.real
+                    );
+                    changed = true;
+                }
+                b.seq = seq;
+                b.updated = now;
+                b.expires = now + granted;
+                b.lifetime = granted;
+                b.load = load;
+                b.state = BindingState::Active;
+                b.source = from;
+                b.refresh_requested = false;
+                changed |= self.reverse_answered(&id);
+                changed
+            }
+            None => {
+                tracing::info!("'{identity}' registered {home} via {real} for {granted:?}");
+                let mut smoother = Smoother::default();
+                smoother.update(load.as_ref());
+                let b = Binding {
+                    seq,
+                    registered: now,
+                    updated: now,
+                    expires: now + granted,
+                    lifetime: granted,
+                    load,
+                    state: BindingState::Active,
+                    source: from,
+                    refresh_requested: false,
+                    smoother,
+                    probe_sent: None,
+                    probe_next: now,
+                    probe_misses: 0,
+                    probe_limit,
+                    probe_urgent: false,
+                };
+                self.bindings.insert(id, b);
+                true
+            }
+        };
+        let counted = self.count(if is_new { "registered" } else { "refreshed" });
+        let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
+        Outcome {
+            reply,
+            changed,
+            counted,
+        }
+    }
+
+    /// RFC 6275 9.2: an unknown MH type is answered with a Binding Error, status 2.
+    fn binding_error(&mut self, payload: &[u8], from: SocketAddr) -> Outcome {
+        let addr = |at: usize| {
+            <[u8; 16]>::try_from(&payload[at..at + 16])
+                .map(Ipv6Addr::from)
+                .ok()
+        };
+        let (src, dst) = (addr(8), addr(24));
+        let counted = self.count("dropped_malformed_unknown_mh_type");
+        let reply = match (src, dst) {
+            (Some(src), Some(dst)) if self.agent.contains(&dst) => {
+                self.count("binding_errors_sent");
+                let be = Message {
+                    src: dst,
+                    dst: src,
+                    body: Body::BindingError {
+                        status: STATUS_UNKNOWN_MH_TYPE,
+                        home: src,
+                    },
+                    options: Options::default(),
+                };
+                Some(Reply {
+                    to: from,
+                    payload: wire::encode(&be, None),
+                })
+            }
+            _ => None,
+        };
+        Outcome {
+            reply,
+            changed: false,
+            counted,
+        }
+    }
+
+    fn over_limit(&self, id: &BindingId) -> Option<String> {
+        let per_address = self
+            .bindings
+            .keys()
+            .filter(|k| k.anycast == id.anycast)
+            .count();
+        if per_address >= self.limits.bindings_per_address as usize {
+            return Some(format!("{} already has {per_address} bindings", id.anycast));
+        }
+        let per_server = self
+            .bindings
+            .keys()
+            .filter(|k| k.server == id.server)
+            .count();
+        if per_server >= self.limits.bindings_per_server as usize {
+            return Some(format!("'{}' already has {per_server} bindings", id.server));
+        }
+        let mut keys: BTreeSet<ServiceKey> = BTreeSet::new();
+        for k in self.bindings.keys().chain(std::iter::once(id)) {
+            keys.extend(service_keys(k, &[]));
+        }
+        if keys.len() > self.max_services {
+            return Some(format!(
+                "the agent holds at most {} services",
+                self.max_services
+            ));
+        }
+        None
+    }
+
+    fn refuse(
+        &mut self,
+        msg: &Message,
+        from: SocketAddr,
+        st: u8,
+        seq: u16,
+        signer: Option<String>,
+    ) -> Outcome {
+        let counted = self.count(format!("refused_{st}"));
+        let reply = self.ack(msg, from, st, seq, 0, signer);
+        Outcome {
+            reply,
+            changed: false,
+            counted,
+        }
+    }
+
+    /// A Binding Acknowledgement, signed with the server's key when we know who it is.
+    fn ack(
+        &self,
+        msg: &Message,
+        from: SocketAddr,
+        st: u8,
+        seq: u16,
+        lifetime: u16,
+        signer: Option<String>,
+    ) -> Option<Reply> {
+        let ba = Message {
+            src: msg.dst,
+            dst: msg.src,
+            body: Body::BindingAck {
+                status: st,
+                seq,
+                lifetime,
+            },
+            options: Options::default(),
+        };
+        let key = signer
+            .as_ref()
+            .and_then(|s| self.servers.get(s))
+            .map(|p| Key {
+                spi: p.spi,
+                secret: &p.key,
+            });
+        Some(Reply {
+            to: from,
+            payload: wire::encode(&ba, key),
+        })
+    }
+}
+
+/// The services a binding joins: its own (address, protocol, port) when it named one; else
+/// every configured service of the address; else the whole address (TCP and UDP, any port).
+fn service_keys(id: &BindingId, configured: &[ServiceKey]) -> Vec<ServiceKey> {
+    if let Some((proto, port)) = id.selector {
+        return vec![ServiceKey::new(id.anycast, proto, port)];
+    }
+    let of_address: Vec<ServiceKey> = configured
+        .iter()
+        .filter(|k| k.ip() == id.anycast)
+        .copied()
+        .collect();
+    if !of_address.is_empty() {
+        return of_address;
+    }
+    vec![
+        ServiceKey::new(id.anycast, PROTO_TCP, 0),
+        ServiceKey::new(id.anycast, PROTO_UDP, 0),
+    ]
+}
+
+fn service_name(key: &ServiceKey) -> String {
+    let proto = match key.proto {
+        PROTO_TCP => "tcp".to_string(),
+        PROTO_UDP => "udp".to_string(),
+        p => p.to_string(),
+    };
+    if key.port == 0 {
+        format!("{}/{proto}", key.ip())
+    } else {
+        format!("{}/{proto}/{}", key.ip(), key.port)
+    }
+}
+
+mod liveness;
+mod plan;
+mod report;
+mod reverse_watch;
+#[cfg(test)]
+mod tests;
+
+pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};
+pub use reverse_watch::ReverseState;
+use reverse_watch::ReverseWatch;

@@ -1,0 +1,93 @@
+use super::*;
+
+/// Checks the configuration; returns the requested lifetime in 4 s units.
+pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
+    if cfg.agents.is_empty() {
+        bail!("agents: at least one agent is needed");
+    }
+    for (i, a) in cfg.agents.iter().enumerate() {
+        if a.ip().is_unspecified() || a.ip().is_multicast() {
+            bail!("agents[{i}]: {a} is not a unicast address");
+        }
+        if a.port() == 0 {
+            bail!("agents[{i}]: {a} has no port");
+        }
+        if cfg.agents[..i].contains(a) {
+            bail!("agents[{i}]: {a} is given twice");
+        }
+    }
+    if cfg.identity.is_empty() {
+        bail!("identity: empty");
+    }
+    if cfg.identity.len() > wire::MAX_MN_ID_LEN {
+        bail!(
+            "identity: {} bytes; at most {} fit the MN-ID option",
+            cfg.identity.len(),
+            wire::MAX_MN_ID_LEN
+        );
+    }
+    if cfg.identity.chars().any(char::is_control) {
+        bail!("identity: {:?} contains control characters", cfg.identity);
+    }
+    if cfg.key.len() < MIN_KEY_BYTES {
+        bail!(
+            "key: {} bytes; at least {MIN_KEY_BYTES} are needed",
+            cfg.key.len()
+        );
+    }
+    if cfg.bindings.is_empty() {
+        bail!("bindings: at least one anycast address is needed");
+    }
+    for (i, b) in cfg.bindings.iter().enumerate() {
+        if b.anycast.is_unspecified() || b.anycast.is_multicast() {
+            bail!("bindings[{i}]: {} is not a unicast address", b.anycast);
+        }
+        let sel = b.selector.as_ref().map(|s| (s.protocol, s.port));
+        if let Some((proto, _)) = sel {
+            if proto != PROTO_TCP && proto != PROTO_UDP {
+                bail!("bindings[{i}]: protocol {proto}: only TCP (6) and UDP (17) are served");
+            }
+        }
+        let same = |o: &AnycastBinding| {
+            o.anycast == b.anycast && o.selector.as_ref().map(|s| (s.protocol, s.port)) == sel
+        };
+        if cfg.bindings[..i].iter().any(same) {
+            bail!("bindings[{i}]: {} is given twice", b.anycast);
+        }
+    }
+    if cfg.real_addresses.is_empty() {
+        bail!("real_addresses: at least one real address is needed");
+    }
+    for (i, r) in cfg.real_addresses.iter().enumerate() {
+        if r.is_unspecified() || r.is_multicast() {
+            bail!("real_addresses[{i}]: {r} cannot receive tunnelled packets");
+        }
+        if cfg.real_addresses[..i].contains(r) {
+            bail!("real_addresses[{i}]: {r} is given twice");
+        }
+    }
+    if let LoadSource::Command(c) = &cfg.load {
+        if c.trim().is_empty() {
+            bail!("load: empty command");
+        }
+    }
+    if cfg.initial_timeout.is_zero() {
+        bail!("initial_timeout: must be more than zero");
+    }
+    if cfg.max_timeout < cfg.initial_timeout {
+        bail!(
+            "max_timeout: {:?} is less than initial_timeout {:?}",
+            cfg.max_timeout,
+            cfg.initial_timeout
+        );
+    }
+    let unit_ms = u128::from(LIFETIME_UNIT_SECS) * 1000;
+    let units = cfg.lifetime.as_millis().div_ceil(unit_ms).max(1);
+    u16::try_from(units).map_err(|_| {
+        anyhow!(
+            "lifetime: {:?} is more than the {}s a binding update can ask for",
+            cfg.lifetime,
+            u64::from(u16::MAX) * LIFETIME_UNIT_SECS
+        )
+    })
+}

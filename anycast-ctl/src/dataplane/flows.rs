@@ -231,20 +231,56 @@ impl Dataplane {
 
     /// The flow table's entries, for `anycast-ctl flows` (unordered).
     pub fn flows(&self) -> Result<Vec<FlowReport>> {
-        let now = flow_clock_now();
-        let config = self.timeouts.config();
-        let mut servers: HashMap<u32, IpAddr> = HashMap::new();
-        let mut services: Vec<(&ServiceKey, &str)> = Vec::new();
+        self.flow_snapshot()?.read()
+    }
+
+    /// What listing the flow table needs, taken at once: its own handle on the table and the
+    /// installed servers and services. Reading a large table takes long, so the listing is
+    /// read off the agent's owner task ([`FlowSnapshot::read`]).
+    pub fn flow_snapshot(&self) -> Result<FlowSnapshot> {
+        let owned = self
+            .flows_map
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the flow table's descriptor")?;
+        let flows = BpfHashMap::try_from(Map::from_map_data(MapData::from_fd(owned)?)?)?;
+        let mut servers = HashMap::new();
+        let mut services = Vec::new();
         for (key, svc) in &self.installed {
-            services.push((key, &svc.name));
+            services.push((*key, svc.name.clone()));
             for s in &svc.servers {
-                servers.insert(s.slot, s.address);
+                let generation = self.generations[s.slot as usize];
+                servers.insert(s.slot, (s.address, generation));
             }
         }
+        Ok(FlowSnapshot {
+            flows,
+            config: self.timeouts.config(),
+            servers,
+            services,
+        })
+    }
+}
+
+/// The flow table's handle and the installed state it is read against.
+pub struct FlowSnapshot {
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    config: FlowConfig,
+    /// Installed server slots: real address and the slot's generation.
+    servers: HashMap<u32, (IpAddr, u32)>,
+    services: Vec<(ServiceKey, String)>,
+}
+
+impl FlowSnapshot {
+    /// Reads every entry of the flow table (unordered).
+    pub fn read(self) -> Result<Vec<FlowReport>> {
+        let now = flow_clock_now();
         let mut out = Vec::new();
-        for (key, value) in flow_entries(&self.flows_map)? {
+        for (key, value) in flow_entries(&self.flows)? {
             let service_of = |port: u16| {
-                services.iter().find(|(k, _)| {
+                self.services.iter().find(|(k, _)| {
                     k.addr == key.dst
                         && k.family == key.family
                         && k.proto == key.proto
@@ -253,11 +289,12 @@ impl Dataplane {
             };
             let service = service_of(key.dport)
                 .or_else(|| service_of(anycast_common::ANY_PORT))
-                .map(|(_, name)| name.to_string());
-            let server = servers
+                .map(|(_, name)| name.clone());
+            let server = self
+                .servers
                 .get(&value.server)
-                .copied()
-                .filter(|_| self.generations.get(value.server as usize) == Some(&value.generation));
+                .filter(|(_, generation)| *generation == value.generation)
+                .map(|(address, _)| *address);
             out.push(FlowReport {
                 client: anycast_common::words_addr(key.src, key.family),
                 client_port: key.sport,
@@ -270,7 +307,7 @@ impl Dataplane {
                 last_seen: value.last_seen,
                 age: anycast_common::flow_ticks_as_secs(now.saturating_sub(value.last_seen)),
                 closing: value.flags & FLOW_CLOSING != 0,
-                expired: config.expired(key.proto, &value, now),
+                expired: self.config.expired(key.proto, &value, now),
             });
         }
         Ok(out)

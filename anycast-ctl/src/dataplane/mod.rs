@@ -49,7 +49,7 @@ mod report;
 mod rings;
 
 pub use crate::model::{DesiredServer, DesiredService, Preference};
-pub use flows::{flow_clock_now, FlowSweeper, FlowTimeouts};
+pub use flows::{flow_clock_now, FlowSnapshot, FlowSweeper, FlowTimeouts};
 use loader::take;
 pub use loader::{attach, attach_tc_egress, load_object, xdp_mode, Sizes, EBPF_OBJECT};
 pub use report::{

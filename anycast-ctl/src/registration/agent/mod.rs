@@ -219,6 +219,12 @@ impl Registry {
         self.bindings.len() != before
     }
 
+    /// A reply (acknowledgement, refusal, binding error or refresh request) was dropped
+    /// because the registration socket's send queue was full: counted, never waited for.
+    pub fn count_reply_dropped(&mut self) {
+        self.count("replies_dropped_queue_full");
+    }
+
     fn count(&mut self, what: impl Into<String>) -> String {
         let what = what.into();
         *self.counters.entry(what.clone()).or_default() += 1;

@@ -1,0 +1,426 @@
+//! The agent's state and its owner task's handlers. Handlers are synchronous: they read and
+//! write the maps (bpf(2) calls) but never wait on a socket; what they have to send goes to
+//! the sender tasks' queues.
+use std::{
+    cell::RefCell,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    rc::Rc,
+    time::Instant,
+};
+
+use anycast_common::{wire, ServiceKey};
+use anyhow::{anyhow, bail, Result};
+
+use super::{
+    control::Answer,
+    registration_io::{Datagram, NotQueued, ReplySender},
+};
+use crate::{
+    config::Config,
+    control_socket::{HealthStatus, InterfaceStatus, Request, Response, Status},
+    dataplane::{Dataplane, DesiredServer, DesiredService, FlowSweeper, Preference, Sizes},
+    health::{CheckConfig, CheckKind, Checker, Health, Target},
+    registration::agent::{Registry, Reply},
+    selection::{Candidate, Condition, ServicePlan},
+};
+
+/// The services and servers a configuration lists itself.
+pub fn desired(config: &Config) -> Vec<DesiredService> {
+    config
+        .services
+        .iter()
+        .map(|s| DesiredService {
+            name: s.name.clone(),
+            key: ServiceKey::new(s.address, s.protocol.number(), s.port),
+            servers: s
+                .servers
+                .iter()
+                .map(|srv| DesiredServer {
+                    name: srv.name.clone(),
+                    address: srv.address,
+                    weight: srv.weight,
+                    up: true,
+                })
+                .collect(),
+            preferences: Vec::new(),
+        })
+        .collect()
+}
+
+pub(super) fn sizes(config: &Config) -> Sizes {
+    Sizes {
+        max_preference_tables: config.max_preference_tables,
+        ..Sizes::new(config.ring_size, config.max_services, config.max_flows)
+    }
+}
+
+pub(super) fn agent_addresses(config: &Config) -> Vec<IpAddr> {
+    config
+        .agent_address
+        .v4
+        .into_iter()
+        .chain(config.agent_address.v6)
+        .collect()
+}
+
+/// The binding protocol's registry for a configuration (keys read from disk), if enabled.
+pub(super) fn registry(config: &Config, config_path: &Path) -> Result<Option<Registry>> {
+    let Some(reg) = &config.registration else {
+        return Ok(None);
+    };
+    let keys = config
+        .load_keys(config_path)
+        .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+    Ok(Some(Registry::new(
+        reg,
+        &keys,
+        &agent_addresses(config),
+        config.max_services as usize,
+    )))
+}
+
+/// The health-check targets of a service's candidate: one per configured check, at the
+/// check's port or the service's (none for TCP/HTTP checks of an every-port service).
+fn targets(checks: &[CheckConfig], which: &[usize], port: u16, c: &Candidate) -> Vec<Target> {
+    which
+        .iter()
+        .filter_map(|&i| checks.get(i).map(|check| (i, check)))
+        .filter_map(|(i, check)| {
+            let port = match &check.kind {
+                CheckKind::Tcp { port: Some(p) } | CheckKind::Http { port: Some(p), .. } => *p,
+                CheckKind::Tcp { .. } | CheckKind::Http { .. } if port == 0 => return None,
+                _ => port,
+            };
+            Some(Target {
+                server: c.name.clone(),
+                real: c.address,
+                port,
+                check: i,
+            })
+        })
+        .collect()
+}
+
+pub(super) struct Agent {
+    pub(super) config_path: PathBuf,
+    pub(super) config: Config,
+    pub(super) dataplane: Dataplane,
+    pub(super) registry: Option<Registry>,
+    pub(super) interfaces: Vec<InterfaceStatus>,
+    /// Servers the operator drained (by name); not kept across restarts.
+    pub(super) drained: std::collections::BTreeSet<String>,
+    pub(super) checker: Rc<RefCell<Checker>>,
+    /// One per registration socket, in the sockets' order.
+    pub(super) senders: Vec<ReplySender>,
+    /// Deletes expired flow entries on a thread of its own; stops with the agent.
+    pub(super) _sweeper: FlowSweeper,
+}
+
+pub(super) fn log_services(config: &Config) {
+    for s in &config.services {
+        tracing::info!(
+            "service {} {} {} port {}: {} configured servers",
+            s.name,
+            s.address,
+            s.protocol,
+            s.port,
+            s.servers.len()
+        );
+    }
+}
+
+impl Agent {
+    /// The forwarding state: configured services plus what the live bindings bring, with
+    /// operator drains applied, then selection (tiers, weights, conditions).
+    fn desired(&self) -> Vec<DesiredService> {
+        let mut plans = self.plans();
+        let checks = self.config.all_checks();
+        let checker = self.checker.borrow();
+        for plan in &mut plans {
+            plan.preferences = self
+                .config
+                .preferences
+                .iter()
+                .map(|p| Preference {
+                    // A preference lists clients of both families; a service takes those of
+                    // its own address's family.
+                    clients: p
+                        .clients
+                        .iter()
+                        .filter(|c| c.addr.is_ipv4() == plan.key.ip().is_ipv4())
+                        .map(|c| (c.addr, c.len))
+                        .collect(),
+                    servers: plan
+                        .candidates
+                        .iter()
+                        .filter(|c| p.servers.contains(&c.name))
+                        .map(|c| c.address)
+                        .collect(),
+                })
+                .filter(|p| !p.servers.is_empty() && !p.clients.is_empty())
+                .collect();
+            for c in &mut plan.candidates {
+                c.draining |= self.drained.contains(&c.name);
+                // The worst of the binding's own condition and every check of the server.
+                for t in targets(
+                    &checks,
+                    &self
+                        .config
+                        .checks_of(plan.key.ip(), plan.key.proto, plan.key.port),
+                    plan.key.port,
+                    c,
+                ) {
+                    let seen = match checker.health(&t) {
+                        Some(Health::Down) => Condition::Down,
+                        Some(Health::Suspect) => Condition::Suspect,
+                        _ => Condition::Up,
+                    };
+                    c.condition = c.condition.max(seen);
+                }
+            }
+        }
+        plans.iter().map(ServicePlan::to_desired).collect()
+    }
+
+    /// Configured services plus those the live bindings bring, before health and drains.
+    fn plans(&self) -> Vec<ServicePlan> {
+        let configured: Vec<ServicePlan> = desired(&self.config)
+            .iter()
+            .map(ServicePlan::from_desired)
+            .collect();
+        match &self.registry {
+            Some(r) => r.plan(&configured),
+            None => configured,
+        }
+    }
+
+    /// Keeps the health checker's targets in line with the services' servers.
+    fn update_targets(&mut self) {
+        let plans = self.plans();
+        let checks = self.config.all_checks();
+        let all: std::collections::BTreeSet<Target> = plans
+            .iter()
+            .flat_map(|p| {
+                p.candidates.iter().flat_map(|c| {
+                    targets(
+                        &checks,
+                        &self.config.checks_of(p.key.ip(), p.key.proto, p.key.port),
+                        p.key.port,
+                        c,
+                    )
+                })
+            })
+            .collect();
+        self.checker.borrow_mut().set_targets(all);
+    }
+
+    fn drain(&mut self, server: String, undo: bool) -> Result<Vec<String>> {
+        let known = self
+            .desired()
+            .iter()
+            .any(|s| s.servers.iter().any(|x| x.name == server));
+        if !undo && !known {
+            bail!("no server named '{server}' in any service");
+        }
+        let changed = if undo {
+            self.drained.remove(&server)
+        } else {
+            self.drained.insert(server.clone())
+        };
+        if changed {
+            tracing::info!(
+                "operator {} '{server}'",
+                if undo { "undrained" } else { "drained" }
+            );
+            self.republish();
+        }
+        Ok(self.drained.iter().cloned().collect())
+    }
+
+    pub(super) fn republish(&mut self) {
+        self.update_targets();
+        let desired = self.desired();
+        if let Err(e) = self.dataplane.apply(&desired) {
+            tracing::error!("updating the forwarding maps failed: {e:#}");
+        }
+    }
+
+    pub(super) fn handle_datagrams(&mut self, batch: Vec<Datagram>) -> Vec<(Option<usize>, Reply)> {
+        let Some(registry) = self.registry.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let wall = wire::ntp_now();
+        let mut changed = false;
+        let mut replies = Vec::new();
+        for Datagram { via, payload, from } in batch {
+            let outcome = registry.handle(&payload, from, now, wall);
+            changed |= outcome.changed;
+            if let Some(r) = outcome.reply {
+                replies.push((Some(via), r));
+            }
+        }
+        if changed {
+            self.republish();
+        }
+        replies
+    }
+
+    pub(super) fn housekeeping(&mut self) -> Vec<(Option<usize>, Reply)> {
+        let now = Instant::now();
+        let Some(registry) = self.registry.as_mut() else {
+            return Vec::new();
+        };
+        let expired = registry.expire(now);
+        let mut suspected = false;
+        if registry.reverse_monitoring() {
+            match self.dataplane.reverse_counters() {
+                Ok(counters) => suspected = registry.watch_reverse(now, &counters),
+                Err(e) => tracing::warn!("reading the reverse-tunnel counters: {e:#}"),
+            }
+        }
+        let mut requests = registry.refresh_requests(now);
+        let (probes, conditions_changed) = registry.probe(now);
+        requests.extend(probes);
+        if expired || suspected || conditions_changed {
+            self.republish();
+        }
+        requests.into_iter().map(|r| (None, r)).collect()
+    }
+
+    pub(super) fn reload(&mut self) -> Result<()> {
+        let new = Config::load(&self.config_path).map_err(|e| anyhow!("{e}"))?;
+        let fixed = |c: &Config| {
+            (
+                c.interfaces.clone(),
+                c.xdp_mode,
+                c.agent_address.clone(),
+                sizes(c),
+                c.registration.as_ref().map(|r| r.port),
+            )
+        };
+        if fixed(&new) != fixed(&self.config) {
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows and registration.port only change on restart");
+        }
+        let new_registry = registry(&new, &self.config_path)?;
+        self.config = new;
+        self.checker
+            .borrow_mut()
+            .set_checks(self.config.all_checks());
+        self.dataplane
+            .set_flow_timeouts(self.config.flow_timeouts)?;
+        self.registry = match (self.registry.take(), new_registry) {
+            (Some(mut old), Some(new)) => {
+                old.update_policy(new);
+                Some(old)
+            }
+            (_, new) => new,
+        };
+        self.republish();
+        log_services(&self.config);
+        tracing::info!("configuration reloaded from {}", self.config_path.display());
+        Ok(())
+    }
+
+    fn status(&self) -> Result<Status> {
+        Ok(Status {
+            config: self.config_path.clone(),
+            interfaces: self.interfaces.clone(),
+            agent_v4: self.config.agent_address.v4,
+            agent_v6: self.config.agent_address.v6,
+            dataplane: self.dataplane.report()?,
+            health: self
+                .checker
+                .borrow()
+                .report()
+                .into_iter()
+                .map(|(t, h, detail)| HealthStatus {
+                    check: self
+                        .config
+                        .all_checks()
+                        .get(t.check)
+                        .map_or("?".into(), |c| kind_name(&c.kind)),
+                    server: t.server,
+                    real: t.real,
+                    port: t.port,
+                    health: h,
+                    detail,
+                })
+                .collect(),
+            drained: self.drained.iter().cloned().collect(),
+        })
+    }
+
+    /// Answers a control request. Everything but the flow listing is answered here, from
+    /// the owner's state; the flow listing gets a snapshot to read off the owner.
+    pub(super) fn answer(&mut self, request: Request) -> Answer {
+        let error = |e: anyhow::Error| Response::Error {
+            message: format!("{e:#}"),
+        };
+        Answer::Ready(match request {
+            Request::Status => match self.status() {
+                Ok(s) => Response::Status(Box::new(s)),
+                Err(e) => error(e),
+            },
+            Request::Bindings => match &self.registry {
+                Some(r) => {
+                    let counters = self.dataplane.reverse_counters();
+                    if let Err(e) = &counters {
+                        tracing::warn!("reading the reverse-tunnel counters: {e:#}");
+                    }
+                    Response::Bindings(r.report(Instant::now(), counters.ok().as_ref()))
+                }
+                None => Response::Error {
+                    message: "registration is not enabled in the configuration".into(),
+                },
+            },
+            Request::Flows => match self.dataplane.flow_snapshot() {
+                Ok(snapshot) => return Answer::Flows(snapshot),
+                Err(e) => error(e),
+            },
+            Request::Drain { server, undo } => match self.drain(server.clone(), undo) {
+                Ok(drained) => Response::Drained { server, drained },
+                Err(e) => error(e),
+            },
+            Request::Reload => match self.reload() {
+                Ok(()) => Response::Reloaded,
+                Err(e) => {
+                    tracing::error!("reload refused, configuration unchanged: {e:#}");
+                    Response::Error {
+                        message: format!("reload refused, configuration unchanged: {e:#}"),
+                    }
+                }
+            },
+        })
+    }
+
+    /// Hands replies to the sender tasks: by the socket the update came in on, else by one
+    /// of the destination's family. A full queue drops the reply and counts it.
+    pub(super) fn send(&mut self, replies: Vec<(Option<usize>, Reply)>) {
+        for (via, r) in replies {
+            let sender = via
+                .and_then(|i| self.senders.get(i))
+                .or_else(|| self.senders.iter().find(|s| s.v4 == r.to.is_ipv4()));
+            let Some(sender) = sender else { continue };
+            match sender.offer(r) {
+                Ok(()) => {}
+                Err(NotQueued::Full) => {
+                    if let Some(registry) = self.registry.as_mut() {
+                        registry.count_reply_dropped();
+                    }
+                }
+                Err(NotQueued::Closed) => tracing::error!("a registration sender has stopped"),
+            }
+        }
+    }
+}
+
+fn kind_name(k: &CheckKind) -> String {
+    match k {
+        CheckKind::Icmp => "icmp".into(),
+        CheckKind::Tcp { .. } => "tcp".into(),
+        CheckKind::Http { .. } => "http".into(),
+        CheckKind::Command { .. } => "command".into(),
+    }
+}

@@ -248,10 +248,10 @@ impl Dataplane {
         let flows = BpfHashMap::try_from(Map::from_map_data(MapData::from_fd(owned)?)?)?;
         let mut servers = HashMap::new();
         let mut services = Vec::new();
-        for (key, svc) in &self.installed {
+        for (key, svc) in &self.installed.services {
             services.push((*key, svc.name.clone()));
             for s in &svc.servers {
-                let generation = self.generations[s.slot as usize];
+                let generation = self.installed.generations[s.slot as usize];
                 servers.insert(s.slot, (s.address, generation));
             }
         }

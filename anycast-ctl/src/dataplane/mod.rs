@@ -22,12 +22,12 @@ use std::{
 
 use crate::config::XdpModeName;
 use anycast_common::{
-    address_filter_bit, maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
+    address_filter_bit, maps, programs, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
     PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
     ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
     DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
-    MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -45,64 +45,30 @@ mod apply;
 mod bpf_sys;
 mod flows;
 mod loader;
+mod plan;
 mod report;
 mod rings;
+mod tables;
 
 pub use crate::model::{DesiredServer, DesiredService, Preference};
 pub use flows::{flow_clock_now, FlowSnapshot, FlowSweeper, FlowTimeouts};
 use loader::take;
 pub use loader::{attach, attach_tc_egress, load_object, xdp_mode, Sizes, EBPF_OBJECT};
+pub use plan::{Installed, Op};
 pub use report::{
     coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,
     SweepReport,
 };
-use rings::{Rings, TableArea, TableInputs};
-
-struct InstalledService {
-    name: String,
-    id: u32,
-    area: TableArea,
-    servers: Vec<InstalledServer>,
-    /// Per preference (by index in `DesiredService::preferences`): its table, when it has
-    /// servers able to take new flows.
-    preference_tables: Vec<Option<u32>>,
-    /// The service's entries in `PREFERENCES`.
-    preference_keys: HashMap<PreferenceKey, PreferenceTable>,
-    /// What its `SERVICES` entry holds, if written.
-    published: Option<ServiceInfo>,
-}
-
-impl InstalledService {
-    fn info(&self, ring: u32, flags: u32) -> ServiceInfo {
-        ServiceInfo {
-            id: self.id,
-            ring_base: (self.id * 2 + self.area.live_half) * ring,
-            ring_size: ring,
-            flags,
-        }
-    }
-}
-
-#[derive(Clone)]
-struct InstalledServer {
-    name: String,
-    address: IpAddr,
-    weight: u32,
-    up: bool,
-    slot: u32,
-}
+use rings::Rings;
+pub use tables::TableWrite;
 
 pub struct Dataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
     services_map: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
     address_filter: Array<MapData, u64>,
-    /// What `ADDRESS_FILTER` holds, word by word.
-    filter_written: Vec<u64>,
     rings: Rings,
     servers_map: Array<MapData, ServerInfo>,
-    /// What each `SERVERS` slot holds (all written through [`Dataplane::set_server`]).
-    servers_written: Vec<ServerInfo>,
     agent_map: Array<MapData, AgentInfo>,
     /// Written by the sweeper thread, read by [`Dataplane::report`].
     sweep_report: std::sync::Arc<std::sync::Mutex<SweepReport>>,
@@ -116,20 +82,9 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, Traffic>,
     server_stats: PerCpuArray<MapData, ServerTraffic>,
     reverse_map: PerCpuHashMap<MapData, RealKey, ReverseStats>,
-    /// The real addresses that have an entry in `REVERSE`.
-    reverse_keys: BTreeSet<IpAddr>,
-    installed: HashMap<ServiceKey, InstalledService>,
-    free_service_ids: Vec<u32>,
-    /// Server slots not in use, oldest freed first, so a slot is reused as late as possible.
-    free_slots: VecDeque<u32>,
-    generations: Vec<u32>,
+    /// What the maps hold, as far as the controller knows.
+    installed: Installed,
     timeouts: FlowTimeouts,
-    /// Preference table areas, by table index (after the services' areas in `RINGS`). An
-    /// area keeps its state across owners, so a new owner writes the half the previous one
-    /// was not reading.
-    preference_areas: Vec<TableArea>,
-    /// Preference tables not in use, oldest freed first.
-    free_preference_tables: VecDeque<u32>,
 }
 
 impl Dataplane {
@@ -138,10 +93,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
             address_filter: take(&mut ebpf, maps::ADDRESS_FILTER)?,
-            filter_written: vec![0; ADDRESS_FILTER_WORDS as usize],
             rings: Rings::new(take(&mut ebpf, maps::RINGS)?),
             servers_map: take(&mut ebpf, maps::SERVERS)?,
-            servers_written: vec![ServerInfo::default(); MAX_SERVERS as usize],
             agent_map: take(&mut ebpf, maps::AGENT)?,
             agent_info: AgentInfo::default(),
             sweep_report: Default::default(),
@@ -153,18 +106,10 @@ impl Dataplane {
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             server_stats: take(&mut ebpf, maps::SERVER_STATS)?,
             reverse_map: take(&mut ebpf, maps::REVERSE)?,
-            reverse_keys: BTreeSet::new(),
             ebpf,
             sizes,
-            installed: HashMap::new(),
-            free_service_ids: (0..sizes.max_services).rev().collect(),
-            free_slots: (0..MAX_SERVERS).collect(),
-            generations: vec![0; MAX_SERVERS as usize],
+            installed: Installed::new(sizes),
             timeouts: FlowTimeouts::default(),
-            preference_areas: (0..sizes.max_preference_tables)
-                .map(|_| TableArea::new())
-                .collect(),
-            free_preference_tables: (0..sizes.max_preference_tables).collect(),
         };
         dp.set_flow_timeouts(FlowTimeouts::default())?;
         Ok(dp)

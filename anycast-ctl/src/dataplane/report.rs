@@ -6,13 +6,13 @@ impl Dataplane {
     /// services) and the packets it reverse-tunnelled through us.
     pub fn reverse_counters(&self) -> Result<BTreeMap<IpAddr, ReverseCounters>> {
         let mut out: BTreeMap<IpAddr, ReverseCounters> = BTreeMap::new();
-        for svc in self.installed.values() {
+        for svc in self.installed.services.values() {
             for s in &svc.servers {
                 let t = sum_server(&self.server_stats.get(&s.slot, 0)?);
                 out.entry(s.address).or_default().syns += t.syns;
             }
         }
-        for a in &self.reverse_keys {
+        for a in &self.installed.reverse_keys {
             let values = match self.reverse_map.get(&RealKey::new(*a), 0) {
                 Ok(v) => v,
                 Err(e) if is_enoent(&e) => continue,
@@ -35,7 +35,7 @@ impl Dataplane {
             verdicts.push((name.to_string(), v.iter().sum()));
         }
         let mut services = Vec::new();
-        for (key, svc) in &self.installed {
+        for (key, svc) in &self.installed.services {
             let live = svc.area.live().unwrap_or(&[]);
             let mut servers = Vec::new();
             for s in &svc.servers {

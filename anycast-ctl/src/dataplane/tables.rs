@@ -1,0 +1,136 @@
+//! Consistent-hash tables as the controller tracks them, without touching a map: what a table
+//! is built from, and its two halves in `RINGS` (one live, one written, then switched).
+use std::{net::IpAddr, rc::Rc};
+
+use anycast_common::{table, NO_SERVER};
+
+use super::plan::InstalledServer;
+
+/// Entries of `RINGS` to write: `values[i]` at index `indices[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableWrite {
+    pub indices: Vec<u32>,
+    pub values: Vec<u32>,
+}
+
+/// What a consistent-hash table is a function of: the ring size and, in order, each
+/// server's address (its member key), its weight as a member (0 when it is down or not a
+/// member of this table) and its slot (what the entries hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TableInputs {
+    ring: u32,
+    members: Vec<(IpAddr, u32, u32)>,
+}
+
+impl TableInputs {
+    /// The inputs of the table over the `servers` that `member` admits.
+    pub(crate) fn new(
+        servers: &[InstalledServer],
+        member: impl Fn(&InstalledServer) -> bool,
+        ring: u32,
+    ) -> Self {
+        TableInputs {
+            ring,
+            members: servers
+                .iter()
+                .map(|s| {
+                    let weight = if s.up && member(s) { s.weight } else { 0 };
+                    (s.address, weight, s.slot)
+                })
+                .collect(),
+        }
+    }
+
+    /// The consistent-hash table, as server slots.
+    pub(crate) fn build(&self) -> Vec<u32> {
+        let members: Vec<table::Member> = self
+            .members
+            .iter()
+            .map(|&(address, weight, _)| table::Member {
+                key: table::member_key(&address.to_string()),
+                weight,
+            })
+            .collect();
+        table::build(&members, self.ring)
+            .into_iter()
+            .map(|i| {
+                if i == NO_SERVER {
+                    NO_SERVER
+                } else {
+                    self.members[i as usize].2
+                }
+            })
+            .collect()
+    }
+}
+
+/// A consistent-hash table's two areas in `RINGS`: the data path reads one (live), the
+/// controller writes the other, then switches.
+#[derive(Default, Clone)]
+pub(crate) struct TableArea {
+    /// Which half the data path reads.
+    pub(crate) live_half: u32,
+    /// What each half holds, if known (a half never written is unknown and written whole).
+    halves: [Option<Rc<Vec<u32>>>; 2],
+    /// What the live half was built from, if known.
+    live_inputs: Option<TableInputs>,
+}
+
+impl TableArea {
+    /// A fresh area whose first table goes into half 0.
+    pub(crate) fn new() -> Self {
+        TableArea {
+            live_half: 1,
+            halves: [None, None],
+            live_inputs: None,
+        }
+    }
+
+    pub(crate) fn live(&self) -> Option<&[u32]> {
+        self.halves[self.live_half as usize]
+            .as_deref()
+            .map(Vec::as_slice)
+    }
+
+    /// Makes the live half hold the table of `inputs`. When the live half was built from the
+    /// same inputs, or holds the same entries, nothing is built, written or switched (`None`).
+    /// Otherwise the table goes into the half the data path is not reading, which becomes the
+    /// live half: the entries to write there (only those that differ from what it holds, at
+    /// `base(half)` onwards) are returned, and the caller points the data path at
+    /// `base(live_half)` once they are written.
+    pub(crate) fn publish(
+        &mut self,
+        base: impl Fn(u32) -> u32,
+        inputs: TableInputs,
+    ) -> Option<TableWrite> {
+        if self.live().is_some() && self.live_inputs.as_ref() == Some(&inputs) {
+            return None;
+        }
+        let entries = inputs.build();
+        if self.live() == Some(&entries[..]) {
+            self.live_inputs = Some(inputs);
+            return None;
+        }
+        let half = 1 - self.live_half;
+        let start = base(half);
+        let known = self.halves[half as usize].take();
+        let mut write = TableWrite::default();
+        for (i, &e) in entries.iter().enumerate() {
+            if known.as_ref().is_some_and(|k| k[i] == e) {
+                continue;
+            }
+            write.indices.push(start + i as u32);
+            write.values.push(e);
+        }
+        self.halves[half as usize] = Some(Rc::new(entries));
+        self.live_half = half;
+        self.live_inputs = Some(inputs);
+        Some(write)
+    }
+
+    /// Forgets what the halves hold (after a failed write): the next table is written whole.
+    pub(crate) fn forget(&mut self) {
+        self.halves = [None, None];
+        self.live_inputs = None;
+    }
+}

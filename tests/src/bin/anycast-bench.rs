@@ -23,6 +23,8 @@ mod control;
 mod e2e;
 #[path = "../bench/failover.rs"]
 mod failover;
+#[path = "../bench/live.rs"]
+mod live;
 #[path = "../bench/memory.rs"]
 mod memory;
 #[path = "../bench/packets.rs"]
@@ -31,8 +33,6 @@ mod packets;
 mod perpacket;
 #[path = "../bench/rate.rs"]
 mod rate;
-#[path = "../bench/rawbpf.rs"]
-mod rawbpf;
 #[path = "../bench/report.rs"]
 mod report;
 

@@ -1,5 +1,7 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
-//! stopped when their guard drops, waiting on conditions, and the demo/e2e topology.
+//! stopped when their guard drops, waiting on conditions, the demo/e2e topology, and the
+//! benchmarks behind `anycast-bench` ([`bench`]).
+pub mod bench;
 pub mod load;
 pub mod netns;
 pub mod topology;

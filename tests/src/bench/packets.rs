@@ -3,7 +3,7 @@
 //! from a set installed earlier (hits spread over the table).
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::report::Rng;
+use super::report::Rng;
 
 pub const ETH_LEN: usize = 14;
 pub const TCP_ACK: u8 = 0x10;

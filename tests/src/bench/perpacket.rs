@@ -12,15 +12,15 @@ use std::{
     time::Instant,
 };
 
+use crate::netns::Netns;
 use anycast_common::{programs, verdict, ServiceKey, PROTO_TCP};
 use anycast_ctl::dataplane::{Dataplane, DesiredServer, DesiredService, Sizes};
-use anycast_tests::netns::Netns;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde_json::json;
 
-use crate::packets::{self, Pick, Source, TCP_ACK, TCP_SYN};
-use crate::report::{median, percentile, ratio, Row, Section};
+use super::packets::{self, Pick, Source, TCP_ACK, TCP_SYN};
+use super::report::{median, percentile, ratio, Row, Section};
 
 pub const TX_SWAP: &str = "xdp_tx_swap";
 const XDP_PASS: u32 = 2;

@@ -23,18 +23,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::netns::{veth, Netns};
 use anycast_common::programs;
 use anycast_ctl::dataplane::Sizes;
-use anycast_tests::netns::{veth, Netns};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::ProgramFd;
 use serde_json::json;
 
-use crate::capture::enter_ns;
-use crate::live;
-use crate::packets::{self, TCP_ACK};
-use crate::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
-use crate::report::{median, Row, Section};
+use super::capture::enter_ns;
+use super::live;
+use super::packets::{self, TCP_ACK};
+use super::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
+use super::report::{median, Row, Section};
 
 const GEN_NS: &str = "acbrg";
 const AGENT_NS: &str = "acbra";
@@ -43,7 +43,7 @@ const AGENT_DEV: &str = "acba0";
 const GEN_MAC: &str = "02:00:00:00:02:fe";
 
 fn rx_packets(ns: &str, dev: &str) -> Result<u64> {
-    let out = anycast_tests::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])?;
+    let out = crate::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
     v[0]["stats64"]["rx"]["packets"]
         .as_u64()
@@ -198,7 +198,7 @@ fn measure(quick: bool) -> Result<Section> {
                     bail!("the agent forwarded nothing ({workload}): check the setup");
                 }
                 let stats = |ns: &str, dev: &str| -> serde_json::Value {
-                    anycast_tests::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])
+                    crate::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])
                         .ok()
                         .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
                         .map(|v| v[0]["stats64"].clone())

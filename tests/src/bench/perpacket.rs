@@ -19,8 +19,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde_json::json;
 
-use super::packets::{self, Pick, Source, TCP_ACK, TCP_SYN};
+use super::packets::{self, Pick, Source};
 use super::report::{median, percentile, ratio, Row, Section};
+use crate::packet::{TCP_ACK, TCP_SYN};
 
 pub const TX_SWAP: &str = "xdp_tx_swap";
 const XDP_PASS: u32 = 2;

@@ -32,9 +32,10 @@ use serde_json::json;
 
 use super::capture::enter_ns;
 use super::live;
-use super::packets::{self, TCP_ACK};
+use super::packets;
 use super::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
 use super::report::{median, Row, Section};
+use crate::packet::TCP_ACK;
 
 const GEN_NS: &str = "acbrg";
 const AGENT_NS: &str = "acbra";

@@ -289,7 +289,8 @@ fn case_services() -> Vec<DesiredService> {
     ]
 }
 
-/// Part 1: the cases of the issue, each beside xdp_tx_swap and xdp_pass.
+/// Part 1: the per-packet cases (hits, new flows, IPv6, IPv4 in IPv6, not a service), each
+/// beside xdp_tx_swap and xdp_pass.
 pub fn per_packet(effort: Effort) -> Result<Section> {
     let mut section = Section::new("per_packet", "1. Per-packet cost (BPF_PROG_TEST_RUN)");
     section.method = format!(

@@ -9,7 +9,7 @@ pub struct Baseline {
     pub value: f64,
 }
 
-/// What the issue asks of a figure.
+/// The target a figure is held to (the verdict column of the report).
 #[derive(Clone, Debug)]
 pub struct Target {
     pub text: String,

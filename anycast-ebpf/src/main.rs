@@ -14,34 +14,7 @@ mod packet;
 mod reverse;
 
 #[cfg(target_arch = "bpf")]
-mod trivial {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-
-    /// Lets frames through. Attached to a veth peer so that frames the agent sends with
-    /// XDP_TX/XDP_REDIRECT in native mode are received there.
-    #[xdp]
-    pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
-    }
-
-    /// Benchmark baseline: swap the MAC addresses and send the frame back.
-    #[xdp]
-    pub fn xdp_tx_swap(ctx: XdpContext) -> u32 {
-        let data = ctx.data();
-        if data + 12 > ctx.data_end() {
-            return xdp_action::XDP_PASS;
-        }
-        let p = data as *mut [u8; 6];
-        // SAFETY: bounds checked above.
-        unsafe {
-            let dst = p.read_unaligned();
-            let src = p.add(1).read_unaligned();
-            p.write_unaligned(src);
-            p.add(1).write_unaligned(dst);
-        }
-        xdp_action::XDP_TX
-    }
-}
+mod trivial;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,7 +1,11 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
-//! stopped when their guard drops, waiting on conditions, and the demo/e2e topology.
+//! stopped when their guard drops, waiting on conditions, the demo/e2e topology, the one
+//! packet builder of the data-path fixtures and the benchmarks ([`packet`]), and the
+//! benchmarks behind `anycast-bench` ([`bench`]).
+pub mod bench;
 pub mod load;
 pub mod netns;
+pub mod packet;
 pub mod topology;
 
 use std::time::{Duration, Instant};

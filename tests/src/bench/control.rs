@@ -20,8 +20,8 @@ use anycast_ctl::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use crate::perpacket::{server_v4, service};
-use crate::report::{median, Rng, Row, Section};
+use super::perpacket::{server_v4, service};
+use super::report::{median, Rng, Row, Section};
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
@@ -40,7 +40,7 @@ fn members(n: u32) -> Vec<Member> {
 /// work of the same size as a table build.
 fn sort_and_fill(rng: &mut Rng, n: u32) -> Vec<u32> {
     let size = DEFAULT_RING_SIZE as usize;
-    let mut pairs: Vec<(u64, u32)> = (0..size as u32).map(|i| (rng.next(), i)).collect();
+    let mut pairs: Vec<(u64, u32)> = (0..size as u32).map(|i| (rng.next_u64(), i)).collect();
     pairs.sort_unstable();
     let mut table = vec![0u32; size];
     for (j, (_, i)) in pairs.iter().enumerate() {

@@ -7,16 +7,16 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anycast_common::wire::{self, Body, Key, Message, Options};
-use anycast_tests::{
+use crate::{
     topology::{ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
+use anycast_common::wire::{self, Body, Key, Message, Options};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::json;
 
-use crate::capture::{enter_ns, ms_between, Sender, Watch};
-use crate::report::{median, Row, Section};
+use super::capture::{enter_ns, ms_between, Sender, Watch};
+use super::report::{median, Row, Section};
 
 const AGENT: Ipv4Addr = Ipv4Addr::new(10, 71, 1, 2);
 const UDP_PORT: u16 = 7000;

@@ -13,15 +13,15 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anycast_tests::{
+use crate::{
     topology::{ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use crate::capture::{ms_between, Sender, Watch};
-use crate::report::{median, Row, Section};
+use super::capture::{ms_between, Sender, Watch};
+use super::report::{median, Row, Section};
 
 const INTERVAL_MS: u64 = 100;
 const TIMEOUT_MS: u64 = 80;

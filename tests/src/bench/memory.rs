@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::{maps::MapInfo, programs::Xdp};
 use serde_json::json;
 
-use crate::report::{Row, Section};
+use super::report::{Row, Section};
 
 #[derive(Clone, Debug)]
 struct MapMem {

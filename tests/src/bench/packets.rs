@@ -1,96 +1,28 @@
-//! Test frames, built byte by byte, and sources of frames that give each call a chosen flow:
-//! the same one, a fresh one (never seen before: a flow-table miss), or one picked at random
-//! from a set installed earlier (hits spread over the table).
-use std::net::{Ipv4Addr, Ipv6Addr};
+//! The bench's frames (built with [`crate::packet`]) and sources of frames that give each
+//! call a chosen flow: the same one, a fresh one (never seen before: a flow-table miss), or
+//! one picked at random from a set installed earlier (hits spread over the table).
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::report::Rng;
+use super::report::Rng;
+use crate::packet::{ethernet, inet_checksum, tcp, Ip, ETH_LEN};
 
-pub const ETH_LEN: usize = 14;
-pub const TCP_ACK: u8 = 0x10;
-pub const TCP_SYN: u8 = 0x02;
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 pub const AGENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        sum += u32::from(w);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-pub fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend_from_slice(&sport.to_be_bytes());
-    h.extend_from_slice(&dport.to_be_bytes());
-    h.extend_from_slice(&0x0102_0304u32.to_be_bytes());
-    h.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes());
-    h.push(5 << 4);
-    h.push(flags);
-    h.extend_from_slice(&0xfaf0u16.to_be_bytes());
-    h.extend_from_slice(&0u16.to_be_bytes()); // checksum: the data path never reads it
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(payload);
-    h
-}
-
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&0x1c46u16.to_be_bytes());
-    h.extend_from_slice(&0x4000u16.to_be_bytes());
-    h.push(64);
-    h.push(proto);
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    h.push(next);
-    h.push(64);
-    h.extend_from_slice(&src.octets());
-    h.extend_from_slice(&dst.octets());
-    h.extend_from_slice(payload);
-    h
-}
-
-pub fn ether(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(ETH_LEN + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ether_type.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
 
 pub const PAYLOAD: &[u8] = b"anycast bench payload...";
 
 /// An IPv4 TCP frame from the client to `dst:dport`.
 pub fn v4_tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let l4 = tcp(sport, dport, flags, PAYLOAD);
-    ether(AGENT_MAC, CLIENT_MAC, 0x0800, &ipv4(src, dst, 6, &l4))
+    let ip = Ip::new(IpAddr::V4(src), IpAddr::V4(dst), 6).id(0x1c46);
+    ethernet(AGENT_MAC, CLIENT_MAC, None, &ip.packet(&l4))
 }
 
 /// An IPv6 TCP frame from the client to `dst:dport`.
 pub fn v6_tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
     let l4 = tcp(sport, dport, flags, PAYLOAD);
-    ether(AGENT_MAC, CLIENT_MAC, 0x86dd, &ipv6(src, dst, 6, &l4))
+    let ip = Ip::new(IpAddr::V6(src), IpAddr::V6(dst), 6);
+    ethernet(AGENT_MAC, CLIENT_MAC, None, &ip.packet(&l4))
 }
 
 /// Which flow each frame of a [`Source`] carries.
@@ -157,7 +89,7 @@ impl Source {
             }
             // Keep the header checksum right (the data path does not check it).
             self.buf[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
-            let c = checksum(&self.buf[ETH_LEN..ETH_LEN + 20]);
+            let c = inet_checksum(&self.buf[ETH_LEN..ETH_LEN + 20]);
             self.buf[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
         }
         &self.buf

@@ -12,15 +12,16 @@ use std::{
     time::Instant,
 };
 
+use crate::netns::Netns;
 use anycast_common::{programs, verdict, ServiceKey, PROTO_TCP};
 use anycast_ctl::dataplane::{Dataplane, DesiredServer, DesiredService, Sizes};
-use anycast_tests::netns::Netns;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use serde_json::json;
 
-use crate::packets::{self, Pick, Source, TCP_ACK, TCP_SYN};
-use crate::report::{median, percentile, ratio, Row, Section};
+use super::packets::{self, Pick, Source};
+use super::report::{median, percentile, ratio, Row, Section};
+use crate::packet::{TCP_ACK, TCP_SYN};
 
 pub const TX_SWAP: &str = "xdp_tx_swap";
 const XDP_PASS: u32 = 2;
@@ -288,7 +289,8 @@ fn case_services() -> Vec<DesiredService> {
     ]
 }
 
-/// Part 1: the cases of the issue, each beside xdp_tx_swap and xdp_pass.
+/// Part 1: the per-packet cases (hits, new flows, IPv6, IPv4 in IPv6, not a service), each
+/// beside xdp_tx_swap and xdp_pass.
 pub fn per_packet(effort: Effort) -> Result<Section> {
     let mut section = Section::new("per_packet", "1. Per-packet cost (BPF_PROG_TEST_RUN)");
     section.method = format!(

@@ -6,8 +6,8 @@
 //!   sink: XDP_DROP on acbg0, counted                forwarder), native XDP; the FIB sends
 //!   by acbg0's rx_packets                           the tunnelled packet back out of acba0
 //! ```
-//! The generator runs a helper XDP program with `BPF_PROG_TEST_RUN` in live-frames mode on
-//! acbg0: each frame it writes is transmitted (XDP_TX) to acba0, whose XDP program forwards
+//! The generator runs an XDP program (`bench_gen`, of the project's eBPF object) with
+//! `BPF_PROG_TEST_RUN` in live-frames mode on acbg0: each frame it writes is transmitted (XDP_TX) to acba0, whose XDP program forwards
 //! it back out to acbg0, where the sink drops and counts it. Everything runs on one CPU: a
 //! veth schedules its peer's NAPI on the sending CPU, so after each batch the agent's and
 //! the sink's NAPI polls run in softirq on the generator's CPU. (Threaded NAPI on a CPU of
@@ -15,7 +15,7 @@
 //! by 2x from run to run.) The agent's cost per packet above the trivial forwarder is the
 //! difference of the inverse rates, which removes the generator's and the sink's share.
 use std::{
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -23,17 +23,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::netns::{veth, Netns};
 use anycast_common::programs;
 use anycast_ctl::dataplane::Sizes;
-use anycast_tests::netns::{veth, Netns};
 use anyhow::{anyhow, bail, Context as _, Result};
+use aya::programs::ProgramFd;
 use serde_json::json;
 
-use crate::capture::enter_ns;
-use crate::packets::{self, TCP_ACK};
-use crate::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
-use crate::rawbpf::{self, Randomize};
-use crate::report::{median, Row, Section};
+use super::capture::enter_ns;
+use super::live;
+use super::packets;
+use super::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
+use super::report::{median, Row, Section};
+use crate::packet::TCP_ACK;
 
 const GEN_NS: &str = "acbrg";
 const AGENT_NS: &str = "acbra";
@@ -42,7 +44,7 @@ const AGENT_DEV: &str = "acba0";
 const GEN_MAC: &str = "02:00:00:00:02:fe";
 
 fn rx_packets(ns: &str, dev: &str) -> Result<u64> {
-    let out = anycast_tests::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])?;
+    let out = crate::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
     v[0]["stats64"]["rx"]["packets"]
         .as_u64()
@@ -57,7 +59,7 @@ struct Generator {
 }
 
 impl Generator {
-    fn start(prog: Arc<OwnedFd>, frame: Vec<u8>, cpu: usize) -> Generator {
+    fn start(prog: Arc<ProgramFd>, frame: Vec<u8>, cpu: usize) -> Generator {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (s, n) = (stop.clone(), sent.clone());
@@ -67,7 +69,7 @@ impl Generator {
             let ifindex = ifindex(GEN_DEV)?;
             const REPEAT: u32 = 1 << 14;
             while !s.load(Ordering::Relaxed) {
-                rawbpf::run_live(prog.as_raw_fd(), &frame, ifindex, REPEAT, 64)?;
+                live::run_live(prog.as_fd().as_raw_fd(), &frame, ifindex, REPEAT, 64)?;
                 n.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
             }
             Ok(())
@@ -135,7 +137,7 @@ fn measure(quick: bool) -> Result<Section> {
     enter_ns(AGENT_NS)?;
     let three = [server_v4(1), server_v4(2), server_v4(3)];
     let svc_addr = std::net::Ipv4Addr::new(10, 9, 100, 1);
-    let dp = dataplane(
+    let mut dp = dataplane(
         Sizes::default(),
         &[service("v4", std::net::IpAddr::V4(svc_addr), &three)],
     )?;
@@ -144,12 +146,12 @@ fn measure(quick: bool) -> Result<Section> {
         .try_clone()?;
     let swap_fd = perpacket::program(&dp, TX_SWAP)?.fd()?.try_clone()?;
     let a0 = ifindex(AGENT_DEV)?;
-    let link = rawbpf::attach_xdp(agent_fd.as_fd().as_raw_fd(), a0, rawbpf::XDP_FLAGS_DRV_MODE)?;
+    let link = live::attach_xdp(agent_fd.as_fd().as_raw_fd(), a0, live::XDP_FLAGS_DRV_MODE)?;
     // The sink and the generators, in the generator's namespace.
     enter_ns(GEN_NS)?;
     let g0 = ifindex(GEN_DEV)?;
-    let sink = rawbpf::load_xdp("acb_sink", &rawbpf::constant_program(rawbpf::XDP_DROP))?;
-    let _sink_link = rawbpf::attach_xdp(sink.as_raw_fd(), g0, rawbpf::XDP_FLAGS_DRV_MODE)?;
+    let sink = live::load(&mut dp, live::SINK)?;
+    let _sink_link = live::attach_xdp(sink.as_fd().as_raw_fd(), g0, live::XDP_FLAGS_DRV_MODE)?;
     let frame = packets::v4_tcp(
         std::net::Ipv4Addr::new(198, 51, 100, 7),
         40000,
@@ -157,20 +159,9 @@ fn measure(quick: bool) -> Result<Section> {
         80,
         TCP_ACK,
     );
-    let gen_same = Arc::new(rawbpf::load_xdp(
-        "acb_gen",
-        &rawbpf::generator_program(&frame, None),
-    )?);
-    let gen_new = Arc::new(rawbpf::load_xdp(
-        "acb_gen_new",
-        &rawbpf::generator_program(
-            &frame,
-            Some(Randomize {
-                word_at: packets::ETH_LEN + 12,
-                half_at: packets::ETH_LEN + 20,
-            }),
-        ),
-    )?);
+    live::set_frame(&mut dp, &frame)?;
+    let gen_same = Arc::new(live::load(&mut dp, live::GEN)?);
+    let gen_new = Arc::new(live::load(&mut dp, live::GEN_NEW_FLOW)?);
     let mut notes = Vec::new();
     let (rounds, window) = if quick {
         (1, Duration::from_millis(500))
@@ -191,7 +182,7 @@ fn measure(quick: bool) -> Result<Section> {
                 let prog = if v == 0 { &agent_fd } else { &swap_fd }
                     .as_fd()
                     .as_raw_fd();
-                rawbpf::update_link(&link, prog)?;
+                live::update_link(&link, prog)?;
                 let before = perpacket::verdicts(&dp)?;
                 let g = Generator::start(gen_prog.clone(), frame.clone(), gen_cpu);
                 std::thread::sleep(Duration::from_millis(if quick { 200 } else { 500 }));
@@ -208,7 +199,7 @@ fn measure(quick: bool) -> Result<Section> {
                     bail!("the agent forwarded nothing ({workload}): check the setup");
                 }
                 let stats = |ns: &str, dev: &str| -> serde_json::Value {
-                    anycast_tests::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])
+                    crate::netns::run("ip", &["-n", ns, "-s", "-j", "link", "show", dev])
                         .ok()
                         .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
                         .map(|v| v[0]["stats64"].clone())
@@ -250,8 +241,8 @@ fn measure(quick: bool) -> Result<Section> {
     drop(link);
     let mut section = Section::new("rate", "2. Forwarding rate and TCP throughput");
     section.method = format!(
-        "Forwarding rate: veth acbg0 (namespace acbrg) <-> acba0 (acbra). A helper XDP \
-         program on acbg0, run with BPF_PROG_TEST_RUN in live-frames mode (batches of 64), \
+        "Forwarding rate: veth acbg0 (namespace acbrg) <-> acba0 (acbra). An XDP \
+         program on acbg0 (bench_gen), run with BPF_PROG_TEST_RUN in live-frames mode (batches of 64), \
          writes a 78-byte IPv4 TCP frame to the anycast service and transmits it to acba0; \
          acba0 runs the agent (native XDP; the FIB sends the tunnelled packet back out of \
          acba0: XDP_TX) or, as the baseline, xdp_tx_swap, swapped in place on the same XDP \

@@ -9,7 +9,7 @@ pub struct Baseline {
     pub value: f64,
 }
 
-/// What the issue asks of a figure.
+/// The target a figure is held to (the verdict column of the report).
 #[derive(Clone, Debug)]
 pub struct Target {
     pub text: String,
@@ -311,7 +311,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -323,7 +323,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            self.next() % n
+            self.next_u64() % n
         }
     }
 }

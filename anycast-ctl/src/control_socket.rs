@@ -69,7 +69,7 @@ pub struct HealthStatus {
     pub real: std::net::IpAddr,
     pub port: u16,
     pub check: String,
-    pub health: crate::health::Health,
+    pub health: crate::model::Condition,
     pub detail: String,
 }
 

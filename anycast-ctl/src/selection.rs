@@ -14,72 +14,15 @@
 //! keeps its open flows but gets no new ones. A suspect server (one failed check) keeps
 //! its share until the failure is confirmed: on a busy machine a single late answer is
 //! common, and taking every such server out of the table at once could leave none.
-use std::net::IpAddr;
+use anycast_common::wire::LoadInfo;
 
-use anycast_common::{wire::LoadInfo, ServiceKey};
-
-use crate::model::{DesiredServer, DesiredService, Preference};
+use crate::model::{Candidate, Condition, DesiredServer, DesiredService, ServicePlan};
 
 pub const MAX_WEIGHT: u32 = 1_000_000;
 
-/// A server's health as the checks see it.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Condition {
-    Up,
-    /// A check failed once; confirmed down after `fall` failures in a row.
-    Suspect,
-    /// Confirmed failed: its flows move to other servers.
-    Down,
-}
-
-/// A server of a service before selection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
-    pub name: String,
-    pub address: IpAddr,
-    /// Free capacity (or configured weight).
-    pub weight: u32,
-    pub priority: u16,
-    pub condition: Condition,
-    /// Deregistered or drained by the operator: keeps open flows, takes no new ones.
-    pub draining: bool,
-}
-
-/// A service before selection: its candidates with their weights, tiers and conditions.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServicePlan {
-    pub name: String,
-    pub key: ServiceKey,
-    pub candidates: Vec<Candidate>,
-    pub preferences: Vec<Preference>,
-}
-
 impl ServicePlan {
-    /// A configured service: its static servers are primary, up, with their weights.
-    pub fn from_desired(d: &DesiredService) -> ServicePlan {
-        ServicePlan {
-            name: d.name.clone(),
-            key: d.key,
-            candidates: d
-                .servers
-                .iter()
-                .map(|s| Candidate {
-                    name: s.name.clone(),
-                    address: s.address,
-                    weight: s.weight,
-                    priority: 0,
-                    condition: if s.up { Condition::Up } else { Condition::Down },
-                    draining: false,
-                })
-                .collect(),
-            preferences: d.preferences.clone(),
-        }
-    }
-
-    pub fn to_desired(&self) -> DesiredService {
+    /// What the data path gets for this service: its servers after selection.
+    pub fn select(&self) -> DesiredService {
         DesiredService {
             name: self.name.clone(),
             key: self.key,

@@ -48,8 +48,8 @@ use crate::{
     dataplane::Dataplane,
     health::{self, Checker, Transition},
     host::{self, HostChanges},
+    model::ServicePlan,
 };
-pub use state::desired;
 
 /// How often expired flow entries are deleted from the map.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -112,7 +112,12 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     for &ifindex in &ifindexes {
         dataplane.add_tx_port(ifindex)?;
     }
-    dataplane.apply(&desired(&config))?;
+    let configured: Vec<_> = config
+        .service_plans()
+        .iter()
+        .map(ServicePlan::select)
+        .collect();
+    dataplane.apply(&configured)?;
     let mut interfaces = Vec::new();
     for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
         dataplane.attach(name, config.xdp_mode)?;

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use anycast_common::{wire, ServiceKey};
+use anycast_common::wire;
 use anyhow::{anyhow, bail, Result};
 
 use super::{
@@ -19,34 +19,12 @@ use super::{
 use crate::{
     config::Config,
     control_socket::{HealthStatus, InterfaceStatus, Request, Response, Status},
-    dataplane::{Dataplane, DesiredServer, DesiredService, FlowSweeper, Preference, Sizes},
-    health::{CheckConfig, CheckKind, Checker, Health, Target},
+    dataplane::{Dataplane, FlowSweeper, Sizes},
+    health::{CheckConfig, CheckKind, Checker, Target},
+    model::{Candidate, Condition, ServicePlan},
+    model::{DesiredService, Preference},
     registration::agent::{Registry, Reply},
-    selection::{Candidate, Condition, ServicePlan},
 };
-
-/// The services and servers a configuration lists itself.
-pub fn desired(config: &Config) -> Vec<DesiredService> {
-    config
-        .services
-        .iter()
-        .map(|s| DesiredService {
-            name: s.name.clone(),
-            key: ServiceKey::new(s.address, s.protocol.number(), s.port),
-            servers: s
-                .servers
-                .iter()
-                .map(|srv| DesiredServer {
-                    name: srv.name.clone(),
-                    address: srv.address,
-                    weight: srv.weight,
-                    up: true,
-                })
-                .collect(),
-            preferences: Vec::new(),
-        })
-        .collect()
-}
 
 pub(super) fn sizes(config: &Config) -> Sizes {
     Sizes {
@@ -133,8 +111,8 @@ pub(super) fn log_services(config: &Config) {
 impl Agent {
     /// The forwarding state: configured services plus what the live bindings bring, with
     /// operator drains applied, then selection (tiers, weights, conditions).
-    fn desired(&self) -> Vec<DesiredService> {
-        let mut plans = self.plans();
+    fn forwarding(&self) -> Vec<DesiredService> {
+        let mut plans = self.service_plans();
         let checks = self.config.all_checks();
         let checker = self.checker.borrow();
         for plan in &mut plans {
@@ -171,24 +149,17 @@ impl Agent {
                     plan.key.port,
                     c,
                 ) {
-                    let seen = match checker.health(&t) {
-                        Some(Health::Down) => Condition::Down,
-                        Some(Health::Suspect) => Condition::Suspect,
-                        _ => Condition::Up,
-                    };
+                    let seen = checker.health(&t).unwrap_or(Condition::Up);
                     c.condition = c.condition.max(seen);
                 }
             }
         }
-        plans.iter().map(ServicePlan::to_desired).collect()
+        plans.iter().map(ServicePlan::select).collect()
     }
 
     /// Configured services plus those the live bindings bring, before health and drains.
-    fn plans(&self) -> Vec<ServicePlan> {
-        let configured: Vec<ServicePlan> = desired(&self.config)
-            .iter()
-            .map(ServicePlan::from_desired)
-            .collect();
+    fn service_plans(&self) -> Vec<ServicePlan> {
+        let configured = self.config.service_plans();
         match &self.registry {
             Some(r) => r.plan(&configured),
             None => configured,
@@ -197,7 +168,7 @@ impl Agent {
 
     /// Keeps the health checker's targets in line with the services' servers.
     fn update_targets(&mut self) {
-        let plans = self.plans();
+        let plans = self.service_plans();
         let checks = self.config.all_checks();
         let all: std::collections::BTreeSet<Target> = plans
             .iter()
@@ -217,7 +188,7 @@ impl Agent {
 
     fn drain(&mut self, server: String, undo: bool) -> Result<Vec<String>> {
         let known = self
-            .desired()
+            .forwarding()
             .iter()
             .any(|s| s.servers.iter().any(|x| x.name == server));
         if !undo && !known {
@@ -240,8 +211,8 @@ impl Agent {
 
     pub(super) fn republish(&mut self) {
         self.update_targets();
-        let desired = self.desired();
-        if let Err(e) = self.dataplane.apply(&desired) {
+        let forwarding = self.forwarding();
+        if let Err(e) = self.dataplane.apply(&forwarding) {
             tracing::error!("updating the forwarding maps failed: {e:#}");
         }
     }

@@ -3,9 +3,11 @@
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
 use anycast_common::{
-    table, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_SERVERS,
+    table, ServiceKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_SERVERS,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::model::{Candidate, Condition, ServicePlan};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +295,31 @@ impl Config {
 }
 
 impl Config {
+    /// The services this configuration lists itself, as plans: their static servers are
+    /// primary candidates, up, with their configured weights.
+    pub fn service_plans(&self) -> Vec<ServicePlan> {
+        self.services
+            .iter()
+            .map(|s| ServicePlan {
+                name: s.name.clone(),
+                key: ServiceKey::new(s.address, s.protocol.number(), s.port),
+                candidates: s
+                    .servers
+                    .iter()
+                    .map(|srv| Candidate {
+                        name: srv.name.clone(),
+                        address: srv.address,
+                        weight: srv.weight,
+                        priority: 0,
+                        condition: Condition::Up,
+                        draining: false,
+                    })
+                    .collect(),
+                preferences: Vec::new(),
+            })
+            .collect()
+    }
+
     /// Every health check: the top-level ones, then each service's own, in order; what the
     /// checker runs and what `Target::check` indexes.
     pub fn all_checks(&self) -> Vec<crate::health::CheckConfig> {

@@ -121,12 +121,12 @@ impl Checker {
         Duration::from_nanos(r % interval.as_nanos().max(1) as u64)
     }
 
-    pub fn health(&self, target: &Target) -> Option<Health> {
+    pub fn health(&self, target: &Target) -> Option<Condition> {
         self.targets.get(target).map(|s| s.tracker.health)
     }
 
     /// All targets, their health and the last check's result, in target order.
-    pub fn report(&self) -> Vec<(Target, Health, String)> {
+    pub fn report(&self) -> Vec<(Target, Condition, String)> {
         self.targets
             .iter()
             .map(|(t, s)| (t.clone(), s.tracker.health, s.detail.clone()))
@@ -191,7 +191,7 @@ impl Checker {
 }
 
 pub(crate) fn log_transition(t: &Transition) {
-    if t.to == Health::Up {
+    if t.to == Condition::Up {
         tracing::info!("health: {} {} -> {}: {}", t.target, t.from, t.to, t.detail);
     } else {
         tracing::warn!("health: {} {} -> {}: {}", t.target, t.from, t.to, t.detail);

@@ -56,23 +56,8 @@ pub use check_config::*;
 pub use checker::{run, spawn, Checker};
 use probes::Probes;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Health {
-    Up,
-    Suspect,
-    Down,
-}
-
-impl fmt::Display for Health {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Health::Up => "up",
-            Health::Suspect => "suspect",
-            Health::Down => "down",
-        })
-    }
-}
+/// A target's health is the agent-wide condition: up, suspect or down.
+pub use crate::model::Condition;
 
 /// What is checked: a server's real address for one service port, with one check config.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,8 +85,8 @@ impl fmt::Display for Target {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     pub target: Target,
-    pub from: Health,
-    pub to: Health,
+    pub from: Condition,
+    pub to: Condition,
     pub at: Instant,
     /// The result of the check that made the transition ("connection refused", "timeout 150ms").
     pub detail: String,
@@ -110,7 +95,7 @@ pub struct Transition {
 /// The fall/rise state machine of one target, pure: results in, transitions out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tracker {
-    pub health: Health,
+    pub health: Condition,
     /// Consecutive failures (while up or suspect).
     pub failures: u32,
     /// Consecutive successes (while down).
@@ -120,7 +105,7 @@ pub struct Tracker {
 impl Default for Tracker {
     fn default() -> Self {
         Tracker {
-            health: Health::Up,
+            health: Condition::Up,
             failures: 0,
             successes: 0,
         }
@@ -129,30 +114,30 @@ impl Default for Tracker {
 
 impl Tracker {
     /// Takes one check result; returns (from, to) when the health changes.
-    pub fn observe(&mut self, ok: bool, fall: u32, rise: u32) -> Option<(Health, Health)> {
+    pub fn observe(&mut self, ok: bool, fall: u32, rise: u32) -> Option<(Condition, Condition)> {
         let from = self.health;
         if ok {
             self.failures = 0;
             match self.health {
-                Health::Up => {}
-                Health::Suspect => self.health = Health::Up,
-                Health::Down => {
+                Condition::Up => {}
+                Condition::Suspect => self.health = Condition::Up,
+                Condition::Down => {
                     self.successes = self.successes.saturating_add(1);
                     if self.successes >= rise.max(1) {
-                        self.health = Health::Up;
+                        self.health = Condition::Up;
                         self.successes = 0;
                     }
                 }
             }
         } else {
             self.successes = 0;
-            if self.health != Health::Down {
+            if self.health != Condition::Down {
                 self.failures = self.failures.saturating_add(1);
                 self.health = if self.failures >= fall.max(1) {
                     self.failures = 0;
-                    Health::Down
+                    Condition::Down
                 } else {
-                    Health::Suspect
+                    Condition::Suspect
                 };
             }
         }

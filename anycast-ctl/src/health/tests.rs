@@ -95,38 +95,65 @@ fn serve_tcp(listener: TcpListener) -> JoinHandle<()> {
 #[test]
 fn state_machine_fall_rise_suspect() {
     let mut t = Tracker::default();
-    assert_eq!(t.health, Health::Up);
+    assert_eq!(t.health, Condition::Up);
     assert_eq!(t.observe(true, 3, 2), None);
     // Up -1 failure-> Suspect, then a success brings it back.
-    assert_eq!(t.observe(false, 3, 2), Some((Health::Up, Health::Suspect)));
-    assert_eq!(t.observe(true, 3, 2), Some((Health::Suspect, Health::Up)));
-    // fall failures in a row: Suspect, Suspect (no transition), Down.
-    assert_eq!(t.observe(false, 3, 2), Some((Health::Up, Health::Suspect)));
-    assert_eq!(t.observe(false, 3, 2), None);
-    assert_eq!(t.health, Health::Suspect);
     assert_eq!(
         t.observe(false, 3, 2),
-        Some((Health::Suspect, Health::Down))
+        Some((Condition::Up, Condition::Suspect))
+    );
+    assert_eq!(
+        t.observe(true, 3, 2),
+        Some((Condition::Suspect, Condition::Up))
+    );
+    // fall failures in a row: Suspect, Suspect (no transition), Down.
+    assert_eq!(
+        t.observe(false, 3, 2),
+        Some((Condition::Up, Condition::Suspect))
+    );
+    assert_eq!(t.observe(false, 3, 2), None);
+    assert_eq!(t.health, Condition::Suspect);
+    assert_eq!(
+        t.observe(false, 3, 2),
+        Some((Condition::Suspect, Condition::Down))
     );
     assert_eq!(t.observe(false, 3, 2), None);
     // rise successes in a row; a failure in between restarts the count.
     assert_eq!(t.observe(true, 3, 2), None);
     assert_eq!(t.observe(false, 3, 2), None);
     assert_eq!(t.observe(true, 3, 2), None);
-    assert_eq!(t.health, Health::Down);
-    assert_eq!(t.observe(true, 3, 2), Some((Health::Down, Health::Up)));
+    assert_eq!(t.health, Condition::Down);
+    assert_eq!(
+        t.observe(true, 3, 2),
+        Some((Condition::Down, Condition::Up))
+    );
     // Failures before the success do not count towards the next fall.
-    assert_eq!(t.observe(false, 3, 2), Some((Health::Up, Health::Suspect)));
+    assert_eq!(
+        t.observe(false, 3, 2),
+        Some((Condition::Up, Condition::Suspect))
+    );
     assert_eq!(t.observe(false, 3, 2), None);
-    assert_eq!(t.observe(true, 3, 2), Some((Health::Suspect, Health::Up)));
-    assert_eq!(t.observe(false, 3, 2), Some((Health::Up, Health::Suspect)));
+    assert_eq!(
+        t.observe(true, 3, 2),
+        Some((Condition::Suspect, Condition::Up))
+    );
+    assert_eq!(
+        t.observe(false, 3, 2),
+        Some((Condition::Up, Condition::Suspect))
+    );
     assert_eq!(t.observe(false, 3, 2), None);
-    assert_eq!(t.health, Health::Suspect);
+    assert_eq!(t.health, Condition::Suspect);
 
     // fall 1: straight down; rise 1: straight up.
     let mut t = Tracker::default();
-    assert_eq!(t.observe(false, 1, 1), Some((Health::Up, Health::Down)));
-    assert_eq!(t.observe(true, 1, 1), Some((Health::Down, Health::Up)));
+    assert_eq!(
+        t.observe(false, 1, 1),
+        Some((Condition::Up, Condition::Down))
+    );
+    assert_eq!(
+        t.observe(true, 1, 1),
+        Some((Condition::Down, Condition::Up))
+    );
     // The defaults: fall 2, rise 2.
     let mut t = Tracker::default();
     let seq: Vec<_> = [false, false, true, true]
@@ -136,10 +163,10 @@ fn state_machine_fall_rise_suspect() {
     assert_eq!(
         seq,
         [
-            Some((Health::Up, Health::Suspect)),
-            Some((Health::Suspect, Health::Down)),
+            Some((Condition::Up, Condition::Suspect)),
+            Some((Condition::Suspect, Condition::Down)),
             None,
-            Some((Health::Down, Health::Up)),
+            Some((Condition::Down, Condition::Up)),
         ]
     );
 }
@@ -302,8 +329,8 @@ fn targets_start_up_and_removed_ones_are_forgotten() {
     let b = target("b", LO6, 80, 0);
     let bad = target("c", LO4, 80, 7);
     c.set_targets([a.clone(), b.clone(), bad.clone()]);
-    assert_eq!(c.health(&a), Some(Health::Up));
-    assert_eq!(c.health(&b), Some(Health::Up));
+    assert_eq!(c.health(&a), Some(Condition::Up));
+    assert_eq!(c.health(&b), Some(Condition::Up));
     assert_eq!(c.health(&bad), None, "no check config 7");
     // The first checks are spread over the first interval.
     let now = Instant::now();
@@ -317,15 +344,15 @@ fn targets_start_up_and_removed_ones_are_forgotten() {
         .unwrap();
     assert_eq!(
         (t.from, t.to, t.detail.as_str()),
-        (Health::Up, Health::Suspect, "connection refused")
+        (Condition::Up, Condition::Suspect, "connection refused")
     );
     assert_eq!(c.record(&b, gen_b + 100, false, "x".into(), now), None);
-    assert_eq!(c.health(&b), Some(Health::Up));
+    assert_eq!(c.health(&b), Some(Condition::Up));
     // Removed, then added again: forgotten, so up again.
     c.set_targets([b.clone()]);
     assert_eq!(c.health(&a), None);
     c.set_targets([a.clone(), b.clone()]);
-    assert_eq!(c.health(&a), Some(Health::Up));
+    assert_eq!(c.health(&a), Some(Condition::Up));
     assert_eq!(
         c.record(&a, gen_a, false, "late".into(), now),
         None,
@@ -335,7 +362,7 @@ fn targets_start_up_and_removed_ones_are_forgotten() {
     assert_eq!(report.len(), 2);
     assert_eq!(
         report[0],
-        (a.clone(), Health::Up, "not checked yet".to_string())
+        (a.clone(), Condition::Up, "not checked yet".to_string())
     );
     // Changed configs: the target keeps its health; an index that went away is dropped.
     c.set_checks(vec![]);
@@ -430,7 +457,7 @@ async fn tcp_check_down_when_the_listener_closes_and_up_when_it_returns() {
                 next_of(&mut rx, &t, Duration::from_millis(400), &mut seen).await,
                 None
             );
-            assert_eq!(checker.borrow().health(&t), Some(Health::Up));
+            assert_eq!(checker.borrow().health(&t), Some(Condition::Up));
             let detail = detail_of(&checker, &t);
             assert!(detail.starts_with("connected in "), "{detail}");
 
@@ -448,14 +475,14 @@ async fn tcp_check_down_when_the_listener_closes_and_up_when_it_returns() {
                 let refused = "connection refused";
                 assert_eq!(
                     (s.from, s.to, s.detail.as_str()),
-                    (Health::Up, Health::Suspect, refused)
+                    (Condition::Up, Condition::Suspect, refused)
                 );
                 let d = next_of(&mut rx, &t, wait, &mut seen).await.unwrap();
                 assert_eq!(
                     (d.from, d.to, d.detail.as_str()),
-                    (Health::Suspect, Health::Down, refused)
+                    (Condition::Suspect, Condition::Down, refused)
                 );
-                assert_eq!(checker.borrow().health(&t), Some(Health::Down));
+                assert_eq!(checker.borrow().health(&t), Some(Condition::Down));
                 println!(
                     "TCP check, interval 100 ms, timeout 80 ms, fall 2, rise 2, round {round}: \
                          listener closed -> suspect {:.1} ms, down {:.1} ms",
@@ -468,7 +495,7 @@ async fn tcp_check_down_when_the_listener_closes_and_up_when_it_returns() {
                 server = serve_tcp(listener);
                 let back = Instant::now();
                 let u = next_of(&mut rx, &t, wait, &mut seen).await.unwrap();
-                assert_eq!((u.from, u.to), (Health::Down, Health::Up));
+                assert_eq!((u.from, u.to), (Condition::Down, Condition::Up));
                 assert!(u.detail.starts_with("connected in "), "{}", u.detail);
                 println!(
                     "TCP check, round {round}: listener back -> up {:.1} ms",
@@ -563,12 +590,12 @@ async fn http_check_judges_the_status() {
                 .unwrap();
             assert_eq!(
                 (s.to, s.detail.as_str()),
-                (Health::Suspect, "HTTP 200 (expected 500)")
+                (Condition::Suspect, "HTTP 200 (expected 500)")
             );
             let d = next_of(&mut rx, &want500, Duration::from_secs(2), &mut seen)
                 .await
                 .unwrap();
-            assert_eq!(d.to, Health::Down);
+            assert_eq!(d.to, Condition::Down);
             assert!(seen.is_empty(), "{seen:?}");
             let detail = detail_of(&checker, &ok);
             assert!(detail.starts_with("HTTP 200 in "), "{detail}");
@@ -590,17 +617,17 @@ async fn http_check_judges_the_status() {
                 .unwrap();
             assert_eq!(
                 (s.to, s.detail.as_str()),
-                (Health::Suspect, "HTTP 500 (expected 200-399)")
+                (Condition::Suspect, "HTTP 500 (expected 200-399)")
             );
             let d = next_of(&mut rx, &ok, Duration::from_secs(2), &mut seen)
                 .await
                 .unwrap();
-            assert_eq!(d.to, Health::Down);
+            assert_eq!(d.to, Condition::Down);
             let u = next_of(&mut rx, &want500, Duration::from_secs(2), &mut seen).await;
             let u = u.or_else(|| seen.pop()).unwrap();
             assert_eq!(
                 (u.target, u.from, u.to),
-                (want500.clone(), Health::Down, Health::Up)
+                (want500.clone(), Condition::Down, Condition::Up)
             );
             assert!(u.detail.starts_with("HTTP 500 in "), "{}", u.detail);
             task.abort();
@@ -661,7 +688,7 @@ async fn command_check_exit_status_environment_and_timeout() {
             let all_down = |seen: &[Transition]| {
                 failing.iter().all(|(i, _)| {
                     seen.iter()
-                        .any(|t| t.target.check == *i && t.to == Health::Down)
+                        .any(|t| t.target.check == *i && t.to == Condition::Down)
                 })
             };
             while !all_down(&seen) {
@@ -682,7 +709,7 @@ async fn command_check_exit_status_environment_and_timeout() {
                     "{i}: {}",
                     detail_of(&checker, &targets[i])
                 );
-                assert_eq!(checker.borrow().health(&targets[i]), Some(Health::Up));
+                assert_eq!(checker.borrow().health(&targets[i]), Some(Condition::Up));
             }
             // Each timed-out command was killed: at most the current one is running.
             assert!(processes_with_argument("3.217") <= 1);
@@ -717,14 +744,14 @@ async fn icmp_echo_to_loopback_v4_and_v6() {
                     "{report:?}"
                 );
                 for (t, health, detail) in checker.borrow().report() {
-                    assert_eq!(health, Health::Up, "{t}");
+                    assert_eq!(health, Condition::Up, "{t}");
                     println!("ICMP {}: {detail}", t.real);
                 }
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
             for rx in [&mut rx1, &mut rx2] {
                 while let Ok(t) = rx.try_recv() {
-                    assert_ne!(t.to, Health::Down, "{t:?}");
+                    assert_ne!(t.to, Condition::Down, "{t:?}");
                 }
             }
             assert_ne!(one.borrow().ident, two.borrow().ident);

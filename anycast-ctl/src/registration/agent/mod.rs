@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Limits, Prefix, RefreshProbe, Registration, ReverseTunnel},
-    dataplane::{DesiredService, ReverseCounters},
-    selection::{Candidate, Condition, ServicePlan, Smoother},
+    dataplane::ReverseCounters,
+    model::{Candidate, Condition, DesiredService, ServicePlan},
+    selection::Smoother,
 };
 
 /// BA status for a BU without an Alternate Care-of Address (RFC 6275: reason unspecified).

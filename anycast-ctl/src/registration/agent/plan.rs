@@ -32,13 +32,11 @@ impl Registry {
         services.into_values().collect()
     }
 
-    /// `plan` and selection without health checks or operator drains.
-    pub fn desired(&self, configured: &[DesiredService]) -> Vec<DesiredService> {
-        let configured: Vec<ServicePlan> =
-            configured.iter().map(ServicePlan::from_desired).collect();
-        self.plan(&configured)
+    /// `plan` and selection, without health checks or operator drains.
+    pub fn selected(&self, configured: &[ServicePlan]) -> Vec<DesiredService> {
+        self.plan(configured)
             .iter()
-            .map(ServicePlan::to_desired)
+            .map(ServicePlan::select)
             .collect()
     }
 

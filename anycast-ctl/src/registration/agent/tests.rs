@@ -131,7 +131,7 @@ fn a_valid_update_registers_and_is_acknowledged() {
     assert!(o.changed);
     assert_eq!(o.counted, "registered");
     assert_eq!(ba_status(&o, Some(KEY1), 1), (status::ACCEPTED, 10, 5));
-    let services = r.desired(&[]);
+    let services = r.selected(&[]);
     assert_eq!(
         services.len(),
         2,
@@ -159,7 +159,7 @@ fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
     let now = Instant::now();
     let good = Bu::new(10, WALL).bytes();
     assert!(r.handle(&good, from(), now, WALL).changed);
-    let before = r.desired(&[]);
+    let before = r.selected(&[]);
     // Wrong key (s2 forging s1).
     let forged = Bu {
         key: KEY2,
@@ -221,7 +221,7 @@ fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
         o.reply.is_none() && o.counted.starts_with("dropped_malformed_"),
         "{o:?}"
     );
-    assert_eq!(r.desired(&[]), before, "nothing changed");
+    assert_eq!(r.selected(&[]), before, "nothing changed");
     let c = r.report(now, None).counters;
     assert_eq!(c["refused_146"], 2);
     assert_eq!(c["refused_145"], 2);
@@ -269,13 +269,13 @@ fn unanswered_refresh_probes_make_a_binding_suspect_then_down_and_an_update_heal
     let (_, changed) = r.probe(t0 + Duration::from_millis(600));
     assert!(changed);
     assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Suspect);
-    assert!(r.desired(&[])[0].servers[0].up);
+    assert!(r.selected(&[])[0].servers[0].up);
     // The next probe goes out at the interval and is missed too: down.
     let (sent, _) = r.probe(t0 + Duration::from_millis(1000));
     assert_eq!(sent.len(), 1);
     let (_, changed) = r.probe(t0 + Duration::from_millis(1600));
     assert!(changed);
-    assert!(!r.desired(&[])[0].servers[0].up, "down: its flows move");
+    assert!(!r.selected(&[])[0].servers[0].up, "down: its flows move");
     // An update (the answer to a probe) brings it back.
     let o = r.handle(
         &Bu::new(2, WALL + 1).bytes(),
@@ -284,7 +284,7 @@ fn unanswered_refresh_probes_make_a_binding_suspect_then_down_and_an_update_heal
         WALL,
     );
     assert!(o.changed);
-    let s = &r.desired(&[])[0].servers[0];
+    let s = &r.selected(&[])[0].servers[0];
     assert!(s.up && s.weight > 0);
 }
 
@@ -342,7 +342,7 @@ fn reverse_monitor_suspects_a_silent_server_and_confirms_with_refresh_requests()
     assert!(r.watch_reverse(ms(9350), &reverse_counters(53, 2)));
     assert_eq!(reverse_state(&r), ReverseState::Suspect);
     assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Suspect);
-    assert!(r.desired(&[])[0].servers[0].up, "suspect keeps its share");
+    assert!(r.selected(&[])[0].servers[0].up, "suspect keeps its share");
     assert_eq!(r.report(t0, None).counters["reverse_suspected"], 1);
     let (sent, _) = r.probe(ms(9350));
     assert_eq!(sent.len(), 1);
@@ -374,10 +374,10 @@ fn reverse_monitor_suspects_a_silent_server_and_confirms_with_refresh_requests()
     let (sent, changed) = r.probe(ms(21800));
     assert!(changed, "first miss");
     assert_eq!(sent.len(), 1, "the next request at once");
-    assert!(r.desired(&[])[0].servers[0].up);
+    assert!(r.selected(&[])[0].servers[0].up);
     let (_, changed) = r.probe(ms(22300));
     assert!(changed, "second miss");
-    assert!(!r.desired(&[])[0].servers[0].up, "down: its flows move");
+    assert!(!r.selected(&[])[0].servers[0].up, "down: its flows move");
     assert_eq!(r.report(t0, None).bindings[0].condition, Condition::Down);
     let (sent, _) = r.probe(ms(22310));
     assert!(sent.is_empty(), "back to the regular interval once down");
@@ -423,11 +423,11 @@ fn load_reports_set_the_weight() {
         )
     };
     r.handle(&with_load(1, 0), from(), now, WALL);
-    assert_eq!(r.desired(&[])[0].servers[0].weight, 1000);
+    assert_eq!(r.selected(&[])[0].servers[0].weight, 1000);
     for seq in 2..30 {
         r.handle(&with_load(seq, 800), from(), now, WALL);
     }
-    let w = r.desired(&[])[0].servers[0].weight;
+    let w = r.selected(&[])[0].servers[0].weight;
     assert!(
         (200..=230).contains(&w),
         "weight follows free capacity: {w}"
@@ -473,7 +473,7 @@ fn deregistration_drains_then_removes_and_expiry_removes() {
     );
     assert!(o.changed);
     assert_eq!(ba_status(&o, Some(KEY1), 1), (status::ACCEPTED, 2, 0));
-    let svc = &r.desired(&[])[0];
+    let svc = &r.selected(&[])[0];
     let w: Vec<(IpAddr, u32)> = svc.servers.iter().map(|s| (s.address, s.weight)).collect();
     assert!(
         w.contains(&("10.0.2.11".parse().unwrap(), 0)),
@@ -485,10 +485,10 @@ fn deregistration_drains_then_removes_and_expiry_removes() {
     )));
     assert!(!r.expire(now + Duration::from_secs(9)));
     assert!(r.expire(now + Duration::from_secs(10)), "drain time over");
-    assert_eq!(r.desired(&[])[0].servers.len(), 1);
+    assert_eq!(r.selected(&[])[0].servers.len(), 1);
     // The other binding (lifetime 5 units = 20 s) expires by itself.
     assert!(r.expire(now + Duration::from_secs(20)));
-    assert!(r.desired(&[]).is_empty());
+    assert!(r.selected(&[]).is_empty());
     assert_eq!(r.report(now, None).counters["expired"], 1);
 }
 
@@ -609,7 +609,7 @@ fn a_selector_binds_one_service_and_configured_services_take_address_bindings() 
         }),
     );
     assert!(r.handle(&bytes, from(), now, WALL).changed);
-    let d = r.desired(&[]);
+    let d = r.selected(&[]);
     assert_eq!(d.len(), 1);
     assert_eq!(
         d[0].key,
@@ -617,13 +617,13 @@ fn a_selector_binds_one_service_and_configured_services_take_address_bindings() 
     );
     // An address binding joins the configured service of that address only.
     r.handle(&Bu::new(2, WALL + 1).bytes(), from(), now, WALL);
-    let configured = DesiredService {
+    let configured = ServicePlan {
         name: "web".into(),
         key: ServiceKey::new("192.0.2.1".parse().unwrap(), PROTO_TCP, 80),
-        servers: vec![],
+        candidates: vec![],
         preferences: Vec::new(),
     };
-    let d = r.desired(std::slice::from_ref(&configured));
+    let d = r.selected(std::slice::from_ref(&configured));
     assert_eq!(d.len(), 2);
     let web = d.iter().find(|s| s.name == "web").unwrap();
     assert_eq!(web.servers.len(), 1);

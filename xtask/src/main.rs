@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 /// Name of the rustup toolchain (linked to /usr) that builds the eBPF object.
-/// anycast-ctl/build.rs passes the same name to aya-build.
+/// anycast-ctl/build.rs builds the eBPF programs with the same name.
 pub const BPF_TOOLCHAIN: &str = "anycast-bpf";
 
 const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev \

@@ -52,7 +52,3 @@ pub mod programs {
     /// Lets frames through (for veth peers of native-mode XDP).
     pub const PASS: &str = "xdp_pass";
 }
-
-/// Former names of [`AddressKey`].
-pub type RealKey = AddressKey;
-pub type ServedKey = AddressKey;

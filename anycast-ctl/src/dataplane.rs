@@ -21,12 +21,12 @@ use std::{
 };
 
 use anycast_common::{
-    address_filter_bit, maps, programs, table, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
-    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
-    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
-    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
-    MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    address_filter_bit, maps, programs, table, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
+    FlowValue, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
+    ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+    DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING,
+    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, NO_SERVER, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -787,7 +787,7 @@ pub struct Dataplane {
     verdicts: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Traffic>,
     server_stats: PerCpuArray<MapData, ServerTraffic>,
-    reverse_map: PerCpuHashMap<MapData, RealKey, ReverseStats>,
+    reverse_map: PerCpuHashMap<MapData, AddressKey, ReverseStats>,
     /// The real addresses that have an entry in `REVERSE`.
     reverse_keys: BTreeSet<IpAddr>,
     installed: HashMap<ServiceKey, InstalledService>,
@@ -1255,11 +1255,11 @@ impl Dataplane {
         for &a in want.difference(&self.reverse_keys) {
             let zero = PerCpuValues::try_from(vec![ReverseStats::default(); nr_cpus()?])?;
             self.reverse_map
-                .insert(RealKey::new(a), zero, 0)
+                .insert(AddressKey::new(a), zero, 0)
                 .context("adding a server to the reverse-tunnel map")?;
         }
         for a in self.reverse_keys.difference(&want) {
-            match self.reverse_map.remove(&RealKey::new(*a)) {
+            match self.reverse_map.remove(&AddressKey::new(*a)) {
                 Err(e) if !is_enoent(&e) => {
                     return Err(e).context("removing a server from the reverse-tunnel map")
                 }
@@ -1281,7 +1281,7 @@ impl Dataplane {
             }
         }
         for a in &self.reverse_keys {
-            let values = match self.reverse_map.get(&RealKey::new(*a), 0) {
+            let values = match self.reverse_map.get(&AddressKey::new(*a), 0) {
                 Ok(v) => v,
                 Err(e) if is_enoent(&e) => continue,
                 Err(e) => return Err(e).context("reading the reverse-tunnel map"),

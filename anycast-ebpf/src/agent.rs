@@ -11,8 +11,8 @@
 //! packet passed to the kernel, which forwards it to the client. Only packets whose outer
 //! protocol is 4 or 41 take that path, so client packets pay nothing for it.
 use anycast_common::{
-    address_filter_bit, flow_hash, flow_tick, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
-    NextHop, PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic,
+    address_filter_bit, flow_hash, flow_tick, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
+    FlowValue, NextHop, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
     ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT,
     DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
     FAMILY_V4, FAMILY_V6, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
@@ -79,7 +79,7 @@ static SERVER_STATS: PerCpuArray<ServerTraffic> = PerCpuArray::with_max_entries(
 /// each reverse-tunnelled through us. A packet from any other outer source is not
 /// decapsulated: the agent does not relay anycast-sourced packets for strangers.
 #[map]
-static REVERSE: PerCpuHashMap<RealKey, ReverseStats> =
+static REVERSE: PerCpuHashMap<AddressKey, ReverseStats> =
     PerCpuHashMap::with_max_entries(MAX_SERVERS, 0);
 
 const TTL: u8 = 64;
@@ -289,7 +289,7 @@ fn reverse(ctx: &XdpContext) -> (u32, u32) {
     let Some(agent) = AGENT.get(0) else {
         return NOT_OURS;
     };
-    let mut real = RealKey::default();
+    let mut real = AddressKey::default();
     let (outer_len, inner_proto) = match l2.ether_type {
         ETH_P_IPV4 => {
             let Some(h) = ptr_at::<[u8; IPV4_LEN]>(ctx, l3) else {

@@ -1,7 +1,7 @@
 //! The server side: strips the outer header of IP-in-IP packets whose inner destination is an
 //! anycast address this server answers for, and hands the inner packet to the stack. The
 //! kernel here has no ipip/ip6_tunnel module, so nothing else would.
-use anycast_common::{decap, ServedKey, FAMILY_V4, FAMILY_V6, MAX_SERVED, PROTO_IPIP, PROTO_IPV6};
+use anycast_common::{decap, AddressKey, FAMILY_V4, FAMILY_V6, MAX_SERVED, PROTO_IPIP, PROTO_IPV6};
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
@@ -14,7 +14,7 @@ use crate::packet::*;
 
 /// Also read by the reverse-tunnel program (`reverse.rs`): its SYN-ACKs come from these.
 #[map]
-pub(crate) static SERVED: HashMap<ServedKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
+pub(crate) static SERVED: HashMap<AddressKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap::COUNT, 0);
 
@@ -57,7 +57,7 @@ fn strip(ctx: &XdpContext) -> u32 {
         return decap::PASS_MALFORMED;
     }
     let inner = l3 + outer_len;
-    let mut key = ServedKey::default();
+    let mut key = AddressKey::default();
     let ether_type = match inner_proto {
         PROTO_IPIP => {
             let Some(h) = read::<[u8; IPV4_LEN]>(ctx, inner) else {

@@ -12,7 +12,7 @@
 //! (as the kernel's own output routing does), so the controller enables forwarding on `lo`
 //! (the helper refuses lookups for interfaces without it); no other interface forwards.
 use anycast_common::{
-    reverse, ReverseConfig, ServedKey, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
+    reverse, AddressKey, ReverseConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
 };
 use aya_ebpf::{
     bindings::{
@@ -73,7 +73,7 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
         return OTHER;
     };
     let l3 = ETH_LEN;
-    let mut source = ServedKey::default();
+    let mut source = AddressKey::default();
     let (l4, syn_ack) = match ether_type {
         ETH_P_IPV4 => {
             let Some(h) = read_tc::<[u8; IPV4_LEN]>(ctx, l3) else {

@@ -22,8 +22,8 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, flow_hash, flow_ticks, maps, programs, reverse, verdict, FlowKey, PreferenceTable,
-    ReverseConfig, ServedKey, ServiceKey, PROTO_TCP, PROTO_UDP,
+    addr_words, flow_hash, flow_ticks, maps, programs, reverse, verdict, AddressKey, FlowKey,
+    PreferenceTable, ReverseConfig, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
     coarse_clock_ns, flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService,
@@ -2658,7 +2658,7 @@ const TC_ACT_REDIRECT: u32 = 7;
 struct ServerSide {
     ebpf: aya::Ebpf,
     /// Held: a map whose last descriptor closes before the program loads is freed.
-    _served: aya::maps::HashMap<MapData, ServedKey, u32>,
+    _served: aya::maps::HashMap<MapData, AddressKey, u32>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, ReverseConfig>,
     _ns: Netns,
@@ -2673,12 +2673,12 @@ impl ServerSide {
             max_flows: 1,
             max_preference_tables: 1,
         })?;
-        let mut map: aya::maps::HashMap<MapData, ServedKey, u32> = aya::maps::HashMap::try_from(
+        let mut map: aya::maps::HashMap<MapData, AddressKey, u32> = aya::maps::HashMap::try_from(
             ebpf.take_map(maps::SERVED)
                 .ok_or_else(|| anyhow!("no SERVED"))?,
         )?;
         for a in served {
-            map.insert(ServedKey::new(a.parse()?), 1, 0)?;
+            map.insert(AddressKey::new(a.parse()?), 1, 0)?;
         }
         let stats = PerCpuArray::try_from(
             ebpf.take_map(maps::REVERSE_STATS)

@@ -27,6 +27,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::error;
 
 use super::decap::SERVED;
 use crate::packet::{ipv4_tunnel_header, ipv6_tunnel_header_start, read_be16, Ipv4, Ipv6};
@@ -49,6 +50,16 @@ const LOOPBACK_IFINDEX: u32 = 1;
 #[classifier]
 pub fn anycast_reverse(ctx: TcContext) -> i32 {
     let (action, reason) = tunnel(&ctx);
+    // Not expected on a working host (the kernel refused to grow or rewrite the packet), so
+    // logged; at most once per connection. The counters record it too.
+    if reason == counter::PASS_ENCAP_FAILED || reason == counter::DROP_WRITE_FAILED {
+        let what = if reason == counter::DROP_WRITE_FAILED {
+            "outer header not written after growing the packet: dropped"
+        } else {
+            "bpf_skb_adjust_room failed: sent untouched"
+        };
+        error!(&ctx, "SYN-ACK tunnel: {}", what);
+    }
     if let Some(c) = REVERSE_STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *c += 1 };

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, decap, maps, programs, reverse, wire::ServiceSelector, ReverseConfig, ServedKey,
+    addr_words, decap, maps, programs, reverse, wire::ServiceSelector, AddressKey, ReverseConfig,
 };
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -112,7 +112,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         sys::ifindex(name).with_context(|| format!("--iface #{}", i + 1))?;
     }
     let mut ebpf = load_object(SERVER_SIZES)?;
-    let mut served: BpfHashMap<MapData, ServedKey, u32> = BpfHashMap::try_from(
+    let mut served: BpfHashMap<MapData, AddressKey, u32> = BpfHashMap::try_from(
         ebpf.take_map(maps::SERVED)
             .ok_or_else(|| anyhow!("no SERVED map"))?,
     )?;
@@ -124,7 +124,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     };
     for &a in &addresses {
         served
-            .insert(ServedKey::new(a), 1, 0)
+            .insert(AddressKey::new(a), 1, 0)
             .context("writing the served addresses")?;
     }
     let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(

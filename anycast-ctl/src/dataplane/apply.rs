@@ -66,11 +66,11 @@ impl Dataplane {
                 Op::AddReverseAddress { address } => {
                     let zero = PerCpuValues::try_from(vec![ReverseStats::default(); nr_cpus()?])?;
                     self.reverse_map
-                        .insert(RealKey::new(address), zero, 0)
+                        .insert(AddressKey::new(address), zero, 0)
                         .context("adding a server to the reverse-tunnel map")?
                 }
                 Op::RemoveReverseAddress { address } => {
-                    match self.reverse_map.remove(&RealKey::new(address)) {
+                    match self.reverse_map.remove(&AddressKey::new(address)) {
                         Err(e) if !is_enoent(&e) => {
                             return Err(e).context("removing a server from the reverse-tunnel map")
                         }

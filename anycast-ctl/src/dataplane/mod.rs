@@ -23,7 +23,7 @@ use std::{
 use crate::config::XdpModeName;
 use anycast_common::{
     address_filter_bit, maps, programs, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
-    PreferenceKey, PreferenceTable, RealKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
+    PreferenceKey, PreferenceTable, AddressKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
     ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
     DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
@@ -81,7 +81,7 @@ pub struct Dataplane {
     verdicts: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Traffic>,
     server_stats: PerCpuArray<MapData, ServerTraffic>,
-    reverse_map: PerCpuHashMap<MapData, RealKey, ReverseStats>,
+    reverse_map: PerCpuHashMap<MapData, AddressKey, ReverseStats>,
     /// What the maps hold, as far as the controller knows.
     installed: Installed,
     timeouts: FlowTimeouts,

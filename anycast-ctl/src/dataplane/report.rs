@@ -13,7 +13,7 @@ impl Dataplane {
             }
         }
         for a in &self.installed.reverse_keys {
-            let values = match self.reverse_map.get(&RealKey::new(*a), 0) {
+            let values = match self.reverse_map.get(&AddressKey::new(*a), 0) {
                 Ok(v) => v,
                 Err(e) if is_enoent(&e) => continue,
                 Err(e) => return Err(e).context("reading the reverse-tunnel map"),

@@ -12,7 +12,7 @@ use std::{
 
 use anycast_common::{
     addr_words, decap, flow_hash, maps, programs, reverse, verdict, FlowKey, ReverseConfig,
-    ServedKey, ServiceKey, PROTO_TCP, PROTO_UDP,
+    AddressKey, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
     flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService, FlowReport, Sizes,
@@ -632,7 +632,7 @@ pub fn entry<'a>(
 pub struct ServerSide {
     ebpf: aya::Ebpf,
     /// Held: a map whose last descriptor closes before the program loads is freed.
-    served: aya::maps::HashMap<MapData, ServedKey, u32>,
+    served: aya::maps::HashMap<MapData, AddressKey, u32>,
     reverse_stats: PerCpuArray<MapData, u64>,
     decap_stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, ReverseConfig>,
@@ -683,12 +683,12 @@ impl ServerSide {
 
     /// Replaces the anycast addresses the server answers for.
     pub fn set_served(&mut self, served: &[&str]) -> Result<()> {
-        let old: Vec<ServedKey> = self.served.keys().collect::<Result<_, _>>()?;
+        let old: Vec<AddressKey> = self.served.keys().collect::<Result<_, _>>()?;
         for k in old {
             self.served.remove(&k)?;
         }
         for a in served {
-            self.served.insert(ServedKey::new(a.parse()?), 1, 0)?;
+            self.served.insert(AddressKey::new(a.parse()?), 1, 0)?;
         }
         Ok(())
     }

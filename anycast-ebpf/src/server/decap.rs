@@ -1,7 +1,10 @@
-//! The server side: strips the outer header of IP-in-IP packets whose inner destination is an
-//! anycast address this server answers for, and hands the inner packet to the stack. The
-//! kernel here has no ipip/ip6_tunnel module, so nothing else would.
-use anycast_common::{decap, ServedKey, FAMILY_V4, FAMILY_V6, MAX_SERVED, PROTO_IPIP, PROTO_IPV6};
+//! The decapsulator (XDP): strips the outer header of IP-in-IP packets whose inner
+//! destination is an anycast address this server answers for, and hands the inner packet to
+//! the stack. The kernel here has no ipip/ip6_tunnel module, so nothing else would.
+use anycast_common::{
+    decap, maps as names, AddressKey, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
+    IPV4_FRAGMENT_MASK, IPV4_LEN, IPV6_LEN, MAX_SERVED, PROTO_IPIP, PROTO_IPV6,
+};
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
@@ -10,13 +13,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::packet::*;
+use crate::packet::{move_l2, parse_l2, Ipv4, Ipv6};
 
-/// Also read by the reverse-tunnel program (`reverse.rs`): its SYN-ACKs come from these.
+/// Also read by the SYN-ACK tunnel (`syn_ack_tunnel.rs`): its SYN-ACKs come from these.
 #[map]
-pub(crate) static SERVED: HashMap<ServedKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
+pub(crate) static SERVED: HashMap<AddressKey, u32> = HashMap::with_max_entries(MAX_SERVED, 0);
+map_name!(SERVED, names::SERVED);
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap::COUNT, 0);
+map_name!(DECAP_STATS, names::DECAP_STATS);
 
 #[xdp]
 pub fn anycast_decap(ctx: XdpContext) -> u32 {
@@ -36,20 +41,20 @@ fn strip(ctx: &XdpContext) -> u32 {
     let l3 = l2.l3;
     let (outer_len, inner_proto) = match l2.ether_type {
         ETH_P_IPV4 => {
-            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, l3) else {
+            let Some(h) = Ipv4::at(ctx, l3) else {
                 return decap::PASS_MALFORMED;
             };
             // A fragmented tunnel packet cannot be decapsulated piecewise: leave it.
-            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+            if h.frag_off() & IPV4_FRAGMENT_MASK != 0 {
                 return decap::PASS_NOT_TUNNEL;
             }
-            ((h[0] & 0x0f) as usize * 4, h[9])
+            (h.header_len(), h.proto())
         }
         ETH_P_IPV6 => {
-            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, l3) else {
+            let Some(h) = Ipv6::at(ctx, l3) else {
                 return decap::PASS_MALFORMED;
             };
-            (IPV6_LEN, h[6])
+            (IPV6_LEN, h.next_header())
         }
         _ => return decap::PASS_NOT_TUNNEL,
     };
@@ -57,27 +62,22 @@ fn strip(ctx: &XdpContext) -> u32 {
         return decap::PASS_MALFORMED;
     }
     let inner = l3 + outer_len;
-    let mut key = ServedKey::default();
+    let mut key = AddressKey::default();
     let ether_type = match inner_proto {
         PROTO_IPIP => {
-            let Some(h) = read::<[u8; IPV4_LEN]>(ctx, inner) else {
+            let Some(h) = Ipv4::at(ctx, inner) else {
                 return decap::PASS_MALFORMED;
             };
             key.family = FAMILY_V4;
-            key.addr[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+            key.addr[0] = h.dst();
             ETH_P_IPV4
         }
         PROTO_IPV6 => {
-            let Some(h) = read::<[u8; IPV6_LEN]>(ctx, inner) else {
+            let Some(h) = Ipv6::at(ctx, inner) else {
                 return decap::PASS_MALFORMED;
             };
             key.family = FAMILY_V6;
-            let mut i = 0;
-            while i < 4 {
-                let d = 24 + i * 4;
-                key.addr[i] = u32::from_ne_bytes([h[d], h[d + 1], h[d + 2], h[d + 3]]);
-                i += 1;
-            }
+            key.addr = h.dst();
             ETH_P_IPV6
         }
         _ => return decap::PASS_NOT_TUNNEL,
@@ -85,7 +85,7 @@ fn strip(ctx: &XdpContext) -> u32 {
     if SERVED.get_ptr(&key).is_none() {
         return decap::PASS_NOT_SERVED;
     }
-    if move_l2(ctx, 0, outer_len, l3 != ETH_LEN, ether_type).is_none() {
+    if move_l2(ctx, 0, outer_len, l2.vlan(), ether_type).is_none() {
         return decap::PASS_MALFORMED;
     }
     // SAFETY: plain helper call on our own context.

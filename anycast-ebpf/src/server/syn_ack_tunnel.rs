@@ -1,6 +1,6 @@
-//! The server side of the reverse tunnel (TC egress, clsact): the first response packet of
-//! each TCP connection to an anycast address — the SYN-ACK, SYN and ACK set, from one of the
-//! addresses in `SERVED` — goes back through the agent, IP-in-IP, instead of straight to the
+//! The SYN-ACK tunnel (TC egress, clsact): the first response packet of each TCP connection
+//! to an anycast address — the SYN-ACK, SYN and ACK set, from one of the addresses in
+//! `SERVED` — goes back through the agent, IP-in-IP, instead of straight to the
 //! client. The agent counts it for this server and forwards the inner packet, so it can tell
 //! a server that answers new connections from one that has stopped. Every other packet
 //! (the rest of the connection included) leaves untouched, straight to the client.
@@ -12,7 +12,9 @@
 //! (as the kernel's own output routing does), so the controller enables forwarding on `lo`
 //! (the helper refuses lookups for interfaces without it); no other interface forwards.
 use anycast_common::{
-    reverse, ReverseConfig, ServedKey, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
+    maps as names, syn_ack_tunnel as counter, AddressKey, SynAckTunnelConfig, ETH_LEN, ETH_P_IPV4,
+    ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PROTO_IPIP, PROTO_IPV6,
+    PROTO_TCP, TCP_ACK, TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{
     bindings::{
@@ -25,37 +27,44 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::error;
 
-use crate::{decap::SERVED, packet::*};
+use super::decap::SERVED;
+use crate::packet::{ipv4_tunnel_header, ipv6_tunnel_header_start, read_be16, Ipv4, Ipv6};
 
+/// Where SYN-ACKs go. (The map's name predates the program's; userspace and operators see
+/// it.)
 #[map]
-static REVERSE_CONFIG: Array<ReverseConfig> = Array::with_max_entries(1, 0);
+static REVERSE_CONFIG: Array<SynAckTunnelConfig> = Array::with_max_entries(1, 0);
+map_name!(REVERSE_CONFIG, names::REVERSE_CONFIG);
+/// What the program did, by [`counter`].
 #[map]
-static REVERSE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reverse::COUNT, 0);
+static REVERSE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+map_name!(REVERSE_STATS, names::REVERSE_STATS);
 
-const TTL: u8 = 64;
 /// `lo`: the FIB lookup is made as for a locally sent packet.
 const LOOPBACK_IFINDEX: u32 = 1;
 
+/// The SYN-ACK tunnel. (Its name in the object, `anycast_reverse`, predates this one: `tc
+/// filter show` lists it.)
 #[classifier]
 pub fn anycast_reverse(ctx: TcContext) -> i32 {
     let (action, reason) = tunnel(&ctx);
+    // Not expected on a working host (the kernel refused to grow or rewrite the packet), so
+    // logged; at most once per connection. The counters record it too.
+    if reason == counter::PASS_ENCAP_FAILED || reason == counter::DROP_WRITE_FAILED {
+        let what = if reason == counter::DROP_WRITE_FAILED {
+            "outer header not written after growing the packet: dropped"
+        } else {
+            "bpf_skb_adjust_room failed: sent untouched"
+        };
+        error!(&ctx, "SYN-ACK tunnel: {}", what);
+    }
     if let Some(c) = REVERSE_STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *c += 1 };
     }
     action
-}
-
-/// A bounds-checked copy of `T` at `off` in the linear part of the packet.
-#[inline(always)]
-fn read_tc<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: bounds checked above; packet data has no alignment guarantee.
-    Some(unsafe { ((start + off) as *const T).read_unaligned() })
 }
 
 /// What a SYN-ACK needs to be tunnelled.
@@ -68,52 +77,48 @@ struct SynAck {
 
 #[inline(always)]
 fn tunnel(ctx: &TcContext) -> (i32, u32) {
-    const OTHER: (i32, u32) = (TC_ACT_OK, reverse::PASS_OTHER);
-    let Some(ether_type) = read_tc::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) else {
+    const OTHER: (i32, u32) = (TC_ACT_OK, counter::PASS_OTHER);
+    // Frames leave without an 802.1Q tag here: the Ethernet header alone.
+    let Some(ether_type) = read_be16(ctx, 12) else {
         return OTHER;
     };
     let l3 = ETH_LEN;
-    let mut source = ServedKey::default();
+    let mut source = AddressKey::default();
     let (l4, syn_ack) = match ether_type {
         ETH_P_IPV4 => {
-            let Some(h) = read_tc::<[u8; IPV4_LEN]>(ctx, l3) else {
+            let Some(h) = Ipv4::at(ctx, l3) else {
                 return OTHER;
             };
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            if h[0] >> 4 != 4 || ihl < IPV4_LEN || h[9] != PROTO_TCP {
+            let ihl = h.header_len();
+            if h.version() != 4 || ihl < IPV4_LEN || h.proto() != PROTO_TCP {
                 return OTHER;
             }
             // A fragment's later pieces carry no TCP header.
-            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            if h.frag_off() & IPV4_OFFSET_MASK != 0 {
                 return OTHER;
             }
             source.family = FAMILY_V4;
-            source.addr[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+            source.addr[0] = h.src();
             let s = SynAck {
                 inner_proto: PROTO_IPIP,
-                inner_len: u16::from_be_bytes([h[2], h[3]]),
-                tos: h[1],
+                inner_len: h.total_len(),
+                tos: h.tos(),
             };
             (l3 + ihl, s)
         }
         ETH_P_IPV6 => {
-            let Some(h) = read_tc::<[u8; IPV6_LEN]>(ctx, l3) else {
+            let Some(h) = Ipv6::at(ctx, l3) else {
                 return OTHER;
             };
-            if h[0] >> 4 != 6 || h[6] != PROTO_TCP {
+            if h.version() != 6 || h.next_header() != PROTO_TCP {
                 return OTHER;
             }
             source.family = FAMILY_V6;
-            let mut i = 0;
-            while i < 4 {
-                let s = 8 + i * 4;
-                source.addr[i] = u32::from_ne_bytes([h[s], h[s + 1], h[s + 2], h[s + 3]]);
-                i += 1;
-            }
+            source.addr = h.src();
             let s = SynAck {
                 inner_proto: PROTO_IPV6,
-                inner_len: IPV6_LEN as u16 + u16::from_be_bytes([h[4], h[5]]),
-                tos: (h[0] << 4) | (h[1] >> 4),
+                inner_len: IPV6_LEN as u16 + h.payload_len(),
+                tos: h.traffic_class(),
             };
             (l3 + IPV6_LEN, s)
         }
@@ -128,16 +133,16 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
         return OTHER;
     }
     if SERVED.get_ptr(&source).is_none() {
-        return (TC_ACT_OK, reverse::PASS_NOT_SERVED);
+        return (TC_ACT_OK, counter::PASS_NOT_SERVED);
     }
     let Some(config) = REVERSE_CONFIG.get(0) else {
-        return (TC_ACT_OK, reverse::PASS_DISABLED);
+        return (TC_ACT_OK, counter::PASS_DISABLED);
     };
     let config = *config;
     let outer_len: u16 = match config.family {
         FAMILY_V4 => IPV4_LEN as u16,
         FAMILY_V6 => IPV6_LEN as u16,
-        _ => return (TC_ACT_OK, reverse::PASS_DISABLED),
+        _ => return (TC_ACT_OK, counter::PASS_DISABLED),
     };
     // The whole tunnel packet.
     let outer_total = syn_ack.inner_len + outer_len;
@@ -168,8 +173,8 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
     let resolved = match rc {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex != LOOPBACK_IFINDEX => false,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return (TC_ACT_OK, reverse::PASS_TOO_BIG),
-        _ => return (TC_ACT_OK, reverse::PASS_NO_ROUTE),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return (TC_ACT_OK, counter::PASS_TOO_BIG),
+        _ => return (TC_ACT_OK, counter::PASS_NO_ROUTE),
     };
 
     // Room for the outer header between the Ethernet header and the IP packet; the kernel
@@ -184,69 +189,42 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
         .adjust_room(outer_len as i32, BPF_ADJ_ROOM_MAC, encap)
         .is_err()
     {
-        return (TC_ACT_OK, reverse::PASS_ENCAP_FAILED);
+        return (TC_ACT_OK, counter::PASS_ENCAP_FAILED);
     }
     let written = if config.family == FAMILY_V4 {
-        let mut h = [0u8; IPV4_LEN];
-        h[0] = 0x45;
-        h[1] = syn_ack.tos;
-        [h[2], h[3]] = outer_total.to_be_bytes();
-        h[6] = 0x40; // DF
-        h[8] = TTL;
-        h[9] = syn_ack.inner_proto;
-        [h[12], h[13], h[14], h[15]] = config.source[0].to_ne_bytes();
-        [h[16], h[17], h[18], h[19]] = config.agent[0].to_ne_bytes();
-        [h[10], h[11]] = ipv4_checksum(&h).to_be_bytes();
+        let h = ipv4_tunnel_header(
+            syn_ack.tos,
+            outer_total,
+            syn_ack.inner_proto,
+            config.source[0],
+            config.agent[0],
+        );
         ctx.skb.store(l3, &h, 0).is_ok() && ctx.skb.store(12, &ETH_P_IPV4.to_be_bytes(), 0).is_ok()
     } else {
-        let mut h = [0u8; IPV6_LEN];
-        h[0] = 0x60 | (syn_ack.tos >> 4);
-        h[1] = syn_ack.tos << 4;
-        [h[4], h[5]] = syn_ack.inner_len.to_be_bytes();
-        h[6] = syn_ack.inner_proto;
-        h[7] = TTL;
-        let mut i = 0;
-        while i < 4 {
-            let s = config.source[i].to_ne_bytes();
-            let d = config.agent[i].to_ne_bytes();
-            let o = 8 + i * 4;
-            [h[o], h[o + 1], h[o + 2], h[o + 3]] = s;
-            [h[o + 16], h[o + 17], h[o + 18], h[o + 19]] = d;
-            i += 1;
-        }
+        let [w0, w1] =
+            ipv6_tunnel_header_start(syn_ack.tos, 0, syn_ack.inner_len, syn_ack.inner_proto);
+        let (s, a) = (config.source, config.agent);
+        let h = [w0, w1, s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3]];
         ctx.skb.store(l3, &h, 0).is_ok() && ctx.skb.store(12, &ETH_P_IPV6.to_be_bytes(), 0).is_ok()
     };
     // Half rewritten: never let it out. The client retransmits its SYN.
     if !written {
-        return (TC_ACT_SHOT, reverse::DROP_WRITE_FAILED);
+        return (TC_ACT_SHOT, counter::DROP_WRITE_FAILED);
     }
     if resolved {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&fib.dmac);
         macs[6..].copy_from_slice(&fib.smac);
         if ctx.skb.store(0, &macs, 0).is_err() {
-            return (TC_ACT_SHOT, reverse::DROP_WRITE_FAILED);
+            return (TC_ACT_SHOT, counter::DROP_WRITE_FAILED);
         }
         // SAFETY: plain helper call.
         let action = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
-        (action, reverse::TUNNELLED)
+        (action, counter::TUNNELLED)
     } else {
         // The kernel routes the outer packet itself and resolves the neighbour.
         // SAFETY: no parameters: the helper looks the route up from the packet.
         let action = unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-        (action, reverse::TUNNELLED_RESOLVING)
+        (action, counter::TUNNELLED_RESOLVING)
     }
-}
-
-#[inline(always)]
-fn ipv4_checksum(h: &[u8; IPV4_LEN]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < IPV4_LEN {
-        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

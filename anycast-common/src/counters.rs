@@ -1,0 +1,153 @@
+//! The data path's counters: per-CPU arrays indexed by reason. Each set is written as one
+//! table by [`counters!`]: every row gives the index constant (its position in the table)
+//! and the name userspace shows, so the two cannot drift apart.
+
+/// Declares a module of counter indexes: `NAME = "text",` rows become `pub const NAME: u32`
+/// (0, 1, 2, ... in row order), plus `COUNT` and `NAMES` (the texts, by index).
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub mod $module:ident {
+            $( $(#[$doc:meta])* $name:ident = $text:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub mod $module {
+            counters!(@index 0u32; $( $(#[$doc])* $name, )*);
+            /// Number of counters: the length of the per-CPU array.
+            pub const COUNT: u32 = NAMES.len() as u32;
+            /// Each counter's name, by index.
+            pub const NAMES: [&str; [$($text),*].len()] = [$($text),*];
+        }
+    };
+    (@index $i:expr; ) => {};
+    (@index $i:expr; $(#[$doc:meta])* $name:ident, $($rest:tt)*) => {
+        $(#[$doc])*
+        pub const $name: u32 = $i;
+        counters!(@index $i + 1; $($rest)*);
+    };
+}
+
+counters! {
+    /// Why the agent did what it did; the index into the `VERDICTS` per-CPU array.
+    pub mod verdict {
+        /// Encapsulated and sent back out of the ingress interface (`XDP_TX`).
+        TX = "tx",
+        /// Encapsulated and redirected to another interface.
+        REDIRECT = "redirect",
+        /// Encapsulated, but the next hop's MAC is not known yet: handed to the kernel to
+        /// resolve.
+        PASS_NO_NEIGH = "pass_no_neigh",
+        /// Encapsulated, but no route to the server: handed to the kernel, which will drop it.
+        PASS_NO_ROUTE = "pass_no_route",
+        /// Encapsulated, the egress interface is not in the device map: handed to the kernel.
+        PASS_NOT_TX_PORT = "pass_not_tx_port",
+        /// Not addressed to an anycast service (including non-IP frames).
+        PASS_NOT_SERVICE = "pass_not_service",
+        /// An IP fragment: the ports are unknown, so it is left to the kernel.
+        PASS_FRAGMENT = "pass_fragment",
+        /// Truncated or malformed headers.
+        PASS_MALFORMED = "pass_malformed",
+        /// A service with no server able to take the flow.
+        DROP_NO_SERVER = "drop_no_server",
+        /// The frame could not be grown for the outer header.
+        DROP_ENCAP = "drop_encap",
+        /// The agent has no address of the family the server's real address needs.
+        DROP_NO_AGENT_ADDR = "drop_no_agent_addr",
+        /// The tunnelled packet exceeds the egress MTU.
+        DROP_TOO_BIG = "drop_too_big",
+        /// A flow table hit (not a verdict; counted beside them).
+        FLOW_HIT = "flow_hit",
+        /// A flow table miss (not a verdict; counted beside them).
+        FLOW_MISS = "flow_miss",
+        /// Part of `FLOW_MISS`: an entry was found but had ended (idle past its timeout, or
+        /// closing and reused by a new SYN), so the flow was chosen anew.
+        FLOW_EXPIRED = "flow_expired",
+        /// A server's SYN-ACK relayed to its client: IP-in-IP from a known server's real
+        /// address to the agent's own address, inner source an anycast service. Counted per
+        /// server, outer header stripped, inner packet handed to the kernel to forward.
+        REVERSE_TUNNEL = "reverse_tunnel",
+    }
+}
+
+counters! {
+    /// Server side: what the SYN-ACK tunnel (TC egress) did with a packet; the index into
+    /// `REVERSE_STATS`.
+    pub mod syn_ack_tunnel {
+        /// A SYN-ACK encapsulated to the agent and redirected to the egress the FIB chose.
+        TUNNELLED = "tunnelled",
+        /// Encapsulated, the next hop's MAC is not known yet: handed to `bpf_redirect_neigh`,
+        /// which resolves it.
+        TUNNELLED_RESOLVING = "tunnelled_resolving",
+        /// A SYN-ACK whose source is not an anycast address of this server: untouched.
+        PASS_NOT_SERVED = "pass_not_served",
+        /// No route to the agent (or forwarding lookups disabled): sent untouched, directly.
+        PASS_NO_ROUTE = "pass_no_route",
+        /// The tunnel packet would exceed the egress MTU: sent untouched.
+        PASS_TOO_BIG = "pass_too_big",
+        /// The packet could not be grown for the outer header: sent untouched.
+        PASS_ENCAP_FAILED = "pass_encap_failed",
+        /// No tunnel configured.
+        PASS_DISABLED = "pass_disabled",
+        /// Everything else (not a SYN-ACK, not TCP, not IP): untouched.
+        PASS_OTHER = "pass_other",
+        /// Grown, but the outer header could not be written: dropped rather than sent half
+        /// rewritten (the client retransmits its SYN).
+        DROP_WRITE_FAILED = "drop_write_failed",
+    }
+}
+
+counters! {
+    /// Server side: what the decapsulator (XDP) did with a packet; the index into
+    /// `DECAP_STATS`.
+    pub mod decap {
+        /// An IP-in-IP packet for an anycast address of this server: outer header stripped.
+        DECAPSULATED = "decapsulated",
+        /// Not IP-in-IP (or a fragment of it): untouched.
+        PASS_NOT_TUNNEL = "pass_not_tunnel",
+        /// IP-in-IP, but the inner destination is not an anycast address of this server.
+        PASS_NOT_SERVED = "pass_not_served",
+        /// Truncated or malformed headers.
+        PASS_MALFORMED = "pass_malformed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_follow_the_tables() {
+        assert_eq!(verdict::COUNT, 16);
+        assert_eq!(verdict::TX, 0);
+        assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
+        assert_eq!(
+            verdict::NAMES[verdict::REVERSE_TUNNEL as usize],
+            "reverse_tunnel"
+        );
+        assert_eq!(syn_ack_tunnel::COUNT, 9);
+        assert_eq!(
+            syn_ack_tunnel::NAMES[syn_ack_tunnel::DROP_WRITE_FAILED as usize],
+            "drop_write_failed"
+        );
+        assert_eq!(decap::COUNT, 4);
+        assert_eq!(
+            decap::NAMES[decap::PASS_MALFORMED as usize],
+            "pass_malformed"
+        );
+    }
+
+    /// Names are distinct snake_case within a set (they become JSON keys and metric labels).
+    #[test]
+    fn names_are_distinct_snake_case() {
+        for names in [&verdict::NAMES[..], &syn_ack_tunnel::NAMES, &decap::NAMES] {
+            for (i, n) in names.iter().enumerate() {
+                assert!(
+                    n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                    "{n}"
+                );
+                assert!(!names[..i].contains(n), "{n} twice");
+            }
+        }
+    }
+}

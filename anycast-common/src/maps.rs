@@ -1,0 +1,467 @@
+//! The maps the programs and the controller share: their names (defined here once; the
+//! eBPF crate checks at compile time that each `#[map]` static carries its name), every
+//! `#[repr(C)]` key and value, their flag constants and size bounds.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so both sides agree byte for byte.
+//! Addresses are kept in network byte order exactly as they sit in the packet: IPv4 in
+//! `addr[0]`, the rest zero.
+#[cfg(feature = "user")]
+use crate::net::{addr_words, words_addr};
+
+/// Agent: anycast services ([`ServiceKey`] -> [`ServiceInfo`]).
+pub const SERVICES: &str = "SERVICES";
+/// Agent: all consistent-hash tables (server slot numbers), two areas (live and next) per
+/// service, then two per preference table.
+pub const RINGS: &str = "RINGS";
+/// Agent: server slots ([`ServerInfo`]).
+pub const SERVERS: &str = "SERVERS";
+/// Agent: flows pinned to a server ([`FlowKey`] -> [`FlowValue`]).
+pub const FLOWS: &str = "FLOWS";
+/// Agent: its own addresses ([`AgentInfo`]), one entry.
+pub const AGENT: &str = "AGENT";
+/// Agent: flow idle timeouts ([`FlowConfig`](crate::FlowConfig)), one entry.
+pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
+/// Agent: topology preferences: LPM trie of [`PreferenceKey`] -> [`PreferenceTable`].
+pub const PREFERENCES: &str = "PREFERENCES";
+/// Agent: the interfaces it may redirect to (a device map).
+pub const TX_PORTS: &str = "TX_PORTS";
+/// Agent: a bitmap of the anycast addresses in `SERVICES` ([`address_filter_bit`]), so
+/// traffic for any other address passes after one array read, without a hash lookup.
+pub const ADDRESS_FILTER: &str = "ADDRESS_FILTER";
+/// Agent: per CPU, per server slot: the last FIB answer for the server's real address
+/// ([`NextHop`]), reused within the same tick of the flow clock.
+pub const NEXT_HOPS: &str = "NEXT_HOPS";
+/// Agent: per-CPU counters, indexed by [`verdict`](crate::verdict).
+pub const VERDICTS: &str = "VERDICTS";
+/// Agent: per CPU, per service id: [`Traffic`].
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+/// Agent: per CPU, per server slot: [`ServerTraffic`].
+pub const SERVER_STATS: &str = "SERVER_STATS";
+/// Agent: the installed servers' real addresses ([`AddressKey`]) -> the SYN-ACKs relayed
+/// for each ([`ReverseStats`]), per CPU. Written (keys) by the controller; the data path
+/// only counts into existing entries.
+pub const REVERSE: &str = "REVERSE";
+/// Server side: anycast addresses this server answers for ([`AddressKey`] -> 1); read by
+/// the decapsulator and the SYN-ACK tunnel.
+pub const SERVED: &str = "SERVED";
+/// Server side: per-CPU counters of the decapsulator, indexed by [`decap`](crate::decap).
+pub const DECAP_STATS: &str = "DECAP_STATS";
+/// Server side: where the SYN-ACK tunnel sends SYN-ACKs ([`SynAckTunnelConfig`]), one
+/// entry. (The object's name predates the program's; operators and scripts see it.)
+pub const REVERSE_CONFIG: &str = "REVERSE_CONFIG";
+/// Server side: per-CPU counters of the SYN-ACK tunnel, indexed by
+/// [`syn_ack_tunnel`](crate::syn_ack_tunnel).
+pub const REVERSE_STATS: &str = "REVERSE_STATS";
+
+/// Default and compiled-in upper bounds. The ring and flow maps are sized at load time
+/// from the agent's configuration; these are the defaults.
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+pub const MAX_SERVERS: u32 = 4096;
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+pub const DEFAULT_MAX_FLOWS: u32 = 1_000_000;
+pub const MAX_SERVED: u32 = 1024;
+/// Consistent-hash tables for topology preferences (each with two areas in `RINGS`, after
+/// the services' areas), default.
+pub const DEFAULT_MAX_PREFERENCE_TABLES: u32 = 16;
+/// Client prefixes in `PREFERENCES`, over all services (the trie allocates per entry, so
+/// the bound costs nothing until used).
+pub const MAX_PREFERENCE_PREFIXES: u32 = 4096;
+pub const MAX_TX_PORTS: u32 = 64;
+
+/// Marks a ring entry with no server (a service whose servers all have weight 0).
+pub const NO_SERVER: u32 = u32::MAX;
+
+/// Port value in a [`ServiceKey`] that matches every port of the address and protocol.
+pub const ANY_PORT: u16 = 0;
+
+/// An anycast service: address, protocol and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Host byte order; [`ANY_PORT`] for a port wildcard.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// What the data path needs to choose a server for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceInfo {
+    /// Index into the per-service counters.
+    pub id: u32,
+    /// First entry of this service's live consistent-hash table in `RINGS`. The controller
+    /// writes a whole new table into the other half of the service's area and then flips
+    /// this one value, so a lookup never sees a half-written table.
+    pub ring_base: u32,
+    /// Entries in the table (a prime).
+    pub ring_size: u32,
+    /// [`SERVICE_HAS_PREFERENCES`].
+    pub flags: u32,
+}
+
+/// `ServiceInfo::flags`: some clients of this service have a preferred table in
+/// `PREFERENCES`. Without it the data path never looks there.
+pub const SERVICE_HAS_PREFERENCES: u32 = 1;
+
+/// Key of the `PREFERENCES` LPM trie, laid out as the kernel's `struct bpf_lpm_trie_key`:
+/// the prefix length first, then the data matched bit by bit from its first byte. The data
+/// is the service id followed by the client address (network order words, IPv4 in
+/// `addr[0]`, the rest zero), so `prefixlen` is 32 (the service id, always matched whole) +
+/// the client prefix length. The data path looks up with [`PREFERENCE_KEY_BITS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PreferenceKey {
+    pub prefixlen: u32,
+    /// [`ServiceInfo::id`], host byte order.
+    pub service: u32,
+    pub addr: [u32; 4],
+}
+
+/// Bits of data in a [`PreferenceKey`]: the service id and a whole IPv6 address.
+pub const PREFERENCE_KEY_BITS: u32 = 32 + 128;
+
+impl PreferenceKey {
+    /// The key's data, as the trie sees it after `prefixlen`.
+    #[inline(always)]
+    pub fn data(&self) -> [u32; 5] {
+        [
+            self.service,
+            self.addr[0],
+            self.addr[1],
+            self.addr[2],
+            self.addr[3],
+        ]
+    }
+}
+
+/// Value of `PREFERENCES`: the preferred consistent-hash table, somewhere in `RINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PreferenceTable {
+    pub ring_base: u32,
+    pub ring_size: u32,
+}
+
+/// A server's real address, where tunnelled packets go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServerInfo {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub flags: u8,
+    /// The service this slot serves (every service has slots of its own), so a flow-table
+    /// hit needs no service lookup.
+    pub service: u16,
+    /// Bumped each time the slot is given to another server, so a flow pinned to an earlier
+    /// holder of the slot is not sent to the new one.
+    pub generation: u32,
+}
+
+/// `ServerInfo::flags`: the server may receive packets (new and existing flows).
+pub const SERVER_UP: u8 = 1;
+
+/// The 5-tuple of a client flow. 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The server a flow is pinned to, and when the flow was last seen. 16 bytes, so key +
+/// value is 56 bytes per flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub server: u32,
+    pub generation: u32,
+    /// Tick of the flow clock (see [`FlowConfig`](crate::FlowConfig)) when the flow last sent a packet; for
+    /// a closing flow, at least when it sent its FIN or RST.
+    pub last_seen: u32,
+    /// [`FLOW_CLOSING`].
+    pub flags: u32,
+}
+
+/// `FlowValue::flags`: the client sent a TCP FIN or RST; the entry lives only
+/// `tcp_closing` seconds after the last packet, and a SYN (without ACK) starts a new flow.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// The agent's own addresses: outer source of the tunnels it builds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AgentInfo {
+    pub v6: [u32; 4],
+    pub v4: u32,
+    pub flags: u32,
+    /// Bumped by the controller whenever the kernel reports a route, neighbour, address or
+    /// link change: cached next hops ([`NextHop`]) of an older generation are not used.
+    pub fib_generation: u32,
+}
+pub const AGENT_HAS_V4: u32 = 1;
+pub const AGENT_HAS_V6: u32 = 2;
+
+/// Packets and bytes, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A server slot's traffic (`SERVER_STATS`), per CPU: packets and bytes forwarded to it, and
+/// how many of those packets were TCP SYNs without ACK (new connections, or a client's
+/// retransmission of one). The reverse-tunnel monitor compares `syns` with the SYN-ACKs
+/// the server sends back through the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServerTraffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syns: u64,
+}
+
+/// An address as a map key: a server's real address (`REVERSE`) or an anycast address this
+/// server answers for (`SERVED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct AddressKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// SYN-ACKs relayed from one server real address (`REVERSE`), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseStats {
+    pub packets: u64,
+    /// `bpf_ktime_get_coarse_ns()` (`CLOCK_MONOTONIC_COARSE`) of the newest one on this CPU;
+    /// 0: none yet.
+    pub last_seen_ns: u64,
+}
+
+/// Server side (`REVERSE_CONFIG`, one entry): the SYN-ACK tunnel to the agent. `family` 0
+/// turns the program into a pass-through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SynAckTunnelConfig {
+    /// The agent's address: outer destination.
+    pub agent: [u32; 4],
+    /// The server's real address of the same family: outer source.
+    pub source: [u32; 4],
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6) (of both
+    /// addresses), or 0.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Words of 64 bits in `ADDRESS_FILTER`: 65536 bits, so a few thousand anycast addresses
+/// still leave almost every other address's bit clear.
+pub const ADDRESS_FILTER_WORDS: u32 = 1024;
+/// [`address_filter_bit`] takes the top 16 bits of its hash.
+const _: () = assert!(ADDRESS_FILTER_WORDS * 64 == 1 << 16);
+
+/// The `ADDRESS_FILTER` word and bit of an address (an IPv4 address is `[a, 0, 0, 0]`, in
+/// network byte order as the packet holds it). A set bit means "maybe a service address":
+/// the data path then looks `SERVICES` up; a clear bit means "certainly not".
+#[inline(always)]
+pub fn address_filter_bit(family: u8, addr: &[u32; 4]) -> (u32, u64) {
+    // Fold the address into one word, then Fibonacci hashing: the top bits of a multiply.
+    // A few instructions; collisions only cost a `SERVICES` lookup.
+    let folded =
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    let h = (folded ^ family as u32).wrapping_mul(0x9e37_79b1);
+    let bit = h >> (32 - 16);
+    (bit >> 6, 1u64 << (bit & 63))
+}
+
+/// A cached FIB answer for one server slot on one CPU: valid while `tick` is the current
+/// tick of the flow clock (about a second) and no route, neighbour, address or link changed
+/// since (`fib_generation`), the slot still holds the same server (`generation`), the packet came
+/// in on `ingress` and is no longer than `max_len` (the longest outer packet the FIB has
+/// accepted for this route, so a longer one is checked against the MTU again). 36 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub tick: u32,
+    /// [`AgentInfo::fib_generation`] when the FIB gave this answer.
+    pub fib_generation: u32,
+    pub generation: u32,
+    pub ingress: u32,
+    pub egress: u32,
+    /// Destination then source MAC: the first 12 bytes of the Ethernet header, as words.
+    pub macs: [u32; 3],
+    pub max_len: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, contain only integers and explicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for ServerInfo {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for PreferenceKey {}
+    unsafe impl aya::Pod for PreferenceTable {}
+    unsafe impl aya::Pod for AgentInfo {}
+    unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for ServerTraffic {}
+    unsafe impl aya::Pod for AddressKey {}
+    unsafe impl aya::Pod for ReverseStats {}
+    unsafe impl aya::Pod for SynAckTunnelConfig {}
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use std::net::IpAddr;
+
+    impl ServiceKey {
+        pub fn new(ip: IpAddr, proto: u8, port: u16) -> Self {
+            let (addr, family) = addr_words(ip);
+            ServiceKey {
+                addr,
+                port,
+                proto,
+                family,
+            }
+        }
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
+        }
+    }
+
+    impl ServerInfo {
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
+        }
+    }
+
+    impl AddressKey {
+        pub fn new(ip: IpAddr) -> Self {
+            let (addr, family) = addr_words(ip);
+            AddressKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            }
+        }
+        pub fn ip(&self) -> IpAddr {
+            words_addr(self.addr, self.family)
+        }
+    }
+
+    impl PreferenceKey {
+        /// The key for clients in `client/len` of service `service`. Host bits beyond `len`
+        /// are cleared. `len` must be at most 32 for IPv4 and 128 for IPv6.
+        pub fn new(service: u32, client: IpAddr, len: u8) -> Self {
+            let max = if client.is_ipv4() { 32 } else { 128 };
+            let len = u32::from(len).min(max);
+            let (mut addr, _) = addr_words(client);
+            for (i, w) in addr.iter_mut().enumerate() {
+                let bits = len.saturating_sub(i as u32 * 32).min(32);
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                // The words hold the address's bytes in order: mask in the same order.
+                *w &= mask.to_be();
+            }
+            PreferenceKey {
+                prefixlen: 32 + len,
+                service,
+                addr,
+            }
+        }
+        /// The client prefix: (address, length).
+        pub fn client(&self, family: u8) -> (IpAddr, u8) {
+            (
+                words_addr(self.addr, family),
+                self.prefixlen.saturating_sub(32) as u8,
+            )
+        }
+    }
+
+    impl FlowKey {
+        pub fn new(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Self {
+            let (s, family) = addr_words(src);
+            let (d, _) = addr_words(dst);
+            FlowKey {
+                src: s,
+                dst: d,
+                sport,
+                dport,
+                proto,
+                family,
+                _pad: [0; 2],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{FAMILY_V4, FAMILY_V6};
+
+    /// A block of consecutive anycast addresses (the usual allocation), IPv4 or IPv6,
+    /// leaves almost every bit of the address filter clear and sets one bit per address.
+    #[test]
+    fn address_filter_spreads_address_blocks() {
+        for family in [FAMILY_V4, FAMILY_V6] {
+            extern crate std;
+            let mut bits = std::collections::BTreeSet::new();
+            for i in 0u32..1000 {
+                let addr = if family == FAMILY_V4 {
+                    [(0xc000_0200u32 + i).to_be(), 0, 0, 0]
+                } else {
+                    [0x2001_0db8u32.to_be(), 0, 0, (0x100 + i).to_be()]
+                };
+                bits.insert(address_filter_bit(family, &addr));
+            }
+            assert!(
+                bits.len() >= 990,
+                "family {family}: {} distinct bits of 1000",
+                bits.len()
+            );
+            assert!(bits.iter().all(|&(w, _)| w < ADDRESS_FILTER_WORDS));
+        }
+    }
+
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FlowValue>(), 16);
+        assert_eq!(
+            core::mem::size_of::<FlowKey>() + core::mem::size_of::<FlowValue>(),
+            56,
+            "bytes per flow"
+        );
+        // struct bpf_lpm_trie_key: __u32 prefixlen, then the data.
+        assert_eq!(core::mem::size_of::<PreferenceKey>(), 24);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, prefixlen), 0);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, service), 4);
+        assert_eq!(core::mem::offset_of!(PreferenceKey, addr), 8);
+        assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
+        assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
+        assert_eq!(core::mem::size_of::<AgentInfo>(), 28);
+        assert_eq!(core::mem::size_of::<NextHop>(), 36);
+        assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
+        assert_eq!(core::mem::size_of::<AddressKey>(), 20);
+        assert_eq!(core::mem::size_of::<ReverseStats>(), 16);
+        assert_eq!(core::mem::size_of::<SynAckTunnelConfig>(), 36);
+    }
+}

@@ -1,0 +1,135 @@
+//! Building binding messages: the MH, its options in their alignments, the AUTH option
+//! last, the checksum, and the inner IPv6 header in front.
+use super::auth::authenticator;
+use super::*;
+
+/// The UDP payload for `msg`; with a key, an AUTH option is appended last and computed.
+///
+/// # Panics
+///
+/// If the MN-ID identifier is empty or longer than [`MAX_MN_ID_LEN`] bytes; [`try_encode`]
+/// returns an error instead.
+pub fn encode(msg: &Message, key: Option<Key>) -> Vec<u8> {
+    match try_encode(msg, key) {
+        Ok(bytes) => bytes,
+        Err(e) => panic!("cannot encode binding message: {e}"),
+    }
+}
+
+/// [`encode`], with an error for an MN-ID that does not fit.
+pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeError> {
+    let mut mh = Vec::with_capacity(128);
+    // Payload proto, header length (set below), MH type, reserved, checksum (set last).
+    mh.extend_from_slice(&[IPPROTO_NONE, 0, msg.body.mh_type(), 0, 0, 0]);
+    match msg.body {
+        Body::BindingRefreshRequest => mh.extend_from_slice(&[0, 0]),
+        Body::BindingUpdate { seq, ack, lifetime } => {
+            let flags = BU_FLAG_H | if ack { BU_FLAG_A } else { 0 };
+            mh.extend_from_slice(&seq.to_be_bytes());
+            mh.extend_from_slice(&flags.to_be_bytes());
+            mh.extend_from_slice(&lifetime.to_be_bytes());
+        }
+        Body::BindingAck {
+            status,
+            seq,
+            lifetime,
+        } => {
+            mh.extend_from_slice(&[status, 0]);
+            mh.extend_from_slice(&seq.to_be_bytes());
+            mh.extend_from_slice(&lifetime.to_be_bytes());
+        }
+        Body::BindingError { status, home } => {
+            mh.extend_from_slice(&[status, 0]);
+            mh.extend_from_slice(&home.octets());
+        }
+    }
+
+    let o = &msg.options;
+    if let Some(coa) = o.alt_coa {
+        pad_to(&mut mh, 8, 6);
+        mh.extend_from_slice(&[option::ALT_COA, ALT_COA_LEN as u8]);
+        mh.extend_from_slice(&coa.octets());
+    }
+    if let Some(id) = &o.mn_id {
+        let id = id.as_bytes();
+        if id.is_empty() {
+            return Err(EncodeError::EmptyMnId);
+        }
+        if id.len() > MAX_MN_ID_LEN {
+            return Err(EncodeError::MnIdTooLong(id.len()));
+        }
+        mh.extend_from_slice(&[option::MN_ID, 1 + id.len() as u8, MN_ID_NAI]);
+        mh.extend_from_slice(id);
+    }
+    if let Some(ts) = o.mesg_id {
+        pad_to(&mut mh, 8, 2);
+        mh.extend_from_slice(&[option::MESG_ID, MESG_ID_LEN as u8]);
+        mh.extend_from_slice(&ts.to_be_bytes());
+    }
+    if let Some(l) = o.load {
+        pad_to(&mut mh, 4, 0);
+        mh.extend_from_slice(&[option::LOAD_INFO, LOAD_INFO_LEN as u8]);
+        mh.extend_from_slice(&l.priority.to_be_bytes());
+        mh.extend_from_slice(&l.sessions_in_use.to_be_bytes());
+        mh.extend_from_slice(&l.max_sessions.to_be_bytes());
+        mh.extend_from_slice(&l.used_capacity.to_be_bytes());
+        mh.extend_from_slice(&l.max_capacity.to_be_bytes());
+    }
+    if let Some(s) = o.service {
+        pad_to(&mut mh, 4, 2);
+        mh.extend_from_slice(&[option::VENDOR, VENDOR_SERVICE_LEN as u8]);
+        mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
+        mh.extend_from_slice(&[VENDOR_SERVICE, s.protocol]);
+        mh.extend_from_slice(&s.port.to_be_bytes());
+    }
+    match key {
+        Some(key) => {
+            // At 8n+1, so the option (2 + AUTH_LEN = 23 bytes) ends the MH on a multiple of 8.
+            pad_to(&mut mh, 8, 1);
+            mh.extend_from_slice(&[option::AUTH, AUTH_LEN as u8, AUTH_MN_HA]);
+            mh.extend_from_slice(&key.spi.to_be_bytes());
+            let total = mh.len() + AUTHENTICATOR_LEN;
+            set_header_len(&mut mh, total);
+            let tag = authenticator(&msg.src, &msg.dst, &mh, key.secret);
+            mh.extend_from_slice(&tag);
+        }
+        None => {
+            pad_to(&mut mh, 8, 0);
+            let total = mh.len();
+            set_header_len(&mut mh, total);
+        }
+    }
+    debug_assert_eq!(mh.len() % 8, 0);
+    let sum = checksum(&msg.src, &msg.dst, &mh);
+    mh[4..6].copy_from_slice(&sum.to_be_bytes());
+
+    let mut out = Vec::with_capacity(IPV6_HEADER_LEN + mh.len());
+    // Version 6, traffic class 0, flow label 0.
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(mh.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[IPPROTO_MH, HOP_LIMIT]);
+    out.extend_from_slice(&msg.src.octets());
+    out.extend_from_slice(&msg.dst.octets());
+    out.extend_from_slice(&mh);
+    Ok(out)
+}
+
+/// Pads `mh` with Pad1 or PadN so its length is `y` modulo `x`.
+fn pad_to(mh: &mut Vec<u8>, x: usize, y: usize) {
+    let need = (y + x - mh.len() % x) % x;
+    match need {
+        0 => {}
+        1 => mh.push(option::PAD1),
+        n => {
+            mh.extend_from_slice(&[option::PADN, (n - 2) as u8]);
+            mh.resize(mh.len() + n - 2, 0);
+        }
+    }
+}
+
+/// Sets the header length field for an MH of `total` bytes (a multiple of 8, at most 2048;
+/// our largest message is well under 400).
+fn set_header_len(mh: &mut [u8], total: usize) {
+    debug_assert!(total.is_multiple_of(8) && total <= 2048);
+    mh[1] = (total / 8 - 1) as u8;
+}

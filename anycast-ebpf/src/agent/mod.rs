@@ -1,0 +1,73 @@
+//! The agent: forwards packets for anycast services to a server's real address, IP-in-IP.
+//!
+//! The forward pipeline, one stage per file:
+//!
+//! ```text
+//! parse.rs        Ethernet / 802.1Q, IPv4 / IPv6, TCP / UDP; address filter
+//!   |  \__ IP-in-IP ______________________ syn_ack_relay.rs: a server's SYN-ACK -> the client
+//! select.rs       flow table, else service lookup and consistent-hash table (the client's
+//!   |             preferred one, for a service with topology preferences); pin the flow
+//! encap.rs        outer IPv4 / IPv6 header to the server's real address
+//!   |
+//! next_hop.rs     next hop (cached FIB answer) -> XDP_TX / XDP_REDIRECT (or hand to the
+//!                 kernel when the neighbour is unknown)
+//! ```
+//!
+//! `maps.rs` holds the maps and the counters; every packet is counted in `VERDICTS` by the
+//! reason of what was done with it.
+mod encap;
+mod maps;
+mod next_hop;
+mod parse;
+mod select;
+mod syn_ack_relay;
+
+use anycast_common::{flow_hash, verdict, TCP_ACK, TCP_SYN};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+use maps::{add_server_traffic, add_service_traffic, count, AGENT};
+use parse::{parse, Parsed};
+use select::{choose_server, flow_clock_now, lookup_service, pinned_server};
+
+#[xdp]
+pub fn anycast_agent(ctx: XdpContext) -> u32 {
+    let (action, reason) = forward(&ctx);
+    count(reason);
+    action
+}
+
+/// The pipeline: returns the XDP action and the verdict to count.
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> (u32, u32) {
+    let p = match parse(ctx) {
+        Ok(Parsed::Flow(p)) => p,
+        Ok(Parsed::Tunnel(t)) => return syn_ack_relay::relay(ctx, &t),
+        Err(reason) => return (xdp_action::XDP_PASS, reason),
+    };
+    let now = flow_clock_now();
+    // A flow-table hit names its server, and the server slot its service: no service lookup.
+    let (server_id, server) = match pinned_server(&p, now) {
+        Some(pinned) => pinned,
+        None => {
+            let Some(service) = lookup_service(&p.key) else {
+                return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
+            };
+            count(verdict::FLOW_MISS);
+            let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now) else {
+                return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
+            };
+            chosen
+        }
+    };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    add_service_traffic(server.service as u32, frame_len);
+    let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    add_server_traffic(server_id, frame_len, syn);
+    let Some(agent) = AGENT.get(0) else {
+        return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
+    };
+    match encap::encapsulate(ctx, &p, agent, &server) {
+        Ok(outer_len) => next_hop::send(ctx, &p, agent, server_id, &server, outer_len, now),
+        Err(reason) => (xdp_action::XDP_DROP, reason),
+    }
+}

@@ -1,0 +1,118 @@
+//! Choosing the server: the flow table first (a hit names its server, and the server slot
+//! its service: no service lookup), else the service's consistent-hash table (the client's
+//! preferred one, for a service with topology preferences), and the new choice is pinned.
+use anycast_common::{
+    flow_tick, verdict, FlowKey, FlowValue, PreferenceKey, ServerInfo, ServiceInfo, ServiceKey,
+    ANY_PORT, FLOW_CLOSING, PREFERENCE_KEY_BITS, SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
+};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
+
+use super::maps::{count, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS, SERVICES};
+use super::parse::Flow;
+
+#[inline(always)]
+pub(super) fn lookup_service(flow: &FlowKey) -> Option<ServiceInfo> {
+    let mut key = ServiceKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(s) = unsafe { SERVICES.get(&key) } {
+        return Some(*s);
+    }
+    key.port = ANY_PORT;
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+/// The flow clock: `CLOCK_MONOTONIC_COARSE` in ticks of 2^30 ns (the controller reads the
+/// same clock with `clock_gettime`). The coarse clock is a memory read, no clocksource access.
+#[inline(always)]
+pub(super) fn flow_clock_now() -> u32 {
+    // SAFETY: plain helper call without arguments.
+    flow_tick(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// The server the flow is pinned to, if that server is still up (and is the same server,
+/// not a later holder of its slot) and the entry has not ended.
+///
+/// An entry ends when it has been idle longer than its protocol's timeout (closing entries:
+/// the closing timeout), or when it is closing and a SYN without ACK reuses its 5-tuple.
+/// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
+/// tick changed (or the entry starts closing), not on every packet.
+#[inline(always)]
+pub(super) fn pinned_server(p: &Flow, now: u32) -> Option<(u32, ServerInfo)> {
+    let key = &p.key;
+    let pin = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: a valid map value; copied out at once.
+    let v = unsafe { *pin };
+    let s = SERVERS.get(v.server)?;
+    if s.flags & SERVER_UP == 0 || s.generation != v.generation {
+        return None;
+    }
+    let config = FLOW_CONFIG.get(0)?;
+    let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if config.expired(key.proto, &v, now) | (opens & (v.flags & FLOW_CLOSING != 0)) {
+        count(verdict::FLOW_EXPIRED);
+        return None;
+    }
+    count(verdict::FLOW_HIT);
+    let flags = v.flags | closes(p);
+    if v.last_seen != now || flags != v.flags {
+        // SAFETY: a valid map value; racing writers store the same kind of values, each
+        // field whole.
+        unsafe {
+            (*pin).last_seen = now;
+            (*pin).flags = flags;
+        }
+    }
+    Some((v.server, *s))
+}
+
+/// `FLOW_CLOSING` for a client's FIN or RST, else 0.
+#[inline(always)]
+fn closes(p: &Flow) -> u32 {
+    (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING
+}
+
+/// A new choice for the flow: the consistent-hash table's (the client's preferred table, if
+/// its service has preferences and the client is in one of their prefixes), pinned.
+#[inline(always)]
+pub(super) fn choose_server(
+    p: &Flow,
+    service: &ServiceInfo,
+    hash: u32,
+    now: u32,
+) -> Option<(u32, ServerInfo)> {
+    let key = &p.key;
+    let (mut base, mut size) = (service.ring_base, service.ring_size);
+    if service.flags & SERVICE_HAS_PREFERENCES != 0 {
+        let client = PreferenceKey {
+            prefixlen: PREFERENCE_KEY_BITS,
+            service: service.id,
+            addr: key.src,
+        };
+        if let Some(t) = PREFERENCES.get(Key::new(client.prefixlen, client.data())) {
+            base = t.ring_base;
+            size = t.ring_size;
+        }
+    }
+    if size == 0 {
+        return None;
+    }
+    let server_id = *RINGS.get(base + hash % size)?;
+    let s = *SERVERS.get(server_id)?;
+    if s.flags & SERVER_UP == 0 {
+        return None;
+    }
+    let pin = FlowValue {
+        server: server_id,
+        generation: s.generation,
+        last_seen: now,
+        flags: closes(p),
+    };
+    let _ = FLOWS.insert(key, &pin, 0);
+    Some((server_id, s))
+}

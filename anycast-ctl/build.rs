@@ -44,7 +44,13 @@ fn main() -> Result<()> {
 
     let mut cmd = Command::new("rustup");
     cmd.args(["run", BPF_TOOLCHAIN, "cargo", "build", "--package", PACKAGE])
-        .args(["--bins", "--message-format=json", "--release", "--target", target])
+        .args([
+            "--bins",
+            "--message-format=json",
+            "--release",
+            "--target",
+            target,
+        ])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir)
         .current_dir(&root)
@@ -106,7 +112,10 @@ fn main() -> Result<()> {
     let status = child.wait().context("waiting for the eBPF build")?;
     let stderr = stderr.join().unwrap_or_default();
     if !status.success() {
-        for line in stderr.lines().chain(rendered.iter().flat_map(|r| r.lines())) {
+        for line in stderr
+            .lines()
+            .chain(rendered.iter().flat_map(|r| r.lines()))
+        {
             println!("cargo:warning={line}");
         }
         bail!("building the eBPF programs failed ({status}); run `cargo xtask setup` to install the toolchain");

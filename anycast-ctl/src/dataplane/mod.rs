@@ -22,12 +22,12 @@ use std::{
 
 use crate::config::XdpModeName;
 use anycast_common::{
-    address_filter_bit, maps, programs, verdict, AgentInfo, FlowConfig, FlowKey, FlowValue,
-    PreferenceKey, PreferenceTable, AddressKey, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo,
-    ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
-    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
-    MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    address_filter_bit, maps, programs, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
+    FlowValue, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
+    ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
+    DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING,
+    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{

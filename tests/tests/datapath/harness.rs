@@ -11,8 +11,8 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, decap, flow_hash, maps, programs, reverse, verdict, FlowKey, ReverseConfig,
-    AddressKey, ServiceKey, PROTO_TCP, PROTO_UDP,
+    addr_words, decap, flow_hash, maps, programs, reverse, verdict, AddressKey, FlowKey,
+    ReverseConfig, ServiceKey, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
     flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService, FlowReport, Sizes,

@@ -34,11 +34,6 @@ pub use maps::{
 };
 pub use net::*;
 
-/// Former name of [`syn_ack_tunnel`], kept while anycast-ctl and the tests move over.
-pub use counters::syn_ack_tunnel as reverse;
-/// Former name of [`SynAckTunnelConfig`], kept while anycast-ctl and the tests move over.
-pub type ReverseConfig = SynAckTunnelConfig;
-
 /// Program names, as they appear in the eBPF object.
 pub mod programs {
     /// The agent's forwarder (XDP).
@@ -51,4 +46,12 @@ pub mod programs {
     pub const SERVER_REVERSE: &str = "anycast_reverse";
     /// Lets frames through (for veth peers of native-mode XDP).
     pub const PASS: &str = "xdp_pass";
+    /// Benchmark baseline: swaps the MAC addresses and sends the frame back (XDP_TX).
+    pub const TX_SWAP: &str = "xdp_tx_swap";
+    /// Benchmark sink: XDP_DROP.
+    pub const BENCH_SINK: &str = "bench_sink";
+    /// Benchmark generator: writes `BENCH_FRAME` and transmits it (XDP_TX).
+    pub const BENCH_GEN: &str = "bench_gen";
+    /// As [`BENCH_GEN`], with a random IPv4 source address and L4 source port per frame.
+    pub const BENCH_GEN_NEW: &str = "bench_gen_new";
 }

@@ -23,6 +23,8 @@ pub const AGENT: &str = "AGENT";
 pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
 /// Agent: topology preferences: LPM trie of [`PreferenceKey`] -> [`PreferenceTable`].
 pub const PREFERENCES: &str = "PREFERENCES";
+/// Benchmark generator: the frame it writes ([`GenFrame`]), one entry.
+pub const BENCH_FRAME: &str = "BENCH_FRAME";
 /// Agent: the interfaces it may redirect to (a device map).
 pub const TX_PORTS: &str = "TX_PORTS";
 /// Agent: a bitmap of the anycast addresses in `SERVICES` ([`address_filter_bit`]), so
@@ -302,6 +304,20 @@ pub struct NextHop {
     pub max_len: u32,
 }
 
+/// Largest frame the benchmark's generator writes; a power of two (the program masks the
+/// length with it).
+pub const GEN_FRAME_MAX: usize = 256;
+
+/// The benchmark generator's frame (`BENCH_FRAME`), written by the benchmark before it runs
+/// the generator.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenFrame {
+    /// Bytes of `bytes` to write, 1..=GEN_FRAME_MAX.
+    pub len: u32,
+    pub bytes: [u8; GEN_FRAME_MAX],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -320,6 +336,7 @@ mod pod {
     unsafe impl aya::Pod for AddressKey {}
     unsafe impl aya::Pod for ReverseStats {}
     unsafe impl aya::Pod for SynAckTunnelConfig {}
+    unsafe impl aya::Pod for GenFrame {}
 }
 
 #[cfg(feature = "user")]

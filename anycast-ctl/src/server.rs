@@ -12,14 +12,15 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, decap, maps, programs, reverse, wire::ServiceSelector, AddressKey, ReverseConfig,
+    addr_words, decap, maps, programs, syn_ack_tunnel, wire::ServiceSelector, AddressKey,
+    SynAckTunnelConfig,
 };
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 
 use crate::{
     config::XdpModeName,
-    dataplane::{attach, attach_tc_egress, load_object, Sizes},
+    dataplane::{attach, attach_tc_egress, load_object, spawn_ebpf_logger, Sizes},
     host::{self as sys, HostChanges},
     registration::server::{
         established_sessions, AnycastBinding, Client, ClientConfig, LoadSource,
@@ -112,6 +113,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         sys::ifindex(name).with_context(|| format!("--iface #{}", i + 1))?;
     }
     let mut ebpf = load_object(SERVER_SIZES)?;
+    spawn_ebpf_logger(&mut ebpf);
     let mut served: BpfHashMap<MapData, AddressKey, u32> = BpfHashMap::try_from(
         ebpf.take_map(maps::SERVED)
             .ok_or_else(|| anyhow!("no SERVED map"))?,
@@ -164,17 +166,17 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     };
     // Held until exit: closing a map's last descriptor before the program that uses it is
     // loaded would free it.
-    let mut _reverse_config: Option<Array<MapData, ReverseConfig>> = None;
+    let mut _reverse_config: Option<Array<MapData, SynAckTunnelConfig>> = None;
     if let Some((agent, source)) = tunnel {
         let (agent_words, family) = addr_words(agent);
-        let mut config: Array<MapData, ReverseConfig> = Array::try_from(
+        let mut config: Array<MapData, SynAckTunnelConfig> = Array::try_from(
             ebpf.take_map(maps::REVERSE_CONFIG)
                 .ok_or_else(|| anyhow!("no REVERSE_CONFIG map"))?,
         )?;
         config
             .set(
                 0,
-                ReverseConfig {
+                SynAckTunnelConfig {
                     agent: agent_words,
                     source: addr_words(source).0,
                     family,
@@ -287,7 +289,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         counts.push(format!("{name}={v}"));
     }
     if tunnel.is_some() {
-        for (i, name) in reverse::NAMES.iter().enumerate() {
+        for (i, name) in syn_ack_tunnel::NAMES.iter().enumerate() {
             let v: u64 = reverse_stats.get(&(i as u32), 0)?.iter().sum();
             counts.push(format!("reverse_{name}={v}"));
         }

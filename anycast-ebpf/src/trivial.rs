@@ -1,5 +1,6 @@
 //! Trivial programs: a pass-through for veth peers, and the benchmark's baseline forwarder,
 //! traffic generator and sink (`anycast-bench`, part 2).
+use anycast_common::maps::{self, GenFrame, GEN_FRAME_MAX};
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_get_prandom_u32, bpf_xdp_store_bytes},
@@ -39,20 +40,11 @@ pub fn bench_sink(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// Largest frame the generator writes; a power of two (see [`write_frame`]).
-const FRAME_MAX: usize = 256;
-
-/// The generator's frame, written by the benchmark before it runs the generator. Layout
-/// mirrored by `tests/src/bench/live.rs` (`GenFrame`).
-#[repr(C)]
-pub struct GenFrame {
-    /// Bytes of `bytes` to write, 1..=FRAME_MAX.
-    pub len: u32,
-    pub bytes: [u8; FRAME_MAX],
-}
+const FRAME_MAX: usize = GEN_FRAME_MAX;
 
 #[map]
 static BENCH_FRAME: Array<GenFrame> = Array::with_max_entries(1, 0);
+map_name!(BENCH_FRAME, maps::BENCH_FRAME);
 
 /// Benchmark generator, run with BPF_PROG_TEST_RUN in live-frames mode: writes
 /// `BENCH_FRAME` over the start of the frame and transmits it (XDP_TX). Live frames are

@@ -8,19 +8,19 @@
 //! counted when full), control connections are read and written by their own tasks.
 //!
 //! ```text
-//!  registration sockets (v4, v6)
-//!    receiver task per socket --Datagram (bounded)------------+
-//!    sender task per socket  <--Reply (bounded, try_send)--+  |
-//!                                                          |  v
-//!  control socket                                     +-------------+
-//!    accept task -> task per connection --ControlRequest->|    owner    |--> BPF maps
-//!                  (own timeouts)  <--Answer (oneshot)----|    task     |    (Dataplane)
-//!  health checker task --Transition------------------------>| (state.rs)  |
-//!  routing events task (rtnetlink) --RoutesChanged--------->|             |
-//!  SIGHUP, SIGINT/SIGTERM, 50 ms housekeeping tick -------->+-------------+
+//! registration sockets (v4, v6)                                  +-------------+
+//!   receiver task per socket --- Datagram (bounded) ------------>|             |
+//!   sender task per socket  <--- Reply (bounded, try_send) ------|             |
+//! control socket                                                 |             |
+//!   accept task -> task per connection -- ControlRequest ------->|    owner    |--> BPF maps
+//!     (own timeouts)                   <-- Answer (one-shot) ----|    task     |    (Dataplane)
+//! health checker task -- Transition ---------------------------->|  (state.rs) |
+//! routing events task (rtnetlink) -- RoutesChanged ------------->|             |
+//! SIGHUP, SIGINT/SIGTERM, 50 ms housekeeping tick -------------->|             |
+//!                                                                +-------------+
 //!
-//!  flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows
-//!  flow listing: a snapshot from the owner, read on a blocking thread
+//! flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows
+//! flow listing: a snapshot from the owner, read on a blocking thread
 //! ```
 mod control;
 mod registration_io;

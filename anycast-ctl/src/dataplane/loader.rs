@@ -131,3 +131,37 @@ where
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
+
+/// Forwards what the eBPF programs log (aya-log: rare events only, never per packet) to the
+/// process's log, on a task of its own. The logger owns the log map and lives with the task.
+/// Without it the programs run the same; their records are dropped when the ring is full.
+pub fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("the eBPF programs' log is not forwarded: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns the log map's descriptor; it stays open, the same, as long as
+    // the AsyncFd (which owns the logger) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("the eBPF programs' log is not forwarded: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -53,7 +53,9 @@ mod tables;
 pub use crate::model::{DesiredServer, DesiredService, Preference};
 pub use flows::{flow_clock_now, FlowSnapshot, FlowSweeper, FlowTimeouts};
 use loader::take;
-pub use loader::{attach, attach_tc_egress, load_object, xdp_mode, Sizes, EBPF_OBJECT};
+pub use loader::{
+    attach, attach_tc_egress, load_object, spawn_ebpf_logger, xdp_mode, Sizes, EBPF_OBJECT,
+};
 pub use plan::{Installed, Op};
 pub use report::{
     coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,

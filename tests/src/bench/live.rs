@@ -5,6 +5,10 @@
 //! generator with `BPF_PROG_TEST_RUN` in live-frames mode.
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use anycast_common::{
+    maps::{self, GenFrame, GEN_FRAME_MAX},
+    programs,
+};
 use anycast_ctl::dataplane::Dataplane;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -21,44 +25,29 @@ pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
 /// The sink: XDP_DROP.
-pub const SINK: &str = "bench_sink";
+pub const SINK: &str = programs::BENCH_SINK;
 /// The generator: writes the frame set by [`set_frame`] and transmits it (XDP_TX).
-pub const GEN: &str = "bench_gen";
+pub const GEN: &str = programs::BENCH_GEN;
 /// As [`GEN`], with a random IPv4 source address and L4 source port in every frame.
-pub const GEN_NEW_FLOW: &str = "bench_gen_new";
-
-/// Room for the generator's frame; `FRAME_MAX` in `anycast-ebpf/src/trivial.rs`.
-const FRAME_MAX: usize = 256;
-
-/// The value of the generator's `BENCH_FRAME` map; `GenFrame` in
-/// `anycast-ebpf/src/trivial.rs`, field for field.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct GenFrame {
-    len: u32,
-    bytes: [u8; FRAME_MAX],
-}
-
-// SAFETY: plain old data, no padding (4 + 256 bytes).
-unsafe impl aya::Pod for GenFrame {}
+pub const GEN_NEW_FLOW: &str = programs::BENCH_GEN_NEW;
 
 /// Sets the frame the generator programs write.
 pub fn set_frame(dp: &mut Dataplane, frame: &[u8]) -> Result<()> {
-    if frame.is_empty() || frame.len() > FRAME_MAX {
+    if frame.is_empty() || frame.len() > GEN_FRAME_MAX {
         bail!(
-            "the generator writes frames of 1 to {FRAME_MAX} bytes, not {}",
+            "the generator writes frames of 1 to {GEN_FRAME_MAX} bytes, not {}",
             frame.len()
         );
     }
     let mut value = GenFrame {
         len: frame.len() as u32,
-        bytes: [0; FRAME_MAX],
+        bytes: [0; GEN_FRAME_MAX],
     };
     value.bytes[..frame.len()].copy_from_slice(frame);
     let map = dp
         .ebpf
-        .map_mut("BENCH_FRAME")
-        .ok_or_else(|| anyhow!("the eBPF object has no map BENCH_FRAME"))?;
+        .map_mut(maps::BENCH_FRAME)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {}", maps::BENCH_FRAME))?;
     let mut array: Array<_, GenFrame> = Array::try_from(map)?;
     array.set(0, value, 0)?;
     Ok(())

@@ -23,7 +23,7 @@ use super::packets::{self, Pick, Source};
 use super::report::{median, percentile, ratio, Row, Section};
 use crate::packet::{TCP_ACK, TCP_SYN};
 
-pub const TX_SWAP: &str = "xdp_tx_swap";
+pub const TX_SWAP: &str = anycast_common::programs::TX_SWAP;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 

@@ -5,7 +5,7 @@
 //! row does not stop the others, and the test fails with every failed row listed.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use anycast_common::{decap, reverse, verdict};
+use anycast_common::{decap, syn_ack_tunnel, verdict};
 use anycast_ctl::dataplane::DesiredService;
 use anycast_tests::packet::{first_difference, hex};
 use anyhow::{Context as _, Result};
@@ -261,7 +261,7 @@ impl Program for SynAckTunnel<'_> {
         self.0.reverse_counters()
     }
     fn counter_names(&self) -> &'static [&'static str] {
-        &reverse::NAMES
+        &syn_ack_tunnel::NAMES
     }
 }
 

@@ -11,8 +11,8 @@ use std::{
 };
 
 use anycast_common::{
-    addr_words, decap, flow_hash, maps, programs, reverse, verdict, AddressKey, FlowKey,
-    ReverseConfig, ServiceKey, PROTO_TCP, PROTO_UDP,
+    addr_words, decap, flow_hash, maps, programs, syn_ack_tunnel, verdict, AddressKey, FlowKey,
+    ServiceKey, SynAckTunnelConfig, PROTO_TCP, PROTO_UDP,
 };
 use anycast_ctl::dataplane::{
     flow_clock_now, load_object, Dataplane, DesiredServer, DesiredService, FlowReport, Sizes,
@@ -635,7 +635,7 @@ pub struct ServerSide {
     served: aya::maps::HashMap<MapData, AddressKey, u32>,
     reverse_stats: PerCpuArray<MapData, u64>,
     decap_stats: PerCpuArray<MapData, u64>,
-    config: Array<MapData, ReverseConfig>,
+    config: Array<MapData, SynAckTunnelConfig>,
     pub fx0: u32,
     _ns: Netns,
 }
@@ -698,7 +698,7 @@ impl ServerSide {
         let (agent, family) = addr_words(agent.parse()?);
         self.config.set(
             0,
-            ReverseConfig {
+            SynAckTunnelConfig {
                 agent,
                 source: addr_words(source.parse()?).0,
                 family,
@@ -738,9 +738,9 @@ impl ServerSide {
         test_run_xdp(prog, self.fx0, input)
     }
 
-    /// The SYN-ACK tunnel's counters (`reverse::NAMES` order), summed over CPUs.
+    /// The SYN-ACK tunnel's counters (`syn_ack_tunnel::NAMES` order), summed over CPUs.
     pub fn reverse_counters(&self) -> Result<Vec<u64>> {
-        (0..reverse::COUNT)
+        (0..syn_ack_tunnel::COUNT)
             .map(|i| Ok(self.reverse_stats.get(&i, 0)?.iter().sum()))
             .collect()
     }

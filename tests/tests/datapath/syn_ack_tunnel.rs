@@ -1,6 +1,6 @@
 //! Reverse tunnel, server side: the TC egress program tunnels the server's SYN-ACKs from an
 //! anycast address to the agent, and nothing else; as a fixture table.
-use anycast_common::{reverse, PROTO_TCP, PROTO_UDP};
+use anycast_common::{syn_ack_tunnel, PROTO_TCP, PROTO_UDP};
 use anycast_tests::packet::{ethernet, TCP_SYN_ACK};
 use anyhow::Result;
 
@@ -50,7 +50,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack4),
         TC_ACT_REDIRECT,
         tunnelled(agent_mac, FY0_MAC, "10.9.2.1", "10.9.3.11", &syn_ack4),
-        reverse::TUNNELLED,
+        syn_ack_tunnel::TUNNELLED,
     ));
     v.push(case(
         tunnel,
@@ -58,7 +58,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack6),
         TC_ACT_REDIRECT,
         tunnelled(agent_mac, FY0_MAC, "10.9.2.1", "10.9.3.11", &syn_ack6),
-        reverse::TUNNELLED,
+        syn_ack_tunnel::TUNNELLED,
     ));
     for (what, flags) in [
         ("SYN", 0x02u8),
@@ -75,7 +75,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
             server_frame(&p),
             TC_ACT_OK,
             server_frame(&p),
-            reverse::PASS_OTHER,
+            syn_ack_tunnel::PASS_OTHER,
         ));
     }
     let udp_answer = answer("192.0.2.10", PROTO_UDP, 53, 40403, 0);
@@ -85,7 +85,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&udp_answer),
         TC_ACT_OK,
         server_frame(&udp_answer),
-        reverse::PASS_OTHER,
+        syn_ack_tunnel::PASS_OTHER,
     ));
     let not_served = answer("192.0.2.99", PROTO_TCP, 80, 40404, TCP_SYN_ACK);
     v.push(case(
@@ -94,7 +94,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&not_served),
         TC_ACT_OK,
         server_frame(&not_served),
-        reverse::PASS_NOT_SERVED,
+        syn_ack_tunnel::PASS_NOT_SERVED,
     ));
     v.push(case(
         tunnel,
@@ -102,7 +102,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         arp_request(),
         TC_ACT_OK,
         arp_request(),
-        reverse::PASS_OTHER,
+        syn_ack_tunnel::PASS_OTHER,
     ));
     // The kernel refuses sched_cls test frames of the IPv4 ether type shorter than an IPv4
     // header (14 + 20 bytes); 46 ends just before the TCP flags.
@@ -114,7 +114,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
             cut.clone(),
             TC_ACT_OK,
             cut,
-            reverse::PASS_OTHER,
+            syn_ack_tunnel::PASS_OTHER,
         ));
     }
 
@@ -127,7 +127,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack4),
         TC_ACT_REDIRECT,
         tunnelled(ROUTER_MAC, SERVER_MAC, "10.9.2.1", "10.9.2.99", &syn_ack4),
-        reverse::TUNNELLED_RESOLVING,
+        syn_ack_tunnel::TUNNELLED_RESOLVING,
     ));
     tunnel = ("10.99.0.1", "10.9.2.1");
     v.push(case(
@@ -136,7 +136,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack4),
         TC_ACT_OK,
         server_frame(&syn_ack4),
-        reverse::PASS_NO_ROUTE,
+        syn_ack_tunnel::PASS_NO_ROUTE,
     ));
 
     // An IPv6 agent: IPv4-in-IPv6 and IPv6-in-IPv6 from the server's IPv6 address, via fx0.
@@ -148,7 +148,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack4),
         TC_ACT_REDIRECT,
         tunnelled(agent6_mac, FX0_MAC, "fd09:2::1", "fd09:2::11", &syn_ack4),
-        reverse::TUNNELLED,
+        syn_ack_tunnel::TUNNELLED,
     ));
     v.push(case(
         tunnel,
@@ -156,7 +156,7 @@ fn the_server_tunnels_syn_acks_from_anycast_addresses_to_the_agent_and_nothing_e
         server_frame(&syn_ack6),
         TC_ACT_REDIRECT,
         tunnelled(agent6_mac, FX0_MAC, "fd09:2::1", "fd09:2::11", &syn_ack6),
-        reverse::TUNNELLED,
+        syn_ack_tunnel::TUNNELLED,
     ));
     fixtures::run(&mut SynAckTunnel(&mut srv), &v)
 }

@@ -1,4 +1,4 @@
-//! The server side's binding client (issue 3): registers this server's anycast addresses with
+//! The server side's binding client: registers this server's anycast addresses with
 //! the agents by authenticated Mobile IPv6 Binding Updates over UDP (DSMIPv6 framing, see
 //! `anycast_common::wire`), keeps the bindings fresh, answers Binding Refresh Requests, and
 //! deregisters every binding on stop.

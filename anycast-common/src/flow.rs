@@ -98,10 +98,12 @@ impl FlowConfig {
     }
 
     /// Whether the entry is past its timeout at `now` (the same rule in the data path and
-    /// in the controller's sweep).
+    /// in the controller's sweep). Ticks compare as serial numbers (RFC 1982): an entry
+    /// seen at a tick after `now` (refreshed on another CPU, or while a sweep that read the
+    /// clock earlier was running) is live, not 2^32 ticks old.
     #[inline(always)]
     pub fn expired(&self, proto: u8, value: &FlowValue, now: u32) -> bool {
-        now.wrapping_sub(value.last_seen) > self.timeout(proto, value.flags)
+        (now.wrapping_sub(value.last_seen) as i32) > self.timeout(proto, value.flags) as i32
     }
 }
 
@@ -118,6 +120,24 @@ unsafe impl aya::Pod for FlowConfig {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_seen_after_the_clock_reading_is_live() {
+        let config = FlowConfig::new(300, 30, 10);
+        let seen = |last_seen: u32| FlowValue {
+            last_seen,
+            ..FlowValue::default()
+        };
+        let timeout = config.timeout(crate::PROTO_TCP, 0);
+        for now in [0u32, 1000, u32::MAX] {
+            let tcp = |v: u32| config.expired(crate::PROTO_TCP, &seen(v), now);
+            assert!(!tcp(now), "seen now");
+            assert!(!tcp(now.wrapping_add(1)), "seen a tick after the reading");
+            assert!(!tcp(now.wrapping_add(1000)), "seen well after the reading");
+            assert!(!tcp(now.wrapping_sub(timeout)), "exactly at the timeout");
+            assert!(tcp(now.wrapping_sub(timeout + 1)), "past the timeout");
+        }
+    }
 
     #[test]
     fn layout_is_fixed() {

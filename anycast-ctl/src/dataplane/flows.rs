@@ -62,10 +62,11 @@ impl Drop for FlowSweeper {
 pub(crate) fn sweep(
     flows: &mut BpfHashMap<MapData, FlowKey, FlowValue>,
     config: &FlowConfig,
-    now: u32,
+    clock: impl Fn() -> u32,
 ) -> Result<(usize, usize)> {
     let mut candidates: Vec<FlowKey> = Vec::new();
     let mut seen = 0;
+    let now = clock();
     for_each_flow(flows, |key, value| {
         seen += 1;
         if config.expired(key.proto, value, now) {
@@ -82,7 +83,9 @@ pub(crate) fn sweep(
             Ok(None) => continue,
             Err(e) => return Err(e).context("deleting a flow-table entry"),
         };
-        if config.expired(key.proto, &value, now) {
+        // Read the clock again: a sweep of a large table spans ticks, and an entry the
+        // data path refreshed meanwhile is live.
+        if config.expired(key.proto, &value, clock()) {
             removed += 1;
             continue;
         }
@@ -153,7 +156,7 @@ impl Dataplane {
     /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
     /// same server).
     pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
-        Ok(sweep(&mut self.flows_map, &self.timeouts.config(), now)?.1)
+        Ok(sweep(&mut self.flows_map, &self.timeouts.config(), || now)?.1)
     }
 
     /// Starts a thread that sweeps the flow table every `every` (less often when a sweep
@@ -197,7 +200,7 @@ impl Dataplane {
                     let outcome = config
                         .get(&0, 0)
                         .context("reading the flow timeouts")
-                        .and_then(|c| sweep(&mut flows, &c, flow_clock_now()));
+                        .and_then(|c| sweep(&mut flows, &c, flow_clock_now));
                     // At most a tenth of a CPU: a huge table is swept less often (the
                     // data path re-chooses expired entries by itself meanwhile).
                     pause = every.max(started.elapsed() * 9);

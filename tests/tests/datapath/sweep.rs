@@ -43,6 +43,15 @@ fn sweeping_deletes_idle_and_closed_entries_and_keeps_active_ones() -> Result<()
         .is_some_and(|s| addrs(&[SERVER_A, SERVER_B]).contains(&s)));
     assert!(e.age <= 1 && !e.closing && !e.expired, "{e:?}");
 
+    // A sweep whose clock reading is older than the entries' last packets (a sweep spans
+    // ticks; the data path refreshes entries meanwhile) deletes none of them.
+    assert_eq!(
+        h.dataplane.sweep_flows(now.wrapping_sub(1))?,
+        0,
+        "entries seen after the sweep's clock reading are live"
+    );
+    assert_eq!(listed(&h.dataplane)?, [25000, 25001, 25002, 25003]);
+
     // Default timeouts: TCP 300 s, UDP 30 s, closing 10 s, in ticks of the flow clock (an
     // entry's last tick may be `now` or, if the clock ticked meanwhile, `now - 1`).
     assert_eq!(

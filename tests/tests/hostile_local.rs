@@ -181,10 +181,11 @@ fn control_socket_and_key_files_hold_against_local_users() -> anyhow::Result<()>
     );
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
 
-    // In the admin group (a supplementary group): drain and reload are allowed.
-    let (ok, out) = ctl(Some(&[ADMIN]), &["drain", "a", "--socket", sock])?;
+    // In the admin group (supplementary groups; the socket's group opens the socket):
+    // drain and reload are allowed.
+    let (ok, out) = ctl(Some(&[GROUP, ADMIN]), &["drain", "a", "--socket", sock])?;
     assert!(ok && out.contains("drained now: a"), "admin drain: {out}");
-    let (ok, out) = ctl(Some(&[ADMIN]), &["reload", "--socket", sock])?;
+    let (ok, out) = ctl(Some(&[GROUP, ADMIN]), &["reload", "--socket", sock])?;
     assert!(ok && out.contains("reloaded"), "admin reload: {out}");
 
     let status = agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;

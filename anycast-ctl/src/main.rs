@@ -175,13 +175,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent { config, socket } => agent::run(&config, &socket).await,
         Command::Check { config } => {
-            let c =
-                Config::load(&config).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            let invalid = |e| anyhow::anyhow!("invalid configuration: {e}");
+            let c = Config::load(&config).map_err(invalid)?;
+            // What the agent would refuse at start: unreadable, bad, shared or unprotected
+            // keys, unknown control groups.
+            let keys = c.load_keys(&config).map_err(invalid)?;
+            c.control_access().map_err(invalid)?;
+            for w in c.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!(
-                "{}: {} services, {} servers: ok",
+                "{}: {} services, {} servers, {} keys: ok",
                 config.display(),
                 c.services.len(),
-                c.services.iter().map(|s| s.servers.len()).sum::<usize>()
+                c.services.iter().map(|s| s.servers.len()).sum::<usize>(),
+                keys.len()
             );
             Ok(())
         }

@@ -14,6 +14,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
     path::PathBuf,
     time::Duration,
 };
@@ -24,6 +25,15 @@ use crate::{
     netns::{veth, Netns, Proc},
     wait_until, workspace_bin,
 };
+
+/// The SPI of server `sN` in the topology's policy: 256 + N (each identity its own, as the
+/// agent requires); 256 for any other name.
+pub fn spi_of(identity: &str) -> u32 {
+    256 + identity
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0)
+}
 
 pub const ANYCAST_V4: Ipv4Addr = Ipv4Addr::new(10, 71, 100, 1);
 pub const ANYCAST_V6: Ipv6Addr = Ipv6Addr::new(0xfd71, 0x100, 0, 0, 0, 0, 0, 1);
@@ -253,7 +263,10 @@ impl Topology {
         let key: String = (0..32)
             .map(|b| format!("{:02x}", (b * 7 + i * 31 + 1) % 256))
             .collect();
+        // Readable by root only: the agent and the server refuse a key file others could
+        // read or write.
         fs::write(self.key_file(i), key)?;
+        fs::set_permissions(self.key_file(i), fs::Permissions::from_mode(0o600))?;
         self.servers.push(Server {
             name: format!("s{i}"),
             v4,
@@ -292,9 +305,10 @@ impl Topology {
         if s.second.is_some() {
             args.extend(["--iface", "eth1"]);
         }
-        let lifetime;
+        let (lifetime, spi);
         if let ServerMode::Registering { lifetime_secs } = self.mode {
             lifetime = lifetime_secs.to_string();
+            spi = spi_of(&s.name).to_string();
             args.extend([
                 "--agent",
                 AGENT_V4,
@@ -302,6 +316,8 @@ impl Topology {
                 &s.name,
                 "--key",
                 &key,
+                "--spi",
+                &spi,
                 "--lifetime",
                 &lifetime,
             ]);
@@ -382,7 +398,7 @@ impl Topology {
         if self.mode != ServerMode::Static {
             let servers: Vec<serde_json::Value> = (1..=self.servers.len())
                 .map(|i| {
-                    serde_json::json!({"id": format!("s{i}"), "spi": 256, "key_file": format!("s{i}.key"),
+                    serde_json::json!({"id": format!("s{i}"), "spi": spi_of(&format!("s{i}")), "key_file": format!("s{i}.key"),
                         "allow": [format!("{ANYCAST_V4}/32"), format!("{ANYCAST_V6}/128")]})
                 })
                 .collect();

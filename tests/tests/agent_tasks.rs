@@ -12,7 +12,7 @@ use std::{
 use anycast_common::wire::{self, status, Body, Key, LoadInfo, Message, Options};
 use anycast_tests::{
     netns::{veth, Netns},
-    topology::{ServerMode, Topology, ANYCAST_V4},
+    topology::{self, ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
 
@@ -80,7 +80,13 @@ fn binding_update(
             auth: None,
         },
     };
-    wire::encode(&msg, Some(Key { spi: 256, secret }))
+    wire::encode(
+        &msg,
+        Some(Key {
+            spi: topology::spi_of(identity),
+            secret,
+        }),
+    )
 }
 
 #[test]

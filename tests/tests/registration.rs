@@ -12,7 +12,7 @@ use std::{
 use anycast_common::wire::{self, status, Body, Key, LoadInfo, Message, Options, ServiceSelector};
 use anycast_tests::{
     netns::Netns,
-    topology::{http_get, Held, ServerMode, Topology, ANYCAST_V4, HTTP_PORT},
+    topology::{self, http_get, Held, ServerMode, Topology, ANYCAST_V4, HTTP_PORT},
     wait_until,
 };
 
@@ -100,7 +100,7 @@ fn bu(
     wire::encode(
         &msg,
         Some(Key {
-            spi: 256,
+            spi: topology::spi_of(identity),
             secret: key,
         }),
     )

@@ -72,6 +72,14 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         );
     }
     let registry = registry(&config, config_path)?;
+    let permissions = control::Permissions::new(
+        config
+            .control_access()
+            .map_err(|e| anyhow!("invalid configuration: {e}"))?,
+    );
+    for w in config.warnings() {
+        tracing::warn!("configuration: {w}");
+    }
     let mut listeners = Vec::new();
     if let Some(r) = &registry {
         for a in agent_addresses(&config) {
@@ -89,8 +97,20 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         std::fs::remove_file(socket)
             .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(dir) = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        // Made here, its mode does not follow the umask either: a directory others could
+        // write would let them replace the socket.
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .with_context(|| format!("making {} mode 0755", dir.display()))?;
     }
 
     let mut host_changes = HostChanges::default();
@@ -133,6 +153,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
+    restrict_socket(socket, permissions.group)?;
     log_services(&config);
 
     let local = tokio::task::LocalSet::new();
@@ -151,7 +172,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         tracing::info!("accepting binding updates on {}", addrs.join(", "));
     }
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(CONTROL_QUEUE);
-    control::spawn(&local, listener, control_tx);
+    control::spawn(&local, listener, control_tx, permissions);
     let mut routes_rx = spawn_route_events(&local);
     tracing::info!(
         "agent ready: {} services, control socket {}, tables written by {}",
@@ -239,6 +260,17 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     host_changes.undo();
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The control socket: mode 0660 whatever the umask, group `group`. Set after `bind` (the
+/// umask is process-wide, and other threads run): a connection made in between is still
+/// checked by its peer credentials, request by request (control.rs).
+fn restrict_socket(socket: &Path, group: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::os::unix::fs::chown(socket, None, Some(group))
+        .with_context(|| format!("giving {} to group {group}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("making {} mode 0660", socket.display()))
 }
 
 /// Routing events on a task of their own: one `RoutesChanged` (a unit message) per batch,

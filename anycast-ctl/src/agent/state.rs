@@ -269,10 +269,14 @@ impl Agent {
                 c.agent_address.clone(),
                 sizes(c),
                 c.registration.as_ref().map(|r| r.port),
+                c.control.clone(),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows and registration.port only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port and control only change on restart");
+        }
+        for w in new.warnings() {
+            tracing::warn!("configuration: {w}");
         }
         let new_registry = registry(&new, &self.config_path)?;
         self.config = new;

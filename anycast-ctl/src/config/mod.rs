@@ -48,6 +48,10 @@ pub struct Config {
     /// (by name) first, while any of them can take new flows.
     #[serde(default)]
     pub preferences: Vec<PreferenceConfig>,
+    /// Who may use the control socket besides root: `group` reads, `admin_group` also
+    /// drains and reloads.
+    #[serde(default)]
+    pub control: Control,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -89,6 +93,12 @@ pub struct Registration {
     pub reverse_tunnel: Option<ReverseTunnel>,
     /// Every server that may register: its identity, key and the addresses it may bind.
     pub servers: Vec<RegisteredServer>,
+    /// Allow-list prefixes wider than this (IPv4, IPv6 prefix lengths) are warned about;
+    /// `/0` is refused.
+    #[serde(default = "security::default_widest_allow_v4")]
+    pub widest_allow_v4: u8,
+    #[serde(default = "security::default_widest_allow_v6")]
+    pub widest_allow_v6: u8,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
@@ -350,7 +360,8 @@ impl Config {
 
 impl Config {
     /// Reads every registered server's key file (relative paths from the config file's
-    /// directory). A missing or bad key names its field.
+    /// directory). A missing, bad, shared or unprotected key (see `registration::keys`)
+    /// names its field.
     pub fn load_keys(
         &self,
         config_path: &Path,
@@ -360,6 +371,7 @@ impl Config {
             return Ok(keys);
         };
         let dir = config_path.parent().unwrap_or(Path::new("."));
+        let mut owners: std::collections::HashMap<Vec<u8>, &str> = Default::default();
         for (i, s) in r.servers.iter().enumerate() {
             let path = dir.join(&s.key_file);
             let key = crate::registration::keys::read_key(&path).map_err(|e| {
@@ -368,6 +380,17 @@ impl Config {
                     format!("{e:#}"),
                 )
             })?;
+            // One key per identity: a key two identities share lets either forge the other's
+            // bindings.
+            if let Some(other) = owners.insert(key.clone(), s.id.as_str()) {
+                return Err(err(
+                    format!("registration.servers[{i}].key_file"),
+                    format!(
+                        "{} holds the same key as '{other}'s: each identity needs its own",
+                        path.display()
+                    ),
+                ));
+            }
             keys.insert(s.id.clone(), key);
         }
         Ok(keys)
@@ -375,8 +398,10 @@ impl Config {
 }
 
 mod prefix;
+mod security;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use prefix::Prefix;
+pub use security::{group_id, Control, ControlAccess};

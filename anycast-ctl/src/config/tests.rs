@@ -212,3 +212,221 @@ fn errors_name_the_field() {
         "max_services"
     );
 }
+
+/// A configuration with registration; `allow` and `extra` are spliced in.
+fn with_registration(servers: &str) -> String {
+    good().replace(
+        "\"services\": [",
+        &format!(r#""registration": {{"servers": [{servers}]}}, "services": ["#),
+    )
+}
+
+fn refusal(text: &str) -> ConfigError {
+    Config::parse(text).unwrap_err()
+}
+
+#[test]
+fn host_bits_are_refused_with_the_prefix_to_write() {
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32", "198.51.100.7/24"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[0].allow[1]");
+    assert!(e.reason.contains("write 198.51.100.0/24"), "{e}");
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["2001:db8::1/64"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[0].allow[0]");
+    assert!(e.reason.contains("write 2001:db8::/64"), "{e}");
+    let e = refusal(&good().replace(
+        "\"services\": [",
+        r#""preferences": [{"clients": ["10.1.2.3/16"], "servers": ["a"]}], "services": ["#,
+    ));
+    assert_eq!(e.field, "preferences[0].clients[0]");
+    // Without host bits, and single addresses, are fine.
+    assert!(Config::parse(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["198.51.100.0/24", "192.0.2.10", "2001:db8:1::/48"]}"#
+    ))
+    .is_ok());
+    let p: Prefix = "10.1.2.3/0".parse().unwrap();
+    assert_eq!(p.without_host_bits().unwrap().to_string(), "0.0.0.0/0");
+    let p: Prefix = "::1/0".parse().unwrap();
+    assert_eq!(p.without_host_bits().unwrap().to_string(), "::/0");
+}
+
+#[test]
+fn the_agents_own_address_is_neither_a_service_nor_a_real_address() {
+    let e = refusal(&good().replace("192.0.2.10", "10.0.0.1"));
+    assert_eq!(e.field, "services[0].address");
+    assert!(
+        e.reason.contains("agent's own address (agent_address.v4)"),
+        "{e}"
+    );
+    let e = refusal(&good().replace("2001:db8::53", "fd00::1"));
+    assert_eq!(e.field, "services[1].address");
+    let e = refusal(&good().replace("fd00:2::12", "fd00::1"));
+    assert_eq!(e.field, "services[0].servers[1].address");
+    // An allow list holding the agent's address would let a member bind it.
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["10.0.0.0/24"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[0].allow[0]");
+    assert!(e.reason.contains("agent's own address 10.0.0.1"), "{e}");
+}
+
+#[test]
+fn a_real_address_must_not_be_an_anycast_address() {
+    // A static server on another service's address.
+    let e = refusal(&good().replace(
+        "\"address\": \"10.0.2.11\"}, {",
+        "\"address\": \"2001:db8::53\"}, {",
+    ));
+    assert_eq!(e.field, "services[0].servers[0].address");
+    assert!(e.reason.contains("is an anycast address"), "{e}");
+    // A static server on an address a registered server may bind.
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["10.0.2.0/24"]}"#,
+    ));
+    assert_eq!(e.field, "services[0].servers[0].address");
+}
+
+#[test]
+fn two_identities_must_not_share_an_spi() {
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 7, "key_file": "k1", "allow": ["192.0.2.10"]},
+           {"id": "s2", "spi": 7, "key_file": "k2", "allow": ["192.0.2.10"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[1].spi");
+    assert!(e.reason.contains("already the SPI of 's1'"), "{e}");
+}
+
+#[test]
+fn allow_lists_of_everything_are_refused_and_wide_ones_warned_about() {
+    for all in ["0.0.0.0/0", "::/0"] {
+        let e = refusal(&with_registration(&format!(
+            r#"{{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10", "{all}"]}}"#
+        )));
+        assert_eq!(e.field, "registration.servers[0].allow[1]");
+        assert!(e.reason.contains("allows every address"), "{e}");
+    }
+    let c = Config::parse(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.0/24", "198.0.0.0/8", "2001:db8::/32", "2001:db8:1::/48"]}"#,
+    ))
+    .unwrap();
+    let w = c.warnings();
+    let fields: Vec<_> = w.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "registration.servers[0].allow[1]",
+            "registration.servers[0].allow[2]"
+        ]
+    );
+    assert!(
+        w[0].reason
+            .contains("wider than /24 (registration.widest_allow_v4)"),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[1].reason
+            .contains("wider than /48 (registration.widest_allow_v6)"),
+        "{}",
+        w[1]
+    );
+    // The bound is configurable.
+    let c = Config::parse(
+        &with_registration(
+            r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.0/24", "198.0.0.0/8"]}"#,
+        )
+        .replace(
+            "\"registration\": {",
+            "\"registration\": {\"widest_allow_v4\": 32, ",
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.warnings().len(), 2);
+    let e = refusal(
+        &with_registration(r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10"]}"#)
+            .replace(
+                "\"registration\": {",
+                "\"registration\": {\"widest_allow_v6\": 0, ",
+            ),
+    );
+    assert_eq!(e.field, "registration.widest_allow_v6");
+    assert!(Config::parse(&good()).unwrap().warnings().is_empty());
+}
+
+#[test]
+fn control_groups_resolve_or_name_the_field() {
+    let c = Config::parse(&good().replace(
+        "\"services\": [",
+        r#""control": {"group": "root", "admin_group": "4242"}, "services": ["#,
+    ))
+    .unwrap();
+    assert_eq!(
+        c.control_access().unwrap(),
+        ControlAccess {
+            group: Some(0),
+            admin_group: Some(4242)
+        }
+    );
+    let c = Config::parse(&good().replace(
+        "\"services\": [",
+        r#""control": {"admin_group": "no-such-group-anycast"}, "services": ["#,
+    ))
+    .unwrap();
+    assert_eq!(c.control_access().unwrap_err().field, "control.admin_group");
+    assert_eq!(
+        field_of(&good().replace(
+            "\"services\": [",
+            r#""control": {"groups": "x"}, "services": ["#
+        )),
+        "config"
+    );
+}
+
+/// Key files as `check` and the agent read them: missing, empty, short, non-hex, shared and
+/// unprotected keys name their field.
+#[test]
+fn key_files_are_checked_naming_the_field() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("anycast-config-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write("good1.key", "00112233445566778899aabbccddeeff", 0o600);
+    write("good2.key", "ffeeddccbbaa99887766554433221100", 0o600);
+    write("same.key", "0011223344556677 8899aabbccddeeff\n", 0o600);
+    write("empty.key", "", 0o600);
+    write("short.key", "0011", 0o600);
+    write("nothex.key", "zz112233445566778899aabbccddeeff", 0o600);
+    write("open.key", "ffeeddccbbaa99887766554433221100", 0o644);
+    let config = |second: &str| {
+        Config::parse(&with_registration(&format!(
+            r#"{{"id": "s1", "spi": 1, "key_file": "good1.key", "allow": ["192.0.2.10"]}},
+               {{"id": "s2", "spi": 2, "key_file": "{second}", "allow": ["192.0.2.10"]}}"#
+        )))
+        .unwrap()
+    };
+    let path = dir.join("agent.json");
+    assert_eq!(config("good2.key").load_keys(&path).unwrap().len(), 2);
+    for (file, why) in [
+        ("missing.key", "missing.key"),
+        ("empty.key", "empty"),
+        ("short.key", "2 bytes"),
+        ("nothex.key", "not hex"),
+        ("same.key", "same key as 's1'"),
+        (
+            "open.key",
+            "is mode 0644: readable by group, readable by others; run chmod 600",
+        ),
+    ] {
+        let e = config(file).load_keys(&path).unwrap_err();
+        assert_eq!(e.field, "registration.servers[1].key_file", "{file}");
+        assert!(e.reason.contains(why), "{file}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -240,7 +240,7 @@ impl Config {
         if let Some(r) = &self.registration {
             r.validate()?;
         }
-        Ok(())
+        self.validate_security()
     }
 }
 

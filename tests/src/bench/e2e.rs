@@ -75,11 +75,10 @@ fn binding_update(topo: &Topology, real: Ipv4Addr) -> Result<Vec<u8>> {
             ..Default::default()
         },
     };
-    // The topology's registration policy gives every server SPI 256.
     Ok(wire::encode(
         &msg,
         Some(Key {
-            spi: 256,
+            spi: crate::topology::spi_of("s2"),
             secret: &key,
         }),
     ))

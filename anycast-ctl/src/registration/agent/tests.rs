@@ -30,6 +30,8 @@ fn registration(limits: Limits, drain: u32) -> Registration {
             server("s1", 1, &["192.0.2.1", "2001:db8::/64"]),
             server("s2", 2, &["192.0.2.0/24"]),
         ],
+        widest_allow_v4: 24,
+        widest_allow_v6: 48,
     }
 }
 

@@ -142,6 +142,37 @@ pub(super) fn send(
     (action, reason)
 }
 
+/// Whether the agent reaches `real` (a server's real address, family `family`) through the
+/// interface `ingress`: the FIB's egress for a packet from `own` (the agent's address) to
+/// `real`, as if it came in on `ingress`. A packet from `real` is only believed to come from
+/// it when it arrives on that interface (the feasible-path check of RFC 3704, section 2.2,
+/// applied to the outer source of a reverse-tunnelled packet). No neighbour entry yet still
+/// names the interface; no route, or forwarding off on `ingress`, is false.
+#[inline(always)]
+pub(super) fn reaches_via(
+    ctx: &XdpContext,
+    family: u8,
+    own: [u32; 4],
+    real: [u32; 4],
+    ingress: u32,
+) -> bool {
+    let mut fib = core::mem::MaybeUninit::uninit();
+    // tot_len 0: no MTU check, only the route.
+    fib_params(&mut fib, family, 0, 0, ingress, own, real);
+    // SAFETY: fib_params wrote all 64 bytes; any bytes are a valid bpf_fib_lookup.
+    let fib = unsafe { fib.assume_init_mut() };
+    // SAFETY: fib is a valid, fully sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    } as u32;
+    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib.ifindex == ingress
+}
+
 /// The FIB's egress interface and MACs for the tunnelled packet, or what to do with the
 /// packet when there is none (no neighbour yet: the kernel resolves it; too big; no route).
 #[inline(always)]

@@ -67,6 +67,16 @@ counters! {
         /// address to the agent's own address, inner source an anycast service. Counted per
         /// server, outer header stripped, inner packet handed to the kernel to forward.
         REVERSE_TUNNEL = "reverse_tunnel",
+        /// IP-in-IP to the agent's own address while reverse tunnelling is not configured
+        /// (`AGENT_REVERSE_TUNNEL` clear): not decapsulated, passed untouched.
+        PASS_REVERSE_OFF = "pass_reverse_off",
+        /// IP-in-IP to the agent's own address whose outer source is not the real address of
+        /// an installed server (no `REVERSE` entry): not decapsulated, passed untouched.
+        PASS_REVERSE_STRANGER = "pass_reverse_stranger",
+        /// IP-in-IP from an installed server's real address that arrived on another interface
+        /// than the one the FIB names for reaching that address (or the FIB has no route to
+        /// it): a spoofed source, not decapsulated, passed untouched.
+        PASS_REVERSE_WRONG_IFACE = "pass_reverse_wrong_iface",
     }
 }
 
@@ -118,12 +128,16 @@ mod tests {
 
     #[test]
     fn indexes_follow_the_tables() {
-        assert_eq!(verdict::COUNT, 16);
+        assert_eq!(verdict::COUNT, 19);
         assert_eq!(verdict::TX, 0);
         assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
         assert_eq!(
             verdict::NAMES[verdict::REVERSE_TUNNEL as usize],
             "reverse_tunnel"
+        );
+        assert_eq!(
+            verdict::NAMES[verdict::PASS_REVERSE_WRONG_IFACE as usize],
+            "pass_reverse_wrong_iface"
         );
         assert_eq!(syn_ack_tunnel::COUNT, 9);
         assert_eq!(

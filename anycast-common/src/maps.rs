@@ -209,6 +209,9 @@ pub struct AgentInfo {
 }
 pub const AGENT_HAS_V4: u32 = 1;
 pub const AGENT_HAS_V6: u32 = 2;
+/// Reverse tunnelling is configured (`registration.reverse_tunnel`): the data path may
+/// decapsulate a server's reverse-tunnelled packets. Clear: it never does.
+pub const AGENT_REVERSE_TUNNEL: u32 = 4;
 
 /// Packets and bytes, per CPU.
 #[repr(C)]

@@ -259,6 +259,24 @@ impl Topology {
         s.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
         s.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
         s.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
+        // The agent's own address through the agent's port on this link, as the agent
+        // reaches the server: a reverse-tunnelled SYN-ACK is only taken on the interface the
+        // agent reaches its sender through. (Client replies still go through the router.)
+        s.ip(&[
+            "route",
+            "add",
+            &format!("{AGENT_V4}/32"),
+            "via",
+            "10.71.2.2",
+        ])?;
+        s.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{AGENT_V6}/128"),
+            "via",
+            "fd71:2::2",
+        ])?;
         // Each server its own key (never one per group).
         let key: String = (0..32)
             .map(|b| format!("{:02x}", (b * 7 + i * 31 + 1) % 256))
@@ -497,6 +515,11 @@ impl Topology {
 
     /// Switches the agent to "load balancer on a stick": servers reached back through eth0.
     pub fn use_stick_mode(&self) -> Result<()> {
+        // The servers reach the agent through the router too.
+        for s in &self.servers {
+            s.ns.ip(&["route", "del", &format!("{AGENT_V4}/32")])?;
+            s.ns.ip(&["-6", "route", "del", &format!("{AGENT_V6}/128")])?;
+        }
         self.agent
             .ip(&["addr", "del", "10.71.2.2/24", "dev", "eth1"])?;
         self.agent

@@ -128,6 +128,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
 
     let mut dataplane = Dataplane::new(sizes(&config))?;
     dataplane.set_agent_addresses(config.agent_address.v4, config.agent_address.v6)?;
+    dataplane.set_reverse_tunnel(reverse_tunnel_configured(&config))?;
     dataplane.set_flow_timeouts(config.flow_timeouts)?;
     for &ifindex in &ifindexes {
         dataplane.add_tx_port(ifindex)?;
@@ -310,4 +311,13 @@ fn spawn_route_events(local: &tokio::task::LocalSet) -> mpsc::Receiver<()> {
         }
     });
     rx
+}
+
+/// Whether the data path may decapsulate servers' reverse-tunnelled SYN-ACKs: only when the
+/// configuration asks for reverse-tunnel monitoring.
+pub(super) fn reverse_tunnel_configured(config: &Config) -> bool {
+    config
+        .registration
+        .as_ref()
+        .is_some_and(|r| r.reverse_tunnel.is_some())
 }

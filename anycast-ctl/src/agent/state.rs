@@ -285,6 +285,8 @@ impl Agent {
             .set_checks(self.config.all_checks());
         self.dataplane
             .set_flow_timeouts(self.config.flow_timeouts)?;
+        self.dataplane
+            .set_reverse_tunnel(super::reverse_tunnel_configured(&self.config))?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);

@@ -25,9 +25,9 @@ use anycast_common::{
     address_filter_bit, maps, programs, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
     FlowValue, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
     ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6,
-    DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE,
-    DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING,
-    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    AGENT_REVERSE_TUNNEL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES,
+    DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4,
+    FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -136,6 +136,7 @@ impl Dataplane {
     pub fn set_agent_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
         let mut info = AgentInfo {
             fib_generation: self.agent_info.fib_generation,
+            flags: self.agent_info.flags & AGENT_REVERSE_TUNNEL,
             ..AgentInfo::default()
         };
         if let Some(a) = v4 {
@@ -149,6 +150,26 @@ impl Dataplane {
         self.agent_map
             .set(0, info, 0)
             .context("writing the agent's addresses")?;
+        self.agent_info = info;
+        Ok(())
+    }
+
+    /// Whether the data path decapsulates servers' reverse-tunnelled packets
+    /// (`registration.reverse_tunnel` is configured). Off, it passes them untouched
+    /// (`pass_reverse_off`).
+    pub fn set_reverse_tunnel(&mut self, on: bool) -> Result<()> {
+        let mut info = self.agent_info;
+        if on {
+            info.flags |= AGENT_REVERSE_TUNNEL;
+        } else {
+            info.flags &= !AGENT_REVERSE_TUNNEL;
+        }
+        if info == self.agent_info {
+            return Ok(());
+        }
+        self.agent_map
+            .set(0, info, 0)
+            .context("writing the reverse-tunnel flag")?;
         self.agent_info = info;
         Ok(())
     }

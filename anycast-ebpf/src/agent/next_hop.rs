@@ -1,14 +1,17 @@
 //! The next hop to the server: the kernel's FIB answer (cached per CPU and server slot
 //! within a tick of the flow clock, see `NEXT_HOPS`), then the frame leaves by the ingress
 //! port (`XDP_TX`) or is redirected to another (`TX_PORTS`); without a neighbour entry it
-//! goes to the kernel, which resolves it.
-use anycast_common::{verdict, AgentInfo, NextHop, ServerInfo, FAMILY_V4, PROTO_IPIP, PROTO_IPV6};
+//! goes to the kernel, which resolves it. A frame sent out by XDP leaves without the
+//! client's 802.1Q tag.
+use anycast_common::{
+    verdict, AgentInfo, NextHop, ServerInfo, FAMILY_V4, PROTO_IPIP, PROTO_IPV6, VLAN_LEN,
+};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 
@@ -129,17 +132,60 @@ pub(super) fn send(
         }
     };
     // The frame leaves after we return, so the MACs can be set after redirect().
-    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+    // A client's 802.1Q tag belongs to the client's segment: the FIB named a port of ours
+    // (not a VLAN sub-interface, which is in no device map), so the server is reached
+    // untagged there (IEEE 802.1Q: a frame carries the framing of the segment it is sent
+    // on). The new MACs go 4 bytes further on, over the tag, so that they end right
+    // before the ether type `move_l2` wrote after the tag; then the head moves past the
+    // first 4 bytes.
+    let macs_at = if p.vlan { VLAN_LEN } else { 0 };
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, macs_at) else {
         return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
     };
     let eth = eth as *mut u8;
-    // SAFETY: bounds checked by ptr_at; the frame starts at an even address.
+    // SAFETY: bounds checked by ptr_at; the frame starts at an even address and VLAN_LEN
+    // is even.
     unsafe {
         store(eth, 0, hop.macs[0]);
         store(eth, 4, hop.macs[1]);
         store(eth, 8, hop.macs[2]);
     }
+    // SAFETY: plain helper call on our own context.
+    if p.vlan && unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_LEN as i32) } != 0 {
+        return (xdp_action::XDP_DROP, verdict::DROP_ENCAP);
+    }
     (action, reason)
+}
+
+/// Whether the agent reaches `real` (a server's real address, family `family`) through the
+/// interface `ingress`: the FIB's egress for a packet from `own` (the agent's address) to
+/// `real`, as if it came in on `ingress`. A packet from `real` is only believed to come from
+/// it when it arrives on that interface (the feasible-path check of RFC 3704, section 2.2,
+/// applied to the outer source of a reverse-tunnelled packet). No neighbour entry yet still
+/// names the interface; no route, or forwarding off on `ingress`, is false.
+#[inline(always)]
+pub(super) fn reaches_via(
+    ctx: &XdpContext,
+    family: u8,
+    own: [u32; 4],
+    real: [u32; 4],
+    ingress: u32,
+) -> bool {
+    let mut fib = core::mem::MaybeUninit::uninit();
+    // tot_len 0: no MTU check, only the route.
+    fib_params(&mut fib, family, 0, 0, ingress, own, real);
+    // SAFETY: fib_params wrote all 64 bytes; any bytes are a valid bpf_fib_lookup.
+    let fib = unsafe { fib.assume_init_mut() };
+    // SAFETY: fib is a valid, fully sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib as *mut FibParams,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    } as u32;
+    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib.ifindex == ingress
 }
 
 /// The FIB's egress interface and MACs for the tunnelled packet, or what to do with the

@@ -2,15 +2,23 @@
 //! connection (its SYN-ACK) back through the agent, IP-in-IP (see `server/syn_ack_tunnel.rs`),
 //! so the agent can tell a server that answers new connections from one that has stopped.
 //!
-//! A tunnel packet from a known server's real address (a key of `REVERSE`) to the agent's
-//! own address, whose inner source address, protocol and port are an anycast service, is
-//! counted for that server, its outer header is stripped and the inner packet goes to the
-//! kernel (`XDP_PASS`), which forwards it to the client. Anything else passes untouched.
-//! Only packets whose outer protocol is 4 or 41 come here, so client packets pay nothing
-//! for it.
+//! A tunnel packet to the agent's own address is decapsulated only
+//! - when reverse tunnelling is configured (`AGENT_REVERSE_TUNNEL`; else `pass_reverse_off`),
+//! - from the real address of an installed server (a key of `REVERSE`; else
+//!   `pass_reverse_stranger`),
+//! - arriving on the interface through which the agent reaches that address (the FIB; else
+//!   `pass_reverse_wrong_iface`): a client that spoofs a server's address sends from
+//!   another side (RFC 3704, section 2.2, feasible paths, applied to the outer source),
+//! - and when its inner source address, protocol and port are an anycast service.
+//!
+//! Then it is counted for that server, its outer header is stripped and the inner packet
+//! goes to the kernel (`XDP_PASS`), which forwards it to the client. Anything else passes
+//! untouched. Only packets whose outer protocol is 4 or 41 come here, so client packets pay
+//! nothing for it.
 use anycast_common::{
-    verdict, AddressKey, ServiceKey, AGENT_HAS_V4, AGENT_HAS_V6, ANY_PORT, ETH_P_IPV4, ETH_P_IPV6,
-    FAMILY_V4, FAMILY_V6, IPV4_FRAGMENT_MASK, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_TCP, PROTO_UDP,
+    verdict, AddressKey, ServiceKey, AGENT_HAS_V4, AGENT_HAS_V6, AGENT_REVERSE_TUNNEL, ANY_PORT,
+    ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPV4_FRAGMENT_MASK, IPV4_LEN, IPV6_LEN,
+    PROTO_IPIP, PROTO_TCP, PROTO_UDP,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -19,10 +27,12 @@ use aya_ebpf::{
 };
 
 use super::maps::{AGENT, REVERSE, SERVICES};
+use super::next_hop::reaches_via;
 use super::parse::Tunnel;
 use crate::packet::{move_l2, read_be16, Ipv4, Ipv6};
 
-/// Relays the tunnel packet `t` if it is a known server's SYN-ACK (see the module doc).
+/// Relays the tunnel packet `t` if it is a SYN-ACK of an installed server, from that
+/// server's side, and reverse tunnelling is on (see the module doc).
 /// Returns the XDP action and the verdict.
 #[inline(always)]
 pub(super) fn relay(ctx: &XdpContext, t: &Tunnel) -> (u32, u32) {
@@ -32,12 +42,13 @@ pub(super) fn relay(ctx: &XdpContext, t: &Tunnel) -> (u32, u32) {
         return NOT_OURS;
     };
     let mut real = AddressKey::default();
-    if t.family == FAMILY_V4 {
+    let own = if t.family == FAMILY_V4 {
         if agent.flags & AGENT_HAS_V4 == 0 || t.dst[0] != agent.v4 {
             return NOT_OURS;
         }
         real.family = FAMILY_V4;
         real.addr[0] = t.src[0];
+        [agent.v4, 0, 0, 0]
     } else {
         if agent.flags & AGENT_HAS_V6 == 0 {
             return NOT_OURS;
@@ -51,6 +62,16 @@ pub(super) fn relay(ctx: &XdpContext, t: &Tunnel) -> (u32, u32) {
             real.addr[i] = t.src[i];
             i += 1;
         }
+        agent.v6
+    };
+    if agent.flags & AGENT_REVERSE_TUNNEL == 0 {
+        return (xdp_action::XDP_PASS, verdict::PASS_REVERSE_OFF);
+    }
+    let Some(stats) = REVERSE.get_ptr_mut(&real) else {
+        return (xdp_action::XDP_PASS, verdict::PASS_REVERSE_STRANGER);
+    };
+    if !reaches_via(ctx, t.family, own, real.addr, ctx.ingress_ifindex() as u32) {
+        return (xdp_action::XDP_PASS, verdict::PASS_REVERSE_WRONG_IFACE);
     }
     // The parser checked the outer header's length (at least `IPV4_LEN`).
     let inner = t.l3 + t.outer_len;
@@ -97,9 +118,6 @@ pub(super) fn relay(ctx: &XdpContext, t: &Tunnel) -> (u32, u32) {
             return NOT_OURS;
         }
     }
-    let Some(stats) = REVERSE.get_ptr_mut(&real) else {
-        return NOT_OURS;
-    };
     // SAFETY: this CPU's value of an existing entry; no concurrent writer.
     unsafe {
         (*stats).packets += 1;

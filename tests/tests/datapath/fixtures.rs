@@ -209,6 +209,33 @@ impl Program for Harness {
     }
 }
 
+/// The agent on frames received on another port than fx0 (`.1`, an ifindex); otherwise as
+/// [`Harness`].
+pub struct OnPort<'a>(pub &'a mut Harness, pub u32);
+
+impl Program for OnPort<'_> {
+    type Setup = Vec<DesiredService>;
+
+    fn set_up(&mut self, services: &Self::Setup) -> Result<()> {
+        self.0.set_up(services)
+    }
+    fn run(&self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+        run_xdp(&self.0.dataplane, self.1, input)
+    }
+    fn counters(&self) -> Result<Vec<u64>> {
+        self.0.counters()
+    }
+    fn counter_names(&self) -> &'static [&'static str] {
+        self.0.counter_names()
+    }
+    fn action_name(&self, action: u32) -> String {
+        action_name(action)
+    }
+    fn check_counters(&self, f: &Fixture<Self::Setup>, delta: &[u64]) {
+        self.0.check_counters(f, delta)
+    }
+}
+
 /// Verdicts that come after a service was found, and so after a flow-table lookup.
 fn looks_up_flow(reason: u32) -> bool {
     !matches!(
@@ -217,6 +244,9 @@ fn looks_up_flow(reason: u32) -> bool {
             | verdict::PASS_FRAGMENT
             | verdict::PASS_MALFORMED
             | verdict::REVERSE_TUNNEL
+            | verdict::PASS_REVERSE_OFF
+            | verdict::PASS_REVERSE_STRANGER
+            | verdict::PASS_REVERSE_WRONG_IFACE
     )
 }
 

@@ -101,23 +101,48 @@ fn table() -> Vec<AgentFixture> {
     let ip_vlan = ip_packet(&f_vlan);
     let frame_vlan = client_frame(Some(100), &ip_vlan);
     v.push(fixture(
-        "802.1Q VID 100 IPv4 TCP to 192.0.2.10:80 -> encapsulated behind the same tag, XDP_TX",
+        "802.1Q VID 100 IPv4 TCP to 192.0.2.10:80 -> encapsulated, tag popped (the FIB names fx0 itself, untagged), XDP_TX",
         web_and_dns(),
         frame_vlan.clone(),
         XDP_TX,
         verdict::TX,
-        tx_to("10.9.2.11", Some(100), &f_vlan, &ip_vlan),
+        tx_to("10.9.2.11", None, &f_vlan, &ip_vlan),
     ));
 
     let f_vlan6 = Flow::v6("2001:db8::10", PROTO_TCP, 40007, 443);
     let ip_vlan6 = ip_packet(&f_vlan6);
     v.push(fixture(
-        "802.1Q VID 100 IPv6 TCP to [2001:db8::10]:443 -> IPv6-in-IPv6 behind the same tag, XDP_TX",
+        "802.1Q VID 100 IPv6 TCP to [2001:db8::10]:443 -> IPv6-in-IPv6, tag popped, XDP_TX",
         web6(),
         client_frame(Some(100), &ip_vlan6),
         XDP_TX,
         verdict::TX,
-        tx_to("fd09:2::11", Some(100), &f_vlan6, &ip_vlan6),
+        tx_to("fd09:2::11", None, &f_vlan6, &ip_vlan6),
+    ));
+    // Out of another port, the frame carries that port's framing: the client's tag stays on
+    // the client's segment.
+    let f_vlan_redir = Flow::v4("192.0.2.40", PROTO_TCP, 40010, 80);
+    let ip_vlan_redir = ip_packet(&f_vlan_redir);
+    v.push(fixture(
+        "802.1Q VID 30 IPv4 TCP, server 10.9.3.11 via fy0 -> XDP_REDIRECT untagged, MACs of fy0 and the neighbour",
+        vec![service(
+            "redir",
+            "192.0.2.40",
+            PROTO_TCP,
+            80,
+            &[("10.9.3.11", 1)],
+        )],
+        client_frame(Some(30), &ip_vlan_redir),
+        XDP_REDIRECT,
+        verdict::REDIRECT,
+        encapsulated(
+            neighbour_mac("10.9.3.11"),
+            FY0_MAC,
+            None,
+            &f_vlan_redir,
+            &ip_vlan_redir,
+            "10.9.3.11",
+        ),
     ));
 
     let wildcard = || {
@@ -191,6 +216,31 @@ fn table() -> Vec<AgentFixture> {
         XDP_PASS,
         verdict::PASS_NOT_TX_PORT,
         encapsulated(FX0_MAC, CLIENT_MAC, None, &f_notx, &ip_notx, "10.9.4.11"),
+    ));
+    // The kernel takes a tagged frame in on the tag's sub-interface and forwards with the
+    // egress's own framing: the tag stays for it.
+    let f_notx_vlan = Flow::v4("192.0.2.41", PROTO_TCP, 40012, 80);
+    let ip_notx_vlan = ip_packet(&f_notx_vlan);
+    v.push(fixture(
+        "802.1Q VID 30, server 10.9.4.11 via fz0 (not in TX_PORTS) -> XDP_PASS, encapsulated behind the same tag, MACs unchanged",
+        vec![service(
+            "notx",
+            "192.0.2.41",
+            PROTO_TCP,
+            80,
+            &[("10.9.4.11", 1)],
+        )],
+        client_frame(Some(30), &ip_notx_vlan),
+        XDP_PASS,
+        verdict::PASS_NOT_TX_PORT,
+        encapsulated(
+            FX0_MAC,
+            CLIENT_MAC,
+            Some(30),
+            &f_notx_vlan,
+            &ip_notx_vlan,
+            "10.9.4.11",
+        ),
     ));
 
     // --- Encapsulated, handed to the kernel.

@@ -205,6 +205,7 @@ pub struct Harness {
     pub dataplane: Dataplane,
     pub fx0: u32,
     pub fy0: u32,
+    pub fz0: u32,
     _ns: Netns,
 }
 
@@ -220,6 +221,8 @@ pub fn new_dataplane_with_flows(fy0: u32, max_flows: u32) -> Result<Dataplane> {
         ..Default::default()
     })?;
     dp.set_agent_addresses(Some(IpAddr::V4(AGENT_V4)), Some(IpAddr::V6(AGENT_V6)))?;
+    // As with `registration.reverse_tunnel` configured; the tests of the flag turn it off.
+    dp.set_reverse_tunnel(true)?;
     dp.add_tx_port(fy0)?;
     let prog: &mut Xdp = dp
         .ebpf
@@ -235,11 +238,13 @@ impl Harness {
         let ns = Netns::new()?;
         let fx0 = ifindex("fx0")?;
         let fy0 = ifindex("fy0")?;
+        let fz0 = ifindex("fz0")?;
         let dataplane = new_dataplane(fy0)?;
         Ok(Harness {
             dataplane,
             fx0,
             fy0,
+            fz0,
             _ns: ns,
         })
     }

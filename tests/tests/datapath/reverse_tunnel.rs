@@ -7,10 +7,10 @@ use std::{
 
 use anycast_common::{verdict, PROTO_TCP, PROTO_UDP};
 use anycast_ctl::dataplane::{coarse_clock_ns, Dataplane, DesiredService, ReverseCounters};
-use anycast_tests::packet::{ethernet, fix_ipv4_checksum, MF, TCP_SYN_ACK};
+use anycast_tests::packet::{ethernet, fix_ipv4_checksum, hex, MF, TCP_RST, TCP_SYN_ACK};
 use anyhow::Result;
 
-use crate::fixtures::{self, fixture, untouched, AgentFixture};
+use crate::fixtures::{self, fixture, untouched, AgentFixture, OnPort};
 use crate::harness::*;
 
 /// `inner` in an outer header from `real` to `agent` as a server's host sends it (IPv4: DF,
@@ -90,12 +90,6 @@ fn table() -> Vec<AgentFixture> {
             syn_ack4.clone(),
         ),
         (
-            "outer source 10.9.2.99 is no server of ours",
-            "10.9.2.99",
-            a4,
-            syn_ack4.clone(),
-        ),
-        (
             "inner source 192.0.2.11 is no service",
             "10.9.2.11",
             a4,
@@ -120,6 +114,31 @@ fn table() -> Vec<AgentFixture> {
             reverse_services(),
             reverse_frame(None, real, agent, &inner),
             verdict::PASS_NOT_SERVICE,
+        ));
+    }
+    // Outer sources that are no installed server's real address: strangers, whatever the
+    // inner packet.
+    for (what, real, agent, inner) in [
+        ("10.9.2.99", "10.9.2.99", a4, &syn_ack4),
+        ("fd09:2::99", "fd09:2::99", a6, &syn_ack6),
+        (
+            "198.51.100.7 (the client's own address)",
+            "198.51.100.7",
+            a4,
+            &syn_ack4,
+        ),
+        (
+            "10.9.2.12 (a neighbour on the servers' link, serving nothing)",
+            "10.9.2.12",
+            a4,
+            &answer("192.0.2.10", PROTO_TCP, 80, 40104, TCP_RST),
+        ),
+    ] {
+        v.push(untouched(
+            format!("reverse tunnel: outer source {what} is no server of ours -> pass untouched"),
+            reverse_services(),
+            reverse_frame(None, real, agent, inner),
+            verdict::PASS_REVERSE_STRANGER,
         ));
     }
     let mut frag = syn_ack4.clone();
@@ -283,4 +302,163 @@ fn reverse_tunnelled_packets_are_counted_per_server_and_syns_per_server() -> Res
 #[test]
 fn reverse_tunnel_fixtures_produce_expected_frames_and_verdicts() -> Result<()> {
     fixtures::run(&mut Harness::new()?, &table())
+}
+
+/// [`reverse_services`] plus 192.0.2.40 tcp 80 served by 10.9.3.11, which the agent reaches
+/// through fy0.
+fn services_with_fy0_server() -> Vec<DesiredService> {
+    let mut v = reverse_services();
+    v.push(service(
+        "redir",
+        "192.0.2.40",
+        PROTO_TCP,
+        80,
+        &[("10.9.3.11", 1)],
+    ));
+    v
+}
+
+/// Reverse-tunnelled packets received on `port`: only those whose outer source the agent
+/// reaches through `port` are decapsulated.
+fn by_port_table(port: &str) -> Vec<AgentFixture> {
+    let a4 = IpAddr::V4(AGENT_V4);
+    let a6 = IpAddr::V6(AGENT_V6);
+    let syn_ack4 = answer("192.0.2.10", PROTO_TCP, 80, 40110, TCP_SYN_ACK);
+    let rst4 = answer("192.0.2.10", PROTO_TCP, 80, 40111, TCP_RST);
+    let syn_ack6 = answer("2001:db8::10", PROTO_TCP, 443, 40112, TCP_SYN_ACK);
+    let redir = answer("192.0.2.40", PROTO_TCP, 80, 40113, TCP_SYN_ACK);
+    let mut v = Vec::new();
+    // The servers of fx0, spoofed from another port.
+    for (what, real, agent, inner) in [
+        ("IPv4-in-IPv4 SYN-ACK", "10.9.2.11", a4, &syn_ack4),
+        ("IPv4-in-IPv4 RST", "10.9.2.11", a4, &rst4),
+        ("IPv6-in-IPv4 SYN-ACK", "10.9.2.11", a4, &syn_ack6),
+        ("IPv4-in-IPv6 SYN-ACK", "fd09:2::11", a6, &syn_ack4),
+        ("IPv6-in-IPv6 SYN-ACK", "fd09:2::11", a6, &syn_ack6),
+    ] {
+        v.push(untouched(
+            format!("reverse tunnel on {port}: {what} from {real}, which the agent reaches through fx0 -> pass untouched"),
+            services_with_fy0_server(),
+            reverse_frame(None, real, agent, inner),
+            verdict::PASS_REVERSE_WRONG_IFACE,
+        ));
+    }
+    v.push(untouched(
+        format!("reverse tunnel on {port}: 802.1Q VID 7 SYN-ACK from 10.9.2.11 (reached through fx0) -> pass untouched"),
+        services_with_fy0_server(),
+        reverse_frame(Some(7), "10.9.2.11", a4, &syn_ack4),
+        verdict::PASS_REVERSE_WRONG_IFACE,
+    ));
+    let from_d = reverse_frame(None, SERVER_D, a4, &redir);
+    if port == "fy0" {
+        v.push(fixture(
+            "reverse tunnel on fy0: SYN-ACK from 10.9.3.11, which the agent reaches through fy0 -> stripped, XDP_PASS",
+            services_with_fy0_server(),
+            from_d,
+            XDP_PASS,
+            verdict::REVERSE_TUNNEL,
+            decapsulated(None, &redir),
+        ));
+    } else {
+        v.push(untouched(
+            format!("reverse tunnel on {port}: SYN-ACK from 10.9.3.11, which the agent reaches through fy0 -> pass untouched"),
+            services_with_fy0_server(),
+            from_d,
+            verdict::PASS_REVERSE_WRONG_IFACE,
+        ));
+    }
+    v
+}
+
+#[test]
+fn reverse_tunnel_is_taken_only_on_the_port_that_reaches_the_server() -> Result<()> {
+    let mut h = Harness::new()?;
+    let (fx0, fy0, fz0) = (h.fx0, h.fy0, h.fz0);
+    // fx0: the port of 10.9.2.11 and fd09:2::11; the table's own rows also run on it.
+    let mut fx0_rows = by_port_table("fx0");
+    fx0_rows.retain(|f| f.description.contains("10.9.3.11"));
+    fixtures::run(&mut OnPort(&mut h, fx0), &fx0_rows)?;
+    fixtures::run(&mut OnPort(&mut h, fy0), &by_port_table("fy0"))?;
+    // fz0 is in no device map: the check follows the FIB, not the ports XDP sends on.
+    fixtures::run(&mut OnPort(&mut h, fz0), &by_port_table("fz0"))?;
+    // Nothing refused was counted for a server.
+    let c = reverse_counts(&h.dataplane)?;
+    let d: IpAddr = SERVER_D.parse()?;
+    assert_eq!(c[&d].reverse_packets, 1, "{c:?}");
+    for s in ["10.9.2.11", "fd09:2::11"] {
+        assert_eq!(c[&s.parse::<IpAddr>()?].reverse_packets, 0, "{s}: {c:?}");
+    }
+    Ok(())
+}
+
+/// Without `registration.reverse_tunnel`, the agent decapsulates nothing, even from an
+/// installed server on its own port.
+fn off_table() -> Vec<AgentFixture> {
+    let a4 = IpAddr::V4(AGENT_V4);
+    let a6 = IpAddr::V6(AGENT_V6);
+    let syn_ack4 = answer("192.0.2.10", PROTO_TCP, 80, 40120, TCP_SYN_ACK);
+    let syn_ack6 = answer("2001:db8::10", PROTO_TCP, 443, 40121, TCP_SYN_ACK);
+    let mut v = Vec::new();
+    for (what, vlan, real, agent, inner) in [
+        ("IPv4-in-IPv4", None, "10.9.2.11", a4, &syn_ack4),
+        ("IPv6-in-IPv4", None, "10.9.2.11", a4, &syn_ack6),
+        ("IPv4-in-IPv6", None, "fd09:2::11", a6, &syn_ack4),
+        ("IPv6-in-IPv6", None, "fd09:2::11", a6, &syn_ack6),
+        (
+            "802.1Q VID 7 IPv4-in-IPv4",
+            Some(7),
+            "10.9.2.11",
+            a4,
+            &syn_ack4,
+        ),
+        (
+            "IPv4-in-IPv4 from a stranger",
+            None,
+            "10.9.2.99",
+            a4,
+            &syn_ack4,
+        ),
+    ] {
+        v.push(untouched(
+            format!(
+                "reverse tunnelling off: {what} SYN-ACK from {real} to the agent -> pass untouched"
+            ),
+            reverse_services(),
+            reverse_frame(vlan, real, agent, inner),
+            verdict::PASS_REVERSE_OFF,
+        ));
+    }
+    v.push(untouched(
+        "reverse tunnelling off: IP-in-IP to another address (10.9.2.12) -> pass untouched, not ours",
+        reverse_services(),
+        reverse_frame(None, "10.9.2.11", "10.9.2.12".parse().unwrap(), &syn_ack4),
+        verdict::PASS_NOT_SERVICE,
+    ));
+    v
+}
+
+#[test]
+fn reverse_tunnel_is_refused_when_not_configured() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.dataplane.set_reverse_tunnel(false)?;
+    fixtures::run(&mut h, &off_table())?;
+    let c = reverse_counts(&h.dataplane)?;
+    assert!(
+        c.values().all(|x| x.reverse_packets == 0),
+        "nothing counted for a server: {c:?}"
+    );
+    // Turned on (a reload that adds `registration.reverse_tunnel`), the same packet is
+    // relayed.
+    h.dataplane.set_reverse_tunnel(true)?;
+    let inner = answer("192.0.2.10", PROTO_TCP, 80, 40122, TCP_SYN_ACK);
+    let (action, out) = run_xdp(
+        &h.dataplane,
+        h.fx0,
+        &reverse_frame(None, "10.9.2.11", IpAddr::V4(AGENT_V4), &inner),
+    )?;
+    assert_eq!(
+        (action_name(action), hex(&out)),
+        (action_name(XDP_PASS), hex(&decapsulated(None, &inner)))
+    );
+    Ok(())
 }

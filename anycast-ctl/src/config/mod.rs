@@ -154,6 +154,10 @@ pub struct RegisteredServer {
     pub key_file: std::path::PathBuf,
     /// Anycast addresses or prefixes this server may bind (`10.71.100.1`, `fd71:100::/64`).
     pub allow: Vec<Prefix>,
+    /// The server's own real addresses or prefixes: the only care-of addresses it may bind
+    /// through, and the only sources its updates may come from (RFC 6275 section 6.1.8:
+    /// anything else is an invalid care-of address, status 174).
+    pub real: Vec<Prefix>,
 }
 
 fn default_registration_port() -> u16 {

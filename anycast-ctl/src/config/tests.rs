@@ -31,7 +31,7 @@ fn field_of(text: &str) -> String {
 fn registration_errors_name_the_field() {
     let base = good().replace(
             "\"services\": [",
-            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"]}]},
+            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}]},
             "services": ["#,
         );
     assert!(Config::parse(&base).is_ok(), "{:?}", Config::parse(&base));
@@ -42,6 +42,12 @@ fn registration_errors_name_the_field() {
         "registration.servers[0].allow"
     );
     assert_eq!(case("[\"192.0.2.10/32\"]", "[\"192.0.2.10/33\"]"), "config");
+    assert_eq!(
+        case("[\"198.51.100.0/24\"]", "[]"),
+        "registration.servers[0].real"
+    );
+    // `real` is required: which addresses an identity owns is never guessed.
+    assert_eq!(case(", \"real\": [\"198.51.100.0/24\"]", ""), "config");
     assert_eq!(
         case("\"registration\": {", "\"registration\": {\"port\": 0, "),
         "registration.port"
@@ -99,8 +105,8 @@ fn registration_errors_name_the_field() {
     );
     assert_eq!(
         case(
-            r#""allow": ["192.0.2.10/32"]}]"#,
-            r#""allow": ["192.0.2.10/32"]}, {"id": "s1", "spi": 2, "key_file": "k", "allow": ["192.0.2.10"]}]"#
+            r#""allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}]"#,
+            r#""allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}, {"id": "s1", "spi": 2, "key_file": "k", "allow": ["192.0.2.10"], "real": ["198.51.100.0/24"]}]"#
         ),
         "registration.servers[1].id"
     );

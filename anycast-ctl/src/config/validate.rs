@@ -323,6 +323,12 @@ impl Registration {
                     "lists no address: the server could bind nothing",
                 ));
             }
+            if s.real.is_empty() {
+                return Err(err(
+                    f("real"),
+                    "lists no address: the server could bind through nothing",
+                ));
+            }
         }
         Ok(())
     }

@@ -102,6 +102,8 @@ struct ServerPolicy {
     spi: u32,
     key: Vec<u8>,
     allow: Vec<Prefix>,
+    /// The identity's own real addresses: its only possible care-of addresses and sources.
+    real: Vec<Prefix>,
 }
 
 /// Token bucket per source address, so a flood from one source cannot starve the others.
@@ -135,9 +137,15 @@ pub struct Registry {
     limits: Limits,
     max_services: usize,
     agent: Vec<Ipv6Addr>,
+    /// The configured services' addresses: never a care-of address.
+    anycast: BTreeSet<IpAddr>,
     servers: HashMap<String, ServerPolicy>,
     bindings: BTreeMap<BindingId, Binding>,
     last_mesg_id: HashMap<String, u64>,
+    /// The agent's clock (NTP format) when it started: MESG-IDs older than this are refused,
+    /// so an update captured before a restart cannot be replayed after it (the replay state
+    /// itself lives in memory only).
+    started: u64,
     buckets: HashMap<IpAddr, Bucket>,
     counters: BTreeMap<String, u64>,
     probe: Option<RefreshProbe>,
@@ -161,6 +169,7 @@ impl Registry {
                     spi: s.spi,
                     key: keys.get(&s.id).cloned().unwrap_or_default(),
                     allow: s.allow.clone(),
+                    real: s.real.clone(),
                 };
                 (s.id.clone(), policy)
             })
@@ -173,9 +182,11 @@ impl Registry {
             limits: reg.limits.clone(),
             max_services,
             agent: agent.iter().map(|&a| wire::to_mapped(a)).collect(),
+            anycast: BTreeSet::new(),
             servers,
             bindings: BTreeMap::new(),
             last_mesg_id: HashMap::new(),
+            started: 0,
             buckets: HashMap::new(),
             counters: BTreeMap::new(),
             probe: reg.probe,
@@ -188,13 +199,29 @@ impl Registry {
         self.port
     }
 
+    /// The configured services' addresses, which no server may use as its care-of address.
+    pub fn with_service_addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.anycast = addresses.into_iter().collect();
+        self
+    }
+
+    /// Refuse MESG-IDs older than `wall` (the agent's start, NTP format): the replay state
+    /// is not kept across restarts, so this is what stops a replay of an update captured
+    /// before one.
+    pub fn refusing_mesg_ids_before(mut self, wall: u64) -> Self {
+        self.started = wall;
+        self
+    }
+
     /// Takes a new policy (a reload) and keeps the bindings it still allows.
     pub fn update_policy(&mut self, new: Registry) -> bool {
         let bindings = std::mem::take(&mut self.bindings);
         let last = std::mem::take(&mut self.last_mesg_id);
         let counters = std::mem::take(&mut self.counters);
         let reverse = std::mem::take(&mut self.reverse);
+        let started = self.started;
         *self = new;
+        self.started = started;
         self.last_mesg_id = last;
         self.counters = counters;
         if self.reverse_tunnel.is_some() {
@@ -202,10 +229,10 @@ impl Registry {
         }
         let before = bindings.len();
         for (id, b) in bindings {
-            let allowed = self
-                .servers
-                .get(&id.server)
-                .is_some_and(|p| p.allow.iter().any(|a| a.contains(id.anycast)));
+            let allowed = self.servers.get(&id.server).is_some_and(|p| {
+                p.allow.iter().any(|a| a.contains(id.anycast))
+                    && p.real.iter().any(|r| r.contains(id.real))
+            });
             if allowed {
                 self.bindings.insert(id, b);
             } else {
@@ -277,12 +304,14 @@ impl Registry {
         }
         let home = wire::from_mapped(msg.src);
         // Identify and authenticate before anything else is believed.
+        // Without an identity, or with one we share no key with, there is no security
+        // association to authenticate with: RFC 4285 section 5's MIPV6-AUTH-FAIL.
         let Some(identity) = msg.options.mn_id.clone() else {
-            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
         };
         let Some(policy) = self.servers.get(&identity) else {
             tracing::warn!("binding update from {from} for unknown server '{identity}' refused");
-            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
         };
         let key = Key {
             spi: policy.spi,
@@ -296,34 +325,50 @@ impl Registry {
             return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
         }
         let signer = Some(identity.clone());
-        // Replay protection: the timestamp must be near our clock and newer than the last one.
-        let fresh = msg.options.mesg_id.is_some_and(|ts| {
-            let skew = (ts >> 32).abs_diff(wall >> 32);
-            skew <= self.replay_window
-                && self
-                    .last_mesg_id
-                    .get(&identity)
-                    .is_none_or(|&last| ts > last)
-        });
-        if !fresh {
+        // Replay protection (RFC 4285 section 6): a MESG-ID is required (145); its timestamp
+        // must be near our clock, newer than the last one accepted from this identity and
+        // not older than the agent's start (144, answered with the agent's time).
+        let Some(ts) = msg.options.mesg_id else {
+            tracing::warn!("binding update from '{identity}' at {from} refused: no MESG-ID");
+            return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
+        };
+        let last = self.last_mesg_id.get(&identity).copied();
+        let skew = (ts >> 32).abs_diff(wall >> 32);
+        if skew > self.replay_window || last.is_some_and(|last| ts <= last) || ts < self.started {
             tracing::warn!(
                 "binding update from '{identity}' at {from} refused: replayed or stale timestamp"
             );
-            return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
+            // The agent's time, but never one the server could not use: just past the last
+            // accepted timestamp when the server's clock ran ahead of ours.
+            let agent_time = wall
+                .max(last.map_or(0, |l| l.saturating_add(1)))
+                .max(self.started);
+            let counted = self.count(format!("refused_{}", status::ID_MISMATCH));
+            let reply = self.ack_with_time(
+                &msg,
+                from,
+                (status::ID_MISMATCH, seq, 0),
+                Some(agent_time),
+                signer,
+            );
+            return Outcome {
+                reply,
+                changed: false,
+                counted,
+            };
         }
-        self.last_mesg_id
-            .insert(identity.clone(), msg.options.mesg_id.unwrap_or_default());
         let Some(coa) = msg.options.alt_coa else {
             return self.refuse(&msg, from, STATUS_UNSPECIFIED, seq, signer);
         };
         let real = wire::from_mapped(coa);
         let policy = &self.servers[&identity];
-        if !policy.allow.iter().any(|p| p.contains(home))
-            || real.is_unspecified()
-            || real.is_multicast()
-        {
+        if !policy.allow.iter().any(|p| p.contains(home)) {
             tracing::warn!("'{identity}' is not authorized to bind {home} (via {real}): refused");
             return self.refuse(&msg, from, status::PROHIBITED, seq, signer);
+        }
+        if let Some(why) = self.invalid_care_of(&identity, real, from.ip()) {
+            tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+            return self.refuse(&msg, from, status::INVALID_COA, seq, signer);
         }
         let id = BindingId {
             anycast: home,
@@ -363,6 +408,9 @@ impl Registry {
                 }
                 None => false,
             };
+            // Only an accepted update moves the replay state: a refused one, even an
+            // authentic one, leaves the server's own next update acceptable.
+            self.last_mesg_id.insert(identity.clone(), ts);
             let counted = self.count("deregistered");
             let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
             return Outcome {
@@ -437,6 +485,7 @@ impl Registry {
                 true
             }
         };
+        self.last_mesg_id.insert(identity.clone(), ts);
         let counted = self.count(if is_new { "registered" } else { "refreshed" });
         let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
         Outcome {
@@ -479,6 +528,50 @@ impl Registry {
             changed: false,
             counted,
         }
+    }
+
+    /// Why `real` cannot be `identity`'s care-of address, or why `source` (where the update
+    /// came from, and where acknowledgements and refresh requests go) is not its own.
+    /// RFC 6275 section 6.1.8 names the refusal: invalid care-of address (174).
+    fn invalid_care_of(&self, identity: &str, real: IpAddr, source: IpAddr) -> Option<String> {
+        let source = source.to_canonical();
+        let unicast = match real {
+            IpAddr::V4(a) => {
+                !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+            }
+            IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
+        };
+        if !unicast {
+            return Some(format!("{real} is not a unicast address"));
+        }
+        if self.agent.contains(&wire::to_mapped(real)) {
+            return Some(format!("{real} is the agent's own address"));
+        }
+        if self.anycast.contains(&real)
+            || self
+                .servers
+                .values()
+                .any(|p| p.allow.iter().any(|a| a.contains(real)))
+        {
+            return Some(format!("{real} is an anycast address"));
+        }
+        let policy = self.servers.get(identity)?;
+        if !policy.real.iter().any(|p| p.contains(real)) {
+            return Some(format!("{real} is not among its real addresses"));
+        }
+        if !policy.real.iter().any(|p| p.contains(source)) {
+            return Some(format!(
+                "the update came from {source}, which is not among its real addresses"
+            ));
+        }
+        if let Some(other) = self
+            .bindings
+            .keys()
+            .find(|k| k.real == real && k.server != identity)
+        {
+            return Some(format!("{real} is bound by '{}'", other.server));
+        }
+        None
     }
 
     fn over_limit(&self, id: &BindingId) -> Option<String> {
@@ -538,6 +631,19 @@ impl Registry {
         lifetime: u16,
         signer: Option<String>,
     ) -> Option<Reply> {
+        self.ack_with_time(msg, from, (st, seq, lifetime), None, signer)
+    }
+
+    /// A Binding Acknowledgement (status, sequence, lifetime), with a MESG-ID option when
+    /// `time` is given (RFC 4285 section 6: the agent's time, for a server to resynchronize).
+    fn ack_with_time(
+        &self,
+        msg: &Message,
+        from: SocketAddr,
+        (st, seq, lifetime): (u8, u16, u16),
+        time: Option<u64>,
+        signer: Option<String>,
+    ) -> Option<Reply> {
         let ba = Message {
             src: msg.dst,
             dst: msg.src,
@@ -546,7 +652,10 @@ impl Registry {
                 seq,
                 lifetime,
             },
-            options: Options::default(),
+            options: Options {
+                mesg_id: time,
+                ..Options::default()
+            },
         };
         let key = signer
             .as_ref()

@@ -10,6 +10,10 @@
 //! - An authentic update captured before an agent restart and replayed after it is refused
 //!   with RFC 4285's MIPV6-ID-MISMATCH (144): MESG-IDs older than the agent's start are
 //!   refused.
+//! - Forged updates claiming s1, sent from s1's own address, do not use up s1's budget:
+//!   authentication comes before the per-identity rate limit, so s1 keeps answering the
+//!   refresh-request probes and never goes down; the refusals are answered only within the
+//!   global budget for senders that do not authenticate.
 //!
 //! Runs as root; needs python3 with scapy.
 use std::{
@@ -17,7 +21,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
     path::Path,
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anycast_common::wire::{self, status, Body};
@@ -228,6 +232,89 @@ fn members_cannot_bind_addresses_they_do_not_own_and_replays_fail_after_a_restar
         "every refusal counted"
     );
     both_serve(&topo, "after the care-of attacks")?;
+
+    // Forged updates claiming s1 (s2's key), from s1's own address, 4 s at about 2 000 a
+    // second: far above s1's budget (50 a second). s1 answers a refresh-request probe every
+    // second; before authentication came first, the forgeries used up its budget and its
+    // answers were dropped until the probes declared it down.
+    let forged = Scapy {
+        identity: "s1",
+        key: &key(2)?,
+        home: ANYCAST_V4.into(),
+        coa: s1_real,
+        seq: 2000,
+        lifetime: 5,
+        service: None,
+        ahead_secs: 0,
+    }
+    .build()?;
+    let (refused_before, suppressed_before, limited_before, missed_before) = (
+        counter(&topo, "refused_146")?,
+        counter(&topo, "replies_suppressed_unauthenticated")?,
+        counter(&topo, "dropped_rate_limited")?,
+        counter(&topo, "probes_missed")?,
+    );
+    let flood_for = Duration::from_secs(4);
+    let flood = {
+        let ns = Netns {
+            name: topo.servers[0].ns.name.clone(),
+        };
+        std::thread::spawn(move || -> Result<u64> {
+            let result = ns.in_ns(move || {
+                let sock = UdpSocket::bind(SocketAddr::new(s1_real, 0))?;
+                let mut sent = 0u64;
+                let start = Instant::now();
+                while start.elapsed() < flood_for {
+                    for _ in 0..20 {
+                        sock.send_to(&forged, (AGENT, wire::DEFAULT_PORT))?;
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(sent)
+            });
+            // The namespace belongs to the topology: do not delete it here.
+            std::mem::forget(ns);
+            result
+        })
+    };
+    let start = Instant::now();
+    while start.elapsed() < flood_for {
+        let b = topo.bindings()?;
+        for x in b["bindings"].as_array().into_iter().flatten() {
+            assert!(
+                x["state"] == "active" && x["condition"] != "down",
+                "every binding stays up during the forged flood: {x}"
+            );
+        }
+        assert_eq!(topo.active_servers()?.len(), 2);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let sent = flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+    let refused = counter(&topo, "refused_146")? - refused_before;
+    let suppressed = counter(&topo, "replies_suppressed_unauthenticated")? - suppressed_before;
+    println!(
+        "forged flood: {sent} sent, {refused} refused (146), {suppressed} refusals not answered, \
+         {} probes missed",
+        counter(&topo, "probes_missed")? - missed_before
+    );
+    assert!(sent > 2000, "the flood ran: {sent}");
+    assert!(
+        refused > sent / 2,
+        "the forgeries were authenticated and refused: {refused} of {sent}"
+    );
+    assert!(
+        suppressed > 0 && suppressed < refused,
+        "refusals to senders that do not authenticate are answered within a budget"
+    );
+    assert_eq!(
+        counter(&topo, "dropped_rate_limited")?,
+        limited_before,
+        "the forgeries used up no identity's budget"
+    );
+    both_serve(&topo, "after the forged flood")?;
 
     // A captured update: authentic, fresh, for a service no client uses (s3 does not run),
     // accepted by the agent before its restart.

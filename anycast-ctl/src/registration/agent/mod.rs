@@ -106,10 +106,41 @@ struct ServerPolicy {
     real: Vec<Prefix>,
 }
 
-/// Token bucket per source address, so a flood from one source cannot starve the others.
+/// A token bucket: one per server identity (after authentication, so a flood from one
+/// server cannot starve the others and spoofers cannot use up its budget), and one for the
+/// answers to messages that did not authenticate.
 struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: 2.0 * rate,
+            last: now,
+        }
+    }
+
+    /// Takes a token if there is one; `rate` per second, a burst of twice that.
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(2.0 * rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Warnings of one kind: the first of each second is logged, the rest are summed up in one
+/// line when the second is over.
+struct LogWindow {
+    start: Instant,
+    suppressed: u64,
 }
 
 /// A datagram to send.
@@ -146,7 +177,10 @@ pub struct Registry {
     /// so an update captured before a restart cannot be replayed after it (the replay state
     /// itself lives in memory only).
     started: u64,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<String, Bucket>,
+    /// Answers to messages that did not authenticate, all senders together.
+    unauthenticated: Option<Bucket>,
+    logs: BTreeMap<&'static str, LogWindow>,
     counters: BTreeMap<String, u64>,
     probe: Option<RefreshProbe>,
     reverse_tunnel: Option<ReverseTunnel>,
@@ -188,6 +222,8 @@ impl Registry {
             last_mesg_id: HashMap::new(),
             started: 0,
             buckets: HashMap::new(),
+            unauthenticated: None,
+            logs: BTreeMap::new(),
             counters: BTreeMap::new(),
             probe: reg.probe,
             reverse_tunnel: reg.reverse_tunnel,
@@ -259,25 +295,71 @@ impl Registry {
         what
     }
 
-    fn allow_rate(&mut self, source: IpAddr, now: Instant) -> bool {
+    /// The per-identity budget (one bucket per configured identity: bounded memory).
+    fn allow_rate(&mut self, identity: &str, now: Instant) -> bool {
         let rate = self.limits.messages_per_second as f64;
-        // Bounded memory: forget idle sources when the table grows large.
-        if self.buckets.len() > 65536 {
-            self.buckets
-                .retain(|_, b| now.duration_since(b.last) < Duration::from_secs(10));
+        self.buckets
+            .entry(identity.to_string())
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now)
+    }
+
+    /// The global budget of answers to messages that did not authenticate.
+    fn allow_unauthenticated_reply(&mut self, now: Instant) -> bool {
+        let rate = self.limits.unauthenticated_replies_per_second as f64;
+        let allowed = self
+            .unauthenticated
+            .get_or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now);
+        if !allowed {
+            self.count("replies_suppressed_unauthenticated");
         }
-        let b = self.buckets.entry(source).or_insert(Bucket {
-            tokens: 2.0 * rate,
-            last: now,
-        });
-        let elapsed = now.duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(2.0 * rate);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
+        allowed
+    }
+
+    /// Logs a warning of kind `reason` unless one of that kind was logged less than a second
+    /// ago; those are counted and summed up once the second is over ([`Self::flush_logs`]).
+    fn warn(&mut self, reason: &'static str, now: Instant, line: impl FnOnce() -> String) {
+        match self.logs.get_mut(reason) {
+            Some(w) if now.saturating_duration_since(w.start) < Duration::from_secs(1) => {
+                w.suppressed += 1;
+                self.count("log_lines_suppressed");
+            }
+            _ => {
+                self.flush_log(reason);
+                tracing::warn!("{}", line());
+                self.logs.insert(
+                    reason,
+                    LogWindow {
+                        start: now,
+                        suppressed: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn flush_log(&mut self, reason: &'static str) {
+        if let Some(w) = self.logs.remove(reason) {
+            if w.suppressed > 0 {
+                tracing::warn!(
+                    "{} more binding update(s) refused in the last second: {reason}",
+                    w.suppressed
+                );
+            }
+        }
+    }
+
+    /// Writes the summary line of every kind of warning whose second is over.
+    pub fn flush_logs(&mut self, now: Instant) {
+        let over: Vec<&'static str> = self
+            .logs
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.start) >= Duration::from_secs(1))
+            .map(|(&r, _)| r)
+            .collect();
+        for reason in over {
+            self.flush_log(reason);
         }
     }
 
@@ -288,12 +370,12 @@ impl Registry {
             changed: false,
             counted,
         };
-        if !self.allow_rate(from.ip(), now) {
-            return none(self.count("dropped_rate_limited"));
-        }
+        // Everything is decoded and authenticated first (an HMAC is cheap); only then does a
+        // message count against its identity's budget. What a sender that does not
+        // authenticate can cause beyond that, answers and log lines, is globally bounded.
         let msg = match wire::decode(payload) {
             Ok(m) => m,
-            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from),
+            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from, now),
             Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
         };
         let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
@@ -307,11 +389,16 @@ impl Registry {
         // Without an identity, or with one we share no key with, there is no security
         // association to authenticate with: RFC 4285 section 5's MIPV6-AUTH-FAIL.
         let Some(identity) = msg.options.mn_id.clone() else {
-            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+            self.warn("no identity", now, || {
+                format!("binding update from {from} without an identity refused")
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
         };
         let Some(policy) = self.servers.get(&identity) else {
-            tracing::warn!("binding update from {from} for unknown server '{identity}' refused");
-            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+            self.warn("unknown identity", now, || {
+                format!("binding update from {from} for unknown server '{identity}' refused")
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
         };
         let key = Key {
             spi: policy.spi,
@@ -319,25 +406,35 @@ impl Registry {
         };
         let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
         if !spi_ok || !wire::verify(payload, key) {
-            tracing::warn!(
-                "binding update from {from} claiming to be '{identity}' failed authentication"
-            );
-            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+            self.warn("authentication failed", now, || {
+                format!(
+                    "binding update from {from} claiming to be '{identity}' failed authentication"
+                )
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
+        }
+        if !self.allow_rate(&identity, now) {
+            return none(self.count("dropped_rate_limited"));
         }
         let signer = Some(identity.clone());
         // Replay protection (RFC 4285 section 6): a MESG-ID is required (145); its timestamp
         // must be near our clock, newer than the last one accepted from this identity and
         // not older than the agent's start (144, answered with the agent's time).
         let Some(ts) = msg.options.mesg_id else {
-            tracing::warn!("binding update from '{identity}' at {from} refused: no MESG-ID");
+            self.warn("no MESG-ID", now, || {
+                format!("binding update from '{identity}' at {from} refused: no MESG-ID")
+            });
             return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
         };
         let last = self.last_mesg_id.get(&identity).copied();
         let skew = (ts >> 32).abs_diff(wall >> 32);
         if skew > self.replay_window || last.is_some_and(|last| ts <= last) || ts < self.started {
-            tracing::warn!(
-                "binding update from '{identity}' at {from} refused: replayed or stale timestamp"
-            );
+            self.warn("replayed or stale timestamp", now, || {
+                format!(
+                    "binding update from '{identity}' at {from} refused: replayed or stale \
+                     timestamp"
+                )
+            });
             // The agent's time, but never one the server could not use: just past the last
             // accepted timestamp when the server's clock ran ahead of ours.
             let agent_time = wall
@@ -363,11 +460,15 @@ impl Registry {
         let real = wire::from_mapped(coa);
         let policy = &self.servers[&identity];
         if !policy.allow.iter().any(|p| p.contains(home)) {
-            tracing::warn!("'{identity}' is not authorized to bind {home} (via {real}): refused");
+            self.warn("not authorized", now, || {
+                format!("'{identity}' is not authorized to bind {home} (via {real}): refused")
+            });
             return self.refuse(&msg, from, status::PROHIBITED, seq, signer);
         }
         if let Some(why) = self.invalid_care_of(&identity, real, from.ip()) {
-            tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+            self.warn("invalid care-of address", now, || {
+                format!("binding of '{identity}' for {home} via {real} refused: {why}")
+            });
             return self.refuse(&msg, from, status::INVALID_COA, seq, signer);
         }
         let id = BindingId {
@@ -422,7 +523,9 @@ impl Registry {
         let is_new = !self.bindings.contains_key(&id);
         if is_new {
             if let Some(why) = self.over_limit(&id) {
-                tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+                self.warn("limit reached", now, || {
+                    format!("binding of '{identity}' for {home} via {real} refused: {why}")
+                });
                 return self.refuse(&msg, from, status::INSUFFICIENT_RESOURCES, seq, signer);
             }
         }
@@ -496,7 +599,7 @@ impl Registry {
     }
 
     /// RFC 6275 9.2: an unknown MH type is answered with a Binding Error, status 2.
-    fn binding_error(&mut self, payload: &[u8], from: SocketAddr) -> Outcome {
+    fn binding_error(&mut self, payload: &[u8], from: SocketAddr, now: Instant) -> Outcome {
         let addr = |at: usize| {
             <[u8; 16]>::try_from(&payload[at..at + 16])
                 .map(Ipv6Addr::from)
@@ -505,7 +608,9 @@ impl Registry {
         let (src, dst) = (addr(8), addr(24));
         let counted = self.count("dropped_malformed_unknown_mh_type");
         let reply = match (src, dst) {
-            (Some(src), Some(dst)) if self.agent.contains(&dst) => {
+            (Some(src), Some(dst))
+                if self.agent.contains(&dst) && self.allow_unauthenticated_reply(now) =>
+            {
                 self.count("binding_errors_sent");
                 let be = Message {
                     src: dst,
@@ -602,6 +707,28 @@ impl Registry {
             ));
         }
         None
+    }
+
+    /// A refusal (RFC 4285 section 5's MIPV6-AUTH-FAIL) to a sender that did not
+    /// authenticate: counted always, answered (unsigned) within the global budget.
+    fn refuse_unauthenticated(
+        &mut self,
+        msg: &Message,
+        from: SocketAddr,
+        seq: u16,
+        now: Instant,
+    ) -> Outcome {
+        let counted = self.count(format!("refused_{}", status::AUTH_FAILED));
+        let reply = if self.allow_unauthenticated_reply(now) {
+            self.ack(msg, from, status::AUTH_FAILED, seq, 0, None)
+        } else {
+            None
+        };
+        Outcome {
+            reply,
+            changed: false,
+            counted,
+        }
     }
 
     fn refuse(

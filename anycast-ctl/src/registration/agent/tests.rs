@@ -547,7 +547,7 @@ fn limits_refuse_with_insufficient_resources() {
 }
 
 #[test]
-fn a_flooding_source_is_rate_limited() {
+fn a_flooding_identity_is_rate_limited_after_authentication() {
     let limits = Limits {
         messages_per_second: 5,
         ..Limits::default()
@@ -568,13 +568,17 @@ fn a_flooding_source_is_rate_limited() {
         limited, 10,
         "a burst of twice the rate passes: {outcomes:?}"
     );
-    // Another source is not affected.
-    let other: SocketAddr = "10.0.2.99:5000".parse().unwrap();
-    assert_ne!(
-        r.handle(&Bu::new(100, WALL + 100).bytes(), other, now, WALL)
-            .counted,
-        "dropped_rate_limited"
-    );
+    // Another identity is not affected.
+    let s2 = Bu {
+        id: "s2",
+        key: KEY2,
+        spi: 2,
+        home: "192.0.2.5",
+        real: "10.0.3.1",
+        ..Bu::new(100, WALL + 100)
+    };
+    let o = r.handle(&s2.bytes(), "10.0.3.1:5000".parse().unwrap(), now, WALL);
+    assert_eq!(o.counted, "registered");
     // Tokens come back with time.
     let later = now + Duration::from_secs(1);
     assert_ne!(
@@ -582,6 +586,72 @@ fn a_flooding_source_is_rate_limited() {
             .counted,
         "dropped_rate_limited"
     );
+}
+
+/// Authentication comes first: forged updates claiming s1, from s1's own address, do not use
+/// up s1's budget; refusals to senders that did not authenticate are answered within a small
+/// global budget and never more; their warnings are summed up rather than logged each.
+#[test]
+fn spoofed_and_forged_floods_cannot_use_up_a_servers_budget() {
+    let limits = Limits {
+        messages_per_second: 5,
+        unauthenticated_replies_per_second: 3,
+        ..Limits::default()
+    };
+    let mut r = registry(limits, 30);
+    let now = Instant::now();
+    let forged = Bu {
+        key: KEY2,
+        ..Bu::new(1, WALL)
+    };
+    let mut answered = 0;
+    for _ in 0..100 {
+        let o = r.handle(&forged.bytes(), from(), now, WALL);
+        assert_eq!(o.counted, "refused_146");
+        assert!(!o.changed);
+        answered += usize::from(o.reply.is_some());
+    }
+    // Garbage and unknown identities, too.
+    for _ in 0..50 {
+        r.handle(&[0u8; 40], from(), now, WALL);
+        let o = r.handle(
+            &Bu {
+                id: "nobody",
+                ..Bu::new(1, WALL)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        answered += usize::from(o.reply.is_some());
+    }
+    assert_eq!(answered, 6, "a burst of twice the global answer rate");
+    let c = r.report(now, None).counters;
+    assert_eq!(c["refused_146"], 150);
+    assert_eq!(c["replies_suppressed_unauthenticated"], 144);
+    assert_eq!(
+        c["log_lines_suppressed"], 148,
+        "one line per kind of refusal per second"
+    );
+    assert!(!c.contains_key("dropped_rate_limited"), "{c:?}");
+    // s1's own updates: its whole burst still passes.
+    for i in 0..10u16 {
+        let o = r.handle(
+            &Bu::new(10 + i, WALL + 1 + i as u64).bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert!(
+            o.counted == "registered" || o.counted == "refreshed",
+            "update {i}: {o:?}"
+        );
+    }
+    // A second later the summaries are written and the next warning is logged again.
+    r.expire(now + Duration::from_secs(1));
+    r.handle(&forged.bytes(), from(), now + Duration::from_secs(1), WALL);
+    assert_eq!(r.report(now, None).counters["log_lines_suppressed"], 148);
 }
 
 #[test]

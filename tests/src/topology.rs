@@ -416,8 +416,17 @@ impl Topology {
         if self.mode != ServerMode::Static {
             let servers: Vec<serde_json::Value> = (1..=self.servers.len())
                 .map(|i| {
+                    // Its own addresses on both server networks (see `add_server_ns` and
+                    // `add_second_link`): the only care-of addresses it may bind through.
+                    let real = [
+                        format!("{}/32", Ipv4Addr::new(10, 71, 2, 10 + i as u8)),
+                        format!("{}/128", Ipv6Addr::new(0xfd71, 2, 0, 0, 0, 0, 0, 0x10 + i as u16)),
+                        format!("{}/32", Ipv4Addr::new(10, 71, 3, 10 + i as u8)),
+                        format!("{}/128", Ipv6Addr::new(0xfd71, 3, 0, 0, 0, 0, 0, 0x10 + i as u16)),
+                    ];
                     serde_json::json!({"id": format!("s{i}"), "spi": spi_of(&format!("s{i}")), "key_file": format!("s{i}.key"),
-                        "allow": [format!("{ANYCAST_V4}/32"), format!("{ANYCAST_V6}/128")]})
+                        "allow": [format!("{ANYCAST_V4}/32"), format!("{ANYCAST_V6}/128")],
+                        "real": real})
                 })
                 .collect();
             let mut registration = serde_json::json!({"drain_time": 30, "servers": servers});

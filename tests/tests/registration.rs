@@ -269,8 +269,8 @@ fn servers_register_deregister_expire_and_forgeries_are_refused() -> anyhow::Res
     assert_eq!(with_new.len(), before.len() + 1);
     assert_eq!(
         send_bu(&s3.ns, real, fresh)?,
-        status::MESG_ID_REQUIRED,
-        "replayed update"
+        status::ID_MISMATCH,
+        "replayed update (RFC 4285: MESG-ID outside the window)"
     );
     assert_eq!(
         binding_ids(&topo)?,
@@ -278,7 +278,7 @@ fn servers_register_deregister_expire_and_forgeries_are_refused() -> anyhow::Res
         "a replayed update changed the bindings"
     );
 
-    for (name, at_least) in [("refused_146", 1), ("refused_129", 1), ("refused_145", 1)] {
+    for (name, at_least) in [("refused_146", 1), ("refused_129", 1), ("refused_144", 1)] {
         assert!(counter(&topo, name)? >= at_least, "{name} counted");
     }
     println!("{}", topo.ctl(&["bindings"])?);

@@ -134,18 +134,26 @@ pub use encode::{encode, try_encode};
 /// The agent's UDP port for binding messages.
 pub const DEFAULT_PORT: u16 = 4191;
 
-/// Binding Acknowledgement status codes (IANA registry; 144-146 are RFC 4285's).
+/// Binding Acknowledgement status codes (IANA registry; 144-146 are RFC 4285's, 174 is
+/// RFC 6275's).
 pub mod status {
     pub const ACCEPTED: u8 = 0;
     pub const PROHIBITED: u8 = 129;
     pub const INSUFFICIENT_RESOURCES: u8 = 130;
     pub const SEQUENCE_OUT_OF_WINDOW: u8 = 135;
-    /// MIPV6-ID-MISMATCH: the MESG-ID timestamp is outside the accepted window.
+    /// MIPV6-ID-MISMATCH (RFC 4285 section 6): the MESG-ID timestamp is outside the accepted
+    /// window (too far from the agent's clock, or not newer than the last accepted one). The
+    /// acknowledgement carries the agent's own time in its MESG-ID option, signed, so the
+    /// server can resynchronize.
     pub const ID_MISMATCH: u8 = 144;
-    /// MIPV6-MESG-ID-REQD: a MESG-ID option is required.
+    /// MIPV6-MESG-ID-REQD (RFC 4285 section 6): the update carries no MESG-ID option.
     pub const MESG_ID_REQUIRED: u8 = 145;
-    /// MIPV6-AUTH-FAIL: the AUTH option is missing or wrong.
+    /// MIPV6-AUTH-FAIL (RFC 4285 section 5): the AUTH option is missing or wrong, or the
+    /// identity is unknown (no security association to check it with).
     pub const AUTH_FAILED: u8 = 146;
+    /// Invalid Care-of Address (RFC 6275 section 6.1.8): the care-of address (Alternate
+    /// Care-of Address option) is not one the identity may use.
+    pub const INVALID_COA: u8 = 174;
 }
 
 /// Mobility Header types (RFC 6275 6.1).

@@ -50,12 +50,16 @@ pub(super) fn registry(config: &Config, config_path: &Path) -> Result<Option<Reg
     let keys = config
         .load_keys(config_path)
         .map_err(|e| anyhow!("invalid configuration: {e}"))?;
-    Ok(Some(Registry::new(
-        reg,
-        &keys,
-        &agent_addresses(config),
-        config.max_services as usize,
-    )))
+    Ok(Some(
+        Registry::new(
+            reg,
+            &keys,
+            &agent_addresses(config),
+            config.max_services as usize,
+        )
+        .with_service_addresses(config.services.iter().map(|s| s.address))
+        .refusing_mesg_ids_before(wire::ntp_now()),
+    ))
 }
 
 /// The health-check targets of a service's candidate: one per configured check, at the

@@ -139,8 +139,14 @@ fn default_probe() -> Option<RefreshProbe> {
 pub struct Limits {
     pub bindings_per_address: u32,
     pub bindings_per_server: u32,
-    /// Binding messages accepted per second from one source address (a burst of twice that).
+    /// Authenticated binding messages handled per second from one server identity (a burst
+    /// of twice that). Checked after authentication, so spoofed or forged messages cannot
+    /// use up a server's budget.
     pub messages_per_second: u32,
+    /// Answers (refusals, binding errors) per second, over all senders together, to
+    /// messages that did not authenticate (a burst of twice that); the rest are counted and
+    /// not answered.
+    pub unauthenticated_replies_per_second: u32,
 }
 
 impl Default for Limits {
@@ -149,6 +155,7 @@ impl Default for Limits {
             bindings_per_address: 256,
             bindings_per_server: 16,
             messages_per_second: 50,
+            unauthenticated_replies_per_second: 100,
         }
     }
 }
@@ -164,6 +171,10 @@ pub struct RegisteredServer {
     pub key_file: std::path::PathBuf,
     /// Anycast addresses or prefixes this server may bind (`10.71.100.1`, `fd71:100::/64`).
     pub allow: Vec<Prefix>,
+    /// The server's own real addresses or prefixes: the only care-of addresses it may bind
+    /// through, and the only sources its updates may come from (RFC 6275 section 6.1.8:
+    /// anything else is an invalid care-of address, status 174).
+    pub real: Vec<Prefix>,
 }
 
 fn default_registration_port() -> u16 {

@@ -194,6 +194,32 @@ impl Config {
                     ));
                 }
             }
+            // A real address is where the agent tunnels to: never itself, never an anycast
+            // address (the packets would come back to the agent, or go to its binder).
+            for (j, p) in s.real.iter().enumerate() {
+                let f = format!("registration.servers[{i}].real[{j}]");
+                host_bits(f.clone(), p)?;
+                if let Some((g, a)) = self.agent_addresses().find(|&(_, a)| p.contains(a)) {
+                    return Err(err(
+                        f,
+                        format!("{p} holds the agent's own address {a} ({g})"),
+                    ));
+                }
+                let anycast = self
+                    .services
+                    .iter()
+                    .map(|svc| svc.address)
+                    .chain(r.servers.iter().flat_map(|o| &o.allow).map(|q| q.addr))
+                    .find(|&a| p.contains(a));
+                if let Some(a) = anycast {
+                    return Err(err(
+                        f,
+                        format!(
+                            "{p} holds the anycast address {a}: a real address must not be one"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

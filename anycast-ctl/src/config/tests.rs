@@ -31,7 +31,7 @@ fn field_of(text: &str) -> String {
 fn registration_errors_name_the_field() {
     let base = good().replace(
             "\"services\": [",
-            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"]}]},
+            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}]},
             "services": ["#,
         );
     assert!(Config::parse(&base).is_ok(), "{:?}", Config::parse(&base));
@@ -42,6 +42,12 @@ fn registration_errors_name_the_field() {
         "registration.servers[0].allow"
     );
     assert_eq!(case("[\"192.0.2.10/32\"]", "[\"192.0.2.10/33\"]"), "config");
+    assert_eq!(
+        case("[\"198.51.100.0/24\"]", "[]"),
+        "registration.servers[0].real"
+    );
+    // `real` is required: which addresses an identity owns is never guessed.
+    assert_eq!(case(", \"real\": [\"198.51.100.0/24\"]", ""), "config");
     assert_eq!(
         case("\"registration\": {", "\"registration\": {\"port\": 0, "),
         "registration.port"
@@ -99,8 +105,8 @@ fn registration_errors_name_the_field() {
     );
     assert_eq!(
         case(
-            r#""allow": ["192.0.2.10/32"]}]"#,
-            r#""allow": ["192.0.2.10/32"]}, {"id": "s1", "spi": 2, "key_file": "k", "allow": ["192.0.2.10"]}]"#
+            r#""allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}]"#,
+            r#""allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}, {"id": "s1", "spi": 2, "key_file": "k", "allow": ["192.0.2.10"], "real": ["198.51.100.0/24"]}]"#
         ),
         "registration.servers[1].id"
     );
@@ -214,7 +220,14 @@ fn errors_name_the_field() {
 }
 
 /// A configuration with registration; `allow` and `extra` are spliced in.
+/// A configuration with these registered servers; each gets a `real` prefix of its own
+/// unless the test gives one.
 fn with_registration(servers: &str) -> String {
+    let servers = if servers.contains("\"real\"") {
+        servers.to_string()
+    } else {
+        servers.replace("\"spi\":", "\"real\": [\"203.0.113.0/24\"], \"spi\":")
+    };
     good().replace(
         "\"services\": [",
         &format!(r#""registration": {{"servers": [{servers}]}}, "services": ["#),
@@ -287,6 +300,22 @@ fn a_real_address_must_not_be_an_anycast_address() {
         r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["10.0.2.0/24"]}"#,
     ));
     assert_eq!(e.field, "services[0].servers[0].address");
+    // A registered server's real prefix holding a service's address, an address another
+    // identity may bind, or the agent's own address.
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["198.51.100.7"], "real": ["203.0.113.0/24", "192.0.2.0/24"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[0].real[1]");
+    assert!(e.reason.contains("anycast address 192.0.2.10"), "{e}");
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["198.51.100.7"], "real": ["203.0.113.0/24"]}, {"id": "s2", "spi": 2, "key_file": "k2", "allow": ["192.0.2.10"], "real": ["198.51.100.0/24"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[1].real[0]");
+    let e = refusal(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["198.51.100.7"], "real": ["10.0.0.0/30"]}"#,
+    ));
+    assert_eq!(e.field, "registration.servers[0].real[0]");
+    assert!(e.reason.contains("agent's own address 10.0.0.1"), "{e}");
 }
 
 #[test]

@@ -271,6 +271,10 @@ impl Registration {
             ("bindings_per_address", l.bindings_per_address),
             ("bindings_per_server", l.bindings_per_server),
             ("messages_per_second", l.messages_per_second),
+            (
+                "unauthenticated_replies_per_second",
+                l.unauthenticated_replies_per_second,
+            ),
         ] {
             if v == 0 {
                 return Err(err(
@@ -321,6 +325,12 @@ impl Registration {
                 return Err(err(
                     f("allow"),
                     "lists no address: the server could bind nothing",
+                ));
+            }
+            if s.real.is_empty() {
+                return Err(err(
+                    f("real"),
+                    "lists no address: the server could bind through nothing",
                 ));
             }
         }

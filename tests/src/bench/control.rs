@@ -168,7 +168,7 @@ pub fn control_plane(quick: bool) -> Result<Section> {
     let servers: Vec<serde_json::Value> = (0..ids)
         .map(|i| {
             json!({"id": format!("s{i}"), "spi": 256 + i, "key_file": "unused",
-            "allow": ["192.0.2.0/24"]})
+            "allow": ["192.0.2.0/24"], "real": ["10.1.0.0/16"]})
         })
         .collect();
     let registration: Registration = serde_json::from_value(json!({

@@ -4,7 +4,9 @@ use super::*;
 
 impl Registry {
     /// Removes expired bindings and those whose drain time is over. True if any went.
+    /// Also writes the summaries of rate-limited warnings whose second is over.
     pub fn expire(&mut self, now: Instant) -> bool {
+        self.flush_logs(now);
         let gone: Vec<BindingId> = self
             .bindings
             .iter()

@@ -102,12 +102,45 @@ struct ServerPolicy {
     spi: u32,
     key: Vec<u8>,
     allow: Vec<Prefix>,
+    /// The identity's own real addresses: its only possible care-of addresses and sources.
+    real: Vec<Prefix>,
 }
 
-/// Token bucket per source address, so a flood from one source cannot starve the others.
+/// A token bucket: one per server identity (after authentication, so a flood from one
+/// server cannot starve the others and spoofers cannot use up its budget), and one for the
+/// answers to messages that did not authenticate.
 struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: 2.0 * rate,
+            last: now,
+        }
+    }
+
+    /// Takes a token if there is one; `rate` per second, a burst of twice that.
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(2.0 * rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Warnings of one kind: the first of each second is logged, the rest are summed up in one
+/// line when the second is over.
+struct LogWindow {
+    start: Instant,
+    suppressed: u64,
 }
 
 /// A datagram to send.
@@ -135,10 +168,19 @@ pub struct Registry {
     limits: Limits,
     max_services: usize,
     agent: Vec<Ipv6Addr>,
+    /// The configured services' addresses: never a care-of address.
+    anycast: BTreeSet<IpAddr>,
     servers: HashMap<String, ServerPolicy>,
     bindings: BTreeMap<BindingId, Binding>,
     last_mesg_id: HashMap<String, u64>,
-    buckets: HashMap<IpAddr, Bucket>,
+    /// The agent's clock (NTP format) when it started: MESG-IDs older than this are refused,
+    /// so an update captured before a restart cannot be replayed after it (the replay state
+    /// itself lives in memory only).
+    started: u64,
+    buckets: HashMap<String, Bucket>,
+    /// Answers to messages that did not authenticate, all senders together.
+    unauthenticated: Option<Bucket>,
+    logs: BTreeMap<&'static str, LogWindow>,
     counters: BTreeMap<String, u64>,
     probe: Option<RefreshProbe>,
     reverse_tunnel: Option<ReverseTunnel>,
@@ -161,6 +203,7 @@ impl Registry {
                     spi: s.spi,
                     key: keys.get(&s.id).cloned().unwrap_or_default(),
                     allow: s.allow.clone(),
+                    real: s.real.clone(),
                 };
                 (s.id.clone(), policy)
             })
@@ -173,10 +216,14 @@ impl Registry {
             limits: reg.limits.clone(),
             max_services,
             agent: agent.iter().map(|&a| wire::to_mapped(a)).collect(),
+            anycast: BTreeSet::new(),
             servers,
             bindings: BTreeMap::new(),
             last_mesg_id: HashMap::new(),
+            started: 0,
             buckets: HashMap::new(),
+            unauthenticated: None,
+            logs: BTreeMap::new(),
             counters: BTreeMap::new(),
             probe: reg.probe,
             reverse_tunnel: reg.reverse_tunnel,
@@ -188,13 +235,29 @@ impl Registry {
         self.port
     }
 
+    /// The configured services' addresses, which no server may use as its care-of address.
+    pub fn with_service_addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.anycast = addresses.into_iter().collect();
+        self
+    }
+
+    /// Refuse MESG-IDs older than `wall` (the agent's start, NTP format): the replay state
+    /// is not kept across restarts, so this is what stops a replay of an update captured
+    /// before one.
+    pub fn refusing_mesg_ids_before(mut self, wall: u64) -> Self {
+        self.started = wall;
+        self
+    }
+
     /// Takes a new policy (a reload) and keeps the bindings it still allows.
     pub fn update_policy(&mut self, new: Registry) -> bool {
         let bindings = std::mem::take(&mut self.bindings);
         let last = std::mem::take(&mut self.last_mesg_id);
         let counters = std::mem::take(&mut self.counters);
         let reverse = std::mem::take(&mut self.reverse);
+        let started = self.started;
         *self = new;
+        self.started = started;
         self.last_mesg_id = last;
         self.counters = counters;
         if self.reverse_tunnel.is_some() {
@@ -202,10 +265,10 @@ impl Registry {
         }
         let before = bindings.len();
         for (id, b) in bindings {
-            let allowed = self
-                .servers
-                .get(&id.server)
-                .is_some_and(|p| p.allow.iter().any(|a| a.contains(id.anycast)));
+            let allowed = self.servers.get(&id.server).is_some_and(|p| {
+                p.allow.iter().any(|a| a.contains(id.anycast))
+                    && p.real.iter().any(|r| r.contains(id.real))
+            });
             if allowed {
                 self.bindings.insert(id, b);
             } else {
@@ -232,25 +295,71 @@ impl Registry {
         what
     }
 
-    fn allow_rate(&mut self, source: IpAddr, now: Instant) -> bool {
+    /// The per-identity budget (one bucket per configured identity: bounded memory).
+    fn allow_rate(&mut self, identity: &str, now: Instant) -> bool {
         let rate = self.limits.messages_per_second as f64;
-        // Bounded memory: forget idle sources when the table grows large.
-        if self.buckets.len() > 65536 {
-            self.buckets
-                .retain(|_, b| now.duration_since(b.last) < Duration::from_secs(10));
+        self.buckets
+            .entry(identity.to_string())
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now)
+    }
+
+    /// The global budget of answers to messages that did not authenticate.
+    fn allow_unauthenticated_reply(&mut self, now: Instant) -> bool {
+        let rate = self.limits.unauthenticated_replies_per_second as f64;
+        let allowed = self
+            .unauthenticated
+            .get_or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now);
+        if !allowed {
+            self.count("replies_suppressed_unauthenticated");
         }
-        let b = self.buckets.entry(source).or_insert(Bucket {
-            tokens: 2.0 * rate,
-            last: now,
-        });
-        let elapsed = now.duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(2.0 * rate);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
+        allowed
+    }
+
+    /// Logs a warning of kind `reason` unless one of that kind was logged less than a second
+    /// ago; those are counted and summed up once the second is over ([`Self::flush_logs`]).
+    fn warn(&mut self, reason: &'static str, now: Instant, line: impl FnOnce() -> String) {
+        match self.logs.get_mut(reason) {
+            Some(w) if now.saturating_duration_since(w.start) < Duration::from_secs(1) => {
+                w.suppressed += 1;
+                self.count("log_lines_suppressed");
+            }
+            _ => {
+                self.flush_log(reason);
+                tracing::warn!("{}", line());
+                self.logs.insert(
+                    reason,
+                    LogWindow {
+                        start: now,
+                        suppressed: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn flush_log(&mut self, reason: &'static str) {
+        if let Some(w) = self.logs.remove(reason) {
+            if w.suppressed > 0 {
+                tracing::warn!(
+                    "{} more binding update(s) refused in the last second: {reason}",
+                    w.suppressed
+                );
+            }
+        }
+    }
+
+    /// Writes the summary line of every kind of warning whose second is over.
+    pub fn flush_logs(&mut self, now: Instant) {
+        let over: Vec<&'static str> = self
+            .logs
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.start) >= Duration::from_secs(1))
+            .map(|(&r, _)| r)
+            .collect();
+        for reason in over {
+            self.flush_log(reason);
         }
     }
 
@@ -261,12 +370,12 @@ impl Registry {
             changed: false,
             counted,
         };
-        if !self.allow_rate(from.ip(), now) {
-            return none(self.count("dropped_rate_limited"));
-        }
+        // Everything is decoded and authenticated first (an HMAC is cheap); only then does a
+        // message count against its identity's budget. What a sender that does not
+        // authenticate can cause beyond that, answers and log lines, is globally bounded.
         let msg = match wire::decode(payload) {
             Ok(m) => m,
-            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from),
+            Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from, now),
             Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
         };
         let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
@@ -277,12 +386,19 @@ impl Registry {
         }
         let home = wire::from_mapped(msg.src);
         // Identify and authenticate before anything else is believed.
+        // Without an identity, or with one we share no key with, there is no security
+        // association to authenticate with: RFC 4285 section 5's MIPV6-AUTH-FAIL.
         let Some(identity) = msg.options.mn_id.clone() else {
-            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+            self.warn("no identity", now, || {
+                format!("binding update from {from} without an identity refused")
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
         };
         let Some(policy) = self.servers.get(&identity) else {
-            tracing::warn!("binding update from {from} for unknown server '{identity}' refused");
-            return self.refuse(&msg, from, status::ID_MISMATCH, seq, None);
+            self.warn("unknown identity", now, || {
+                format!("binding update from {from} for unknown server '{identity}' refused")
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
         };
         let key = Key {
             spi: policy.spi,
@@ -290,40 +406,70 @@ impl Registry {
         };
         let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
         if !spi_ok || !wire::verify(payload, key) {
-            tracing::warn!(
-                "binding update from {from} claiming to be '{identity}' failed authentication"
-            );
-            return self.refuse(&msg, from, status::AUTH_FAILED, seq, None);
+            self.warn("authentication failed", now, || {
+                format!(
+                    "binding update from {from} claiming to be '{identity}' failed authentication"
+                )
+            });
+            return self.refuse_unauthenticated(&msg, from, seq, now);
+        }
+        if !self.allow_rate(&identity, now) {
+            return none(self.count("dropped_rate_limited"));
         }
         let signer = Some(identity.clone());
-        // Replay protection: the timestamp must be near our clock and newer than the last one.
-        let fresh = msg.options.mesg_id.is_some_and(|ts| {
-            let skew = (ts >> 32).abs_diff(wall >> 32);
-            skew <= self.replay_window
-                && self
-                    .last_mesg_id
-                    .get(&identity)
-                    .is_none_or(|&last| ts > last)
-        });
-        if !fresh {
-            tracing::warn!(
-                "binding update from '{identity}' at {from} refused: replayed or stale timestamp"
-            );
+        // Replay protection (RFC 4285 section 6): a MESG-ID is required (145); its timestamp
+        // must be near our clock, newer than the last one accepted from this identity and
+        // not older than the agent's start (144, answered with the agent's time).
+        let Some(ts) = msg.options.mesg_id else {
+            self.warn("no MESG-ID", now, || {
+                format!("binding update from '{identity}' at {from} refused: no MESG-ID")
+            });
             return self.refuse(&msg, from, status::MESG_ID_REQUIRED, seq, signer);
+        };
+        let last = self.last_mesg_id.get(&identity).copied();
+        let skew = (ts >> 32).abs_diff(wall >> 32);
+        if skew > self.replay_window || last.is_some_and(|last| ts <= last) || ts < self.started {
+            self.warn("replayed or stale timestamp", now, || {
+                format!(
+                    "binding update from '{identity}' at {from} refused: replayed or stale \
+                     timestamp"
+                )
+            });
+            // The agent's time, but never one the server could not use: just past the last
+            // accepted timestamp when the server's clock ran ahead of ours.
+            let agent_time = wall
+                .max(last.map_or(0, |l| l.saturating_add(1)))
+                .max(self.started);
+            let counted = self.count(format!("refused_{}", status::ID_MISMATCH));
+            let reply = self.ack_with_time(
+                &msg,
+                from,
+                (status::ID_MISMATCH, seq, 0),
+                Some(agent_time),
+                signer,
+            );
+            return Outcome {
+                reply,
+                changed: false,
+                counted,
+            };
         }
-        self.last_mesg_id
-            .insert(identity.clone(), msg.options.mesg_id.unwrap_or_default());
         let Some(coa) = msg.options.alt_coa else {
             return self.refuse(&msg, from, STATUS_UNSPECIFIED, seq, signer);
         };
         let real = wire::from_mapped(coa);
         let policy = &self.servers[&identity];
-        if !policy.allow.iter().any(|p| p.contains(home))
-            || real.is_unspecified()
-            || real.is_multicast()
-        {
-            tracing::warn!("'{identity}' is not authorized to bind {home} (via {real}): refused");
+        if !policy.allow.iter().any(|p| p.contains(home)) {
+            self.warn("not authorized", now, || {
+                format!("'{identity}' is not authorized to bind {home} (via {real}): refused")
+            });
             return self.refuse(&msg, from, status::PROHIBITED, seq, signer);
+        }
+        if let Some(why) = self.invalid_care_of(&identity, real, from.ip()) {
+            self.warn("invalid care-of address", now, || {
+                format!("binding of '{identity}' for {home} via {real} refused: {why}")
+            });
+            return self.refuse(&msg, from, status::INVALID_COA, seq, signer);
         }
         let id = BindingId {
             anycast: home,
@@ -363,6 +509,9 @@ impl Registry {
                 }
                 None => false,
             };
+            // Only an accepted update moves the replay state: a refused one, even an
+            // authentic one, leaves the server's own next update acceptable.
+            self.last_mesg_id.insert(identity.clone(), ts);
             let counted = self.count("deregistered");
             let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
             return Outcome {
@@ -374,7 +523,9 @@ impl Registry {
         let is_new = !self.bindings.contains_key(&id);
         if is_new {
             if let Some(why) = self.over_limit(&id) {
-                tracing::warn!("binding of '{identity}' for {home} via {real} refused: {why}");
+                self.warn("limit reached", now, || {
+                    format!("binding of '{identity}' for {home} via {real} refused: {why}")
+                });
                 return self.refuse(&msg, from, status::INSUFFICIENT_RESOURCES, seq, signer);
             }
         }
@@ -437,6 +588,7 @@ impl Registry {
                 true
             }
         };
+        self.last_mesg_id.insert(identity.clone(), ts);
         let counted = self.count(if is_new { "registered" } else { "refreshed" });
         let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
         Outcome {
@@ -447,7 +599,7 @@ impl Registry {
     }
 
     /// RFC 6275 9.2: an unknown MH type is answered with a Binding Error, status 2.
-    fn binding_error(&mut self, payload: &[u8], from: SocketAddr) -> Outcome {
+    fn binding_error(&mut self, payload: &[u8], from: SocketAddr, now: Instant) -> Outcome {
         let addr = |at: usize| {
             <[u8; 16]>::try_from(&payload[at..at + 16])
                 .map(Ipv6Addr::from)
@@ -456,7 +608,9 @@ impl Registry {
         let (src, dst) = (addr(8), addr(24));
         let counted = self.count("dropped_malformed_unknown_mh_type");
         let reply = match (src, dst) {
-            (Some(src), Some(dst)) if self.agent.contains(&dst) => {
+            (Some(src), Some(dst))
+                if self.agent.contains(&dst) && self.allow_unauthenticated_reply(now) =>
+            {
                 self.count("binding_errors_sent");
                 let be = Message {
                     src: dst,
@@ -479,6 +633,50 @@ impl Registry {
             changed: false,
             counted,
         }
+    }
+
+    /// Why `real` cannot be `identity`'s care-of address, or why `source` (where the update
+    /// came from, and where acknowledgements and refresh requests go) is not its own.
+    /// RFC 6275 section 6.1.8 names the refusal: invalid care-of address (174).
+    fn invalid_care_of(&self, identity: &str, real: IpAddr, source: IpAddr) -> Option<String> {
+        let source = source.to_canonical();
+        let unicast = match real {
+            IpAddr::V4(a) => {
+                !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+            }
+            IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
+        };
+        if !unicast {
+            return Some(format!("{real} is not a unicast address"));
+        }
+        if self.agent.contains(&wire::to_mapped(real)) {
+            return Some(format!("{real} is the agent's own address"));
+        }
+        if self.anycast.contains(&real)
+            || self
+                .servers
+                .values()
+                .any(|p| p.allow.iter().any(|a| a.contains(real)))
+        {
+            return Some(format!("{real} is an anycast address"));
+        }
+        let policy = self.servers.get(identity)?;
+        if !policy.real.iter().any(|p| p.contains(real)) {
+            return Some(format!("{real} is not among its real addresses"));
+        }
+        if !policy.real.iter().any(|p| p.contains(source)) {
+            return Some(format!(
+                "the update came from {source}, which is not among its real addresses"
+            ));
+        }
+        if let Some(other) = self
+            .bindings
+            .keys()
+            .find(|k| k.real == real && k.server != identity)
+        {
+            return Some(format!("{real} is bound by '{}'", other.server));
+        }
+        None
     }
 
     fn over_limit(&self, id: &BindingId) -> Option<String> {
@@ -511,6 +709,28 @@ impl Registry {
         None
     }
 
+    /// A refusal (RFC 4285 section 5's MIPV6-AUTH-FAIL) to a sender that did not
+    /// authenticate: counted always, answered (unsigned) within the global budget.
+    fn refuse_unauthenticated(
+        &mut self,
+        msg: &Message,
+        from: SocketAddr,
+        seq: u16,
+        now: Instant,
+    ) -> Outcome {
+        let counted = self.count(format!("refused_{}", status::AUTH_FAILED));
+        let reply = if self.allow_unauthenticated_reply(now) {
+            self.ack(msg, from, status::AUTH_FAILED, seq, 0, None)
+        } else {
+            None
+        };
+        Outcome {
+            reply,
+            changed: false,
+            counted,
+        }
+    }
+
     fn refuse(
         &mut self,
         msg: &Message,
@@ -538,6 +758,19 @@ impl Registry {
         lifetime: u16,
         signer: Option<String>,
     ) -> Option<Reply> {
+        self.ack_with_time(msg, from, (st, seq, lifetime), None, signer)
+    }
+
+    /// A Binding Acknowledgement (status, sequence, lifetime), with a MESG-ID option when
+    /// `time` is given (RFC 4285 section 6: the agent's time, for a server to resynchronize).
+    fn ack_with_time(
+        &self,
+        msg: &Message,
+        from: SocketAddr,
+        (st, seq, lifetime): (u8, u16, u16),
+        time: Option<u64>,
+        signer: Option<String>,
+    ) -> Option<Reply> {
         let ba = Message {
             src: msg.dst,
             dst: msg.src,
@@ -546,7 +779,10 @@ impl Registry {
                 seq,
                 lifetime,
             },
-            options: Options::default(),
+            options: Options {
+                mesg_id: time,
+                ..Options::default()
+            },
         };
         let key = signer
             .as_ref()

@@ -6,11 +6,12 @@ const KEY1: &[u8] = b"0123456789abcdef-server-one";
 const KEY2: &[u8] = b"fedcba9876543210-server-two";
 
 fn registration(limits: Limits, drain: u32) -> Registration {
-    let server = |id: &str, spi: u32, allow: &[&str]| RegisteredServer {
+    let server = |id: &str, spi: u32, allow: &[&str], real: &[&str]| RegisteredServer {
         id: id.into(),
         spi,
         key_file: "unused".into(),
         allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+        real: real.iter().map(|a| a.parse().unwrap()).collect(),
     };
     Registration {
         port: 4191,
@@ -27,8 +28,13 @@ fn registration(limits: Limits, drain: u32) -> Registration {
             suspect_after_ms: 300,
         }),
         servers: vec![
-            server("s1", 1, &["192.0.2.1", "2001:db8::/64"]),
-            server("s2", 2, &["192.0.2.0/24"]),
+            server(
+                "s1",
+                1,
+                &["192.0.2.1", "2001:db8::/64"],
+                &["10.0.2.0/24", "2001:db8:2::/64"],
+            ),
+            server("s2", 2, &["192.0.2.0/24"], &["10.0.3.0/24", "10.0.2.50"]),
         ],
         widest_allow_v4: 24,
         widest_allow_v6: 48,
@@ -183,9 +189,28 @@ fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
     assert_eq!(ba_status(&o, None, 0).0, status::AUTH_FAILED);
     // The same bytes again: a replay.
     let o = r.handle(&good, from(), now, WALL);
-    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::MESG_ID_REQUIRED);
-    // A timestamp far from the agent's clock.
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ID_MISMATCH);
+    // A timestamp far from the agent's clock: the answer carries the agent's time
+    // (RFC 4285 section 6), signed, so the server can resynchronize.
     let o = r.handle(&Bu::new(12, WALL + (100 << 32)).bytes(), from(), now, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ID_MISMATCH);
+    let ba = wire::decode(&o.reply.as_ref().unwrap().payload).unwrap();
+    assert_eq!(
+        ba.options.mesg_id,
+        Some(WALL + 1),
+        "the agent's time, or just past the last accepted one"
+    );
+    // No MESG-ID at all.
+    let mut msg = wire::decode(&Bu::new(12, WALL + 1).bytes()).unwrap();
+    msg.options.mesg_id = None;
+    let no_id = wire::encode(
+        &msg,
+        Some(Key {
+            spi: 1,
+            secret: KEY1,
+        }),
+    );
+    let o = r.handle(&no_id, from(), now, WALL);
     assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::MESG_ID_REQUIRED);
     // An address s1 may not bind.
     let o = r.handle(
@@ -210,7 +235,7 @@ fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
         now,
         WALL,
     );
-    assert_eq!(ba_status(&o, None, 0).0, status::ID_MISMATCH);
+    assert_eq!(ba_status(&o, None, 0).0, status::AUTH_FAILED);
     // An old sequence number: refused with the last accepted one.
     let o = r.handle(&Bu::new(9, WALL + 5).bytes(), from(), now, WALL);
     assert_eq!(
@@ -225,10 +250,10 @@ fn forged_replayed_unauthorized_and_stale_updates_change_nothing() {
     );
     assert_eq!(r.selected(&[]), before, "nothing changed");
     let c = r.report(now, None).counters;
-    assert_eq!(c["refused_146"], 2);
-    assert_eq!(c["refused_145"], 2);
+    assert_eq!(c["refused_146"], 3);
+    assert_eq!(c["refused_144"], 2);
+    assert_eq!(c["refused_145"], 1);
     assert_eq!(c["refused_129"], 1);
-    assert_eq!(c["refused_144"], 1);
     assert_eq!(c["refused_135"], 1);
 }
 
@@ -524,7 +549,7 @@ fn limits_refuse_with_insufficient_resources() {
 }
 
 #[test]
-fn a_flooding_source_is_rate_limited() {
+fn a_flooding_identity_is_rate_limited_after_authentication() {
     let limits = Limits {
         messages_per_second: 5,
         ..Limits::default()
@@ -545,13 +570,17 @@ fn a_flooding_source_is_rate_limited() {
         limited, 10,
         "a burst of twice the rate passes: {outcomes:?}"
     );
-    // Another source is not affected.
-    let other: SocketAddr = "10.0.2.99:5000".parse().unwrap();
-    assert_ne!(
-        r.handle(&Bu::new(100, WALL + 100).bytes(), other, now, WALL)
-            .counted,
-        "dropped_rate_limited"
-    );
+    // Another identity is not affected.
+    let s2 = Bu {
+        id: "s2",
+        key: KEY2,
+        spi: 2,
+        home: "192.0.2.5",
+        real: "10.0.3.1",
+        ..Bu::new(100, WALL + 100)
+    };
+    let o = r.handle(&s2.bytes(), "10.0.3.1:5000".parse().unwrap(), now, WALL);
+    assert_eq!(o.counted, "registered");
     // Tokens come back with time.
     let later = now + Duration::from_secs(1);
     assert_ne!(
@@ -559,6 +588,72 @@ fn a_flooding_source_is_rate_limited() {
             .counted,
         "dropped_rate_limited"
     );
+}
+
+/// Authentication comes first: forged updates claiming s1, from s1's own address, do not use
+/// up s1's budget; refusals to senders that did not authenticate are answered within a small
+/// global budget and never more; their warnings are summed up rather than logged each.
+#[test]
+fn spoofed_and_forged_floods_cannot_use_up_a_servers_budget() {
+    let limits = Limits {
+        messages_per_second: 5,
+        unauthenticated_replies_per_second: 3,
+        ..Limits::default()
+    };
+    let mut r = registry(limits, 30);
+    let now = Instant::now();
+    let forged = Bu {
+        key: KEY2,
+        ..Bu::new(1, WALL)
+    };
+    let mut answered = 0;
+    for _ in 0..100 {
+        let o = r.handle(&forged.bytes(), from(), now, WALL);
+        assert_eq!(o.counted, "refused_146");
+        assert!(!o.changed);
+        answered += usize::from(o.reply.is_some());
+    }
+    // Garbage and unknown identities, too.
+    for _ in 0..50 {
+        r.handle(&[0u8; 40], from(), now, WALL);
+        let o = r.handle(
+            &Bu {
+                id: "nobody",
+                ..Bu::new(1, WALL)
+            }
+            .bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        answered += usize::from(o.reply.is_some());
+    }
+    assert_eq!(answered, 6, "a burst of twice the global answer rate");
+    let c = r.report(now, None).counters;
+    assert_eq!(c["refused_146"], 150);
+    assert_eq!(c["replies_suppressed_unauthenticated"], 144);
+    assert_eq!(
+        c["log_lines_suppressed"], 148,
+        "one line per kind of refusal per second"
+    );
+    assert!(!c.contains_key("dropped_rate_limited"), "{c:?}");
+    // s1's own updates: its whole burst still passes.
+    for i in 0..10u16 {
+        let o = r.handle(
+            &Bu::new(10 + i, WALL + 1 + i as u64).bytes(),
+            from(),
+            now,
+            WALL,
+        );
+        assert!(
+            o.counted == "registered" || o.counted == "refreshed",
+            "update {i}: {o:?}"
+        );
+    }
+    // A second later the summaries are written and the next warning is logged again.
+    r.expire(now + Duration::from_secs(1));
+    r.handle(&forged.bytes(), from(), now + Duration::from_secs(1), WALL);
+    assert_eq!(r.report(now, None).counters["log_lines_suppressed"], 148);
 }
 
 #[test]
@@ -629,4 +724,158 @@ fn a_selector_binds_one_service_and_configured_services_take_address_bindings() 
     assert_eq!(d.len(), 2);
     let web = d.iter().find(|s| s.name == "web").unwrap();
     assert_eq!(web.servers.len(), 1);
+}
+
+/// Every care-of address an identity does not own is refused with RFC 6275's "invalid care-of
+/// address" (174), counted, and changes nothing: another identity's real address (bound or
+/// not), the agent's own, an anycast address (configured service or bindable), loopback,
+/// unspecified, multicast, broadcast; and an update whose source is not one of its own.
+#[test]
+fn care_of_addresses_an_identity_does_not_own_are_refused() {
+    let mut r =
+        registry(Limits::default(), 30).with_service_addresses(["198.51.100.7".parse().unwrap()]);
+    let now = Instant::now();
+    // s2 registers through its real address 10.0.2.50 (inside s1's prefix, too).
+    let s2_real: SocketAddr = "10.0.2.50:5000".parse().unwrap();
+    let s2 = Bu {
+        id: "s2",
+        key: KEY2,
+        spi: 2,
+        real: "10.0.2.50",
+        ..Bu::new(1, WALL)
+    };
+    assert_eq!(
+        r.handle(&s2.bytes(), s2_real, now, WALL).counted,
+        "registered"
+    );
+    assert!(
+        r.handle(&Bu::new(1, WALL).bytes(), from(), now, WALL)
+            .changed
+    );
+    let before = r.selected(&[]);
+    let bindings = r.report(now, None).bindings.len();
+    let mut ts = WALL;
+    let mut refusals = 0;
+    for (real, source, why) in [
+        (
+            "10.0.3.1",
+            from(),
+            "s2's address, outside s1's real prefixes",
+        ),
+        (
+            "10.0.2.50",
+            from(),
+            "s2's bound address, inside s1's real prefix",
+        ),
+        (AGENT, from(), "the agent's own address"),
+        ("192.0.2.1", from(), "an anycast address s1 may bind"),
+        (
+            "192.0.2.77",
+            from(),
+            "an anycast address another identity may bind",
+        ),
+        ("198.51.100.7", from(), "a configured service's address"),
+        ("127.0.0.1", from(), "loopback"),
+        ("0.0.0.0", from(), "unspecified"),
+        ("224.0.0.1", from(), "multicast"),
+        ("255.255.255.255", from(), "broadcast"),
+        ("::1", from(), "IPv6 loopback"),
+        ("ff02::1", from(), "IPv6 multicast"),
+        (
+            "10.0.2.11",
+            "10.0.9.9:5000".parse().unwrap(),
+            "sent from elsewhere",
+        ),
+        (
+            "10.0.2.11",
+            "127.0.0.1:5000".parse().unwrap(),
+            "sent from loopback",
+        ),
+    ] {
+        ts += 1;
+        let bu = Bu {
+            real,
+            ..Bu::new(2, ts)
+        };
+        let o = r.handle(&bu.bytes(), source, now, WALL);
+        refusals += 1;
+        assert_eq!(
+            ba_status(&o, Some(KEY1), 1),
+            (status::INVALID_COA, 2, 0),
+            "{why}"
+        );
+        assert!(!o.changed, "{why}");
+        assert_eq!(o.counted, "refused_174", "{why}");
+        assert_eq!(
+            o.reply.as_ref().unwrap().to,
+            source,
+            "{why}: answered where it came from"
+        );
+        assert_eq!(r.selected(&[]), before, "{why}: nothing changed");
+        assert_eq!(r.report(now, None).bindings.len(), bindings, "{why}");
+    }
+    assert_eq!(r.report(now, None).counters["refused_174"], refusals);
+    // s2's binding is untouched and still s2's.
+    let report = r.report(now, None);
+    let b = report
+        .bindings
+        .iter()
+        .find(|b| b.id.real == "10.0.2.50".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(b.id.server, "s2");
+    // Its own real address is still accepted.
+    let o = r.handle(&Bu::new(3, ts + 1).bytes(), from(), now, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ACCEPTED);
+}
+
+/// Refresh requests (lifetime's last quarter, and probes) go only to where the binding's
+/// accepted updates came from, which is always one of the identity's own real addresses: a
+/// refused update, even one that authenticates, never moves them.
+#[test]
+fn refresh_requests_never_follow_a_refused_update() {
+    let mut r = registry(Limits::default(), 30);
+    let t0 = Instant::now();
+    r.handle(&Bu::new(1, WALL).bytes(), from(), t0, WALL);
+    // A replay of a fresh, authentic update from an address s1 does not own.
+    let attacker: SocketAddr = "10.9.9.9:4000".parse().unwrap();
+    let fresh = Bu::new(2, WALL + 1).bytes();
+    let o = r.handle(&fresh, attacker, t0, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::INVALID_COA);
+    let (probes, _) = r.probe(t0 + Duration::from_secs(2));
+    assert!(!probes.is_empty());
+    assert!(probes.iter().all(|p| p.to == from()), "{probes:?}");
+    let brr = r.refresh_requests(t0 + Duration::from_secs(16));
+    assert_eq!(brr.len(), 1);
+    assert_eq!(brr[0].to, from());
+}
+
+/// The replay state lives in memory; MESG-IDs older than the agent's start are refused, so
+/// an update captured before a restart cannot be replayed after it (RFC 4285 section 6's
+/// MIPV6-ID-MISMATCH, with the agent's time).
+#[test]
+fn updates_older_than_the_agents_start_are_refused() {
+    let now = Instant::now();
+    let captured = Bu::new(1, WALL - (2 << 32)).bytes();
+    // Before the restart it was fresh.
+    let mut before = registry(Limits::default(), 30);
+    assert_eq!(
+        before.handle(&captured, from(), now, WALL).counted,
+        "registered"
+    );
+    // The restarted agent, started at WALL - 1 s.
+    let mut r = registry(Limits::default(), 30).refusing_mesg_ids_before(WALL - (1 << 32));
+    let o = r.handle(&captured, from(), now, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ID_MISMATCH);
+    let ba = wire::decode(&o.reply.as_ref().unwrap().payload).unwrap();
+    assert_eq!(ba.options.mesg_id, Some(WALL));
+    assert!(!o.changed);
+    assert!(r.report(now, None).bindings.is_empty(), "nothing bound");
+    // A reload keeps the start.
+    let reloaded = registry(Limits::default(), 30);
+    r.update_policy(reloaded);
+    let o = r.handle(&captured, from(), now, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ID_MISMATCH);
+    // A fresh update is accepted.
+    let o = r.handle(&Bu::new(2, WALL).bytes(), from(), now, WALL);
+    assert_eq!(ba_status(&o, Some(KEY1), 1).0, status::ACCEPTED);
 }

@@ -207,6 +207,28 @@ impl Client {
             return;
         };
         let deregistering = self.phase == Phase::Deregister;
+        if code == status::ID_MISMATCH {
+            // RFC 4285 section 6: our timestamp was outside the agent's window; the signed
+            // answer to our own update carries the agent's time: resynchronize and resend.
+            if let Some(agent_time) = msg.options.mesg_id {
+                let offset = agent_time.wrapping_sub(wire::ntp_now()) as i64;
+                self.agents[ai].clock_offset = offset;
+                let b = &mut self.bindings[i];
+                b.out_of_window += 1;
+                b.refused = Some(code);
+                if b.out_of_window <= MAX_IMMEDIATE_RESENDS {
+                    b.next = now;
+                }
+                tracing::warn!(
+                    "{}: refused by the agent: status {code} ({}): our clock differs from the \
+                     agent's by {:.3} s; resynchronized, resending",
+                    b.label(agent),
+                    status_name(code),
+                    offset as f64 / 4_294_967_296.0
+                );
+                return;
+            }
+        }
         let b = &mut self.bindings[i];
         if code != status::ACCEPTED {
             b.refused = Some(code);

@@ -106,6 +106,7 @@ pub fn status_name(code: u8) -> &'static str {
         status::ACCEPTED => "accepted",
         status::PROHIBITED => "administratively prohibited",
         status::INSUFFICIENT_RESOURCES => "insufficient resources",
+        status::INVALID_COA => "invalid care-of address",
         status::SEQUENCE_OUT_OF_WINDOW => "sequence number out of window",
         status::ID_MISMATCH => "MESG-ID mismatch",
         status::MESG_ID_REQUIRED => "MESG-ID required",
@@ -156,6 +157,9 @@ struct Agent {
     /// Undecodable messages, messages from elsewhere, of the wrong kind, binding errors.
     strays: RateLimit,
     io_errors: RateLimit,
+    /// Added to our clock for this agent's MESG-IDs (NTP units): set from a signed
+    /// MIPV6-ID-MISMATCH answer, which carries the agent's time (RFC 4285 section 6).
+    clock_offset: i64,
 }
 
 struct Binding {
@@ -261,6 +265,7 @@ impl Client {
                 unsigned_refusal: RateLimit::default(),
                 strays: RateLimit::default(),
                 io_errors: RateLimit::default(),
+                clock_offset: 0,
             });
         }
         let start = SystemTime::now()
@@ -582,7 +587,9 @@ impl Client {
             options: Options {
                 alt_coa: Some(wire::to_mapped(b.real)),
                 mn_id: Some(self.identity.clone()),
-                mesg_id: Some(wire::ntp_now()),
+                mesg_id: Some(
+                    wire::ntp_now().wrapping_add_signed(self.agents[b.agent].clock_offset),
+                ),
                 load: Some(load),
                 service: b
                     .selector

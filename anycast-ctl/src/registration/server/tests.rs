@@ -313,6 +313,74 @@ async fn sequence_out_of_window_continues_from_the_agents_number() {
     assert_eq!(client.finish(secs(2.0)).await, 1);
 }
 
+/// RFC 4285 section 6: a signed MIPV6-ID-MISMATCH (144) answer to our update carries the
+/// agent's time; the client resynchronizes its MESG-IDs to it and resends at once. An
+/// unsigned one changes nothing.
+#[tokio::test]
+async fn a_timestamp_mismatch_resynchronizes_to_the_agents_clock() {
+    logs();
+    let agent = FakeAgent::new("127.0.0.1").await;
+    let mut cfg = config(agent.addr(), "127.0.0.1", "192.0.2.80");
+    cfg.initial_timeout = secs(1.5);
+    let mut client = Running::start(cfg, secs(5.0)).await;
+    let agent_time = |bu: &Bu, at: u64| Message {
+        src: wire::to_mapped(agent.addr().ip()),
+        dst: bu.msg.src,
+        body: Body::BindingAck {
+            status: status::ID_MISMATCH,
+            seq: bu.seq,
+            lifetime: 0,
+        },
+        options: Options {
+            mesg_id: Some(at),
+            ..Options::default()
+        },
+    };
+    let hour = 3600u64 << 32;
+    let bu1 = agent.expect_bu(secs(3.0)).await;
+    // Unsigned: ignored (the retransmission comes at the backoff, with our own clock).
+    let forged = wire::encode(&agent_time(&bu1, wire::ntp_now() + hour), None);
+    agent.sock.send_to(&forged, bu1.from).await.unwrap();
+    assert!(
+        agent.next_bu(secs(0.5)).await.is_none(),
+        "no resend at once"
+    );
+    let bu2 = agent.expect_bu(secs(2.0)).await;
+    let ts2 = bu2.msg.options.mesg_id.unwrap();
+    assert!(
+        ts2.abs_diff(wire::ntp_now()) < (5 << 32),
+        "still our own clock"
+    );
+    // Signed, with the agent an hour ahead: resent at once, an hour ahead.
+    let signed = wire::encode(
+        &agent_time(&bu2, wire::ntp_now() + hour),
+        Some(Key {
+            spi: SPI,
+            secret: KEY,
+        }),
+    );
+    agent.sock.send_to(&signed, bu2.from).await.unwrap();
+    let bu3 = agent.expect_bu(secs(0.5)).await;
+    assert!(seq_after(bu3.seq, bu2.seq));
+    let ts3 = bu3.msg.options.mesg_id.unwrap();
+    let ahead = ts3.wrapping_sub(wire::ntp_now()) as i64;
+    assert!(
+        (ahead - hour as i64).abs() < (5 << 32),
+        "the agent's clock: {}",
+        ahead >> 32
+    );
+    agent.ack(&bu3, status::ACCEPTED, 100, Some(KEY)).await;
+    client.stop();
+    let dereg = agent.expect_bu(secs(2.0)).await;
+    assert_eq!(dereg.lifetime, 0);
+    assert!(
+        dereg.msg.options.mesg_id.unwrap() > ts3,
+        "still resynchronized"
+    );
+    agent.ack(&dereg, status::ACCEPTED, 0, Some(KEY)).await;
+    assert_eq!(client.finish(secs(2.0)).await, 1);
+}
+
 #[tokio::test]
 async fn unsigned_or_wrongly_signed_acks_are_ignored() {
     logs();

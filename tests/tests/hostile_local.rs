@@ -24,7 +24,7 @@ fn config(dir: &Path) -> PathBuf {
         "services": [{"name": "web", "address": "10.9.100.1", "protocol": "tcp", "port": 80,
                       "servers": [{"name": "a", "address": "10.9.0.11"}]}],
         "registration": {"servers": [{"id": "s1", "spi": 257, "key_file": "s1.key",
-                                      "allow": ["10.9.100.2"]}]},
+                                      "allow": ["10.9.100.2"], "real": ["10.9.0.12"]}]},
         "control": {"group": GROUP.to_string(), "admin_group": ADMIN.to_string()},
     });
     std::fs::write(&path, serde_json::to_string_pretty(&text).unwrap()).unwrap();

@@ -27,7 +27,7 @@ use std::{
 use anycast_common::wire::{self, status, Body};
 use anycast_tests::{
     netns::Netns,
-    topology::{http_get, ServerMode, Topology, ANYCAST_V4, ANYCAST_V6, HTTP_PORT},
+    topology::{http_get, spi_of, ServerMode, Topology, ANYCAST_V4, ANYCAST_V6, HTTP_PORT},
     wait_until,
 };
 use anyhow::{bail, Context as _, Result};
@@ -62,7 +62,7 @@ impl Scapy<'_> {
             .args(["--mn-id", self.identity])
             .args(["--seq", &self.seq.to_string()])
             .args(["--lifetime", &self.lifetime.to_string()])
-            .args(["--spi", "256"])
+            .args(["--spi", &spi_of(self.identity).to_string()])
             .args(["--secret-hex", &hex])
             .args([
                 "--mesg-id",

@@ -43,6 +43,36 @@ impl ReplySender {
     }
 }
 
+/// Gives the socket a receive buffer of `bytes`: beyond `net.core.rmem_max` when the process
+/// may (SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the agent has), else as much as the limit
+/// allows. Logs what it got.
+pub fn size_receive_buffer(sock: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option: libc::c_int| {
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+        tracing::warn!(
+            "registration socket: could not size its receive buffer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    match socket2::SockRef::from(sock).recv_buffer_size() {
+        Ok(got) => tracing::debug!("registration socket: receive buffer {got} bytes"),
+        Err(e) => tracing::debug!("registration socket: reading its receive buffer size: {e}"),
+    }
+}
+
 /// Starts a receiver for each socket, all feeding `datagrams`.
 pub fn spawn_receivers(
     local: &LocalSet,
@@ -103,6 +133,17 @@ mod tests {
             to: "127.0.0.1:9".parse().unwrap(),
             payload: vec![n],
         }
+    }
+
+    #[tokio::test]
+    async fn registration_sockets_get_the_receive_buffer_asked_for() {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let before = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
+        size_receive_buffer(&sock, 8 << 20);
+        let after = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
+        // The kernel doubles the value it is given (for its bookkeeping); as root the limit
+        // does not apply.
+        assert!(after >= 8 << 20, "{before} -> {after} bytes");
     }
 
     #[test]

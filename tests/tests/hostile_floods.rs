@@ -1,0 +1,290 @@
+//! Floods at the registration port, end to end in network namespaces: 20 s each of garbage
+//! from one source and from 1 000 spoofed sources, at 100 000 datagrams a second, while a
+//! client connects continuously. Every datagram reaches the agent's socket (correct UDP
+//! checksums) and is counted; no binding is lost or flaps, no refresh request goes
+//! unanswered, no client connection fails, the agent's memory stays bounded. Prints the
+//! rates reached, the agent's CPU and memory. Frames are written with a packet socket from
+//! a namespace of the test's own on the clients' link. Runs as root.
+//!
+//! Not here yet: well-formed forged binding updates at this rate (from one source, from
+//! spoofed sources, spoofing the servers' own addresses) still make refresh requests go
+//! unanswered (bindings turn suspect): the agent does not keep up with that many failed
+//! authentications; see the README.
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anycast_tests::{
+    load::Load,
+    netns::{veth, Netns},
+    packet::{ethernet, inet_checksum, udp, Ip},
+    topology::{ServerMode, Topology},
+    wait_until,
+};
+use anyhow::{bail, Context as _};
+
+const AGENT: Ipv4Addr = Ipv4Addr::new(10, 71, 1, 2);
+const PORT: u16 = 4191;
+const RATE: u64 = 100_000;
+const FLOOD: Duration = Duration::from_secs(20);
+
+fn mac_of(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let link: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])?)?;
+    let text = link[0]["address"]
+        .as_str()
+        .with_context(|| format!("no MAC address for {dev}"))?;
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC address {text}"))
+}
+
+/// Sends `frames` round-robin out of `dev` in `ns` at `rate` a second for `how_long`;
+/// returns how many were sent.
+fn flood(
+    ns: &Netns,
+    dev: &str,
+    frames: Vec<Vec<u8>>,
+    rate: u64,
+    how_long: Duration,
+) -> anyhow::Result<u64> {
+    let dev = dev.to_string();
+    ns.in_ns(move || {
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if raw < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = std::ffi::CString::new(dev.clone())?;
+        // SAFETY: a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {dev}");
+        }
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut i = 0usize;
+        while start.elapsed() < how_long {
+            // Keep to the rate, in steps of a millisecond's worth.
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            if sent >= due {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            for _ in 0..(due - sent).min(1000) {
+                let f = &frames[i % frames.len()];
+                i += 1;
+                // SAFETY: a valid buffer and sockaddr_ll of the right sizes.
+                let n = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        f.as_ptr() as *const libc::c_void,
+                        f.len(),
+                        0,
+                        &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if n >= 0 {
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    })
+}
+
+/// The agent's CPU time (user + system, in clock ticks) and resident memory (KiB).
+fn agent_usage(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    Ok((ticks, rss))
+}
+
+fn counter(topo: &Topology, name: &str) -> anyhow::Result<u64> {
+    Ok(topo.bindings()?["counters"][name].as_u64().unwrap_or(0))
+}
+
+/// Every binding as "server real state condition".
+fn binding_states(topo: &Topology) -> anyhow::Result<Vec<String>> {
+    let b = topo.bindings()?;
+    let mut out: Vec<String> = b["bindings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            format!(
+                "{} {} {} {}",
+                x["server"], x["real"], x["state"], x["condition"]
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+#[test]
+fn registration_floods_lose_no_binding_refresh_or_connection() -> anyhow::Result<()> {
+    let mut topo = Topology::build("acfl", 1, 2, ServerMode::Registering { lifetime_secs: 8 })?;
+    topo.registration_extra =
+        serde_json::json!({"probe": {"interval_ms": 500, "timeout_ms": 400, "misses": 2}});
+    topo.start_agent(0)?;
+    for i in 0..2 {
+        topo.start_server(i)?;
+    }
+    wait_until("two servers registered", Duration::from_secs(30), || {
+        Ok(topo.active_servers()?.len() == 2)
+    })?;
+    let states = binding_states(&topo)?;
+    let pid = topo
+        .agent_proc
+        .as_ref()
+        .and_then(|p| p.pid())
+        .context("the agent's pid")?;
+
+    // The flooder sits on the clients' link; it never answers ARP for what it spoofs.
+    let flooder = Netns::new("acflsp")?;
+    veth(&flooder, "eth0", &topo.net, "flp", 1600)?;
+    topo.net.ip(&["link", "set", "flp", "master", "brc"])?;
+    flooder.sysctl("net.ipv4.conf.all.arp_ignore", "8")?;
+    let own_mac = mac_of(&flooder, "eth0")?;
+    let agent_mac = mac_of(&topo.agent, "eth0")?;
+    // With a correct UDP checksum, so that every datagram reaches the agent's socket.
+    let frame = |src: Ipv4Addr, payload: &[u8]| {
+        let mut datagram = udp(40000, PORT, payload);
+        datagram[6..8].copy_from_slice(&[0, 0]);
+        let mut pseudo = Vec::with_capacity(12 + datagram.len());
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&AGENT.octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+        pseudo.extend_from_slice(&datagram);
+        let sum = match inet_checksum(&pseudo) {
+            0 => 0xffff,
+            s => s,
+        };
+        datagram[6..8].copy_from_slice(&sum.to_be_bytes());
+        let ip = Ip::new(src.into(), AGENT.into(), 17).packet(&datagram);
+        ethernet(agent_mac, own_mac, None, &ip)
+    };
+    let mut garbage = vec![0u8; 64];
+    for (i, b) in garbage.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+    }
+    let one = Ipv4Addr::new(10, 71, 1, 200);
+    // 1 000 sources in 10.71.10.0-10.71.13.255, no host of the test's.
+    let spoofed: Vec<Ipv4Addr> = (0..1000u32)
+        .map(|i| Ipv4Addr::new(10, 71, 10 + (i / 250) as u8, (i % 250 + 1) as u8))
+        .collect();
+    let kinds: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("garbage from one source", vec![frame(one, &garbage)]),
+        (
+            "garbage from 1 000 spoofed sources",
+            spoofed.iter().map(|s| frame(*s, &garbage)).collect(),
+        ),
+    ];
+
+    let load = Load::start(&topo.clients[0].name, Duration::from_millis(20));
+    for (what, frames) in kinds {
+        let (cpu0, _) = agent_usage(pid)?;
+        let missed0 = counter(&topo, "probes_missed")?;
+        let sent_probes0 = counter(&topo, "probes_sent")?;
+        let refreshed0 = counter(&topo, "refreshed")?;
+        let counters0 = topo.bindings()?["counters"].clone();
+        let started = Instant::now();
+        let flooder_name = flooder.name.clone();
+        let sender = std::thread::spawn(move || {
+            let ns = Netns { name: flooder_name };
+            let r = flood(&ns, "eth0", frames, RATE, FLOOD);
+            std::mem::forget(ns);
+            r
+        });
+        let mut samples = 0;
+        let mut max_rss = 0;
+        while !sender.is_finished() {
+            let now = binding_states(&topo)?;
+            assert_eq!(now, states, "{what}: no binding lost or flapping");
+            max_rss = max_rss.max(agent_usage(pid)?.1);
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+        let secs = started.elapsed().as_secs_f64();
+        let (cpu1, rss) = agent_usage(pid)?;
+        let missed = counter(&topo, "probes_missed")? - missed0;
+        let probes = counter(&topo, "probes_sent")? - sent_probes0;
+        let refreshed = counter(&topo, "refreshed")? - refreshed0;
+        let counters = topo.bindings()?["counters"].clone();
+        let handled: u64 = counters
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("dropped_") || k.starts_with("refused_"))
+            .map(|(k, v)| v.as_u64().unwrap_or(0) - counters0[k].as_u64().unwrap_or(0))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        println!(
+            "{what}: {sent} datagrams in {secs:.1} s ({:.0}/s); agent CPU {:.0}%, RSS {rss} KiB \
+             (max {max_rss}); {probes} refresh requests, {missed} missed; {refreshed} refreshes; \
+             {handled} flood datagrams counted by the agent; {samples} samples",
+            sent as f64 / secs,
+            (cpu1 - cpu0) as f64 / hz / secs * 100.0,
+        );
+        assert!(
+            sent as f64 / secs >= RATE as f64 * 0.8,
+            "{what}: the flood reached {:.0}/s",
+            sent as f64 / secs
+        );
+        assert_eq!(missed, 0, "{what}: every refresh request was answered");
+        assert!(
+            handled as f64 >= sent as f64 * 0.99,
+            "{what}: the agent counted {handled} of {sent} datagrams"
+        );
+        assert!(
+            probes >= 2 * 20,
+            "{what}: refresh requests went out: {probes}"
+        );
+        assert!(
+            max_rss < 200 * 1024,
+            "{what}: agent memory stays bounded: {max_rss} KiB"
+        );
+    }
+    let failures = load.since(Instant::now() - Duration::from_secs(200));
+    let failed: Vec<_> = failures.iter().filter(|(_, r)| r.is_err()).collect();
+    println!(
+        "client connections: {} ({} failed)",
+        failures.len(),
+        failed.len()
+    );
+    assert!(failures.len() > 100, "the client connected throughout");
+    assert!(failed.is_empty(), "no client connection failed: {failed:?}");
+    Ok(())
+}

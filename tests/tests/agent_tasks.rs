@@ -208,8 +208,7 @@ fn a_full_reply_queue_drops_and_counts_replies_and_loses_no_refresh() -> anyhow:
     // This test is about the full reply queue: the global budget of answers to senders that
     // do not authenticate (100 per second by default) is raised so the flood's binding
     // errors fill it.
-    topo.registration_extra =
-        serde_json::json!({"limits": {"unauthenticated_replies_per_second": 100000}});
+    topo.registration_extra = serde_json::json!({"limits": {"unauthenticated_replies_per_second": 100000, "socket_buffer_bytes": 212992}});
     topo.start_agent(0)?;
 
     // A host on the servers' link that sends from 40 addresses nobody answers ARP for: the

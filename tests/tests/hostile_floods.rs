@@ -1,26 +1,25 @@
 //! Floods at the registration port, end to end in network namespaces: 20 s each of garbage
-//! from one source and from 1 000 spoofed sources, at 100 000 datagrams a second, while a
-//! client connects continuously. Every datagram reaches the agent's socket (correct UDP
-//! checksums) and is counted; no binding is lost or flaps, no refresh request goes
-//! unanswered, no client connection fails, the agent's memory stays bounded. Prints the
-//! rates reached, the agent's CPU and memory. Frames are written with a packet socket from
-//! a namespace of the test's own on the clients' link. Runs as root.
-//!
-//! Not here yet: well-formed forged binding updates at this rate (from one source, from
-//! spoofed sources, spoofing the servers' own addresses) still make refresh requests go
-//! unanswered (bindings turn suspect): the agent does not keep up with that many failed
-//! authentications; see the README.
+//! and of well-formed forged binding updates (signed with the wrong key), from one source,
+//! from 1 000 spoofed sources and spoofing the servers' own addresses, at 100 000 datagrams
+//! a second, while a client connects continuously. Every datagram reaches the agent's socket
+//! (correct UDP checksums) and is counted; no binding is lost or flaps, no refresh request
+//! goes unanswered, no client connection fails, the agent's memory stays bounded. Prints the
+//! rates reached, the agent's CPU and memory. Frames are written with a packet socket from a
+//! namespace of the test's own on the clients' link; it answers ARP for none of the addresses
+//! it sends from, so the agent's answers to them wait for neighbours that never come (they
+//! must not hold up the refresh requests to the servers). Runs as root.
 use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
+use anycast_common::wire::{self, Body, Key, LoadInfo, Message, Options};
 use anycast_tests::{
     load::Load,
     netns::{veth, Netns},
     packet::{ethernet, inet_checksum, udp, Ip},
-    topology::{ServerMode, Topology},
+    topology::{spi_of, ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
 use anyhow::{bail, Context as _};
@@ -104,6 +103,34 @@ fn flood(
         }
         Ok(sent)
     })
+}
+
+/// A well-formed binding update of `identity`, signed with a key that is not its own.
+fn forged_update(identity: &str, seq: u16) -> Vec<u8> {
+    let msg = Message {
+        src: wire::to_mapped(ANYCAST_V4.into()),
+        dst: wire::to_mapped(AGENT.into()),
+        body: Body::BindingUpdate {
+            seq,
+            ack: true,
+            lifetime: 100,
+        },
+        options: Options {
+            alt_coa: Some(wire::to_mapped("10.71.2.11".parse().unwrap())),
+            mn_id: Some(identity.into()),
+            mesg_id: Some(wire::ntp_now()),
+            load: Some(LoadInfo::default()),
+            service: None,
+            auth: None,
+        },
+    };
+    wire::encode(
+        &msg,
+        Some(Key {
+            spi: spi_of(identity),
+            secret: b"not the key of this server, sixteen+ bytes",
+        }),
+    )
 }
 
 /// The agent's CPU time (user + system, in clock ticks) and resident memory (KiB).
@@ -201,11 +228,38 @@ fn registration_floods_lose_no_binding_refresh_or_connection() -> anyhow::Result
     let spoofed: Vec<Ipv4Addr> = (0..1000u32)
         .map(|i| Ipv4Addr::new(10, 71, 10 + (i / 250) as u8, (i % 250 + 1) as u8))
         .collect();
+    let servers: Vec<Ipv4Addr> = topo.servers.iter().map(|s| s.v4).collect();
     let kinds: Vec<(&str, Vec<Vec<u8>>)> = vec![
         ("garbage from one source", vec![frame(one, &garbage)]),
         (
+            "forged updates from one source",
+            (0..64)
+                .map(|i| frame(one, &forged_update("s1", i)))
+                .collect(),
+        ),
+        (
             "garbage from 1 000 spoofed sources",
             spoofed.iter().map(|s| frame(*s, &garbage)).collect(),
+        ),
+        (
+            "forged updates from 1 000 spoofed sources",
+            spoofed
+                .iter()
+                .enumerate()
+                .map(|(i, s)| frame(*s, &forged_update("s2", i as u16)))
+                .collect(),
+        ),
+        (
+            "forged updates spoofing the servers' own addresses",
+            (0..64)
+                .map(|i| {
+                    let who = i % servers.len();
+                    frame(
+                        servers[who],
+                        &forged_update(&format!("s{}", who + 1), i as u16),
+                    )
+                })
+                .collect(),
         ),
     ];
 

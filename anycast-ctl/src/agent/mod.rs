@@ -57,11 +57,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Most datagrams handled before the forwarding state is rebuilt and the answers are sent.
 const BATCH: usize = 1024;
 
-/// Receive buffer of each registration socket: room for a burst of about 10 000 small
-/// datagrams (the kernel counts each at about 768 bytes), so refreshes are not lost while the
-/// owner works through a flood.
-const REGISTRATION_RECEIVE_BUFFER: usize = 8 << 20;
-
 /// Control requests waiting for the owner.
 const CONTROL_QUEUE: usize = 16;
 
@@ -92,7 +87,11 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             let sock = UdpSocket::bind(addr).await.with_context(|| {
                 format!("binding the registration socket {addr} (is agent_address an address of this host?)")
             })?;
-            registration_io::size_receive_buffer(&sock, REGISTRATION_RECEIVE_BUFFER);
+            let bytes = config
+                .registration
+                .as_ref()
+                .map_or(8 << 20, |r| r.limits.socket_buffer_bytes);
+            registration_io::size_buffers(&sock, bytes as usize);
             listeners.push(Rc::new(sock));
         }
     }

@@ -43,10 +43,10 @@ impl ReplySender {
     }
 }
 
-/// Gives the socket a receive buffer of `bytes`: beyond `net.core.rmem_max` when the process
-/// may (SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the agent has), else as much as the limit
-/// allows. Logs what it got.
-pub fn size_receive_buffer(sock: &UdpSocket, bytes: usize) {
+/// Gives the socket receive and send buffers of `bytes` each: beyond `net.core.rmem_max` and
+/// `wmem_max` when the process may (SO_RCVBUFFORCE and SO_SNDBUFFORCE need CAP_NET_ADMIN,
+/// which the agent has), else as much as the limits allow. Logs what it got.
+pub fn size_buffers(sock: &UdpSocket, bytes: usize) {
     use std::os::fd::AsRawFd as _;
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     let set = |option: libc::c_int| {
@@ -61,15 +61,21 @@ pub fn size_receive_buffer(sock: &UdpSocket, bytes: usize) {
             )
         }
     };
-    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
-        tracing::warn!(
-            "registration socket: could not size its receive buffer: {}",
-            std::io::Error::last_os_error()
-        );
+    for (what, forced, plain) in [
+        ("receive", libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        ("send", libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set(forced) != 0 && set(plain) != 0 {
+            tracing::warn!(
+                "registration socket: could not size its {what} buffer: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
-    match socket2::SockRef::from(sock).recv_buffer_size() {
-        Ok(got) => tracing::debug!("registration socket: receive buffer {got} bytes"),
-        Err(e) => tracing::debug!("registration socket: reading its receive buffer size: {e}"),
+    let sock = socket2::SockRef::from(sock);
+    match (sock.recv_buffer_size(), sock.send_buffer_size()) {
+        (Ok(r), Ok(s)) => tracing::debug!("registration socket: buffers {r} / {s} bytes"),
+        (r, s) => tracing::debug!("registration socket: reading its buffer sizes: {r:?} {s:?}"),
     }
 }
 
@@ -136,14 +142,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn registration_sockets_get_the_receive_buffer_asked_for() {
+    async fn registration_sockets_get_the_buffers_asked_for() {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let before = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
-        size_receive_buffer(&sock, 8 << 20);
-        let after = socket2::SockRef::from(&sock).recv_buffer_size().unwrap();
-        // The kernel doubles the value it is given (for its bookkeeping); as root the limit
-        // does not apply.
-        assert!(after >= 8 << 20, "{before} -> {after} bytes");
+        let r = socket2::SockRef::from(&sock);
+        let before = (r.recv_buffer_size().unwrap(), r.send_buffer_size().unwrap());
+        size_buffers(&sock, 8 << 20);
+        let after = (r.recv_buffer_size().unwrap(), r.send_buffer_size().unwrap());
+        // The kernel doubles the value it is given (for its bookkeeping); as root the limits
+        // do not apply.
+        assert!(
+            after.0 >= 8 << 20 && after.1 >= 8 << 20,
+            "{before:?} -> {after:?} bytes"
+        );
     }
 
     #[test]

@@ -147,6 +147,12 @@ pub struct Limits {
     /// messages that did not authenticate (a burst of twice that); the rest are counted and
     /// not answered.
     pub unauthenticated_replies_per_second: u32,
+    /// Receive and send buffer of each registration socket, in bytes (set beyond
+    /// `net.core.rmem_max`/`wmem_max`). Receiving: room for a burst while the agent works
+    /// through it. Sending: room for answers that wait for a neighbour that may never
+    /// answer (a spoofed source), so that they do not hold up refresh requests and
+    /// acknowledgements to the servers.
+    pub socket_buffer_bytes: u32,
 }
 
 impl Default for Limits {
@@ -156,6 +162,7 @@ impl Default for Limits {
             bindings_per_server: 16,
             messages_per_second: 50,
             unauthenticated_replies_per_second: 100,
+            socket_buffer_bytes: 8 << 20,
         }
     }
 }

@@ -52,6 +52,15 @@ fn registration_errors_name_the_field() {
         case("\"registration\": {", "\"registration\": {\"port\": 0, "),
         "registration.port"
     );
+    for bytes in [0, 65_535, (1 << 30) + 1] {
+        assert_eq!(
+            case(
+                "\"registration\": {",
+                &format!("\"registration\": {{\"limits\": {{\"socket_buffer_bytes\": {bytes}}}, ")
+            ),
+            "registration.limits.socket_buffer_bytes"
+        );
+    }
     assert_eq!(
         case(
             "\"registration\": {",

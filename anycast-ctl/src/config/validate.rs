@@ -283,6 +283,12 @@ impl Registration {
                 ));
             }
         }
+        if !(65_536..=1 << 30).contains(&l.socket_buffer_bytes) {
+            return Err(err(
+                "registration.limits.socket_buffer_bytes",
+                format!("{} is not between 65536 and 1 GiB", l.socket_buffer_bytes),
+            ));
+        }
         if let Some(p) = self.probe {
             if p.interval_ms < 10
                 || p.timeout_ms == 0

@@ -308,3 +308,69 @@ impl Drop for Proc {
         }
     }
 }
+
+impl Netns {
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
+        let link: serde_json::Value =
+            serde_json::from_str(&self.ip(&["-j", "link", "show", dev])?)?;
+        let text = link[0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no MAC address for {dev}"))?;
+        let bytes: Vec<u8> = text
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        bytes.try_into().map_err(|_| anyhow!("MAC address {text}"))
+    }
+}
+
+/// A packet socket that writes whole frames out of one interface of the namespace of the
+/// thread that opens it.
+pub struct FrameSender {
+    fd: std::os::fd::OwnedFd,
+    to: libc::sockaddr_ll,
+}
+
+impl FrameSender {
+    pub fn open(dev: &str) -> Result<FrameSender> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if raw < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let name = std::ffi::CString::new(dev)?;
+        // SAFETY: a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {dev}");
+        }
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        Ok(FrameSender { fd, to })
+    }
+
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        // SAFETY: a valid buffer and sockaddr_ll of the right sizes.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &self.to as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

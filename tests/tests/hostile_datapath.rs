@@ -8,7 +8,6 @@
 //! Frames are written and read with packet sockets on the test's own veths. Runs as root.
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -18,72 +17,27 @@ use std::{
 
 use anycast_tests::{
     bench::capture::Capture,
-    netns::Netns,
+    netns::{FrameSender, Netns},
     packet::{ethernet, tcp, Ip, TCP_SYN, TCP_SYN_ACK},
     topology::{http_get, ServerMode, Topology, ANYCAST_V4, HTTP_PORT},
     wait_until,
 };
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 const AGENT: Ipv4Addr = Ipv4Addr::new(10, 71, 1, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 71, 1, 11);
 const PROTO_IPIP: u8 = 4;
 const PROTO_TCP: u8 = 6;
 
-fn mac_of(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
-    let link: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])?)?;
-    let text = link[0]["address"]
-        .as_str()
-        .with_context(|| format!("no MAC address for {dev}"))?;
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()?;
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("MAC address {text}"))
-}
-
 /// Sends raw frames out of `dev` in `ns`.
 fn inject(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>) -> anyhow::Result<()> {
     let dev = dev.to_string();
     ns.in_ns(move || {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if raw < 0 {
-            bail!("packet socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let name = std::ffi::CString::new(dev.clone())?;
-        // SAFETY: a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface {dev}");
-        }
-        // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_halen = 6;
+        let sender = FrameSender::open(&dev)?;
         for f in &frames {
-            // SAFETY: a valid buffer and sockaddr_ll of the right sizes.
-            let n = unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    f.as_ptr() as *const libc::c_void,
-                    f.len(),
-                    0,
-                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if n < 0 {
-                bail!(
-                    "sending a frame on {dev}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            sender
+                .send(f)
+                .with_context(|| format!("sending a frame on {dev}"))?;
         }
         Ok(())
     })
@@ -166,8 +120,8 @@ fn spoofed_reverse_tunnelled_segments_never_reach_the_client() -> anyhow::Result
     let relayed = topo.verdict("reverse_tunnel")?;
 
     let s1: IpAddr = topo.servers[0].v4.into();
-    let client_mac = mac_of(&topo.clients[0], "eth0")?;
-    let agent_mac = mac_of(&topo.agent, "eth0")?;
+    let client_mac = topo.clients[0].mac("eth0")?;
+    let agent_mac = topo.agent.mac("eth0")?;
     // Two forged senders: s1's real address (on the clients' side, where the agent does not
     // reach s1) and an address that is no server's. Each carries a SYN-ACK "from" the
     // anycast address to the client, on a port of its own.
@@ -226,8 +180,8 @@ fn a_clients_vlan_tag_never_reaches_the_server_segment() -> anyhow::Result<()> {
     let answer = topo.clients[0].in_ns(|| http_get(Topology::anycast(false, HTTP_PORT)))?;
     assert_eq!(answer, "s1");
 
-    let client_mac = mac_of(&topo.clients[0], "eth0")?;
-    let agent_mac = mac_of(&topo.agent, "eth0")?;
+    let client_mac = topo.clients[0].mac("eth0")?;
+    let agent_mac = topo.agent.mac("eth0")?;
     let syn = Ip::new(CLIENT.into(), ANYCAST_V4.into(), PROTO_TCP)
         .packet(&tcp(41234, HTTP_PORT, TCP_SYN, b""));
     let tagged = ethernet(agent_mac, client_mac, Some(30), &syn);

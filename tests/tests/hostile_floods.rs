@@ -13,7 +13,6 @@
 //! requests to the servers). Runs as root.
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -24,12 +23,12 @@ use std::{
 use anycast_common::wire::{self, Body, Key, LoadInfo, Message, Options, ServiceSelector};
 use anycast_tests::{
     load::Load,
-    netns::{veth, Netns},
+    netns::{veth, FrameSender, Netns},
     packet::{ethernet, inet_checksum, udp, Ip},
     topology::{spi_of, ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 const AGENT: Ipv4Addr = Ipv4Addr::new(10, 71, 1, 2);
 const PORT: u16 = 4191;
@@ -37,20 +36,6 @@ const PORT: u16 = 4191;
 const RATE: u64 = 105_000;
 const AT_LEAST: f64 = 100_000.0;
 const FLOOD: Duration = Duration::from_secs(20);
-
-fn mac_of(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
-    let link: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])?)?;
-    let text = link[0]["address"]
-        .as_str()
-        .with_context(|| format!("no MAC address for {dev}"))?;
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()?;
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("MAC address {text}"))
-}
 
 /// Sends `frames` round-robin out of `dev` in `ns` at `rate` a second for `how_long`;
 /// returns how many were sent.
@@ -63,24 +48,7 @@ fn flood(
 ) -> anyhow::Result<u64> {
     let dev = dev.to_string();
     ns.in_ns(move || {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if raw < 0 {
-            bail!("packet socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let name = std::ffi::CString::new(dev.clone())?;
-        // SAFETY: a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface {dev}");
-        }
-        // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_halen = 6;
+        let sender = FrameSender::open(&dev)?;
         let start = Instant::now();
         let mut sent = 0u64;
         let mut i = 0usize;
@@ -94,18 +62,7 @@ fn flood(
             for _ in 0..(due - sent).min(1000) {
                 let f = &frames[i % frames.len()];
                 i += 1;
-                // SAFETY: a valid buffer and sockaddr_ll of the right sizes.
-                let n = unsafe {
-                    libc::sendto(
-                        fd.as_raw_fd(),
-                        f.as_ptr() as *const libc::c_void,
-                        f.len(),
-                        0,
-                        &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                if n >= 0 {
+                if sender.send(f).is_ok() {
                     sent += 1;
                 }
             }
@@ -276,8 +233,8 @@ fn registration_floods_lose_no_binding_refresh_or_connection() -> anyhow::Result
     veth(&flooder, "eth0", &topo.net, "flp", 1600)?;
     topo.net.ip(&["link", "set", "flp", "master", "brc"])?;
     flooder.sysctl("net.ipv4.conf.all.arp_ignore", "8")?;
-    let own_mac = mac_of(&flooder, "eth0")?;
-    let agent_mac = mac_of(&topo.agent, "eth0")?;
+    let own_mac = flooder.mac("eth0")?;
+    let agent_mac = topo.agent.mac("eth0")?;
     // With a correct UDP checksum, so that every datagram reaches the agent's socket.
     let frame = |src: Ipv4Addr, payload: &[u8]| {
         let mut datagram = udp(40000, PORT, payload);

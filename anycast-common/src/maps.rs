@@ -55,6 +55,31 @@ pub const REVERSE_CONFIG: &str = "REVERSE_CONFIG";
 /// [`syn_ack_tunnel`](crate::syn_ack_tunnel).
 pub const REVERSE_STATS: &str = "REVERSE_STATS";
 
+/// The agent's maps, pinned in bpffs so the data path outlives its controller and a new
+/// controller (a restart or another build) adopts them with their contents.
+pub const AGENT_PINNED: &[&str] = &[
+    SERVICES,
+    RINGS,
+    SERVERS,
+    FLOWS,
+    AGENT,
+    FLOW_CONFIG,
+    PREFERENCES,
+    TX_PORTS,
+    ADDRESS_FILTER,
+    NEXT_HOPS,
+    VERDICTS,
+    SERVICE_STATS,
+    SERVER_STATS,
+    REVERSE,
+];
+
+/// The version of what the agent's pinned maps' bytes mean. A build adopts pinned maps
+/// only when their version (recorded beside them) and their kernel definitions (type, key
+/// and value sizes, entries) are its own. Bump it whenever the meaning of an agent map's
+/// key or value changes, even when its size does not.
+pub const AGENT_LAYOUT_VERSION: u32 = 1;
+
 /// Default and compiled-in upper bounds. The ring and flow maps are sized at load time
 /// from the agent's configuration; these are the defaults.
 pub const DEFAULT_MAX_SERVICES: u32 = 64;

@@ -61,6 +61,18 @@ pub struct Status {
     /// Servers the operator drained.
     #[serde(default)]
     pub drained: Vec<String>,
+    /// Where the agent's state outlives it, and what it adopted at start.
+    #[serde(default)]
+    pub instance: Option<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub state_directory: PathBuf,
+    pub pin_directory: PathBuf,
+    /// Flows in the flow table an earlier controller left, when this one adopted its maps.
+    pub adopted_flows: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -35,20 +35,71 @@ pub struct HostChanges {
     addresses: Vec<(IpAddr, String)>,
     /// Interfaces we gave a clsact qdisc (for TC programs).
     qdiscs: Vec<String>,
+    /// Where the sysctls' original values are kept, so they are restored correctly by a
+    /// later process even after this one crashed or handed off.
+    originals: Option<std::path::PathBuf>,
 }
 
 impl HostChanges {
-    /// Sets a sysctl, remembering the old value if it differs.
+    /// Changes whose sysctls' original values are kept in `path`; those an earlier process
+    /// recorded there (it crashed or handed off, leaving its values set) are taken over, so
+    /// they are the ones restored, not the values that process set.
+    pub fn with_originals_file(path: std::path::PathBuf) -> Result<Self> {
+        let sysctls: Vec<(String, String)> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!("reading the original sysctl values in {}", path.display())
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if !sysctls.is_empty() {
+            let list: Vec<String> = sysctls.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            tracing::info!(
+                "original sysctl values recorded by an earlier agent, restored at a full stop: {}",
+                list.join(", ")
+            );
+        }
+        Ok(HostChanges {
+            sysctls,
+            addresses: Vec::new(),
+            qdiscs: Vec::new(),
+            originals: Some(path),
+        })
+    }
+
+    /// Sets a sysctl, remembering the old value if it differs (unless an earlier process
+    /// of the same instance already recorded the original).
     pub fn sysctl(&mut self, key: &str, value: &str) -> Result<()> {
         let old = sysctl_get(key)?;
         if old == value {
             return Ok(());
         }
+        let recorded = self.sysctls.iter().any(|(k, _)| k == key);
+        if !recorded {
+            self.sysctls.push((key.to_string(), old.clone()));
+            self.save_originals()?;
+        }
         std::fs::write(sysctl_path(key), value)
             .with_context(|| format!("setting sysctl {key}={value}"))?;
         tracing::info!("set {key}={value} (was {old})");
-        self.sysctls.push((key.to_string(), old));
         Ok(())
+    }
+
+    fn save_originals(&self) -> Result<()> {
+        let Some(path) = &self.originals else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec_pretty(&self.sysctls)?;
+        crate::agent::write_atomically(path, &bytes)
+    }
+
+    /// Leaves every change in place (and the record of the originals), for a later process
+    /// to undo.
+    pub fn keep(&mut self) {
+        self.sysctls.clear();
+        self.addresses.clear();
+        self.qdiscs.clear();
+        self.originals = None;
     }
 
     /// Adds a host address to an interface unless it is there already.
@@ -131,6 +182,9 @@ impl HostChanges {
                 Ok(()) => tracing::info!("restored {key}={old}"),
                 Err(e) => tracing::warn!("could not restore {key}={old}: {e}"),
             }
+        }
+        if let Some(path) = self.originals.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -47,6 +47,10 @@ enum Command {
         /// Control socket for `status` and `reload`.
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Instead of running: remove what a crashed agent of this configuration left
+        /// (pinned links and maps: forwarding stops), restore the original sysctls.
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Check a configuration file without touching the system.
     Check {
@@ -173,7 +177,16 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Agent { config, socket } => agent::run(&config, &socket).await,
+        Command::Agent {
+            config,
+            socket,
+            cleanup: false,
+        } => agent::run(&config, &socket).await,
+        Command::Agent {
+            config,
+            socket,
+            cleanup: true,
+        } => agent::cleanup(&config, &socket),
         Command::Check { config } => {
             let invalid = |e| anyhow::anyhow!("invalid configuration: {e}");
             let c = Config::load(&config).map_err(invalid)?;

@@ -77,9 +77,15 @@ impl Netns {
     }
 
     /// Starts a process inside the namespace; it is stopped when the guard drops.
+    /// Starts `cmd` in the namespace. Only the network namespace changes (nsenter), not the
+    /// mounts: `ip netns exec` would remount /sys without the host's BPF filesystem, where
+    /// the agent pins the maps and links that outlive it.
     pub fn spawn(&self, label: &str, cmd: &Path, args: &[&str]) -> Result<Proc> {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(cmd).args(args);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(cmd)
+            .args(args);
         Proc::start(label, c)
     }
 
@@ -266,7 +272,7 @@ impl Proc {
             .child
             .take()
             .ok_or_else(|| anyhow!("{} already stopped", self.label))?;
-        // `ip netns exec` execs the command, so the child pid is the process itself.
+        // nsenter execs the command, so the child pid is the process itself.
         // SAFETY: plain kill(2) on our child's pid.
         unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = std::time::Instant::now() + timeout;

@@ -23,6 +23,7 @@
 //! flow listing: a snapshot from the owner, read on a blocking thread
 //! ```
 mod control;
+mod instance;
 mod registration_io;
 mod route_events;
 mod state;
@@ -38,6 +39,7 @@ use tokio::{
 
 use self::{
     control::ControlRequest,
+    instance::{Instance, Stop},
     registration_io::{Datagram, REPLY_QUEUE},
     route_events::RouteEvents,
     state::{agent_addresses, log_services, registry, sizes, Agent},
@@ -50,6 +52,7 @@ use crate::{
     host::{self, HostChanges},
     model::ServicePlan,
 };
+pub use instance::write_atomically;
 
 /// How often expired flow entries are deleted from the map.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -118,7 +121,11 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             .with_context(|| format!("making {} mode 0755", dir.display()))?;
     }
 
-    let mut host_changes = HostChanges::default();
+    let name = instance::instance_name(&config, socket);
+    let (state_dir, pin_dir) = instance::directories(&config, &name);
+    let instance = Instance::open(&name, state_dir, pin_dir)?;
+    let mut host_changes =
+        HostChanges::with_originals_file(instance.file(instance::SYSCTL_ORIGINALS))?;
     // A router forwards; the kernel must also accept the tunnelled packets XDP hands it while
     // a neighbour is being resolved, whose source is the agent's own address.
     if config.agent_address.v4.is_some() {
@@ -131,24 +138,52 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         host_changes.sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
     }
 
-    let mut dataplane = Dataplane::new(sizes(&config))?;
+    // Pinned maps an earlier controller left are adopted with their record, or refused
+    // (with what to do) before anything changes.
+    let sizes = sizes(&config);
+    let record = instance.read_maps_record()?;
+    let adopting = instance.has_pinned_maps();
+    if adopting {
+        crate::dataplane::check_layout(
+            sizes,
+            &instance.maps_dir(),
+            record.as_ref().map(|r| r.layout_version),
+        )?;
+    }
+    instance.make_pin_dirs()?;
+    let mut dataplane = Dataplane::open(sizes, Some(&instance.maps_dir()))?;
+    let mut drained = std::collections::BTreeSet::new();
+    let mut adopted_flows = None;
+    if let (true, Some(r)) = (adopting, record) {
+        adopted_flows = Some(dataplane.adopt(r.installed)?);
+        drained = r.drained.into_iter().collect();
+    }
     dataplane.set_agent_addresses(config.agent_address.v4, config.agent_address.v6)?;
     dataplane.set_reverse_tunnel(reverse_tunnel_configured(&config))?;
     dataplane.set_flow_timeouts(config.flow_timeouts)?;
     for &ifindex in &ifindexes {
         dataplane.add_tx_port(ifindex)?;
     }
-    let configured: Vec<_> = config
-        .service_plans()
-        .iter()
-        .map(ServicePlan::select)
-        .collect();
-    dataplane.apply(&configured)?;
+    if adopted_flows.is_none() {
+        let configured: Vec<_> = config
+            .service_plans()
+            .iter()
+            .map(ServicePlan::select)
+            .collect();
+        dataplane.apply(&configured)?;
+    }
+    // Adopting, the maps keep what the last controller published until the bindings are
+    // restored and the first rebuild runs (in the loop below): no window without servers.
     let mut interfaces = Vec::new();
     for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
-        dataplane.attach(name, config.xdp_mode)?;
+        let how = dataplane.attach_pinned(name, config.xdp_mode, &instance.links_dir())?;
         tracing::info!(
-            "attached to {name} (ifindex {ifindex}) in {:?} XDP mode",
+            "{} {name} (ifindex {ifindex}) in {:?} XDP mode",
+            match how {
+                crate::dataplane::Attached::New => "attached to",
+                crate::dataplane::Attached::Replaced =>
+                    "replaced the program of the pinned link on",
+            },
             config.xdp_mode
         );
         interfaces.push(InterfaceStatus {
@@ -194,7 +229,10 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         dataplane,
         registry,
         interfaces,
-        drained: Default::default(),
+        drained,
+        instance,
+        saved_record: None,
+        adopted_flows,
         checker: Rc::new(RefCell::new(Checker::new(Vec::new()))),
         senders,
         _sweeper: sweeper,
@@ -210,7 +248,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             agent.republish();
             let mut hup = signal(SignalKind::hangup())?;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let stop = host::shutdown_signal();
+            let stop = stop_signal();
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -258,13 +296,65 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             }
         })
         .await?;
-    tracing::info!("{why}: detaching");
+    let (signal, stop) = why;
+    tracing::info!("{signal}: {}", stop.describe());
     drop(local);
     let _ = std::fs::remove_file(socket);
-    // Dropping the data plane detaches the XDP program from every interface.
-    drop(agent);
+    match stop {
+        Stop::Full => {
+            agent.dataplane.detach_all();
+            let Agent {
+                dataplane,
+                instance,
+                ..
+            } = agent;
+            // The maps go with their last reference: the pins, then this process's.
+            if let Err(e) = instance.remove_pinned() {
+                tracing::warn!("{e:#}");
+            }
+            drop(dataplane);
+            instance.remove_files(&[instance::MAPS_RECORD]);
+            host_changes.undo();
+            tracing::info!("agent stopped");
+        }
+        Stop::Handoff => {
+            drop(agent);
+            host_changes.keep();
+            tracing::info!("agent stopped; the data path keeps forwarding");
+        }
+    }
+    Ok(())
+}
+
+/// Waits for a signal to stop: SIGINT or SIGTERM stop fully, SIGUSR2 hands off.
+async fn stop_signal() -> Result<(&'static str, Stop)> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    Ok(tokio::select! {
+        _ = term.recv() => ("SIGTERM", Stop::Full),
+        _ = int.recv() => ("SIGINT", Stop::Full),
+        _ = usr2.recv() => ("SIGUSR2", Stop::Handoff),
+    })
+}
+
+/// Removes what a controller of this configuration's instance left behind after a crash
+/// (or a handoff no agent took over): detaches its pinned links, removes its pinned maps,
+/// restores the original sysctl values, removes its state files but the bindings (their
+/// replay state). Refused while an agent of the instance runs.
+pub fn cleanup(config_path: &Path, socket: &Path) -> Result<()> {
+    let config = Config::load(config_path)
+        .map_err(|e| anyhow!("invalid configuration {}: {e}", config_path.display()))?;
+    let name = instance::instance_name(&config, socket);
+    let (state_dir, pin_dir) = instance::directories(&config, &name);
+    let instance = Instance::open(&name, state_dir, pin_dir)?;
+    let mut host_changes =
+        HostChanges::with_originals_file(instance.file(instance::SYSCTL_ORIGINALS))?;
+    let removed = instance.remove_pinned()?;
+    instance.remove_files(&[instance::MAPS_RECORD]);
     host_changes.undo();
-    tracing::info!("agent stopped");
+    tracing::info!("instance {name}: removed {removed} pinned objects");
+    println!("instance {name}: removed {removed} pinned objects");
     Ok(())
 }
 

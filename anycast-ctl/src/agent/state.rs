@@ -97,6 +97,12 @@ pub(super) struct Agent {
     pub(super) senders: Vec<ReplySender>,
     /// Deletes expired flow entries on a thread of its own; stops with the agent.
     pub(super) _sweeper: FlowSweeper,
+    /// The instance's pinned state and files.
+    pub(super) instance: super::instance::Instance,
+    /// The record of the maps last written beside them.
+    pub(super) saved_record: Option<super::instance::MapsRecord>,
+    /// Flows in the adopted flow table, when this controller adopted pinned maps.
+    pub(super) adopted_flows: Option<usize>,
 }
 
 pub(super) fn log_services(config: &Config) {
@@ -219,6 +225,32 @@ impl Agent {
         if let Err(e) = self.dataplane.apply(&forwarding) {
             tracing::error!("updating the forwarding maps failed: {e:#}");
         }
+        self.save_maps_record();
+    }
+
+    /// Keeps the record of what the maps hold beside them (when it changed), for the next
+    /// controller to adopt. A small file in the state directory (tmpfs by default).
+    fn save_maps_record(&mut self) {
+        let record = super::instance::MapsRecord {
+            layout_version: anycast_common::maps::AGENT_LAYOUT_VERSION,
+            installed: self.dataplane.record(),
+            drained: self.drained.iter().cloned().collect(),
+        };
+        if self.saved_record.as_ref() == Some(&record) {
+            return;
+        }
+        let path = self.instance.file(super::instance::MAPS_RECORD);
+        let written = serde_json::to_vec(&record)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| super::write_atomically(&path, &bytes));
+        match written {
+            Ok(()) => self.saved_record = Some(record),
+            Err(e) => tracing::error!(
+                "keeping the record of the maps in {}: {e:#} (a restarted agent could not \
+                 adopt them)",
+                path.display()
+            ),
+        }
     }
 
     pub(super) fn handle_datagrams(&mut self, batch: Vec<Datagram>) -> Vec<(Option<usize>, Reply)> {
@@ -330,6 +362,12 @@ impl Agent {
                 })
                 .collect(),
             drained: self.drained.iter().cloned().collect(),
+            instance: Some(crate::control_socket::InstanceStatus {
+                name: self.instance.name.clone(),
+                state_directory: self.instance.state_dir.clone(),
+                pin_directory: self.instance.pin_dir.clone(),
+                adopted_flows: self.adopted_flows,
+            }),
         })
     }
 

@@ -1,6 +1,11 @@
 //! The agent's configuration file: JSON, read whole and validated before anything changes.
 //! Errors name the field (`services[1].servers[0].address`) and the reason.
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anycast_common::{
     table, ServiceKey, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_SERVERS,
@@ -52,6 +57,18 @@ pub struct Config {
     /// drains and reloads.
     #[serde(default)]
     pub control: Control,
+    /// The name of this agent's state outside the process (pinned BPF objects, state
+    /// files). Default: derived from the control socket's path, which is one per agent.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Where the instance keeps its files (bindings, the record of the maps, the original
+    /// sysctl values). Default: `/run/anycast/INSTANCE`.
+    #[serde(default)]
+    pub state_directory: Option<PathBuf>,
+    /// The bpffs directory of the instance's pinned maps and links. Default:
+    /// `/sys/fs/bpf/anycast/INSTANCE`.
+    #[serde(default)]
+    pub pin_directory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -420,6 +437,7 @@ mod security;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub use validate::valid_instance_name;
 
 pub use prefix::Prefix;
 pub use security::{group_id, Control, ControlAccess};

@@ -9,6 +9,25 @@ impl Config {
         if self.interfaces.is_empty() {
             return Err(err("interfaces", "at least one interface is needed"));
         }
+        if let Some(name) = &self.instance {
+            if !valid_instance_name(name) {
+                return Err(err(
+                    "instance",
+                    format!(
+                        "'{name}' is not a valid instance name: 1 to 64 letters, digits, '_' \
+                         or '-'"
+                    ),
+                ));
+            }
+        }
+        for (field, dir) in [
+            ("state_directory", &self.state_directory),
+            ("pin_directory", &self.pin_directory),
+        ] {
+            if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                return Err(err(field, "must be an absolute path"));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() > 15 || name.contains('/') {
@@ -342,4 +361,13 @@ impl Registration {
         }
         Ok(())
     }
+}
+
+/// An instance name is a single path component of a few safe characters (bpffs refuses
+/// dots).
+pub fn valid_instance_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }

@@ -15,7 +15,16 @@ impl Dataplane {
             next.forget_written();
         }
         self.installed = next;
-        done
+        done?;
+        for key in std::mem::take(&mut self.stray_services) {
+            match self.services_map.remove(&key) {
+                Err(e) if !is_enoent(&e) => {
+                    return Err(e).context("removing a service the adopted record did not know")
+                }
+                _ => tracing::info!("removed a service the adopted record did not know"),
+            }
+        }
+        Ok(())
     }
 
     /// Carries out `ops` in order; stops at the first that fails.

@@ -46,6 +46,15 @@ impl Default for Sizes {
 
 /// Loads the eBPF object with the agent's maps sized as asked.
 pub fn load_object(sizes: Sizes) -> Result<Ebpf> {
+    load_object_pinned(sizes, &[])
+}
+
+/// Loads the eBPF object with the agent's maps sized as asked; each map named in `pins` is
+/// the one pinned at its path (made and pinned there if none is).
+pub(super) fn load_object_pinned(
+    sizes: Sizes,
+    pins: &[(&'static str, std::path::PathBuf)],
+) -> Result<Ebpf> {
     let ring_entries = sizes.ring_entries().ok_or_else(|| {
         anyhow!(
             "the consistent-hash tables do not fit one map: 2 x (max_services {} + \
@@ -55,11 +64,16 @@ pub fn load_object(sizes: Sizes) -> Result<Ebpf> {
             sizes.ring_size
         )
     })?;
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(maps::RINGS, ring_entries)
         .map_max_entries(maps::FLOWS, sizes.max_flows)
         .map_max_entries(maps::SERVICES, sizes.max_services)
-        .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
+        .map_max_entries(maps::SERVICE_STATS, sizes.max_services);
+    for (name, path) in pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with BPF and XDP available?)")
 }

@@ -45,6 +45,7 @@ mod apply;
 mod bpf_sys;
 mod flows;
 mod loader;
+mod pinning;
 mod plan;
 mod report;
 mod rings;
@@ -56,7 +57,8 @@ use loader::take;
 pub use loader::{
     attach, attach_tc_egress, load_object, spawn_ebpf_logger, xdp_mode, Sizes, EBPF_OBJECT,
 };
-pub use plan::{Installed, Op};
+pub use pinning::{check_layout, Attached};
+pub use plan::{Installed, InstalledRecord, MapTruth, Op};
 pub use report::{
     coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,
     SweepReport,
@@ -87,11 +89,24 @@ pub struct Dataplane {
     /// What the maps hold, as far as the controller knows.
     installed: Installed,
     timeouts: FlowTimeouts,
+    /// The XDP links this controller holds (pinned ones stay attached when it goes).
+    links: Vec<pinning::HeldLink>,
+    /// Services an adopted map holds that the adopted record does not know: removed after
+    /// the next apply.
+    stray_services: Vec<ServiceKey>,
 }
 
 impl Dataplane {
+    /// The data plane on maps of its own, which go with it.
     pub fn new(sizes: Sizes) -> Result<Self> {
-        let mut ebpf = load_object(sizes)?;
+        Self::open(sizes, None)
+    }
+
+    /// The data plane on the maps pinned in `maps_dir` (made and pinned there when missing,
+    /// adopted with their contents when present: check them first with [`check_layout`]).
+    pub fn open(sizes: Sizes, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+        let pins = maps_dir.map(pinning::pin_paths).unwrap_or_default();
+        let mut ebpf = loader::load_object_pinned(sizes, &pins)?;
         let mut dp = Dataplane {
             services_map: take(&mut ebpf, maps::SERVICES)?,
             address_filter: take(&mut ebpf, maps::ADDRESS_FILTER)?,
@@ -112,8 +127,12 @@ impl Dataplane {
             sizes,
             installed: Installed::new(sizes),
             timeouts: FlowTimeouts::default(),
+            links: Vec::new(),
+            stray_services: Vec::new(),
         };
-        dp.set_flow_timeouts(FlowTimeouts::default())?;
+        if pins.is_empty() {
+            dp.set_flow_timeouts(FlowTimeouts::default())?;
+        }
         Ok(dp)
     }
 

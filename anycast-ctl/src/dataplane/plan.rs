@@ -15,6 +15,7 @@
 //!   longer installed at the very end.
 use super::tables::{TableArea, TableInputs, TableWrite};
 use super::*;
+pub use record::{InstalledRecord, MapTruth};
 
 /// One write to the maps.
 #[derive(Debug, Clone, PartialEq)]
@@ -603,5 +604,6 @@ fn preference_tables_needed(want: &DesiredService) -> usize {
         .count()
 }
 
+mod record;
 #[cfg(test)]
 mod tests;

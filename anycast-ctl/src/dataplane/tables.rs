@@ -86,6 +86,16 @@ impl TableArea {
         }
     }
 
+    /// An area written by an earlier controller: the data path reads `live_half`; what
+    /// either half holds is unknown, so the next table is written whole into the other.
+    pub(crate) fn adopted(live_half: u32) -> Self {
+        TableArea {
+            live_half,
+            halves: [None, None],
+            live_inputs: None,
+        }
+    }
+
     pub(crate) fn live(&self) -> Option<&[u32]> {
         self.halves[self.live_half as usize]
             .as_deref()

@@ -403,6 +403,8 @@ mod plan;
 mod report;
 mod reverse_watch;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};

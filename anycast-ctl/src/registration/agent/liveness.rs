@@ -35,6 +35,7 @@ impl Registry {
                 }
             }
         }
+        self.dirty |= !gone.is_empty();
         !gone.is_empty()
     }
 
@@ -77,6 +78,7 @@ impl Registry {
         );
         let mut changed = false;
         let mut misses = 0;
+        let mut dirty = false;
         // One request per server, home address and source: the server answers it with an
         // update for every binding of that home address.
         let mut due: BTreeSet<(String, IpAddr, SocketAddr)> = BTreeSet::new();
@@ -92,6 +94,9 @@ impl Registry {
                 let before = b.condition();
                 b.probe_misses = b.probe_misses.saturating_add(1);
                 misses += 1;
+                // The state file holds the misses up to the limit (the condition): one
+                // more for a binding that is down already changes nothing there.
+                dirty |= b.probe_misses <= b.probe_limit;
                 let after = b.condition();
                 if b.probe_urgent {
                     if after == Condition::Down {
@@ -116,6 +121,7 @@ impl Registry {
                 due.insert((id.server.clone(), id.anycast, b.source));
             }
         }
+        self.dirty |= dirty;
         let out = self.send_probes(due, now, interval);
         *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
         *self.counters.entry("probes_missed".into()).or_default() += misses;
@@ -150,7 +156,7 @@ impl Registry {
 /// A Binding Refresh Request for `server`'s bindings of `anycast`, signed with its key, from
 /// the agent address of the same family, to `to`. None if the identity is not configured
 /// (its key is gone) or the agent has no address.
-fn refresh_request(
+pub(super) fn refresh_request(
     servers: &HashMap<String, ServerPolicy>,
     agent: &[Ipv6Addr],
     server: &str,

@@ -64,6 +64,9 @@ pub(super) struct Bu {
     pub(super) seq: u16,
     pub(super) lifetime: u16,
     pub(super) ts: u64,
+    pub(super) load: LoadInfo,
+    /// Protocol and port, for a binding of one service.
+    pub(super) service: Option<(u8, u16)>,
 }
 
 impl Bu {
@@ -77,6 +80,11 @@ impl Bu {
             seq,
             lifetime: 5,
             ts,
+            load: LoadInfo {
+                sessions_in_use: 3,
+                ..Default::default()
+            },
+            service: None,
         }
     }
     pub(super) fn bytes(&self) -> Vec<u8> {
@@ -92,10 +100,10 @@ impl Bu {
                 alt_coa: Some(wire::to_mapped(self.real.parse().unwrap())),
                 mn_id: Some(self.id.into()),
                 mesg_id: Some(self.ts),
-                load: Some(LoadInfo {
-                    sessions_in_use: 3,
-                    ..Default::default()
-                }),
+                load: Some(self.load),
+                service: self
+                    .service
+                    .map(|(protocol, port)| ServiceSelector { protocol, port }),
                 ..Default::default()
             },
         };

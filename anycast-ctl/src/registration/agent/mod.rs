@@ -417,7 +417,7 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
-pub use persist::{RegistryState, RestoreReport, STATE_FORMAT};
+pub use persist::{read_state_file, write_state_file, RegistryState, RestoreReport, STATE_FORMAT};
 pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};
 pub use reverse_watch::ReverseState;
 use reverse_watch::ReverseWatch;

@@ -5,15 +5,15 @@
 //!
 //! How the agent uses it:
 //!
-//! 1. At start, before the first publish of the forwarding tables: read the state file; if
-//!    it holds a state, [`Registry::restore`] it (at the same `now` and `wall` as the rest of
+//! 1. At start, before the first publish of the forwarding tables: [`read_state_file`]; if it
+//!    holds a state, [`Registry::restore`] it (at the same `now` and `wall` as the rest of
 //!    the start) and log the [`RestoreReport`] (its `Display` is one line). A file that
 //!    cannot be read is logged, and the agent starts empty: its servers register again.
 //! 2. Then [`Registry::refresh_all`], and send what it returns: a refresh request to every
 //!    active binding at once. The answers are ordinary updates; a request unanswered within
 //!    the probe timeout is an ordinary missed probe.
 //! 3. Whenever [`Registry::take_dirty`] says so, after handling a batch of datagrams and
-//!    after housekeeping, and before the replies go out: write the state file with
+//!    after housekeeping, and before the replies go out: [`write_state_file`] with
 //!    [`Registry::snapshot`]. Written before the acknowledgements are sent, the file never
 //!    lags behind what a server was told was accepted.
 //!
@@ -25,12 +25,23 @@
 //! (it matters for servers whose clocks run ahead of the agent's). A server whose clock runs
 //! behind the agent's answers the first refresh request with a MESG-ID older than the
 //! agent's start: refused with the agent's time, it resends at once, a second round trip.
-use std::fmt;
+use std::{
+    fmt,
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Write},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
+
+use anyhow::{bail, Context, Result};
 
 use super::*;
 
 /// The state file's format; a file of another format is refused, not guessed at.
 pub const STATE_FORMAT: u32 = 1;
+
+/// A bound on what is read (a binding takes a few hundred bytes), against a runaway file.
+const MAX_STATE_FILE_BYTES: u64 = 256 << 20;
 
 /// What the registry needs to take its bindings and replay state back after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,4 +379,120 @@ impl Registry {
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
     }
+}
+
+/// Writes `state` to `path` atomically: a temporary file in the same directory (mode 0600),
+/// written and synced, renamed over `path`, and the directory synced. A crash leaves the old
+/// file or the new one, never a mix.
+pub fn write_state_file(path: &Path, state: &RegistryState) -> Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("state file {}: not a file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let bytes = serde_json::to_vec_pretty(state).context("encoding the registry state")?;
+    let written = (|| -> Result<()> {
+        let mut f = create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing the directory {}", dir.display()))
+    })();
+    if written.is_err() {
+        // Best effort: the next write removes a leftover anyway.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// A new file only its owner can read and write. A leftover of an interrupted write is
+/// replaced; a symbolic link there is never followed.
+fn create_private(path: &Path) -> io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let f = match open() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            open()?
+        }
+        r => r?,
+    };
+    // The umask could have taken more than group and other bits.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Reads a state written by [`write_state_file`]. No file: `Ok(None)`. A file that is not a
+/// regular file, that others could have written (writable by group or others, or owned by
+/// another user than root or this process's), too large, malformed, or of another format:
+/// an error naming the file and what is wrong with it.
+pub fn read_state_file(path: &Path) -> Result<Option<RegistryState>> {
+    let shown = path.display();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening the state file {shown}")),
+    };
+    // Checked on the open file: what was checked is what is read.
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading the state file {shown}"))?;
+    if !meta.is_file() {
+        bail!("state file {shown}: not a regular file");
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "state file {shown}: writable by group or others (mode {mode:04o}): anyone who can \
+             write it can add bindings; refused (the agent writes it with mode 0600)"
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != euid {
+        bail!(
+            "state file {shown}: owned by uid {}, neither root nor this process's uid {euid}; \
+             refused",
+            meta.uid()
+        );
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading the state file {shown}"))?;
+    if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
+        bail!("state file {shown}: larger than {MAX_STATE_FILE_BYTES} bytes");
+    }
+    // The format number first, so that a file of another format says so rather than
+    // failing on whatever field changed.
+    #[derive(Deserialize)]
+    struct Format {
+        format: Option<u32>,
+    }
+    let format = serde_json::from_slice::<Format>(&bytes)
+        .with_context(|| format!("state file {shown}: not JSON of a registry state"))?
+        .format;
+    match format {
+        Some(STATE_FORMAT) => {}
+        Some(other) => bail!(
+            "state file {shown}: state format {other}, this agent reads format {STATE_FORMAT}"
+        ),
+        None => bail!("state file {shown}: no format number: not a registry state"),
+    }
+    let state = serde_json::from_slice(&bytes)
+        .with_context(|| format!("state file {shown}: malformed registry state"))?;
+    Ok(Some(state))
 }

@@ -1,3 +1,9 @@
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
 use super::{test_support::*, *};
 
 const SECOND: u64 = 1 << 32;
@@ -576,4 +582,133 @@ fn take_dirty_says_when_the_state_file_is_out_of_date() {
     let state = r.snapshot(t0, WALL);
     r.restore(state, t0, WALL);
     assert!(r.take_dirty());
+}
+
+/// A directory of its own under the system's temporary directory, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("anycast-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_state_file_is_written_atomically_and_private() {
+    let dir = TempDir::new("write");
+    let path = dir.0.join("registry.json");
+    let t0 = Instant::now();
+    let state = populated(t0).snapshot(t0, WALL);
+    write_state_file(&path, &state).unwrap();
+    assert_eq!(dir.entries(), ["registry.json"], "no temporary file left");
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(read_state_file(&path).unwrap(), Some(state.clone()));
+
+    // Over an old file, and over the leftover of an interrupted write, which is a symbolic
+    // link to a file that must not be touched.
+    let elsewhere = dir.0.join("elsewhere");
+    fs::write(&elsewhere, "keep").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.0.join(".registry.json.tmp")).unwrap();
+    let empty = registry(Limits::default(), 30).snapshot(t0, WALL);
+    write_state_file(&path, &empty).unwrap();
+    assert_eq!(dir.entries(), ["elsewhere", "registry.json"]);
+    assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "keep");
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(read_state_file(&path).unwrap(), Some(empty));
+
+    // A directory that does not exist: an error naming it, nothing written.
+    let missing = dir.0.join("no-such-dir").join("registry.json");
+    let e = format!("{:#}", write_state_file(&missing, &state).unwrap_err());
+    assert!(e.contains("no-such-dir"), "{e}");
+}
+
+#[test]
+fn state_files_that_cannot_be_trusted_or_read_are_errors() {
+    let dir = TempDir::new("read");
+    let path = dir.0.join("registry.json");
+    assert_eq!(read_state_file(&path).unwrap(), None, "no file yet");
+
+    let t0 = Instant::now();
+    let state = populated(t0).snapshot(t0, WALL);
+    let good = serde_json::to_value(&state).unwrap();
+    let error = |contents: &str, mode: u32| {
+        fs::write(&path, contents).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        format!("{:#}", read_state_file(&path).unwrap_err())
+    };
+    let mut other = good.clone();
+    other["format"] = serde_json::json!(STATE_FORMAT + 1);
+    let mut no_format = good.clone();
+    no_format.as_object_mut().unwrap().remove("format");
+    let mut bad_binding = good.clone();
+    bad_binding["bindings"][0]["source"] = serde_json::json!("not an address");
+    for (contents, mode, expected) in [
+        (
+            "{\"format\": 1, \"bindings\": [".to_string(),
+            0o600,
+            "not JSON",
+        ),
+        (
+            other.to_string(),
+            0o600,
+            "state format 2, this agent reads format 1",
+        ),
+        (no_format.to_string(), 0o600, "no format number"),
+        (bad_binding.to_string(), 0o600, "malformed registry state"),
+        (
+            good.to_string(),
+            0o620,
+            "writable by group or others (mode 0620)",
+        ),
+        (good.to_string(), 0o602, "mode 0602"),
+    ] {
+        let e = error(&contents, mode);
+        assert!(
+            e.contains(&path.display().to_string()),
+            "names the file: {e}"
+        );
+        assert!(e.contains(expected), "{expected}: {e}");
+    }
+    // Readable by others is not refused: it holds no secret.
+    fs::write(&path, good.to_string()).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(read_state_file(&path).unwrap(), Some(state.clone()));
+
+    // Owned by another user (only root can make one).
+    if std::os::unix::fs::chown(&path, Some(65534), None).is_ok() {
+        let e = format!("{:#}", read_state_file(&path).unwrap_err());
+        assert!(e.contains("owned by uid 65534"), "{e}");
+    }
+
+    let e = format!("{:#}", read_state_file(&dir.0).unwrap_err());
+    assert!(e.contains("not a regular file"), "{e}");
+
+    // A state of another format handed to restore directly takes nothing.
+    let mut r = registry(Limits::default(), 30);
+    let report = r.restore(serde_json::from_value(other).unwrap(), t0, WALL);
+    assert!(report.restored.is_empty());
+    assert_eq!(report.refused.len(), 5);
+    assert!(r.report(t0, None).bindings.is_empty());
 }

@@ -128,6 +128,18 @@ impl Smoother {
     pub fn weight(&self) -> u32 {
         self.published
     }
+
+    /// The smoothed load and the published weight: what [`Self::restored`] takes back.
+    pub fn saved(&self) -> (Option<f64>, u32) {
+        (self.used, self.published)
+    }
+
+    /// A smoother as [`Self::saved`] left it, or None if the values cannot have come from
+    /// one (a negative or non-finite load, a weight above [`MAX_WEIGHT`]).
+    pub fn restored(used: Option<f64>, published: u32) -> Option<Smoother> {
+        let plausible = used.is_none_or(|u| u.is_finite() && u >= 0.0) && published <= MAX_WEIGHT;
+        plausible.then_some(Smoother { used, published })
+    }
 }
 
 #[cfg(test)]

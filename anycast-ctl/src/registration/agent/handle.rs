@@ -150,9 +150,7 @@ impl Registry {
                 }
                 None => false,
             };
-            // Only an accepted update moves the replay state: a refused one, even an
-            // authentic one, leaves the server's own next update acceptable.
-            self.last_mesg_id.insert(identity.clone(), ts);
+            self.accepted(&identity, ts);
             let counted = self.count("deregistered");
             let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
             return Outcome {
@@ -229,7 +227,7 @@ impl Registry {
                 true
             }
         };
-        self.last_mesg_id.insert(identity.clone(), ts);
+        self.accepted(&identity, ts);
         let counted = self.count(if is_new { "registered" } else { "refreshed" });
         let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
         Outcome {
@@ -237,6 +235,14 @@ impl Registry {
             changed,
             counted,
         }
+    }
+
+    /// An update from `identity` with MESG-ID `ts` was accepted (bound, refreshed or
+    /// deregistered). Only an accepted update moves the replay state: a refused one, even an
+    /// authentic one, leaves the server's own next update acceptable.
+    fn accepted(&mut self, identity: &str, ts: u64) {
+        self.last_mesg_id.insert(identity.to_string(), ts);
+        self.dirty = true;
     }
 
     /// RFC 6275 9.2: an unknown MH type is answered with a Binding Error, status 2.

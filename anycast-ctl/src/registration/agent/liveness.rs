@@ -35,6 +35,7 @@ impl Registry {
                 }
             }
         }
+        self.dirty |= !gone.is_empty();
         !gone.is_empty()
     }
 
@@ -50,31 +51,13 @@ impl Registry {
                 continue;
             }
             b.refresh_requested = true;
-            let Some(policy) = self.servers.get(&id.server) else {
-                continue;
-            };
-            let agent = self
-                .agent
-                .iter()
-                .find(|a| a.to_ipv4_mapped().is_some() == id.anycast.is_ipv4())
-                .or(self.agent.first());
-            let Some(&agent) = agent else { continue };
-            let brr = Message {
-                src: agent,
-                dst: wire::to_mapped(id.anycast),
-                body: Body::BindingRefreshRequest,
-                options: Options::default(),
-            };
-            out.push(Reply {
-                to: b.source,
-                payload: wire::encode(
-                    &brr,
-                    Some(Key {
-                        spi: policy.spi,
-                        secret: &policy.key,
-                    }),
-                ),
-            });
+            out.extend(refresh_request(
+                &self.servers,
+                &self.agent,
+                &id.server,
+                id.anycast,
+                b.source,
+            ));
         }
         for _ in 0..out.len() {
             self.count("refresh_requests_sent");
@@ -82,7 +65,6 @@ impl Registry {
         out
     }
 
-    /// The configured services plus those the bindings bring, with their servers.
     /// Health by refresh requests: asks every active binding for an update each interval;
     /// a probe unanswered within the timeout is a miss. Returns the requests to send and
     /// whether a binding's condition changed.
@@ -96,6 +78,7 @@ impl Registry {
         );
         let mut changed = false;
         let mut misses = 0;
+        let mut dirty = false;
         // One request per server, home address and source: the server answers it with an
         // update for every binding of that home address.
         let mut due: BTreeSet<(String, IpAddr, SocketAddr)> = BTreeSet::new();
@@ -111,6 +94,9 @@ impl Registry {
                 let before = b.condition();
                 b.probe_misses = b.probe_misses.saturating_add(1);
                 misses += 1;
+                // The state file holds the misses up to the limit (the condition): one
+                // more for a binding that is down already changes nothing there.
+                dirty |= b.probe_misses <= b.probe_limit;
                 let after = b.condition();
                 if b.probe_urgent {
                     if after == Condition::Down {
@@ -135,6 +121,22 @@ impl Registry {
                 due.insert((id.server.clone(), id.anycast, b.source));
             }
         }
+        self.dirty |= dirty;
+        let out = self.send_probes(due, now, interval);
+        *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
+        *self.counters.entry("probes_missed".into()).or_default() += misses;
+        (out, changed)
+    }
+
+    /// Refresh requests to `due` (server, home address, source), each one outstanding probe
+    /// for every active binding it covers: an update before the timeout answers it, none
+    /// is a miss.
+    pub(super) fn send_probes(
+        &mut self,
+        due: BTreeSet<(String, IpAddr, SocketAddr)>,
+        now: Instant,
+        interval: Duration,
+    ) -> Vec<Reply> {
         for (id, b) in self.bindings.iter_mut() {
             if b.state == BindingState::Active
                 && due.contains(&(id.server.clone(), id.anycast, b.source))
@@ -143,36 +145,43 @@ impl Registry {
                 b.probe_next = now + interval;
             }
         }
-        let mut out = Vec::new();
-        for (server, anycast, source) in due {
-            let Some(policy) = self.servers.get(&server) else {
-                continue;
-            };
-            let agent = self
-                .agent
-                .iter()
-                .find(|a| a.to_ipv4_mapped().is_some() == anycast.is_ipv4())
-                .or(self.agent.first());
-            let Some(&agent) = agent else { continue };
-            let brr = Message {
-                src: agent,
-                dst: wire::to_mapped(anycast),
-                body: Body::BindingRefreshRequest,
-                options: Options::default(),
-            };
-            out.push(Reply {
-                to: source,
-                payload: wire::encode(
-                    &brr,
-                    Some(Key {
-                        spi: policy.spi,
-                        secret: &policy.key,
-                    }),
-                ),
-            });
-        }
-        *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
-        *self.counters.entry("probes_missed".into()).or_default() += misses;
-        (out, changed)
+        due.into_iter()
+            .filter_map(|(server, anycast, source)| {
+                refresh_request(&self.servers, &self.agent, &server, anycast, source)
+            })
+            .collect()
     }
+}
+
+/// A Binding Refresh Request for `server`'s bindings of `anycast`, signed with its key, from
+/// the agent address of the same family, to `to`. None if the identity is not configured
+/// (its key is gone) or the agent has no address.
+pub(super) fn refresh_request(
+    servers: &HashMap<String, ServerPolicy>,
+    agent: &[Ipv6Addr],
+    server: &str,
+    anycast: IpAddr,
+    to: SocketAddr,
+) -> Option<Reply> {
+    let policy = servers.get(server)?;
+    let &agent = agent
+        .iter()
+        .find(|a| a.to_ipv4_mapped().is_some() == anycast.is_ipv4())
+        .or(agent.first())?;
+    let brr = Message {
+        src: agent,
+        dst: wire::to_mapped(anycast),
+        body: Body::BindingRefreshRequest,
+        options: Options::default(),
+    };
+    Some(Reply {
+        to,
+        payload: wire::encode(
+            &brr,
+            Some(Key {
+                spi: policy.spi,
+                secret: &policy.key,
+            }),
+        ),
+    })
 }

@@ -175,7 +175,7 @@ pub struct Registry {
     last_mesg_id: HashMap<String, u64>,
     /// The agent's clock (NTP format) when it started: MESG-IDs older than this are refused,
     /// so an update captured before a restart cannot be replayed after it (the replay state
-    /// itself lives in memory only).
+    /// itself survives a restart only through a state file, see `persist`).
     started: u64,
     buckets: HashMap<String, Bucket>,
     /// Answers to messages that did not authenticate, all senders together.
@@ -186,6 +186,8 @@ pub struct Registry {
     reverse_tunnel: Option<ReverseTunnel>,
     /// Reverse-tunnel monitoring, per server identity.
     reverse: BTreeMap<String, ReverseWatch>,
+    /// Something the state file holds changed since [`Registry::take_dirty`] last said so.
+    dirty: bool,
 }
 
 impl Registry {
@@ -228,6 +230,7 @@ impl Registry {
             probe: reg.probe,
             reverse_tunnel: reg.reverse_tunnel,
             reverse: BTreeMap::new(),
+            dirty: false,
         }
     }
 
@@ -241,9 +244,9 @@ impl Registry {
         self
     }
 
-    /// Refuse MESG-IDs older than `wall` (the agent's start, NTP format): the replay state
-    /// is not kept across restarts, so this is what stops a replay of an update captured
-    /// before one.
+    /// Refuse MESG-IDs older than `wall` (the agent's start, NTP format): without a state
+    /// file the replay state is not kept across restarts, so this is what stops a replay of
+    /// an update captured before one.
     pub fn refusing_mesg_ids_before(mut self, wall: u64) -> Self {
         self.started = wall;
         self
@@ -256,8 +259,10 @@ impl Registry {
         let counters = std::mem::take(&mut self.counters);
         let reverse = std::mem::take(&mut self.reverse);
         let started = self.started;
+        let dirty = self.dirty;
         *self = new;
         self.started = started;
+        self.dirty = dirty;
         self.last_mesg_id = last;
         self.counters = counters;
         if self.reverse_tunnel.is_some() {
@@ -280,7 +285,9 @@ impl Registry {
                 );
             }
         }
-        self.bindings.len() != before
+        let removed = self.bindings.len() != before;
+        self.dirty |= removed;
+        removed
     }
 
     /// A reply (acknowledgement, refusal, binding error or refresh request) was dropped
@@ -399,12 +406,18 @@ fn service_name(key: &ServiceKey) -> String {
 
 mod handle;
 mod liveness;
+mod persist;
+#[cfg(test)]
+mod persist_tests;
 mod plan;
 mod report;
 mod reverse_watch;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
+pub use persist::{read_state_file, write_state_file, RegistryState, RestoreReport, STATE_FORMAT};
 pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};
 pub use reverse_watch::ReverseState;
 use reverse_watch::ReverseWatch;

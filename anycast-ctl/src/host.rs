@@ -38,6 +38,9 @@ pub struct HostChanges {
     /// Where the sysctls' original values are kept, so they are restored correctly by a
     /// later process even after this one crashed or handed off.
     originals: Option<std::path::PathBuf>,
+    /// Dropped without `undo`, the changes stay (a process that adopted them from another
+    /// and failed leaves them as they were).
+    pub keep_on_drop: bool,
 }
 
 impl HostChanges {
@@ -64,6 +67,7 @@ impl HostChanges {
             addresses: Vec::new(),
             qdiscs: Vec::new(),
             originals: Some(path),
+            keep_on_drop: false,
         })
     }
 
@@ -90,7 +94,7 @@ impl HostChanges {
             return Ok(());
         };
         let bytes = serde_json::to_vec_pretty(&self.sysctls)?;
-        crate::agent::write_atomically(path, &bytes)
+        crate::files::write_atomically(path, &bytes)
     }
 
     /// Leaves every change in place (and the record of the originals), for a later process
@@ -191,7 +195,9 @@ impl HostChanges {
 
 impl Drop for HostChanges {
     fn drop(&mut self) {
-        self.undo();
+        if !self.keep_on_drop {
+            self.undo();
+        }
     }
 }
 

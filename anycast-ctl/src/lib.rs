@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control_socket;
 pub mod dataplane;
+pub mod files;
 pub mod health;
 pub mod host;
 pub mod model;

@@ -5,7 +5,6 @@
 //! one left.
 use std::{
     fs::File,
-    io::Write as _,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
@@ -21,6 +20,8 @@ const STATE_ROOT: &str = "/run/anycast";
 /// The state directory's files.
 pub const SYSCTL_ORIGINALS: &str = "sysctl-originals.json";
 pub const MAPS_RECORD: &str = "maps.json";
+/// The bindings and their replay state; kept across a full stop too.
+pub const BINDINGS: &str = "bindings.json";
 
 /// What the controller keeps beside the pinned maps: their layout version, its record of
 /// what they hold, and the operator's drains (which shape what they hold).
@@ -219,6 +220,11 @@ impl Instance {
         Ok(())
     }
 
+    /// Whether no link is pinned (nothing forwards with pinned maps).
+    pub fn has_no_pinned_links(&self) -> bool {
+        std::fs::read_dir(self.links_dir()).map_or(true, |mut d| d.next().is_none())
+    }
+
     /// Whether an earlier controller left pinned maps.
     pub fn has_pinned_maps(&self) -> bool {
         std::fs::read_dir(self.maps_dir()).is_ok_and(|mut d| d.next().is_some())
@@ -266,32 +272,6 @@ fn on_bpffs(dir: &Path) -> bool {
     }
 }
 
-/// Writes `bytes` to `path` so that a reader (or a crash) sees the old contents or the new,
-/// never a mix: a temporary file in the same directory, mode 0600, synced, renamed over.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no directory", path.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -327,22 +307,6 @@ mod tests {
         assert!(msg.contains("another agent runs instance t"), "{msg}");
         drop(first);
         Instance::open("t", dir.join("state"), dir.join("pins")).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn atomic_writes_replace_whole_files_with_mode_0600() {
-        let dir = std::env::temp_dir().join(format!("anycast-atomic-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("f.json");
-        write_atomically(&p, b"one").unwrap();
-        write_atomically(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(names.len(), 1, "no temporary file is left");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -52,7 +52,6 @@ use crate::{
     host::{self, HostChanges},
     model::ServicePlan,
 };
-pub use instance::write_atomically;
 
 /// How often expired flow entries are deleted from the map.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -124,8 +123,28 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let name = instance::instance_name(&config, socket);
     let (state_dir, pin_dir) = instance::directories(&config, &name);
     let instance = Instance::open(&name, state_dir, pin_dir)?;
+    // Pinned maps an earlier controller left are adopted with their record, or refused
+    // (with what to do) before anything changes.
+    let sizes = sizes(&config);
+    let record = instance.read_maps_record()?;
+    let mut adopting = instance.has_pinned_maps();
+    if adopting && record.is_none() && instance.has_no_pinned_links() {
+        // Pinned before a first record was written, and nothing forwards with them.
+        tracing::info!("removing pinned maps an agent left before it was attached");
+        instance.remove_pinned()?;
+        adopting = false;
+    }
+    if adopting {
+        crate::dataplane::check_layout(
+            sizes,
+            &instance.maps_dir(),
+            record.as_ref().map(|r| r.layout_version),
+        )?;
+    }
     let mut host_changes =
         HostChanges::with_originals_file(instance.file(instance::SYSCTL_ORIGINALS))?;
+    // A failed start leaves an adopted data path as it was, sysctls included.
+    host_changes.keep_on_drop = adopting;
     // A router forwards; the kernel must also accept the tunnelled packets XDP hands it while
     // a neighbour is being resolved, whose source is the agent's own address.
     if config.agent_address.v4.is_some() {
@@ -137,61 +156,62 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     for name in &config.interfaces {
         host_changes.sysctl(&format!("net.ipv4.conf.{name}.accept_local"), "1")?;
     }
-
-    // Pinned maps an earlier controller left are adopted with their record, or refused
-    // (with what to do) before anything changes.
-    let sizes = sizes(&config);
-    let record = instance.read_maps_record()?;
-    let adopting = instance.has_pinned_maps();
-    if adopting {
-        crate::dataplane::check_layout(
-            sizes,
-            &instance.maps_dir(),
-            record.as_ref().map(|r| r.layout_version),
-        )?;
-    }
-    instance.make_pin_dirs()?;
-    let mut dataplane = Dataplane::open(sizes, Some(&instance.maps_dir()))?;
-    let mut drained = std::collections::BTreeSet::new();
-    let mut adopted_flows = None;
-    if let (true, Some(r)) = (adopting, record) {
-        adopted_flows = Some(dataplane.adopt(r.installed)?);
-        drained = r.drained.into_iter().collect();
-    }
-    dataplane.set_agent_addresses(config.agent_address.v4, config.agent_address.v6)?;
-    dataplane.set_reverse_tunnel(reverse_tunnel_configured(&config))?;
-    dataplane.set_flow_timeouts(config.flow_timeouts)?;
-    for &ifindex in &ifindexes {
-        dataplane.add_tx_port(ifindex)?;
-    }
-    if adopted_flows.is_none() {
-        let configured: Vec<_> = config
-            .service_plans()
-            .iter()
-            .map(ServicePlan::select)
-            .collect();
-        dataplane.apply(&configured)?;
-    }
-    // Adopting, the maps keep what the last controller published until the bindings are
-    // restored and the first rebuild runs (in the loop below): no window without servers.
-    let mut interfaces = Vec::new();
-    for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
-        let how = dataplane.attach_pinned(name, config.xdp_mode, &instance.links_dir())?;
-        tracing::info!(
-            "{} {name} (ifindex {ifindex}) in {:?} XDP mode",
-            match how {
-                crate::dataplane::Attached::New => "attached to",
-                crate::dataplane::Attached::Replaced =>
-                    "replaced the program of the pinned link on",
-            },
-            config.xdp_mode
-        );
-        interfaces.push(InterfaceStatus {
-            name: name.clone(),
-            ifindex,
-            xdp_mode: format!("{:?}", config.xdp_mode).to_lowercase(),
-        });
-    }
+    let set_up = (|| -> Result<_> {
+        instance.make_pin_dirs()?;
+        let mut dataplane = Dataplane::open(sizes, Some(&instance.maps_dir()))?;
+        let mut drained = std::collections::BTreeSet::new();
+        let mut adopted_flows = None;
+        if let (true, Some(r)) = (adopting, record) {
+            adopted_flows = Some(dataplane.adopt(r.installed)?);
+            drained = r.drained.into_iter().collect();
+        }
+        dataplane.set_agent_addresses(config.agent_address.v4, config.agent_address.v6)?;
+        dataplane.set_reverse_tunnel(reverse_tunnel_configured(&config))?;
+        dataplane.set_flow_timeouts(config.flow_timeouts)?;
+        for &ifindex in &ifindexes {
+            dataplane.add_tx_port(ifindex)?;
+        }
+        if adopted_flows.is_none() {
+            let configured: Vec<_> = config
+                .service_plans()
+                .iter()
+                .map(ServicePlan::select)
+                .collect();
+            dataplane.apply(&configured)?;
+        }
+        // Adopting, the maps keep what the last controller published until the bindings
+        // are restored and the first rebuild runs (in the loop below): no window without
+        // servers.
+        let mut interfaces = Vec::new();
+        for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
+            let how = dataplane.attach_pinned(name, config.xdp_mode, &instance.links_dir())?;
+            tracing::info!(
+                "{} {name} (ifindex {ifindex}) in {:?} XDP mode",
+                match how {
+                    crate::dataplane::Attached::New => "attached to",
+                    crate::dataplane::Attached::Replaced =>
+                        "replaced the program of the pinned link on",
+                },
+                config.xdp_mode
+            );
+            interfaces.push(InterfaceStatus {
+                name: name.clone(),
+                ifindex,
+                xdp_mode: format!("{:?}", config.xdp_mode).to_lowercase(),
+            });
+        }
+        Ok((dataplane, interfaces, adopted_flows, drained))
+    })();
+    let (dataplane, interfaces, adopted_flows, drained) = match set_up {
+        Ok(v) => v,
+        Err(e) => {
+            // A fresh start that failed half-way leaves nothing attached or pinned.
+            if !adopting {
+                let _ = instance.remove_pinned();
+            }
+            return Err(e);
+        }
+    };
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     restrict_socket(socket, permissions.group)?;
@@ -245,7 +265,9 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let why = local
         .run_until(async {
             let _checks = health::spawn(&agent.checker, health_tx);
+            let requests = agent.restore_bindings();
             agent.republish();
+            agent.send(requests);
             let mut hup = signal(SignalKind::hangup())?;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             let stop = stop_signal();

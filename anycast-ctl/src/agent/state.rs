@@ -23,7 +23,7 @@ use crate::{
     health::{CheckConfig, CheckKind, Checker, Target},
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
-    registration::agent::{Registry, Reply},
+    registration::agent::{read_state_file, write_state_file, Registry, Reply},
 };
 
 pub(super) fn sizes(config: &Config) -> Sizes {
@@ -242,7 +242,7 @@ impl Agent {
         let path = self.instance.file(super::instance::MAPS_RECORD);
         let written = serde_json::to_vec(&record)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| super::write_atomically(&path, &bytes));
+            .and_then(|bytes| crate::files::write_atomically(&path, &bytes));
         match written {
             Ok(()) => self.saved_record = Some(record),
             Err(e) => tracing::error!(
@@ -271,7 +271,47 @@ impl Agent {
         if changed {
             self.republish();
         }
+        self.save_bindings();
         replies
+    }
+
+    /// Takes the bindings back from the state file an earlier agent of this instance left,
+    /// and asks every server to confirm its binding at once. Before the first publish, so
+    /// the first tables are the ones that agent left.
+    pub(super) fn restore_bindings(&mut self) -> Vec<(Option<usize>, Reply)> {
+        let path = self.instance.file(super::instance::BINDINGS);
+        let Some(registry) = self.registry.as_mut() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        match read_state_file(&path) {
+            Ok(Some(state)) => {
+                let report = registry.restore(state, now, wire::ntp_now());
+                tracing::info!("{report}");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e:#}: starting without the bindings it holds"),
+        }
+        let requests = registry.refresh_all(now);
+        self.save_bindings();
+        requests.into_iter().map(|r| (None, r)).collect()
+    }
+
+    /// Writes the bindings and their replay state to the state file when they changed:
+    /// before the acknowledgements go out, so the file never lags behind what a server was
+    /// told.
+    pub(super) fn save_bindings(&mut self) {
+        let Some(registry) = self.registry.as_mut() else {
+            return;
+        };
+        if !registry.take_dirty() {
+            return;
+        }
+        let state = registry.snapshot(Instant::now(), wire::ntp_now());
+        let path = self.instance.file(super::instance::BINDINGS);
+        if let Err(e) = write_state_file(&path, &state) {
+            tracing::error!("keeping the bindings in {}: {e:#}", path.display());
+        }
     }
 
     pub(super) fn housekeeping(&mut self) -> Vec<(Option<usize>, Reply)> {
@@ -293,6 +333,7 @@ impl Agent {
         if expired || suspected || conditions_changed {
             self.republish();
         }
+        self.save_bindings();
         requests.into_iter().map(|r| (None, r)).collect()
     }
 
@@ -306,10 +347,15 @@ impl Agent {
                 sizes(c),
                 c.registration.as_ref().map(|r| r.port),
                 c.control.clone(),
+                (
+                    c.instance.clone(),
+                    c.state_directory.clone(),
+                    c.pin_directory.clone(),
+                ),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port and control only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, control, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");
@@ -331,6 +377,7 @@ impl Agent {
             (_, new) => new,
         };
         self.republish();
+        self.save_bindings();
         log_services(&self.config);
         tracing::info!("configuration reloaded from {}", self.config_path.display());
         Ok(())

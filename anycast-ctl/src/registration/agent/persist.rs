@@ -27,9 +27,9 @@
 //! agent's start: refused with the agent's time, it resends at once, a second round trip.
 use std::{
     fmt,
-    fs::{self, File, OpenOptions},
-    io::{self, Read, Write},
-    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    fs::File,
+    io::{self, Read},
+    os::unix::fs::MetadataExt,
     path::Path,
 };
 
@@ -381,58 +381,10 @@ impl Registry {
     }
 }
 
-/// Writes `state` to `path` atomically: a temporary file in the same directory (mode 0600),
-/// written and synced, renamed over `path`, and the directory synced. A crash leaves the old
-/// file or the new one, never a mix.
+/// Writes the state file atomically (see [`crate::files::write_atomically`]).
 pub fn write_state_file(path: &Path, state: &RegistryState) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("state file {}: not a file name", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let bytes = serde_json::to_vec_pretty(state).context("encoding the registry state")?;
-    let written = (|| -> Result<()> {
-        let mut f = create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing the directory {}", dir.display()))
-    })();
-    if written.is_err() {
-        // Best effort: the next write removes a leftover anyway.
-        let _ = fs::remove_file(&tmp);
-    }
-    written
-}
-
-/// A new file only its owner can read and write. A leftover of an interrupted write is
-/// replaced; a symbolic link there is never followed.
-fn create_private(path: &Path) -> io::Result<File> {
-    let open = || {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-    };
-    let f = match open() {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            fs::remove_file(path)?;
-            open()?
-        }
-        r => r?,
-    };
-    // The umask could have taken more than group and other bits.
-    f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    Ok(f)
+    crate::files::write_atomically(path, &bytes)
 }
 
 /// Reads a state written by [`write_state_file`]. No file: `Ok(None)`. A file that is not a

@@ -1,14 +1,18 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
 //! stopped when their guard drops, waiting on conditions, the demo/e2e topology, the one
-//! packet builder of the data-path fixtures and the benchmarks ([`packet`]), and the
-//! benchmarks behind `anycast-bench` ([`bench`]).
+//! packet builder of the data-path fixtures and the benchmarks ([`packet`]), the floods at
+//! the registration port ([`floods`]), and the benchmarks behind `anycast-bench` ([`bench`]).
 pub mod bench;
+pub mod floods;
 pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod topology;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Result};
 
@@ -36,6 +40,27 @@ pub fn wait_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What a log of things started one after another says of those started in `from..to`, once
+/// each has its outcome: each is logged when it has one, so once one started at or after `to`
+/// is logged, every earlier one is. Fails if none is within `timeout`.
+pub fn logged_between<T: Clone>(
+    log: &Mutex<Vec<(Instant, T)>>,
+    from: Instant,
+    to: Instant,
+    timeout: Duration,
+) -> Result<Vec<T>> {
+    wait_until("an outcome logged after the period", timeout, || {
+        Ok(log.lock().unwrap().iter().any(|(at, _)| *at >= to))
+    })?;
+    Ok(log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, _)| (from..to).contains(at))
+        .map(|(_, outcome)| outcome.clone())
+        .collect())
 }
 
 /// Where cargo put the workspace's binaries (the test executable lives in `<dir>/deps`).

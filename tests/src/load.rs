@@ -65,6 +65,16 @@ impl Load {
             .max()
     }
 
+    /// The outcomes of the connections started in `from..to`, once each has one.
+    pub fn between(
+        &self,
+        from: Instant,
+        to: Instant,
+    ) -> anyhow::Result<Vec<Result<String, String>>> {
+        // Each step of a connection (connecting, sending, reading) gives up after 500 ms.
+        crate::logged_between(&self.log, from, to, Duration::from_secs(5))
+    }
+
     /// The connections started at or after `t`.
     pub fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
         self.log

@@ -500,6 +500,25 @@ impl Topology {
         serde_json::from_str(&self.ctl(&["bindings", "--json"])?).context("bindings --json")
     }
 
+    /// Every binding as "server anycast real state condition", sorted: what must not change
+    /// while the agent is under load or attack.
+    pub fn binding_states(&self) -> Result<Vec<String>> {
+        let b = self.bindings()?;
+        let mut out: Vec<String> = b["bindings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                format!(
+                    "{} {} {} {} {}",
+                    x["server"], x["anycast"], x["real"], x["state"], x["condition"]
+                )
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Names of the servers with an active binding.
     pub fn active_servers(&self) -> Result<std::collections::BTreeSet<String>> {
         let b = self.bindings()?;

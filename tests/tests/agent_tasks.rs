@@ -24,24 +24,6 @@ fn counter(topo: &Topology, name: &str) -> anyhow::Result<u64> {
     Ok(topo.bindings()?["counters"][name].as_u64().unwrap_or(0))
 }
 
-/// Every binding as "server real state condition".
-fn binding_states(topo: &Topology) -> anyhow::Result<Vec<String>> {
-    let b = topo.bindings()?;
-    let mut out: Vec<String> = b["bindings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|x| {
-            format!(
-                "{} {} {} {} {}",
-                x["server"], x["anycast"], x["real"], x["state"], x["condition"]
-            )
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 /// One request on the control socket, straight from the test process (no CLI start-up in
 /// the measured time): the answer line and how long it took.
 fn timed_request(topo: &Topology, request: &str) -> anyhow::Result<(String, Duration)> {
@@ -101,7 +83,7 @@ fn idle_control_connections_stall_neither_updates_nor_probes_nor_status() -> any
     wait_until("two servers registered", Duration::from_secs(30), || {
         Ok(topo.active_servers()?.len() == 2)
     })?;
-    let states = binding_states(&topo)?;
+    let states = topo.binding_states()?;
     println!("bindings: {states:#?}");
 
     let window = Duration::from_secs(3);
@@ -174,7 +156,7 @@ fn idle_control_connections_stall_neither_updates_nor_probes_nor_status() -> any
         "probes keep their rate with idle control connections: {busy_rate} vs {quiet_rate}"
     );
     assert_eq!(
-        binding_states(&topo)?,
+        topo.binding_states()?,
         states,
         "no binding changed state (or condition)"
     );

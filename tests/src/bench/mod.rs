@@ -1,5 +1,6 @@
 //! The benchmarks behind `anycast-bench` (run as root by `cargo xtask bench`): per-packet
-//! cost, forwarding rate, TCP throughput, control plane, failover and map memory.
+//! cost, forwarding rate, TCP throughput, control plane, failover, map memory and floods at
+//! the registration port.
 //!
 //! Prints a Markdown table per part and writes the whole report as JSON. Every figure stands
 //! beside a baseline measured in the same run: on a shared machine the ratios are what
@@ -9,6 +10,7 @@ pub mod capture;
 pub mod control;
 pub mod e2e;
 pub mod failover;
+pub mod floods;
 pub mod live;
 pub mod memory;
 pub mod packets;
@@ -32,6 +34,7 @@ const PARTS: &[&str] = &[
     "registration",
     "failover",
     "memory",
+    "floods",
 ];
 
 /// Order of the sections in the output.
@@ -43,6 +46,7 @@ const ORDER: &[&str] = &[
     "control",
     "failover",
     "memory",
+    "floods",
 ];
 
 /// The anycast load balancer's benchmarks, as root (`cargo xtask bench`); by default every
@@ -57,7 +61,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = "target/bench.json")]
     pub json: PathBuf,
     /// Comma-separated subset of: packet, profile, rate, iperf, scale, control,
-    /// registration, failover, memory.
+    /// registration, failover, memory, floods.
     #[arg(long, value_name = "PARTS", value_delimiter = ',', value_parser = part)]
     pub only: Option<Vec<String>>,
     /// Instead: run only the agent program on one case (hit4, miss4, hit6, miss6, 4in6,
@@ -248,6 +252,12 @@ pub fn main(args: Args) {
         let step = Instant::now();
         eprintln!("== map memory");
         results.push(("memory", memory::memory()));
+        eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
+    }
+    if want("floods") {
+        let step = Instant::now();
+        eprintln!("== floods at the registration port");
+        results.push(("floods", floods::floods(quick)));
         eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
     }
 

@@ -191,6 +191,9 @@ pub fn num(v: f64) -> String {
     if !v.is_finite() {
         return "n/a".into();
     }
+    if v == 0.0 {
+        return "0".into();
+    }
     let a = v.abs();
     if a >= 1e9 {
         format!("{:.2}e9", v / 1e9)

@@ -1,6 +1,7 @@
 //! `anycast-ctl agent`: loads the data path, keeps the maps in line with the configuration
-//! and the servers' bindings, answers the control socket and the binding protocol, and
-//! detaches cleanly on SIGINT/SIGTERM.
+//! and the servers' bindings, answers the control socket and the binding protocol. The data
+//! path outlives it (pinned maps and links, `instance.rs`): SIGINT/SIGTERM detach and
+//! remove everything, SIGUSR2 hands off to the next agent, which adopts what it left.
 //!
 //! One task owns the agent's state ([`state::Agent`]: bindings, candidates, the data plane);
 //! everything that waits on the outside world runs beside it and talks to it by typed
@@ -16,7 +17,7 @@
 //!     (own timeouts)                   <-- Answer (one-shot) ----|    task     |    (Dataplane)
 //! health checker task -- Transition ---------------------------->|  (state.rs) |
 //! routing events task (rtnetlink) -- RoutesChanged ------------->|             |
-//! SIGHUP, SIGINT/SIGTERM, 50 ms housekeeping tick -------------->|             |
+//! SIGHUP, SIGINT/SIGTERM/SIGUSR2, 50 ms housekeeping tick ------>|             |
 //!                                                                +-------------+
 //!
 //! flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows

@@ -8,8 +8,9 @@
 //!   loopback, the agent's own address, a client's, an anycast address) is refused with
 //!   RFC 6275's "invalid care-of address" (174).
 //! - An authentic update captured before an agent restart and replayed after it is refused
-//!   with RFC 4285's MIPV6-ID-MISMATCH (144): MESG-IDs older than the agent's start are
-//!   refused.
+//!   with RFC 4285's MIPV6-ID-MISMATCH (144): the restarted agent has the replay state back
+//!   from its bindings file, and MESG-IDs older than its start are refused; the binding it
+//!   restored is neither renewed nor changed.
 //! - Forged updates claiming s1, sent from s1's own address, do not use up s1's budget:
 //!   authentication comes before the per-identity rate limit, so s1 keeps answering the
 //!   refresh-request probes and never goes down; the refusals are answered only within the
@@ -119,6 +120,22 @@ fn binding_ids(topo: &Topology) -> Result<BTreeSet<String>> {
             )
         })
         .collect())
+}
+
+/// s3's binding for the captured service: its sequence number and seconds of lifetime left.
+fn s3_binding(topo: &Topology) -> Result<Option<(u64, f64)>> {
+    let b = topo.bindings()?;
+    Ok(b["bindings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["server"] == "s3")
+        .map(|x| {
+            (
+                x["seq"].as_u64().unwrap_or(0),
+                x["lifetime_left_secs"].as_f64().unwrap_or(0.0),
+            )
+        }))
 }
 
 fn counter(topo: &Topology, name: &str) -> Result<u64> {
@@ -337,10 +354,13 @@ fn members_cannot_bind_addresses_they_do_not_own_and_replays_fail_after_a_restar
     );
     assert!(binding_ids(&topo)?.iter().any(|b| b.contains("\"s3\"")));
 
-    // The agent restarts; the replay arrives well within the replay window.
+    // The agent restarts; the replay arrives well within the replay window. The restarted
+    // agent has the bindings back from its state file, s3's among them: the replay must
+    // neither renew it nor change it.
     let mut agent = topo.agent_proc.take().expect("the agent runs");
     agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;
     topo.start_agent(0)?;
+    let restored = s3_binding(&topo)?;
     let replayed_before = counter(&topo, "refused_144")?;
     assert_eq!(
         send_bu(&topo.servers[2].ns, s3_real, captured.clone())?,
@@ -354,17 +374,26 @@ fn members_cannot_bind_addresses_they_do_not_own_and_replays_fail_after_a_restar
         "the captured update replayed from a client's address after the restart"
     );
     assert_eq!(counter(&topo, "refused_144")? - replayed_before, 2);
-    assert!(
-        !binding_ids(&topo)?.iter().any(|b| b.contains("\"s3\"")),
-        "the replay bound nothing: {:?}",
-        binding_ids(&topo)?
-    );
+    let after = s3_binding(&topo)?;
+    match (&restored, &after) {
+        // Expired meanwhile (its lifetime is 5 s): the replay did not bring it back.
+        (_, None) => {}
+        (Some((seq0, left0)), Some((seq1, left1))) => {
+            assert_eq!(seq1, seq0, "the replay changed s3's binding");
+            assert!(left1 <= left0, "the replay renewed s3's binding: {left0} -> {left1}");
+        }
+        (None, Some(b)) => panic!("the replay bound s3: {b:?}"),
+    }
 
-    // The real servers come back on their own (refresh at half the lifetime).
+    // The real servers' bindings came back with the restart (the state file), and they
+    // refresh them when asked.
     wait_until(
-        "s1 and s2 registered again after the restart",
+        "s1 and s2 registered after the restart",
         Duration::from_secs(3 * LIFETIME),
-        || Ok(topo.active_servers()?.len() == 2),
+        || {
+            let active = topo.active_servers()?;
+            Ok(active.contains("s1") && active.contains("s2"))
+        },
     )?;
     both_serve(&topo, "after the restart")?;
     println!("{}", topo.ctl(&["bindings"])?);

@@ -380,7 +380,10 @@ fn members_cannot_bind_addresses_they_do_not_own_and_replays_fail_after_a_restar
         (_, None) => {}
         (Some((seq0, left0)), Some((seq1, left1))) => {
             assert_eq!(seq1, seq0, "the replay changed s3's binding");
-            assert!(left1 <= left0, "the replay renewed s3's binding: {left0} -> {left1}");
+            assert!(
+                left1 <= left0,
+                "the replay renewed s3's binding: {left0} -> {left1}"
+            );
         }
         (None, Some(b)) => panic!("the replay bound s3: {b:?}"),
     }

@@ -2,6 +2,8 @@
 //! order of the operations against what packets in flight need.
 use super::*;
 
+mod record_tests;
+
 const RING: u32 = 97;
 
 fn sizes() -> Sizes {

@@ -15,7 +15,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -101,6 +101,9 @@ impl Topology {
         let dir = std::env::temp_dir().join(format!("{prefix}-anycast"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
+        // What an agent of an earlier run that was killed left pinned (its links are
+        // defunct: their interfaces went with the namespaces).
+        remove_pins(&pin_directory_of(&dir));
         let net = Netns::new(&format!("{prefix}net"))?;
         let agent = Netns::new(&format!("{prefix}ag"))?;
         net.ip(&[
@@ -412,6 +415,17 @@ impl Topology {
 
     /// Writes the agent's configuration: static mode lists the first `count` servers; in
     /// registering mode no server is configured, only who may register for what.
+    /// The agent's state files, inside the topology's directory (removed when it is built),
+    /// so no run restores the bindings of an earlier one.
+    pub fn state_directory(&self) -> PathBuf {
+        self.dir.join("agent-state")
+    }
+
+    /// The agent's pinned maps and links, one directory per topology.
+    pub fn pin_directory(&self) -> PathBuf {
+        pin_directory_of(&self.dir)
+    }
+
     pub fn write_config(&mut self, count: usize) -> Result<()> {
         if self.mode != ServerMode::Static {
             let servers: Vec<serde_json::Value> = (1..=self.servers.len())
@@ -436,6 +450,8 @@ impl Topology {
                 "xdp_mode": self.xdp_mode,
                 "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
                 "registration": registration,
+                "state_directory": self.state_directory(),
+                "pin_directory": self.pin_directory(),
             });
             merge(&mut config, &self.config_extra);
             fs::write(&self.config_path, serde_json::to_string_pretty(&config)?)?;
@@ -454,6 +470,8 @@ impl Topology {
             "interfaces": ["eth0", "eth1"],
             "xdp_mode": self.xdp_mode,
             "agent_address": {"v4": AGENT_V4, "v6": AGENT_V6},
+            "state_directory": self.state_directory(),
+            "pin_directory": self.pin_directory(),
             "services": [
                 {"name": "web4", "address": ANYCAST_V4.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": servers},
                 {"name": "web6", "address": ANYCAST_V6.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": servers6},
@@ -689,6 +707,26 @@ impl Held {
         }
         Ok(line.trim().to_string())
     }
+}
+
+fn pin_directory_of(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map_or("topology".into(), |n| n.to_string_lossy());
+    Path::new("/sys/fs/bpf/anycast-tests").join(name.as_ref())
+}
+
+/// Removes a pinned directory's objects and the directories (missing ones are fine).
+fn remove_pins(dir: &Path) {
+    for sub in ["links", "maps"] {
+        if let Ok(entries) = fs::read_dir(dir.join(sub)) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(dir.join(sub));
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// Sets every key of `extra` (an object) in `into`.

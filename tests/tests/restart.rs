@@ -209,6 +209,11 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
             lifetime_secs: LIFETIME,
         },
     )?;
+    // No flow listed before the kill may expire before it is looked for after the restart
+    // (closing TCP flows would, after 10 s by default): what is compared is kept flows.
+    topo.config_extra = serde_json::json!({
+        "flow_timeouts": {"tcp_idle": 600, "udp_idle": 600, "tcp_closing": 600}
+    });
     let forward_before = ip_forward(&topo)?;
     topo.start_agent(0)?;
     for i in 0..3 {

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 pub const BPF_TOOLCHAIN: &str = "anycast-bpf";
 
 const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev \
-    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark";
+    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark bird2";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -129,6 +129,7 @@ fn setup() -> Result<()> {
     setup_toolchain()?;
     setup_bpf_linker()?;
     setup_scapy()?;
+    setup_bird_service()?;
     setup_bpffs()
 }
 
@@ -255,6 +256,28 @@ fn setup_scapy() -> Result<()> {
         bail!("python3 still does not import scapy {SCAPY_VERSION} after installing it");
     }
     Ok(())
+}
+
+/// The routing tests run their own `bird` in namespaces they create. Debian's `bird2`
+/// starts and enables a system-wide `bird.service` on install: stopped and disabled here, so
+/// no routing daemon runs outside the tests' namespaces.
+fn setup_bird_service() -> Result<()> {
+    let active = Command::new("systemctl")
+        .args(["is-active", "--quiet", "bird.service"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let enabled = Command::new("systemctl")
+        .args(["is-enabled", "--quiet", "bird.service"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !active && !enabled {
+        println!("ok: bird.service neither running nor enabled");
+        return Ok(());
+    }
+    println!("stopping and disabling: bird.service (the tests run their own bird)");
+    // Without systemd as init (a container), `--now` cannot stop anything; disabling works.
+    run(Command::new("systemctl").args(["disable", "--now", "bird.service"]))
+        .or_else(|_| run(Command::new("systemctl").args(["disable", "bird.service"])))
 }
 
 fn setup_bpffs() -> Result<()> {

@@ -75,6 +75,9 @@ pub fn render(s: &Status) -> String {
     if !s.drained.is_empty() {
         let _ = writeln!(out, "drained by the operator: {}", s.drained.join(", "));
     }
+    if let Some(r) = &s.routing {
+        render_routing(&mut out, r);
+    }
     let _ = writeln!(out);
     let f = &s.dataplane.flow_table;
     if f.sweeps > 0 {
@@ -97,6 +100,53 @@ pub fn render(s: &Status) -> String {
     }
     let _ = writeln!(out);
     out
+}
+
+fn render_routing(out: &mut String, r: &crate::routing::RoutingStatus) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "routing: BIRD {} at {}; include {}; last configure: {}",
+        r.bird,
+        r.bird_socket.display(),
+        r.bird_include.display(),
+        if r.last_configure.is_empty() {
+            "-"
+        } else {
+            &r.last_configure
+        }
+    );
+    let _ = writeln!(out, "{:<44} {:<22} WHY", "PREFIX", "STATE");
+    for p in &r.prefixes {
+        let _ = writeln!(out, "{:<44} {:<22} {}", p.prefix, p.state, p.why);
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<28} {:<8} INFO",
+        "PROTOCOL", "TYPE", "NEIGHBOR", "STATE"
+    );
+    for p in &r.protocols {
+        let n = p.neighbor.map_or("-".to_string(), |a| a.to_string());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<28} {:<8} {}",
+            p.name, p.proto, n, p.state, p.info
+        );
+    }
+    if !r.bfd_sessions.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<12} {:<8} {:>9} {:>9}",
+            "BFD PEER", "INTERFACE", "STATE", "INTERVAL", "TIMEOUT"
+        );
+        for b in &r.bfd_sessions {
+            let _ = writeln!(
+                out,
+                "{:<28} {:<12} {:<8} {:>9} {:>9}",
+                b.address, b.interface, b.state, b.interval, b.timeout
+            );
+        }
+    }
 }
 
 /// Human rendering of `anycast-ctl bindings`.

@@ -64,6 +64,10 @@ pub struct Status {
     /// Where the agent's state outlives it, and what it adopted at start.
     #[serde(default)]
     pub instance: Option<InstanceStatus>,
+    /// The anycast prefixes' announcement and the BGP and BFD sessions, when the agent
+    /// drives a BGP speaker.
+    #[serde(default)]
+    pub routing: Option<crate::routing::RoutingStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

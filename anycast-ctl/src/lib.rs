@@ -16,5 +16,6 @@ pub mod health;
 pub mod host;
 pub mod model;
 pub mod registration;
+pub mod routing;
 pub mod selection;
 pub mod server;

@@ -18,7 +18,9 @@
 //! health checker task -- Transition ---------------------------->|  (state.rs) |
 //! routing events task (rtnetlink) -- RoutesChanged ------------->|             |
 //! SIGHUP, SIGINT/SIGTERM/SIGUSR2, 50 ms housekeeping tick ------>|             |
-//!                                                                +-------------+
+//! BGP task (BIRD's control socket) <-- Want/Leave (unbounded) ---|             |
+//!   include file, `configure`,     --- Seen (watch) ------------>|             |
+//!   liveness TUN, `show protocols`                               +-------------+
 //!
 //! flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows
 //! flow listing: a snapshot from the owner, read on a blocking thread
@@ -27,6 +29,7 @@ mod control;
 mod instance;
 mod registration_io;
 mod route_events;
+mod routing;
 mod state;
 
 use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, time::Duration};
@@ -124,6 +127,12 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let name = instance::instance_name(&config, socket);
     let (state_dir, pin_dir) = instance::directories(&config, &name);
     let instance = Instance::open(&name, state_dir, pin_dir)?;
+    // The dead man's switch first: held from here on, down until BIRD holds this agent's
+    // configuration (routing.rs).
+    let liveness = match &config.routing {
+        Some(r) => Some(crate::routing::tun::Liveness::open(&r.liveness_device)?),
+        None => None,
+    };
     // Pinned maps an earlier controller left are adopted with their record, or refused
     // (with what to do) before anything changes.
     let sizes = sizes(&config);
@@ -236,6 +245,11 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(CONTROL_QUEUE);
     control::spawn(&local, listener, control_tx, permissions);
     let mut routes_rx = spawn_route_events(&local);
+    let routing = config
+        .routing
+        .clone()
+        .zip(liveness)
+        .map(|(r, l)| routing::RoutingHandle::spawn(&local, r, l));
     tracing::info!(
         "agent ready: {} services, control socket {}, tables written by {}",
         config.services.len(),
@@ -257,6 +271,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         checker: Rc::new(RefCell::new(Checker::new(Vec::new()))),
         senders,
         _sweeper: sweeper,
+        routing,
     };
     agent
         .checker
@@ -321,6 +336,18 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         .await?;
     let (signal, stop) = why;
     tracing::info!("{signal}: {}", stop.describe());
+    if let Some(r) = agent.routing.take() {
+        // Withdrawn while the data path still forwards what is in flight.
+        let withdraw = match stop {
+            Stop::Full => true,
+            Stop::Handoff => agent
+                .config
+                .routing
+                .as_ref()
+                .is_some_and(|c| c.on_handoff == crate::config::OnHandoff::Withdraw),
+        };
+        local.run_until(r.leave(withdraw)).await;
+    }
     drop(local);
     let _ = std::fs::remove_file(socket);
     match stop {
@@ -375,6 +402,13 @@ pub fn cleanup(config_path: &Path, socket: &Path) -> Result<()> {
         HostChanges::with_originals_file(instance.file(instance::SYSCTL_ORIGINALS))?;
     let removed = instance.remove_pinned()?;
     instance.remove_files(&[instance::MAPS_RECORD]);
+    if let Some(r) = &config.routing {
+        // A handoff that kept its routes left the liveness device; removing it withdraws
+        // them.
+        if crate::routing::tun::remove_left_over(&r.liveness_device)? {
+            tracing::info!("removed the liveness device {}", r.liveness_device);
+        }
+    }
     host_changes.undo();
     tracing::info!("instance {name}: removed {removed} pinned objects");
     println!("instance {name}: removed {removed} pinned objects");

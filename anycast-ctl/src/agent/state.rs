@@ -24,6 +24,7 @@ use crate::{
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
     registration::agent::{read_state_file, write_state_file, Registry, Reply},
+    routing::{Desired, PrefixWant},
 };
 
 pub(super) fn sizes(config: &Config) -> Sizes {
@@ -103,6 +104,8 @@ pub(super) struct Agent {
     pub(super) saved_record: Option<super::instance::MapsRecord>,
     /// Flows in the adopted flow table, when this controller adopted pinned maps.
     pub(super) adopted_flows: Option<usize>,
+    /// The routing task's end, when the configuration has a `routing` section.
+    pub(super) routing: Option<super::routing::RoutingHandle>,
 }
 
 pub(super) fn log_services(config: &Config) {
@@ -222,8 +225,15 @@ impl Agent {
     pub(super) fn republish(&mut self) {
         self.update_targets();
         let forwarding = self.forwarding();
-        if let Err(e) = self.dataplane.apply(&forwarding) {
-            tracing::error!("updating the forwarding maps failed: {e:#}");
+        match self.dataplane.apply(&forwarding) {
+            // Announced only what the published tables can serve.
+            Ok(()) => {
+                let desired = desired_routes(&self.config, &forwarding);
+                if let Some(r) = &mut self.routing {
+                    r.want(desired);
+                }
+            }
+            Err(e) => tracing::error!("updating the forwarding maps failed: {e:#}"),
         }
         self.save_maps_record();
     }
@@ -347,6 +357,7 @@ impl Agent {
                 sizes(c),
                 c.registration.as_ref().map(|r| r.port),
                 c.control.clone(),
+                c.routing.clone(),
                 (
                     c.instance.clone(),
                     c.state_directory.clone(),
@@ -355,7 +366,7 @@ impl Agent {
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, control, instance, state_directory and pin_directory only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, control, routing, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");
@@ -409,6 +420,7 @@ impl Agent {
                 })
                 .collect(),
             drained: self.drained.iter().cloned().collect(),
+            routing: self.routing.as_ref().map(|r| r.status()),
             instance: Some(crate::control_socket::InstanceStatus {
                 name: self.instance.name.clone(),
                 state_directory: self.instance.state_dir.clone(),
@@ -479,6 +491,51 @@ impl Agent {
                 Err(NotQueued::Closed) => tracing::error!("a registration sender has stopped"),
             }
         }
+    }
+}
+
+/// What BIRD should announce: each anycast address of the published services, announced
+/// while at least one of its services has a server that is up and takes new flows. The
+/// export filters let through the configured addresses and the registration `allow`
+/// prefixes only.
+pub(super) fn desired_routes(config: &Config, published: &[DesiredService]) -> Desired {
+    let mut healthy: std::collections::BTreeMap<IpAddr, usize> = Default::default();
+    for s in published {
+        let n = s.servers.iter().filter(|x| x.up && x.weight > 0).count();
+        *healthy.entry(s.key.ip()).or_default() += n;
+    }
+    for s in &config.services {
+        healthy.entry(s.address).or_default();
+    }
+    let exportable = config
+        .services
+        .iter()
+        .map(|s| crate::config::Prefix {
+            addr: s.address,
+            len: if s.address.is_ipv4() { 32 } else { 128 },
+        })
+        .chain(
+            config
+                .registration
+                .iter()
+                .flat_map(|r| &r.servers)
+                .flat_map(|s| s.allow.iter().copied()),
+        )
+        .collect();
+    Desired {
+        exportable,
+        prefixes: healthy
+            .into_iter()
+            .map(|(address, n)| PrefixWant {
+                address,
+                announce: n > 0,
+                why: match n {
+                    0 => "no healthy server".to_string(),
+                    1 => "1 healthy server".to_string(),
+                    n => format!("{n} healthy servers"),
+                },
+            })
+            .collect(),
     }
 }
 

@@ -69,6 +69,10 @@ pub struct Config {
     /// `/sys/fs/bpf/anycast/INSTANCE`.
     #[serde(default)]
     pub pin_directory: Option<PathBuf>,
+    /// The BGP speaker (BIRD 2) that announces the anycast addresses for this agent.
+    /// Absent: the agent announces nothing (routes are the operator's business).
+    #[serde(default)]
+    pub routing: Option<Routing>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -433,6 +437,7 @@ impl Config {
 }
 
 mod prefix;
+mod routing;
 mod security;
 #[cfg(test)]
 mod tests;
@@ -440,4 +445,5 @@ mod validate;
 pub use validate::valid_instance_name;
 
 pub use prefix::Prefix;
+pub use routing::{Bfd, Neighbor, OnHandoff, Routing};
 pub use security::{group_id, Control, ControlAccess};

@@ -228,7 +228,7 @@ impl Config {
     /// than `registration.widest_allow_v4` / `widest_allow_v6`. `check` prints them, the
     /// agent logs them.
     pub fn warnings(&self) -> Vec<ConfigError> {
-        let mut out = Vec::new();
+        let mut out = self.routing_warnings();
         let Some(r) = &self.registration else {
             return out;
         };

@@ -468,3 +468,119 @@ fn key_files_are_checked_naming_the_field() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn routing_defaults_and_errors_name_the_field() {
+    let base = good().replace(
+        "\"services\": [",
+        r#""routing": {"local_as": 65001, "neighbors": [{"address": "10.0.1.1", "as": 65000}, {"address": "fd00:1::1", "as": 65000}]},
+            "services": ["#,
+    );
+    let c = Config::parse(&base).unwrap();
+    let r = c.routing.as_ref().unwrap();
+    assert_eq!(
+        r.bfd,
+        Bfd {
+            interval_ms: 100,
+            multiplier: 3
+        }
+    );
+    assert_eq!(r.bird_socket, Path::new("/run/bird/bird.ctl"));
+    assert_eq!(
+        r.bird_include,
+        Path::new("/etc/bird/anycast.d/anycast.conf")
+    );
+    assert_eq!(r.liveness_device, "aclive0");
+    assert_eq!(r.on_handoff, OnHandoff::Withdraw);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let case = |from: &str, to: &str| field_of(&base.replace(from, to));
+    assert_eq!(
+        case("\"local_as\": 65001", "\"local_as\": 0"),
+        "routing.local_as"
+    );
+    assert_eq!(
+        case("\"local_as\": 65001", "\"local_as\": 65001, \"bogus\": 1"),
+        "config"
+    );
+    assert_eq!(
+        case(
+            r#"[{"address": "10.0.1.1", "as": 65000}, {"address": "fd00:1::1", "as": 65000}]"#,
+            "[]"
+        ),
+        "routing.neighbors"
+    );
+    for (from, to, field) in [
+        (
+            "\"10.0.1.1\"",
+            "\"0.0.0.0\"",
+            "routing.neighbors[0].address",
+        ),
+        (
+            "\"10.0.1.1\"",
+            "\"10.0.0.1\"",
+            "routing.neighbors[0].address",
+        ),
+        (
+            "\"10.0.1.1\"",
+            "\"192.0.2.10\"",
+            "routing.neighbors[0].address",
+        ),
+        (
+            "\"fd00:1::1\"",
+            "\"fe80::1\"",
+            "routing.neighbors[1].address",
+        ),
+        (
+            "\"fd00:1::1\"",
+            "\"10.0.1.1\"",
+            "routing.neighbors[1].address",
+        ),
+        (
+            "\"as\": 65000}, {",
+            "\"as\": 0}, {",
+            "routing.neighbors[0].as",
+        ),
+    ] {
+        assert_eq!(case(from, to), field, "{from} -> {to}");
+    }
+    let with = |extra: &str| {
+        field_of(&base.replace(
+            "\"local_as\": 65001",
+            &format!("\"local_as\": 65001, {extra}"),
+        ))
+    };
+    assert_eq!(
+        with(r#""bfd": {"interval_ms": 5}"#),
+        "routing.bfd.interval_ms"
+    );
+    assert_eq!(
+        with(r#""bfd": {"multiplier": 0}"#),
+        "routing.bfd.multiplier"
+    );
+    assert_eq!(with(r#""bird_socket": "bird.ctl""#), "routing.bird_socket");
+    assert_eq!(with(r#""bird_include": "x.conf""#), "routing.bird_include");
+    assert_eq!(
+        with(r#""liveness_device": "eth0""#),
+        "routing.liveness_device"
+    );
+    assert_eq!(
+        with(r#""liveness_device": "a-name-far-too-long""#),
+        "routing.liveness_device"
+    );
+    assert_eq!(with(r#""on_handoff": "maybe""#), "config");
+    assert_eq!(with(r#""poll_ms": 10"#), "routing.poll_ms");
+    let keep = base.replace(
+        "\"local_as\": 65001",
+        "\"local_as\": 65001, \"on_handoff\": \"keep\"",
+    );
+    assert_eq!(
+        Config::parse(&keep).unwrap().routing.unwrap().on_handoff,
+        OnHandoff::Keep
+    );
+    // No IPv6 neighbour while an IPv6 anycast address is served: warned, not refused.
+    let v4_only = base.replace(r#", {"address": "fd00:1::1", "as": 65000}"#, "");
+    let w = Config::parse(&v4_only).unwrap().warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].field, "routing.neighbors");
+    assert!(w[0].reason.contains("IPv6"), "{}", w[0].reason);
+}

@@ -259,7 +259,8 @@ impl Config {
         if let Some(r) = &self.registration {
             r.validate()?;
         }
-        self.validate_security()
+        self.validate_security()?;
+        self.validate_routing()
     }
 }
 

@@ -7,6 +7,7 @@ pub mod floods;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod routed;
 pub mod topology;
 
 use std::{

@@ -25,6 +25,11 @@ pub struct Load {
 
 impl Load {
     pub fn start(client: &str, pause: Duration) -> Load {
+        Load::start_to(client, Topology::anycast(false, HTTP_PORT), pause)
+    }
+
+    /// The same, to another address (an HTTP server must answer there).
+    pub fn start_to(client: &str, to: std::net::SocketAddr, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let log: Log = Arc::default();
         let (s, l, name) = (stop.clone(), log.clone(), client.to_string());
@@ -33,10 +38,7 @@ impl Load {
             let _ = ns.in_ns(move || {
                 while !s.load(Ordering::SeqCst) {
                     let started = Instant::now();
-                    let r = http_get_within(
-                        Topology::anycast(false, HTTP_PORT),
-                        Duration::from_millis(500),
-                    );
+                    let r = http_get_within(to, Duration::from_millis(500));
                     l.lock()
                         .unwrap()
                         .push((started, r.map_err(|e| format!("{e:#}"))));

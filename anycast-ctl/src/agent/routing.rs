@@ -46,7 +46,7 @@ pub(super) struct RoutingHandle {
     last: Option<Desired>,
 }
 
-/// How long a planned exit waits for BIRD to take the withdrawal.
+/// How long a planned exit waits for BIRD to take the withdrawal (beyond the grace time).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RoutingHandle {
@@ -122,7 +122,11 @@ impl RoutingHandle {
         {
             return;
         }
-        if tokio::time::timeout(LEAVE_TIMEOUT, wait).await.is_err() {
+        let grace = Duration::from_millis(self.config.withdraw_grace_ms);
+        if tokio::time::timeout(LEAVE_TIMEOUT + grace, wait)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "routing: BIRD did not take the withdrawal within {LEAVE_TIMEOUT:?}; the \
                  liveness device goes with this process"
@@ -358,9 +362,12 @@ impl Task {
         }
         self.link_up = false;
         tracing::info!(
-            "routing: every route withdrawn before exit ({:.1} ms)",
-            started.elapsed().as_secs_f64() * 1e3
+            "routing: every route withdrawn before exit ({:.1} ms); forwarding {} ms more \
+             while the routers move the traffic",
+            started.elapsed().as_secs_f64() * 1e3,
+            self.config.withdraw_grace_ms
         );
+        tokio::time::sleep(Duration::from_millis(self.config.withdraw_grace_ms)).await;
     }
 }
 

@@ -37,6 +37,10 @@ pub struct Routing {
     /// agent: forwarding continues with the last tables until the next agent takes over).
     #[serde(default)]
     pub on_handoff: OnHandoff,
+    /// On a planned exit that withdraws, how long the data path keeps forwarding after
+    /// BIRD took the withdrawal (ms): the routers' time to move the traffic elsewhere.
+    #[serde(default = "default_withdraw_grace_ms")]
+    pub withdraw_grace_ms: u64,
     /// How often the sessions' states are read from BIRD, and how soon an unreachable
     /// BIRD is tried again (ms).
     #[serde(default = "default_poll_ms")]
@@ -85,6 +89,9 @@ fn default_bird_include() -> PathBuf {
 }
 fn default_liveness_device() -> String {
     "aclive0".into()
+}
+fn default_withdraw_grace_ms() -> u64 {
+    500
 }
 fn default_poll_ms() -> u64 {
     1000
@@ -178,6 +185,12 @@ impl Config {
             return Err(err(
                 "routing.liveness_device",
                 format!("'{dev}' is one of `interfaces`: the agent creates this device itself"),
+            ));
+        }
+        if r.withdraw_grace_ms > 60_000 {
+            return Err(err(
+                "routing.withdraw_grace_ms",
+                format!("{} is more than 60000", r.withdraw_grace_ms),
             ));
         }
         if !(100..=60_000).contains(&r.poll_ms) {

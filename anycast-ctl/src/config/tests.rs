@@ -492,6 +492,7 @@ fn routing_defaults_and_errors_name_the_field() {
     );
     assert_eq!(r.liveness_device, "aclive0");
     assert_eq!(r.on_handoff, OnHandoff::Withdraw);
+    assert_eq!(r.withdraw_grace_ms, 500);
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     let case = |from: &str, to: &str| field_of(&base.replace(from, to));
     assert_eq!(
@@ -569,6 +570,10 @@ fn routing_defaults_and_errors_name_the_field() {
     );
     assert_eq!(with(r#""on_handoff": "maybe""#), "config");
     assert_eq!(with(r#""poll_ms": 10"#), "routing.poll_ms");
+    assert_eq!(
+        with(r#""withdraw_grace_ms": 60001"#),
+        "routing.withdraw_grace_ms"
+    );
     let keep = base.replace(
         "\"local_as\": 65001",
         "\"local_as\": 65001, \"on_handoff\": \"keep\"",

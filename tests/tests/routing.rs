@@ -8,7 +8,7 @@ use std::{
 
 use anycast_tests::{
     load::Load,
-    routed::{all_succeeded, running, Routed, A4, A6, B4},
+    routed::{all_succeeded, running, Bird, Routed, A4, A6, B4},
     topology::HTTP_PORT,
     wait_until,
 };
@@ -146,6 +146,39 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
     println!(
         "B announced again by agent 1 {} after its server came back (rise 2)",
         ms(restarted.elapsed())
+    );
+
+    // Agent 1's BIRD is killed and started again: the router loses agent 1's routes at
+    // once, the new BIRD reads the include as it is, and the agent sees it restarted and
+    // re-asserts its state.
+    let bird_killed = Instant::now();
+    t.agents[0]
+        .bird
+        .as_mut()
+        .expect("bird a1")
+        .proc
+        .stop_with(libc::SIGKILL, Duration::from_secs(5))?;
+    for a in [a4, b4] {
+        t.wait_next_hops(a, &["ra2"], Duration::from_secs(5))?;
+    }
+    println!(
+        "agent 1's BIRD SIGKILLed: its routes withdrawn {} later",
+        ms(monitor.first_event(a4, bird_killed, Duration::from_secs(1))? - bird_killed)
+    );
+    let bird_started = Instant::now();
+    let (conf, ctl) = (t.dir.join("a1-bird.conf"), t.dir.join("a1-bird.ctl"));
+    t.agents[0].bird = Some(Bird::start(&t.agents[0].ns, "bird a1", &conf, &ctl)?);
+    t.agents[0]
+        .agent
+        .as_mut()
+        .expect("agent 1 runs")
+        .wait_for_line("BIRD restarted; re-asserting", Duration::from_secs(10))?;
+    for a in [a4, a6, b4] {
+        t.wait_next_hops(a, &["ra1", "ra2"], Duration::from_secs(20))?;
+    }
+    println!(
+        "agent 1's BIRD restarted: routes back on the router {} after it was started",
+        ms(bird_started.elapsed())
     );
 
     // SIGKILL of agent 1's controller: the liveness device goes with it, and the router

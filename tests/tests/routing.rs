@@ -340,5 +340,41 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
         "the next agent SIGKILLed: route withdrawn {} later",
         ms(monitor.first_event(a4, killed, Duration::from_secs(1))? - killed)
     );
+
+    // A keeping handoff nobody takes over: `agent --cleanup` removes the device, and the
+    // routes go with it.
+    t.start_agent(0)?;
+    t.wait_next_hops(a4, &["ra1"], Duration::from_secs(10))?;
+    t.agents[0]
+        .agent
+        .as_mut()
+        .expect("agent 1 runs")
+        .stop_with(libc::SIGUSR2, Duration::from_secs(10))?;
+    assert_eq!(t.next_hops(a4)?, ["ra1"]);
+    let a = &t.agents[0];
+    let mut cleanup = a.ns.spawn(
+        "cleanup a1",
+        &anycast_tests::workspace_bin("anycast-ctl")?,
+        &[
+            "agent",
+            "--cleanup",
+            "--config",
+            &a.config.to_string_lossy(),
+            "--socket",
+            &a.socket.to_string_lossy(),
+        ],
+    )?;
+    let cleaned = Instant::now();
+    assert!(
+        cleanup.wait_exit(Duration::from_secs(10))?.success(),
+        "{:?}",
+        cleanup.seen
+    );
+    t.wait_next_hops(a4, &[], Duration::from_secs(3))?;
+    assert!(t.agents[0].ns.ip(&["link", "show", "aclive0"]).is_err());
+    println!(
+        "agent --cleanup after a keeping handoff: route withdrawn {} after it started",
+        ms(monitor.first_event(a4, cleaned, Duration::from_secs(1))? - cleaned)
+    );
     Ok(())
 }

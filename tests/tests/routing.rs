@@ -39,6 +39,20 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
         ms(started.elapsed())
     );
     for k in 0..2 {
+        // The sessions' states in `status` are read from BIRD every poll_ms (200 ms here).
+        wait_until(
+            "status showing the sessions up",
+            Duration::from_secs(5),
+            || {
+                let s = t.status(k)?;
+                let up = |list: &serde_json::Value, key: &str, want: &str| {
+                    list.as_array()
+                        .is_some_and(|l| l.iter().filter(|p| p[key] == want).count() == 2)
+                };
+                Ok(up(&s["routing"]["protocols"], "info", "Established")
+                    && up(&s["routing"]["bfd_sessions"], "state", "Up"))
+            },
+        )?;
         let s = t.status(k)?;
         let r = &s["routing"];
         assert!(

@@ -68,6 +68,7 @@ impl RoutingHandle {
             desired: None,
             written: None,
             configured: None,
+            refused: None,
             written_announce: BTreeSet::new(),
             seen: Seen::default(),
             seen_tx,
@@ -185,6 +186,8 @@ struct Task {
     /// The include file's text as last written, and what BIRD last accepted.
     written: Option<String>,
     configured: Option<String>,
+    /// A text BIRD refused: not offered again until it changes or BIRD restarts.
+    refused: Option<String>,
     written_announce: BTreeSet<IpAddr>,
     seen: Seen,
     seen_tx: watch::Sender<Seen>,
@@ -231,7 +234,12 @@ impl Task {
         let announce: Vec<IpAddr> = d.announced().collect();
         let text = include::render(&self.config, d, &announce);
         if self.written.as_ref() != Some(&text) {
-            match write_include(&self.config.bird_include, &text) {
+            // Off this thread: the owner task shares it, and must not wait on the disk.
+            let (path, t) = (self.config.bird_include.clone(), text.clone());
+            let written = tokio::task::spawn_blocking(move || write_include(&path, &t))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("writing the include: {e}")));
+            match written {
                 Ok(()) => {
                     self.written = Some(text);
                     self.written_announce = announce.into_iter().collect();
@@ -243,7 +251,7 @@ impl Task {
                 }
             }
         }
-        if self.configured != self.written {
+        if self.configured != self.written && self.refused != self.written {
             self.configure().await;
         }
         if !self.link_up && self.configured.is_some() && self.configured == self.written {
@@ -269,6 +277,7 @@ impl Task {
             }
             if reboot != self.reboot {
                 self.configured = None;
+                self.refused = None;
             }
             self.reboot = reboot;
             self.seen.bird = format!("connected ({})", b.greeting);
@@ -300,6 +309,7 @@ impl Task {
                     text.join(" / ")
                 );
                 self.seen.last_configure = format!("refused: {}", text.join(" / "));
+                self.refused = self.written.clone();
             }
             Err(e) => self.lost(e),
         }

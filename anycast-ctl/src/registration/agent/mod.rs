@@ -428,6 +428,8 @@ fn service_name(key: &ServiceKey) -> String {
 mod handle;
 mod liveness;
 mod relayed;
+#[cfg(test)]
+mod relayed_tests;
 mod persist;
 #[cfg(test)]
 mod persist_tests;

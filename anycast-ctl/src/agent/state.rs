@@ -334,7 +334,7 @@ impl Agent {
                 )),
                 Body::Hello => out.extend(relay.snapshot(
                     &peer,
-                    registry.snapshot_entries(now),
+                    registry.snapshot_entries(&peer, now),
                     registry.inputs_digest(),
                     now,
                     wall,
@@ -540,7 +540,10 @@ impl Agent {
                     }
                     let now = Instant::now();
                     let mut report = r.report(now, counters.ok().as_ref());
-                    report.relay = self.relay.as_ref().map(|x| x.report(r.inputs_digest(), now));
+                    report.relay = self
+                        .relay
+                        .as_ref()
+                        .map(|x| x.report(r.inputs_digest(), now));
                     Response::Bindings(report)
                 }
                 None => Response::Error {

@@ -486,7 +486,10 @@ fn relay_errors_name_the_field_and_peer_keys_follow_the_key_rules() {
         vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
     );
     let case = |from: &str, to: &str| field_of(&base.replace(from, to));
-    assert_eq!(case("\"id\": \"a\"", "\"id\": \"\""), "registration.relay.id");
+    assert_eq!(
+        case("\"id\": \"a\"", "\"id\": \"\""),
+        "registration.relay.id"
+    );
     assert_eq!(
         case("\"id\": \"a\"", "\"id\": \"a\", \"port\": 4191"),
         "registration.relay.port"

@@ -267,7 +267,11 @@ impl Config {
 }
 
 impl Config {
-    fn validate_relay(&self, relay: &super::RelayConfig, registration_port: u16) -> Result<(), ConfigError> {
+    fn validate_relay(
+        &self,
+        relay: &super::RelayConfig,
+        registration_port: u16,
+    ) -> Result<(), ConfigError> {
         if relay.id.is_empty() || relay.id.len() > 64 {
             return Err(err("registration.relay.id", "must be 1-64 bytes"));
         }

@@ -183,7 +183,9 @@ pub fn identities(bytes: &[u8]) -> Result<(&str, &str), Refused> {
         return Err(Refused::Malformed);
     }
     let (s, r) = (bytes[6] as usize, bytes[7] as usize);
-    if !(1..=MAX_ID).contains(&s) || !(1..=MAX_ID).contains(&r) || bytes.len() < 16 + s + r + MAC_LEN
+    if !(1..=MAX_ID).contains(&s)
+        || !(1..=MAX_ID).contains(&r)
+        || bytes.len() < 16 + s + r + MAC_LEN
     {
         return Err(Refused::Malformed);
     }
@@ -415,7 +417,12 @@ impl Relay {
         Ok((peer.id.clone(), peer.registration.clone(), env))
     }
 
-    fn check(&self, from: SocketAddr, bytes: &[u8], wall: u64) -> Result<(usize, Envelope), Refused> {
+    fn check(
+        &self,
+        from: SocketAddr,
+        bytes: &[u8],
+        wall: u64,
+    ) -> Result<(usize, Envelope), Refused> {
         let (sender, receiver) = identities(bytes)?;
         // Who may send is decided by address first: a host that is no peer gets no MAC
         // computed for it.
@@ -439,7 +446,7 @@ impl Relay {
     }
 
     /// An envelope to peer `i`, stamped with a time that only grows.
-    fn to_peer(&mut self, i: usize, body: Body, wall: u64) -> Reply {
+    fn stamped_for(&mut self, i: usize, body: Body, wall: u64) -> Reply {
         self.last_sent = wall.max(self.last_sent + 1);
         let peer = &self.peers[i];
         let env = Envelope {
@@ -458,7 +465,7 @@ impl Relay {
     pub fn relay(&mut self, message: &[u8], from: SocketAddr, wall: u64) -> Vec<Reply> {
         (0..self.peers.len())
             .map(|i| {
-                self.to_peer(
+                self.stamped_for(
                     i,
                     Body::Relay {
                         from,
@@ -499,7 +506,7 @@ impl Relay {
         let mut out: Vec<Reply> = entries
             .into_iter()
             .map(|e| {
-                self.to_peer(
+                self.stamped_for(
                     i,
                     Body::Snapshot {
                         from: e.message.from,
@@ -510,7 +517,7 @@ impl Relay {
                 )
             })
             .collect();
-        out.push(self.to_peer(
+        out.push(self.stamped_for(
             i,
             Body::Digest {
                 bindings: digest.0,
@@ -572,7 +579,7 @@ impl Relay {
     fn hello(&mut self, i: usize, now: Instant, wall: u64) -> Reply {
         self.peers[i].last_hello = Some(now);
         self.count("relay_hellos_sent");
-        self.to_peer(i, Body::Hello, wall)
+        self.stamped_for(i, Body::Hello, wall)
     }
 
     /// Every interval: our digest to every peer, and a hello (asking for a snapshot) to every
@@ -594,7 +601,7 @@ impl Relay {
             if silent {
                 out.push(self.hello(i, now, wall));
             }
-            out.push(self.to_peer(
+            out.push(self.stamped_for(
                 i,
                 Body::Digest {
                     bindings: digest.0,

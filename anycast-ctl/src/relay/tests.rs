@@ -88,7 +88,10 @@ fn every_kind_round_trips_and_the_layout_is_as_documented() {
     }
     let relay = encode(&envelope(bodies().remove(0), WALL), KEY_AB);
     assert_eq!(relay[5], 1);
-    assert_eq!(relay[18..34], wire::to_mapped("10.0.2.11".parse().unwrap()).octets());
+    assert_eq!(
+        relay[18..34],
+        wire::to_mapped("10.0.2.11".parse().unwrap()).octets()
+    );
     assert_eq!(relay[34..36], 5000u16.to_be_bytes());
     assert_eq!(relay[36..38], 4u16.to_be_bytes());
     assert_eq!(relay[38..42], [1, 2, 3, 4]);
@@ -131,17 +134,29 @@ fn a_receiver_refuses_strangers_forgeries_replays_and_stale_envelopes_and_counts
         &envelope(Body::Hello, WALL + 1),
         b"not the key of the pair a-b....",
     );
-    assert_eq!(b.receive(from_a, &forged, now, WALL).unwrap_err(), Refused::Auth);
+    assert_eq!(
+        b.receive(from_a, &forged, now, WALL).unwrap_err(),
+        Refused::Auth
+    );
     // The real one, once.
     let (peer, registration, env) = b.receive(from_a, &bytes, now, WALL).unwrap();
     assert_eq!(peer, "a");
-    assert_eq!(registration, vec![wire::to_mapped("10.0.0.1".parse().unwrap())]);
+    assert_eq!(
+        registration,
+        vec![wire::to_mapped("10.0.0.1".parse().unwrap())]
+    );
     assert!(matches!(env.body, Body::Relay { .. }));
     // Again: a replay.
-    assert_eq!(b.receive(from_a, &bytes, now, WALL).unwrap_err(), Refused::Replay);
+    assert_eq!(
+        b.receive(from_a, &bytes, now, WALL).unwrap_err(),
+        Refused::Replay
+    );
     // Stamped too far from our clock, or before our start.
     let far = encode(&envelope(Body::Hello, WALL + (31 << 32)), KEY_AB);
-    assert_eq!(b.receive(from_a, &far, now, WALL).unwrap_err(), Refused::Replay);
+    assert_eq!(
+        b.receive(from_a, &far, now, WALL).unwrap_err(),
+        Refused::Replay
+    );
     let mut fresh = relay("b", "a", "10.0.0.1");
     let before_start = encode(&envelope(Body::Hello, WALL - (11 << 32)), KEY_AB);
     assert_eq!(
@@ -156,8 +171,14 @@ fn a_receiver_refuses_strangers_forgeries_replays_and_stale_envelopes_and_counts
         },
         KEY_AB,
     );
-    assert_eq!(b.receive(from_a, &to_c, now, WALL).unwrap_err(), Refused::NotForUs);
-    assert_eq!(b.receive(from_a, b"garbage", now, WALL).unwrap_err(), Refused::Malformed);
+    assert_eq!(
+        b.receive(from_a, &to_c, now, WALL).unwrap_err(),
+        Refused::NotForUs
+    );
+    assert_eq!(
+        b.receive(from_a, b"garbage", now, WALL).unwrap_err(),
+        Refused::Malformed
+    );
     let r = b.report((0, [0; 32]), now);
     for (counter, n) in [
         ("relay_refused_unknown_peer", 1),
@@ -190,7 +211,10 @@ fn timestamps_only_grow_and_digests_that_keep_differing_raise_the_alarm_and_ask_
         .collect();
     assert_eq!(kinds[0], Body::Hello);
     assert!(matches!(kinds[1], Body::Digest { bindings: 1, .. }));
-    assert!(a.tick((1, [1; 32]), t0, WALL).is_empty(), "one round per interval");
+    assert!(
+        a.tick((1, [1; 32]), t0, WALL).is_empty(),
+        "one round per interval"
+    );
     // Two differing digests may be updates on their way; the third raises the alarm (and
     // asks for a snapshot: the last hello went five intervals ago).
     let t0 = t0 + Duration::from_secs(5);
@@ -217,8 +241,15 @@ fn snapshots_are_answered_at_most_once_a_second_per_peer() {
     let t0 = Instant::now();
     let out = a.snapshot("b", Vec::new(), (0, [0; 32]), t0, WALL);
     assert_eq!(out.len(), 1, "the digest, after no entries");
-    assert!(a.snapshot("b", Vec::new(), (0, [0; 32]), t0, WALL).is_empty());
+    assert!(a
+        .snapshot("b", Vec::new(), (0, [0; 32]), t0, WALL)
+        .is_empty());
     let later = t0 + Duration::from_secs(1);
-    assert_eq!(a.snapshot("b", Vec::new(), (0, [0; 32]), later, WALL).len(), 1);
-    assert!(a.snapshot("nobody", Vec::new(), (0, [0; 32]), later, WALL).is_empty());
+    assert_eq!(
+        a.snapshot("b", Vec::new(), (0, [0; 32]), later, WALL).len(),
+        1
+    );
+    assert!(a
+        .snapshot("nobody", Vec::new(), (0, [0; 32]), later, WALL)
+        .is_empty());
 }

@@ -102,7 +102,9 @@ impl Registry {
         let snapshot = via.and_then(|r| r.snapshot);
         let stale = match snapshot {
             None => {
-                skew > self.replay_window || last.is_some_and(|last| ts <= last) || ts < self.started
+                skew > self.replay_window
+                    || last.is_some_and(|last| ts <= last)
+                    || ts < self.started
             }
             // A snapshot entry is a stored message, older than the window: it must still be
             // live by its own signed timestamp and lifetime (sequence numbers, below, refuse

@@ -427,13 +427,13 @@ fn service_name(key: &ServiceKey) -> String {
 
 mod handle;
 mod liveness;
-mod relayed;
-#[cfg(test)]
-mod relayed_tests;
 mod persist;
 #[cfg(test)]
 mod persist_tests;
 mod plan;
+mod relayed;
+#[cfg(test)]
+mod relayed_tests;
 mod report;
 mod reverse_watch;
 #[cfg(test)]

@@ -124,7 +124,12 @@ impl Registry {
 
     /// Takes a snapshot entry's time left and smoother, no longer than what the message
     /// itself grants, and only values a smoother can have.
-    pub(super) fn apply_snapshot_extra(&mut self, id: &BindingId, extra: SnapshotExtra, now: Instant) {
+    pub(super) fn apply_snapshot_extra(
+        &mut self,
+        id: &BindingId,
+        extra: SnapshotExtra,
+        now: Instant,
+    ) {
         let Some(b) = self.bindings.get_mut(id) else {
             return;
         };
@@ -139,11 +144,13 @@ impl Registry {
     }
 
     /// The stored messages of every binding, oldest MESG-ID first (so that a peer's
-    /// per-identity replay state moves forward only), for a snapshot.
-    pub fn snapshot_entries(&self, now: Instant) -> Vec<SnapshotEntry> {
+    /// per-identity replay state moves forward only), for a snapshot to `peer`: but those
+    /// that peer relayed to us, which it has.
+    pub fn snapshot_entries(&self, peer: &str, now: Instant) -> Vec<SnapshotEntry> {
         let mut out: Vec<SnapshotEntry> = self
             .bindings
             .values()
+            .filter(|b| b.relayed_by.as_deref() != Some(peer))
             .filter_map(|b| {
                 let (smoothed_load, weight) = b.smoother.saved();
                 Some(SnapshotEntry {

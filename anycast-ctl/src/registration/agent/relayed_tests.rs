@@ -31,7 +31,10 @@ fn a_relayed_update_binds_at_the_peer_without_an_answer_and_is_not_relayed_again
     let now = Instant::now();
     let bu = Bu::new(10, WALL).bytes();
     let at_a = a.handle(&bu, from(), now, WALL);
-    assert!(Registry::accepted_outcome(&at_a), "A relays what it accepted");
+    assert!(
+        Registry::accepted_outcome(&at_a),
+        "A relays what it accepted"
+    );
     let at_b = b.handle_relayed(&bu, from(), &by_a(None), now, WALL);
     assert_eq!(at_b.counted, "relayed_registered");
     assert!(at_b.changed);
@@ -44,9 +47,15 @@ fn a_relayed_update_binds_at_the_peer_without_an_answer_and_is_not_relayed_again
     assert_eq!(a.inputs_digest(), b.inputs_digest());
     let report = b.report(now, None);
     assert_eq!(report.bindings[0].relayed_by.as_deref(), Some("a"));
+    // A snapshot for A leaves out what A relayed; one for another peer has it.
+    assert!(b.snapshot_entries("a", now).is_empty());
+    assert_eq!(b.snapshot_entries("c", now).len(), 1);
     // The same message relayed again (a replay by anyone who captured it): refused.
     let again = b.handle_relayed(&bu, from(), &by_a(None), now, WALL);
-    assert_eq!(again.counted, format!("relayed_refused_{}", status::ID_MISMATCH));
+    assert_eq!(
+        again.counted,
+        format!("relayed_refused_{}", status::ID_MISMATCH)
+    );
     assert!(again.reply.is_none() && !again.changed);
 }
 
@@ -62,7 +71,10 @@ fn a_peer_cannot_forge_a_server_message_or_move_its_source() {
     }
     .bytes();
     let o = b.handle_relayed(&forged, from(), &by_a(None), now, WALL);
-    assert_eq!(o.counted, format!("relayed_refused_{}", status::AUTH_FAILED));
+    assert_eq!(
+        o.counted,
+        format!("relayed_refused_{}", status::AUTH_FAILED)
+    );
     // One flipped byte of an authentic message.
     let mut tampered = Bu::new(10, WALL).bytes();
     let at = tampered.len() - 20;
@@ -73,8 +85,17 @@ fn a_peer_cannot_forge_a_server_message_or_move_its_source() {
     // An authentic message with an outer source outside s1's real prefixes: the care-of
     // check uses the carried source exactly as for a direct update.
     let elsewhere: SocketAddr = "10.9.9.9:5000".parse().unwrap();
-    let o = b.handle_relayed(&Bu::new(10, WALL).bytes(), elsewhere, &by_a(None), now, WALL);
-    assert_eq!(o.counted, format!("relayed_refused_{}", status::INVALID_COA));
+    let o = b.handle_relayed(
+        &Bu::new(10, WALL).bytes(),
+        elsewhere,
+        &by_a(None),
+        now,
+        WALL,
+    );
+    assert_eq!(
+        o.counted,
+        format!("relayed_refused_{}", status::INVALID_COA)
+    );
     // Addressed to another agent than the one relaying it.
     let to_c = Relayed {
         peer_addresses: vec![wire::to_mapped("10.0.0.7".parse().unwrap())],
@@ -94,7 +115,13 @@ fn a_peer_cannot_forge_a_server_message_or_move_its_source() {
         }
     }
     .bytes();
-    let o = b.handle_relayed(&unauthorized, "10.0.3.5:1".parse().unwrap(), &by_a(None), now, WALL);
+    let o = b.handle_relayed(
+        &unauthorized,
+        "10.0.3.5:1".parse().unwrap(),
+        &by_a(None),
+        now,
+        WALL,
+    );
     assert_eq!(o.counted, format!("relayed_refused_{}", status::PROHIBITED));
     assert!(b.selected(&[]).is_empty(), "nothing bound");
 }
@@ -121,7 +148,10 @@ fn relayed_bindings_are_not_probed_nor_asked_to_refresh_and_deregistrations_trav
     let o = b.handle_relayed(&dereg, from(), &by_a(None), later, WALL + 1);
     assert_eq!(o.counted, "relayed_deregistered");
     assert!(o.changed && o.reply.is_none());
-    assert_eq!(b.report(later, None).bindings[0].state, BindingState::Draining);
+    assert_eq!(
+        b.report(later, None).bindings[0].state,
+        BindingState::Draining
+    );
     // The server now talks to B directly: B answers and probes it again.
     let direct = b.handle(&Bu::new(12, WALL + 2).bytes(), from(), later, WALL + 2);
     assert_eq!(direct.counted, "refreshed");
@@ -145,7 +175,7 @@ fn a_snapshot_entry_older_than_the_window_binds_for_the_time_left_with_the_sende
     // 15 s later (beyond no window but half the lifetime), B (re)connects and asks.
     let t = t0 + Duration::from_secs(15);
     let wall = WALL + (15 << 32);
-    let entries = a.snapshot_entries(t);
+    let entries = a.snapshot_entries("b", t);
     assert_eq!(entries.len(), 1, "one binding, its last message");
     let mut b = peer_b();
     for e in &entries {
@@ -158,17 +188,41 @@ fn a_snapshot_entry_older_than_the_window_binds_for_the_time_left_with_the_sende
         );
         assert_eq!(o.counted, "relayed_registered");
     }
-    assert_eq!(a.inputs_digest(), b.inputs_digest(), "same seq, state, weight");
+    assert_eq!(
+        a.inputs_digest(),
+        b.inputs_digest(),
+        "same seq, state, weight"
+    );
     let left = |r: &Registry| r.report(t, None).bindings[0].lifetime_left_secs;
-    assert!((left(&a) - left(&b)).abs() < 0.01, "{} {}", left(&a), left(&b));
+    assert!(
+        (left(&a) - left(&b)).abs() < 0.01,
+        "{} {}",
+        left(&a),
+        left(&b)
+    );
     // The same entry past its own lifetime (20 s) by more than the window: refused.
     let mut c = peer_b();
     let late = WALL + (60 << 32);
     let e = &entries[0];
-    let o = c.handle_relayed(&e.message.payload, e.message.from, &by_a(Some(e.extra)), t, late);
-    assert_eq!(o.counted, format!("relayed_refused_{}", status::ID_MISMATCH));
+    let o = c.handle_relayed(
+        &e.message.payload,
+        e.message.from,
+        &by_a(Some(e.extra)),
+        t,
+        late,
+    );
+    assert_eq!(
+        o.counted,
+        format!("relayed_refused_{}", status::ID_MISMATCH)
+    );
     // An entry no newer than what B has: refused by its sequence number.
-    let o = b.handle_relayed(&e.message.payload, e.message.from, &by_a(Some(e.extra)), t, wall);
+    let o = b.handle_relayed(
+        &e.message.payload,
+        e.message.from,
+        &by_a(Some(e.extra)),
+        t,
+        wall,
+    );
     assert_eq!(
         o.counted,
         format!("relayed_refused_{}", status::SEQUENCE_OUT_OF_WINDOW)
@@ -189,7 +243,10 @@ fn the_digest_follows_seq_state_and_weight_and_not_the_order_of_arrival() {
     }
     .bytes();
     let s2_from: SocketAddr = "10.0.3.5:1".parse().unwrap();
-    let (mut x, mut y) = (registry(Limits::default(), 30), registry(Limits::default(), 30));
+    let (mut x, mut y) = (
+        registry(Limits::default(), 30),
+        registry(Limits::default(), 30),
+    );
     x.handle(&s1, from(), now, WALL + 1);
     x.handle(&s2, s2_from, now, WALL + 1);
     y.handle(&s2, s2_from, now, WALL + 1);
@@ -198,5 +255,9 @@ fn the_digest_follows_seq_state_and_weight_and_not_the_order_of_arrival() {
     assert_eq!(x.inputs_digest(), y.inputs_digest());
     assert_eq!(x.inputs_digest().0, 2);
     x.handle(&Bu::new(11, WALL + 2).bytes(), from(), now, WALL + 2);
-    assert_ne!(x.inputs_digest(), y.inputs_digest(), "a newer sequence number");
+    assert_ne!(
+        x.inputs_digest(),
+        y.inputs_digest(),
+        "a newer sequence number"
+    );
 }

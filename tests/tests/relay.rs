@@ -44,11 +44,42 @@ fn pair_key() -> Vec<u8> {
 struct AgentB {
     ns: Netns,
     proc: Option<Proc>,
+    config: PathBuf,
     socket: PathBuf,
     pins: PathBuf,
+    state: PathBuf,
 }
 
 impl AgentB {
+    fn spawn(&mut self) -> Result<()> {
+        let ctl = workspace_bin("anycast-ctl")?;
+        let mut proc = self.ns.spawn(
+            "agent b",
+            &ctl,
+            &[
+                "agent",
+                "--config",
+                &self.config.to_string_lossy(),
+                "--socket",
+                &self.socket.to_string_lossy(),
+            ],
+        )?;
+        proc.wait_for_line("agent ready", Duration::from_secs(30))?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops B (SIGTERM) and starts it again without its bindings file: it starts empty,
+    /// as a new agent would.
+    fn restart_empty(&mut self) -> Result<()> {
+        self.proc
+            .take()
+            .context("B runs")?
+            .stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+        fs::remove_file(self.state.join("bindings.json"))?;
+        self.spawn()
+    }
+
     fn ctl_json(&self, what: &str) -> Result<serde_json::Value> {
         let ctl = workspace_bin("anycast-ctl")?;
         let socket = self.socket.to_string_lossy().into_owned();
@@ -92,7 +123,8 @@ fn start_b(topo: &Topology) -> Result<AgentB> {
     config["interfaces"] = serde_json::json!(["eth0"]);
     config["xdp_mode"] = serde_json::json!("generic");
     config["agent_address"] = serde_json::json!({"v4": B_ADDR, "v6": B_ADDR6});
-    config["state_directory"] = serde_json::json!(topo.dir.join("agent-b-state"));
+    let state = topo.dir.join("agent-b-state");
+    config["state_directory"] = serde_json::json!(state);
     config["pin_directory"] = serde_json::json!(pins);
     config["registration"]["relay"] = serde_json::json!({
         "id": "b",
@@ -101,26 +133,16 @@ fn start_b(topo: &Topology) -> Result<AgentB> {
     });
     let path = topo.dir.join("agent-b.json");
     fs::write(&path, serde_json::to_string_pretty(&config)?)?;
-    let socket = topo.dir.join("agent-b.sock");
-    let ctl = workspace_bin("anycast-ctl")?;
-    let mut proc = ns.spawn(
-        "agent b",
-        &ctl,
-        &[
-            "agent",
-            "--config",
-            &path.to_string_lossy(),
-            "--socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
-    proc.wait_for_line("agent ready", Duration::from_secs(30))?;
-    Ok(AgentB {
+    let mut b = AgentB {
         ns,
-        proc: Some(proc),
-        socket,
+        proc: None,
+        config: path,
+        socket: topo.dir.join("agent-b.sock"),
         pins,
-    })
+        state,
+    };
+    b.spawn()?;
+    Ok(b)
 }
 
 /// What both agents must agree on, per binding: everything but ages, times left, the
@@ -444,6 +466,29 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
         .as_mut()
         .context("s1 runs")?
         .wait_exit(Duration::from_secs(30))?;
+
+    // B restarts empty: its hello gets A's snapshot, older than the replay window allows a
+    // delta to be, and it holds every binding again, with A's weights: the same tables.
+    let mut b = b;
+    b.restart_empty()?;
+    let start = Instant::now();
+    let want = agreed(&topo.bindings()?);
+    assert_eq!(want.len(), 2 * PER_SERVER);
+    wait_until("B has A's bindings again", Duration::from_secs(3), || {
+        Ok(agreed(&b.ctl_json("bindings")?) == want)
+    })?;
+    println!(
+        "restarted empty, B holds every binding {:.0} ms after it was ready",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    let bb = b.ctl_json("bindings")?;
+    assert_eq!(counter(&bb, "relayed_registered"), 2 * PER_SERVER as u64);
+    assert!(relay_counter(&bb, "relay_received_snapshot") >= 2 * PER_SERVER as u64);
+    wait_until(
+        "tables agree after the snapshot",
+        Duration::from_secs(3),
+        || Ok(tables(&topo.status()?) == tables(&b.ctl_json("status")?)),
+    )?;
     Ok(())
 }
 

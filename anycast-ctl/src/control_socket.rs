@@ -64,6 +64,9 @@ pub struct Status {
     /// Where the agent's state outlives it, and what it adopted at start.
     #[serde(default)]
     pub instance: Option<InstanceStatus>,
+    /// Binding sync with peer agents, when configured: digests, peers, counters.
+    #[serde(default)]
+    pub relay: Option<crate::relay::RelayReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -16,5 +16,6 @@ pub mod health;
 pub mod host;
 pub mod model;
 pub mod registration;
+pub mod relay;
 pub mod selection;
 pub mod server;

@@ -214,7 +214,48 @@ pub fn render_bindings(r: &crate::registration::agent::BindingsReport) -> String
         let _ = write!(out, " {name}={n}");
     }
     let _ = writeln!(out);
+    if let Some(relay) = &r.relay {
+        render_relay(&mut out, relay);
+    }
     out
+}
+
+fn render_relay(out: &mut String, relay: &crate::relay::RelayReport) {
+    let _ = writeln!(
+        out,
+        "relay '{}' port {}: {} bindings, digest {}, {}",
+        relay.id,
+        relay.port,
+        relay.bindings,
+        relay.digest.get(..16).unwrap_or(""),
+        if relay.in_sync {
+            "in sync"
+        } else {
+            "NOT IN SYNC"
+        }
+    );
+    for p in &relay.peers {
+        let heard = p
+            .heard_secs_ago
+            .map_or("never heard".to_string(), |s| format!("heard {s:.1} s ago"));
+        let sync = match p.in_sync {
+            Some(true) => "agrees",
+            Some(false) => "DIFFERS",
+            None => "not compared",
+        };
+        let _ = writeln!(
+            out,
+            "  peer '{}' {}: {heard}, {} bindings, {sync}",
+            p.id,
+            p.address,
+            p.bindings.map_or("?".to_string(), |n| n.to_string())
+        );
+    }
+    let _ = write!(out, "relay counters:");
+    for (name, n) in &relay.counters {
+        let _ = write!(out, " {name}={n}");
+    }
+    let _ = writeln!(out);
 }
 
 /// Human rendering of `anycast-ctl flows`.

@@ -68,6 +68,9 @@ pub struct Status {
     /// drives a BGP speaker.
     #[serde(default)]
     pub routing: Option<crate::routing::RoutingStatus>,
+    /// Binding sync with peer agents, when configured: digests, peers, counters.
+    #[serde(default)]
+    pub relay: Option<crate::relay::RelayReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

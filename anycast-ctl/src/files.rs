@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory (mode 0600),
-/// written and synced, renamed over `path`, and the directory synced.
+/// written, renamed over `path`. Not synced to disk: these files outlive the process (a
+/// crash, a restart), which the rename guarantees; what a power cut takes, a reboot takes
+/// anyway (pinned maps, sysctls), and replays after it are refused by the agent's start time.
+/// A sync costs milliseconds on a disk, on the owner task, for each accepted update.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
@@ -23,13 +26,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let written = (|| -> Result<()> {
         let mut f = create_private(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
-            .and_then(|()| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing the directory {}", dir.display()))
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     })();
     if written.is_err() {
         // Best effort: the next write removes a leftover anyway.

@@ -16,6 +16,7 @@ pub mod health;
 pub mod host;
 pub mod model;
 pub mod registration;
+pub mod relay;
 pub mod routing;
 pub mod selection;
 pub mod server;

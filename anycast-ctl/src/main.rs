@@ -193,6 +193,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // What the agent would refuse at start: unreadable, bad, shared or unprotected
             // keys, unknown control groups.
             let keys = c.load_keys(&config).map_err(invalid)?;
+            c.load_relay_keys(&config).map_err(invalid)?;
             c.control_access().map_err(invalid)?;
             for w in c.warnings() {
                 eprintln!("warning: {w}");

@@ -717,7 +717,7 @@ fn pin_directory_of(dir: &Path) -> PathBuf {
 }
 
 /// Removes a pinned directory's objects and the directories (missing ones are fine).
-fn remove_pins(dir: &Path) {
+pub fn remove_pins(dir: &Path) {
     for sub in ["links", "maps"] {
         if let Ok(entries) = fs::read_dir(dir.join(sub)) {
             for e in entries.flatten() {

@@ -15,6 +15,9 @@
 //! control socket                                                 |             |
 //!   accept task -> task per connection -- ControlRequest ------->|    owner    |--> BPF maps
 //!     (own timeouts)                   <-- Answer (one-shot) ----|    task     |    (Dataplane)
+//! relay sockets (v4, v6; peer agents)                             |             |
+//!   receiver task per socket --- Datagram (bounded) ------------>|             |
+//!   sender task per socket  <--- envelope (bounded, try_send) ---|             |
 //! health checker task -- Transition ---------------------------->|  (state.rs) |
 //! routing events task (rtnetlink) -- RoutesChanged ------------->|             |
 //! SIGHUP, SIGINT/SIGTERM/SIGUSR2, 50 ms housekeeping tick ------>|             |
@@ -63,6 +66,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Most datagrams handled before the forwarding state is rebuilt and the answers are sent.
 const BATCH: usize = 1024;
 
+/// Envelopes waiting for one relay socket: a snapshot of this many bindings goes out at
+/// once; beyond, envelopes are dropped and counted, and the digests ask again.
+const RELAY_QUEUE: usize = 4096;
+
 /// Control requests waiting for the owner.
 const CONTROL_QUEUE: usize = 16;
 
@@ -100,6 +107,32 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             registration_io::size_buffers(&sock, bytes as usize);
             listeners.push(Rc::new(sock));
         }
+    }
+    // Binding sync with peer agents: a socket per agent address, keys read and checked now.
+    let mut relay = None;
+    let mut relay_sockets = Vec::new();
+    if let Some((reg, cfg)) = config
+        .registration
+        .as_ref()
+        .and_then(|r| r.relay.as_ref().map(|x| (r, x)))
+    {
+        let keys = config
+            .load_relay_keys(config_path)
+            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        for a in agent_addresses(&config) {
+            let addr = SocketAddr::new(a, cfg.port);
+            let sock = UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the relay socket {addr}"))?;
+            registration_io::size_buffers(&sock, reg.limits.socket_buffer_bytes as usize);
+            relay_sockets.push(Rc::new(sock));
+        }
+        relay = Some(crate::relay::Relay::new(
+            cfg,
+            &keys,
+            reg.replay_window as u64,
+            anycast_common::wire::ntp_now(),
+        ));
     }
     if socket.exists() {
         if UnixStream::connect(socket).await.is_ok() {
@@ -242,6 +275,15 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             .collect();
         tracing::info!("accepting binding updates on {}", addrs.join(", "));
     }
+    let (relay_tx, mut relay_rx) = mpsc::channel::<Datagram>(BATCH);
+    registration_io::spawn_receivers(&local, &relay_sockets, relay_tx);
+    let relay_senders = relay_sockets
+        .iter()
+        .map(|s| registration_io::spawn_sender(&local, s.clone(), RELAY_QUEUE))
+        .collect();
+    if let Some(r) = &relay {
+        tracing::info!("relaying bindings to peer agents on port {}", r.port());
+    }
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(CONTROL_QUEUE);
     control::spawn(&local, listener, control_tx, permissions);
     let mut routes_rx = spawn_route_events(&local);
@@ -271,6 +313,8 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         checker: Rc::new(RefCell::new(Checker::new(Vec::new()))),
         senders,
         _sweeper: sweeper,
+        relay,
+        relay_senders,
         routing,
     };
     agent
@@ -308,6 +352,16 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                         }
                         let replies = agent.handle_datagrams(batch);
                         agent.send(replies);
+                    }
+                    Some(first) = relay_rx.recv() => {
+                        let mut batch = vec![first];
+                        while batch.len() < BATCH {
+                            match relay_rx.try_recv() {
+                                Ok(d) => batch.push(d),
+                                Err(_) => break,
+                            }
+                        }
+                        agent.handle_relay_datagrams(batch);
                     }
                     Some(request) = control_rx.recv() => {
                         let answer = agent.answer(request.request);

@@ -23,7 +23,8 @@ use crate::{
     health::{CheckConfig, CheckKind, Checker, Target},
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
-    registration::agent::{read_state_file, write_state_file, Registry, Reply},
+    registration::agent::{read_state_file, write_state_file, Registry, Relayed, Reply},
+    relay::{Body, Relay},
     routing::{Desired, PrefixWant},
 };
 
@@ -104,6 +105,9 @@ pub(super) struct Agent {
     pub(super) saved_record: Option<super::instance::MapsRecord>,
     /// Flows in the adopted flow table, when this controller adopted pinned maps.
     pub(super) adopted_flows: Option<usize>,
+    /// Binding sync with peer agents, when configured, and its sockets' senders.
+    pub(super) relay: Option<Relay>,
+    pub(super) relay_senders: Vec<ReplySender>,
     /// The routing task's end, when the configuration has a `routing` section.
     pub(super) routing: Option<super::routing::RoutingHandle>,
 }
@@ -271,9 +275,16 @@ impl Agent {
         let wall = wire::ntp_now();
         let mut changed = false;
         let mut replies = Vec::new();
+        let mut relayed = Vec::new();
         for Datagram { via, payload, from } in batch {
             let outcome = registry.handle(&payload, from, now, wall);
             changed |= outcome.changed;
+            // What this agent accepted from a server goes to its peers, verbatim.
+            if let Some(relay) = self.relay.as_mut() {
+                if Registry::accepted_outcome(&outcome) {
+                    relayed.extend(relay.relay(&payload, from, wall));
+                }
+            }
             if let Some(r) = outcome.reply {
                 replies.push((Some(via), r));
             }
@@ -282,7 +293,89 @@ impl Agent {
             self.republish();
         }
         self.save_bindings();
+        self.send_relay(relayed);
         replies
+    }
+
+    /// Datagrams from the relay sockets: envelopes from peer agents. Relayed and snapshot
+    /// messages are handled as the server's own (never answered, never relayed again);
+    /// digests are compared; a hello is answered with a snapshot.
+    pub(super) fn handle_relay_datagrams(&mut self, batch: Vec<Datagram>) {
+        let (Some(registry), Some(relay)) = (self.registry.as_mut(), self.relay.as_mut()) else {
+            return;
+        };
+        let now = Instant::now();
+        let wall = wire::ntp_now();
+        let mut changed = false;
+        let mut out = Vec::new();
+        for Datagram { payload, from, .. } in batch {
+            let Ok((peer, peer_addresses, envelope)) = relay.receive(from, &payload, now, wall)
+            else {
+                continue;
+            };
+            let relayed = |snapshot| Relayed {
+                peer: peer.clone(),
+                peer_addresses: peer_addresses.clone(),
+                snapshot,
+            };
+            match envelope.body {
+                Body::Relay { from, message } => {
+                    let via = relayed(None);
+                    changed |= registry
+                        .handle_relayed(&message, from, &via, now, wall)
+                        .changed;
+                }
+                Body::Snapshot {
+                    from,
+                    message,
+                    extra,
+                } => {
+                    let via = relayed(Some(extra));
+                    changed |= registry
+                        .handle_relayed(&message, from, &via, now, wall)
+                        .changed;
+                }
+                Body::Digest { bindings, digest } => out.extend(relay.compare(
+                    &peer,
+                    (bindings, digest),
+                    registry.inputs_digest(),
+                    now,
+                    wall,
+                )),
+                Body::Hello => out.extend(relay.snapshot(
+                    &peer,
+                    registry.snapshot_entries(&peer, now),
+                    registry.inputs_digest(),
+                    now,
+                    wall,
+                )),
+            }
+        }
+        if changed {
+            self.republish();
+        }
+        self.save_bindings();
+        self.send_relay(out);
+    }
+
+    /// Hands envelopes to the relay sockets' senders (by the peer's family); a full queue
+    /// drops the envelope and counts it (a lost delta shows in the next digests, which ask
+    /// for a snapshot).
+    fn send_relay(&mut self, out: Vec<Reply>) {
+        for r in out {
+            let Some(sender) = self.relay_senders.iter().find(|s| s.v4 == r.to.is_ipv4()) else {
+                continue;
+            };
+            match sender.offer(r) {
+                Ok(()) => {}
+                Err(NotQueued::Full) => {
+                    if let Some(relay) = self.relay.as_mut() {
+                        relay.count("relay_dropped_queue_full");
+                    }
+                }
+                Err(NotQueued::Closed) => tracing::error!("a relay sender has stopped"),
+            }
+        }
     }
 
     /// Takes the bindings back from the state file an earlier agent of this instance left,
@@ -340,10 +433,15 @@ impl Agent {
         let mut requests = registry.refresh_requests(now);
         let (probes, conditions_changed) = registry.probe(now);
         requests.extend(probes);
+        let relay_out = match self.relay.as_mut() {
+            Some(relay) => relay.tick(registry.inputs_digest(), now, wire::ntp_now()),
+            None => Vec::new(),
+        };
         if expired || suspected || conditions_changed {
             self.republish();
         }
         self.save_bindings();
+        self.send_relay(relay_out);
         requests.into_iter().map(|r| (None, r)).collect()
     }
 
@@ -363,10 +461,11 @@ impl Agent {
                     c.state_directory.clone(),
                     c.pin_directory.clone(),
                 ),
+                c.registration.as_ref().map(|r| r.relay.clone()),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, control, routing, instance, state_directory and pin_directory only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, control, routing, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");
@@ -427,6 +526,10 @@ impl Agent {
                 pin_directory: self.instance.pin_dir.clone(),
                 adopted_flows: self.adopted_flows,
             }),
+            relay: match (&self.relay, &self.registry) {
+                (Some(x), Some(r)) => Some(x.report(r.inputs_digest(), Instant::now())),
+                _ => None,
+            },
         })
     }
 
@@ -447,7 +550,13 @@ impl Agent {
                     if let Err(e) = &counters {
                         tracing::warn!("reading the reverse-tunnel counters: {e:#}");
                     }
-                    Response::Bindings(r.report(Instant::now(), counters.ok().as_ref()))
+                    let now = Instant::now();
+                    let mut report = r.report(now, counters.ok().as_ref());
+                    report.relay = self
+                        .relay
+                        .as_ref()
+                        .map(|x| x.report(r.inputs_digest(), now));
+                    Response::Bindings(report)
                 }
                 None => Response::Error {
                     message: "registration is not enabled in the configuration".into(),

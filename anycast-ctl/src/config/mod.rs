@@ -114,12 +114,68 @@ pub struct Registration {
     pub reverse_tunnel: Option<ReverseTunnel>,
     /// Every server that may register: its identity, key and the addresses it may bind.
     pub servers: Vec<RegisteredServer>,
+    /// Binding sync with peer agents serving the same anycast addresses: every binding
+    /// message this agent accepts is relayed to them (see `crate::relay`). Absent: off.
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
     /// Allow-list prefixes wider than this (IPv4, IPv6 prefix lengths) are warned about;
     /// `/0` is refused.
     #[serde(default = "security::default_widest_allow_v4")]
     pub widest_allow_v4: u8,
     #[serde(default = "security::default_widest_allow_v6")]
     pub widest_allow_v6: u8,
+}
+
+/// Binding sync between agents: this agent's identity, the UDP port of the relay channel
+/// (on its agent addresses) and its peers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// This agent's identity, as its peers list it (1-64 bytes).
+    pub id: String,
+    #[serde(default = "default_relay_port")]
+    pub port: u16,
+    /// How often digests of the binding table go to every peer (ms).
+    #[serde(default = "default_digest_interval_ms")]
+    pub digest_interval_ms: u64,
+    pub peers: Vec<RelayPeer>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayPeer {
+    /// The peer agent's identity (its `relay.id`).
+    pub id: String,
+    /// Where the peer's relay socket is (the port is `relay.port`); relay messages are
+    /// taken only from this address.
+    pub address: IpAddr,
+    /// The key this agent and this peer share (hex, same rules as servers' keys), one per
+    /// pair of agents: a key shared by more would let one agent pose as another.
+    pub key_file: PathBuf,
+    /// The peer's registration addresses: the servers' messages it relays are addressed to
+    /// them. Default: `address`.
+    #[serde(default)]
+    pub agent_addresses: Vec<IpAddr>,
+}
+
+impl RelayPeer {
+    pub fn registration_addresses(&self) -> Vec<IpAddr> {
+        if self.agent_addresses.is_empty() {
+            vec![self.address]
+        } else {
+            self.agent_addresses.clone()
+        }
+    }
+}
+
+pub const DEFAULT_RELAY_PORT: u16 = 4192;
+
+fn default_relay_port() -> u16 {
+    DEFAULT_RELAY_PORT
+}
+
+fn default_digest_interval_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
@@ -431,6 +487,41 @@ impl Config {
                 ));
             }
             keys.insert(s.id.clone(), key);
+        }
+        Ok(keys)
+    }
+
+    /// The relay peers' keys, by peer identity: read like the servers' keys (private,
+    /// owned by root or the reader), each pair of agents its own, none a server's.
+    pub fn load_relay_keys(
+        &self,
+        config_path: &Path,
+    ) -> Result<std::collections::HashMap<String, Vec<u8>>, ConfigError> {
+        let mut keys = std::collections::HashMap::new();
+        let Some(relay) = self.registration.as_ref().and_then(|r| r.relay.as_ref()) else {
+            return Ok(keys);
+        };
+        let servers = self.load_keys(config_path)?;
+        let dir = config_path.parent().unwrap_or(Path::new("."));
+        let mut owners: std::collections::HashMap<Vec<u8>, String> = servers
+            .into_iter()
+            .map(|(id, k)| (k, format!("server '{id}'")))
+            .collect();
+        for (i, p) in relay.peers.iter().enumerate() {
+            let field = format!("registration.relay.peers[{i}].key_file");
+            let path = dir.join(&p.key_file);
+            let key = crate::registration::keys::read_key(&path)
+                .map_err(|e| err(field.clone(), format!("{e:#}")))?;
+            if let Some(other) = owners.insert(key.clone(), format!("peer '{}'", p.id)) {
+                return Err(err(
+                    field,
+                    format!(
+                        "{} holds the same key as {other}: each peer and each server needs its own",
+                        path.display()
+                    ),
+                ));
+            }
+            keys.insert(p.id.clone(), key);
         }
         Ok(keys)
     }

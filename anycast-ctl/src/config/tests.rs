@@ -589,3 +589,75 @@ fn routing_defaults_and_errors_name_the_field() {
     assert_eq!(w[0].field, "routing.neighbors");
     assert!(w[0].reason.contains("IPv6"), "{}", w[0].reason);
 }
+
+#[test]
+fn relay_errors_name_the_field_and_peer_keys_follow_the_key_rules() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let base = good().replace(
+            "\"services\": [",
+            r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "s1.key", "allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}],
+              "relay": {"id": "a", "peers": [{"id": "b", "address": "10.0.0.2", "key_file": "ab.key"}]}},
+            "services": ["#,
+        );
+    let c = Config::parse(&base).unwrap();
+    let relay = c.registration.as_ref().unwrap().relay.as_ref().unwrap();
+    assert_eq!((relay.port, relay.digest_interval_ms), (4192, 1000));
+    assert_eq!(
+        relay.peers[0].registration_addresses(),
+        vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
+    );
+    let case = |from: &str, to: &str| field_of(&base.replace(from, to));
+    assert_eq!(
+        case("\"id\": \"a\"", "\"id\": \"\""),
+        "registration.relay.id"
+    );
+    assert_eq!(
+        case("\"id\": \"a\"", "\"id\": \"a\", \"port\": 4191"),
+        "registration.relay.port"
+    );
+    assert_eq!(
+        case("\"id\": \"b\"", "\"id\": \"a\""),
+        "registration.relay.peers[0].id"
+    );
+    assert_eq!(
+        case("\"10.0.0.2\"", "\"10.0.0.1\""),
+        "registration.relay.peers[0].address"
+    );
+    assert_eq!(
+        case(
+            "\"key_file\": \"ab.key\"}",
+            "\"key_file\": \"ab.key\"}, {\"id\": \"c\", \"address\": \"10.0.0.2\", \"key_file\": \"ac.key\"}"
+        ),
+        "registration.relay.peers[1].address"
+    );
+    assert_eq!(
+        case("\"peers\": [{", "\"peers\": [], \"x\": [{"),
+        "config",
+        "unknown fields are refused"
+    );
+    // Keys: read as servers' keys are, none shared with a server or another peer.
+    let dir = std::env::temp_dir().join(format!("anycast-relay-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write("s1.key", "00112233445566778899aabbccddeeff", 0o600);
+    write("ab.key", "ffeeddccbbaa99887766554433221100", 0o600);
+    write("open.key", "ffeeddccbbaa99887766554433221101", 0o644);
+    write("same.key", "00112233445566778899aabbccddeeff", 0o600);
+    let path = dir.join("agent.json");
+    assert_eq!(c.load_relay_keys(&path).unwrap().len(), 1);
+    for (file, why) in [
+        ("open.key", "is mode 0644"),
+        ("same.key", "same key as server 's1'"),
+        ("missing.key", "missing.key"),
+    ] {
+        let c = Config::parse(&base.replace("ab.key", file)).unwrap();
+        let e = c.load_relay_keys(&path).unwrap_err();
+        assert_eq!(e.field, "registration.relay.peers[0].key_file", "{file}");
+        assert!(e.reason.contains(why), "{file}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -258,9 +258,76 @@ impl Config {
         }
         if let Some(r) = &self.registration {
             r.validate()?;
+            if let Some(relay) = &r.relay {
+                self.validate_relay(relay, r.port)?;
+            }
         }
         self.validate_security()?;
         self.validate_routing()
+    }
+}
+
+impl Config {
+    fn validate_relay(
+        &self,
+        relay: &super::RelayConfig,
+        registration_port: u16,
+    ) -> Result<(), ConfigError> {
+        if relay.id.is_empty() || relay.id.len() > 64 {
+            return Err(err("registration.relay.id", "must be 1-64 bytes"));
+        }
+        if relay.port == 0 || relay.port == registration_port {
+            return Err(err(
+                "registration.relay.port",
+                "must be neither 0 nor registration.port",
+            ));
+        }
+        if !(100..=60_000).contains(&relay.digest_interval_ms) {
+            return Err(err(
+                "registration.relay.digest_interval_ms",
+                format!("{} is not between 100 and 60000", relay.digest_interval_ms),
+            ));
+        }
+        if relay.peers.is_empty() {
+            return Err(err("registration.relay.peers", "lists no peer"));
+        }
+        let ours: Vec<IpAddr> = self
+            .agent_address
+            .v4
+            .into_iter()
+            .chain(self.agent_address.v6)
+            .collect();
+        let mut ids = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, p) in relay.peers.iter().enumerate() {
+            let f = |field: &str| format!("registration.relay.peers[{i}].{field}");
+            if p.id.is_empty() || p.id.len() > 64 {
+                return Err(err(f("id"), "must be 1-64 bytes"));
+            }
+            if p.id == relay.id {
+                return Err(err(f("id"), "is this agent's own registration.relay.id"));
+            }
+            if !ids.insert(p.id.as_str()) {
+                return Err(err(f("id"), format!("'{}' is listed twice", p.id)));
+            }
+            // Relay messages are told apart by their source address.
+            if !addresses.insert(p.address) {
+                return Err(err(f("address"), format!("{} is listed twice", p.address)));
+            }
+            if ours.contains(&p.address) {
+                return Err(err(f("address"), "is this agent's own address"));
+            }
+            if !ours.iter().any(|a| a.is_ipv4() == p.address.is_ipv4()) {
+                return Err(err(
+                    f("address"),
+                    format!(
+                        "{} needs an agent_address of its family to send from",
+                        p.address
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -255,7 +255,9 @@ impl Dataplane {
         if let Ok(info) = self.agent_map.get(&0, 0) {
             self.agent_info = info;
         }
-        Ok(self.flows_map.keys().count())
+        let mut flows = 0;
+        super::flows::for_each_flow(&self.flows_map, |_, _| flows += 1)?;
+        Ok(flows)
     }
 
     /// The controller's record of the maps, to keep beside them.

@@ -54,6 +54,7 @@ impl Dataplane {
             }
             servers.sort_by(|a, b| a.name.cmp(&b.name));
             let t = sum(&self.service_stats.get(&svc.id, 0)?);
+            let table_digest = table_digest(live, &svc.servers);
             services.push(ServiceReport {
                 name: svc.name.clone(),
                 address: key.ip(),
@@ -61,6 +62,7 @@ impl Dataplane {
                 port: key.port,
                 id: svc.id,
                 ring_size: self.sizes.ring_size,
+                table_digest,
                 packets: t.packets,
                 bytes: t.bytes,
                 servers,
@@ -114,6 +116,12 @@ pub struct ServiceReport {
     pub port: u16,
     pub id: u32,
     pub ring_size: u32,
+    /// SHA-256 (hex) of the live consistent-hash table as this controller wrote it, each
+    /// entry as its server's real address (16 bytes, IPv4-mapped; zeros for no server):
+    /// slots are local, addresses are not, so agents with the same inputs show the same
+    /// digest. Empty while the live table is not known (adopted, not yet rebuilt).
+    #[serde(default)]
+    pub table_digest: String,
     pub packets: u64,
     pub bytes: u64,
     pub servers: Vec<ServerReport>,
@@ -182,4 +190,21 @@ pub struct FlowReport {
     pub closing: bool,
     /// Past its timeout: the next packet re-chooses, the next sweep deletes it.
     pub expired: bool,
+}
+
+/// The digest of a live table (see [`ServiceReport::table_digest`]).
+fn table_digest(live: &[u32], servers: &[super::plan::InstalledServer]) -> String {
+    use sha2::{Digest as _, Sha256};
+    if live.is_empty() {
+        return String::new();
+    }
+    let by_slot: BTreeMap<u32, IpAddr> = servers.iter().map(|s| (s.slot, s.address)).collect();
+    let mut h = Sha256::new();
+    for e in live {
+        let octets = by_slot
+            .get(e)
+            .map_or([0u8; 16], |a| anycast_common::wire::to_mapped(*a).octets());
+        h.update(octets);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

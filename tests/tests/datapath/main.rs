@@ -27,4 +27,5 @@ mod next_hop;
 mod preferences;
 mod reverse_tunnel;
 mod sweep;
+mod sweep_under_traffic;
 mod syn_ack_tunnel;

@@ -6,6 +6,21 @@ use super::*;
 impl Registry {
     /// Handles one datagram from `from`. `wall` is the agent's clock as an NTP timestamp.
     pub fn handle(&mut self, payload: &[u8], from: SocketAddr, now: Instant, wall: u64) -> Outcome {
+        self.handle_via(payload, from, now, wall, None)
+    }
+
+    /// Handles one datagram, sent to this agent (`via` None) or relayed by a peer agent,
+    /// `from` being the outer source the peer vouches for. A relayed message goes through
+    /// every check a direct one does (signature, identity, policy, care-of and source,
+    /// sequence, timestamp); the differences are in [`super::relayed`].
+    pub(super) fn handle_via(
+        &mut self,
+        payload: &[u8],
+        from: SocketAddr,
+        now: Instant,
+        wall: u64,
+        via: Option<&Relayed>,
+    ) -> Outcome {
         let none = |counted: String| Outcome {
             reply: None,
             changed: false,
@@ -16,13 +31,22 @@ impl Registry {
         // authenticate can cause beyond that, answers and log lines, is globally bounded.
         let msg = match wire::decode(payload) {
             Ok(m) => m,
+            // A peer relays only what it accepted: nothing to answer, and not ours to.
+            Err(wire::WireError::UnknownMhType) if via.is_some() => {
+                return none(self.count("dropped_malformed_unknown_mh_type"))
+            }
             Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from, now),
             Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
         };
         let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
             return none(self.count("dropped_not_binding_update"));
         };
-        if !self.agent.contains(&msg.dst) {
+        // A relayed message was addressed to the agent that relays it.
+        let addressed = match via {
+            None => self.agent.contains(&msg.dst),
+            Some(r) => r.peer_addresses.contains(&msg.dst),
+        };
+        if !addressed {
             return none(self.count("dropped_not_for_this_agent"));
         }
         let home = wire::from_mapped(msg.src);
@@ -54,7 +78,13 @@ impl Registry {
             });
             return self.refuse_unauthenticated(&msg, from, seq, now);
         }
-        if !self.allow_rate(&identity, now) {
+        // Relayed copies have a budget of their own: a peer's relays cannot use up the
+        // budget of the server's own updates to this agent.
+        let budget = match via {
+            None => identity.clone(),
+            Some(_) => format!("{identity}\0relayed"),
+        };
+        if !self.allow_rate(&budget, now) {
             return none(self.count("dropped_rate_limited"));
         }
         let signer = Some(identity.clone());
@@ -69,7 +99,19 @@ impl Registry {
         };
         let last = self.last_mesg_id.get(&identity).copied();
         let skew = (ts >> 32).abs_diff(wall >> 32);
-        if skew > self.replay_window || last.is_some_and(|last| ts <= last) || ts < self.started {
+        let snapshot = via.and_then(|r| r.snapshot);
+        let stale = match snapshot {
+            None => {
+                skew > self.replay_window
+                    || last.is_some_and(|last| ts <= last)
+                    || ts < self.started
+            }
+            // A snapshot entry is a stored message, older than the window: it must still be
+            // live by its own signed timestamp and lifetime (sequence numbers, below, refuse
+            // what this agent already has newer).
+            Some(_) => !self.live_by_its_own_clock(ts, lifetime, wall),
+        };
+        if stale {
             self.warn("replayed or stale timestamp", now, || {
                 format!(
                     "binding update from '{identity}' at {from} refused: replayed or stale \
@@ -121,6 +163,12 @@ impl Registry {
             server: identity.clone(),
             real,
         };
+        let relayed_by = via.map(|r| r.peer.to_string());
+        let stored = StoredMessage {
+            payload: payload.to_vec(),
+            from,
+            mesg_id: ts,
+        };
         if let Some(b) = self.bindings.get(&id) {
             // Sequence numbers compare modulo 2^16 (RFC 6275 9.5.1).
             if (seq.wrapping_sub(b.seq) as i16) <= 0 {
@@ -129,9 +177,12 @@ impl Registry {
             }
         }
         if lifetime == 0 {
+            let drain_time = self.drain_time;
             let changed = match self.bindings.get_mut(&id) {
-                Some(b) if self.drain_time > Duration::ZERO => {
+                Some(b) if drain_time > Duration::ZERO => {
                     b.seq = seq;
+                    b.relayed_by = relayed_by;
+                    b.message = Some(stored);
                     let was = b.state;
                     b.state = BindingState::Draining;
                     b.expires = now + self.drain_time;
@@ -148,8 +199,20 @@ impl Registry {
                     tracing::info!("'{identity}' deregistered {home} via {real}");
                     true
                 }
+                // A snapshot carries a draining binding as its deregistration.
+                None if drain_time > Duration::ZERO && snapshot.is_some() => {
+                    let mut b = self.new_binding(seq, now, drain_time, msg.options.load, from);
+                    b.state = BindingState::Draining;
+                    b.relayed_by = relayed_by;
+                    b.message = Some(stored);
+                    self.bindings.insert(id.clone(), b);
+                    true
+                }
                 None => false,
             };
+            if let Some(extra) = snapshot {
+                self.apply_snapshot_extra(&id, extra, now);
+            }
             self.accepted(&identity, ts);
             let counted = self.count("deregistered");
             let reply = self.ack(&msg, from, status::ACCEPTED, seq, 0, signer);
@@ -199,34 +262,27 @@ impl Registry {
                 b.state = BindingState::Active;
                 b.source = from;
                 b.refresh_requested = false;
+                b.relayed_by = relayed_by;
+                b.message = Some(stored);
                 changed |= self.reverse_answered(&id);
                 changed
             }
             None => {
-                tracing::info!("'{identity}' registered {home} via {real} for {granted:?}");
-                let mut smoother = Smoother::default();
-                smoother.update(load.as_ref());
-                let b = Binding {
-                    seq,
-                    registered: now,
-                    updated: now,
-                    expires: now + granted,
-                    lifetime: granted,
-                    load,
-                    state: BindingState::Active,
-                    source: from,
-                    refresh_requested: false,
-                    smoother,
-                    probe_sent: None,
-                    probe_next: now,
-                    probe_misses: 0,
-                    probe_limit,
-                    probe_urgent: false,
-                };
-                self.bindings.insert(id, b);
+                tracing::info!(
+                    "'{identity}' registered {home} via {real} for {granted:?}{}",
+                    via.map_or(String::new(), |r| format!(" (relayed by '{}')", r.peer))
+                );
+                let mut b = self.new_binding(seq, now, granted, load, from);
+                b.probe_limit = probe_limit;
+                b.relayed_by = relayed_by;
+                b.message = Some(stored);
+                self.bindings.insert(id.clone(), b);
                 true
             }
         };
+        if let Some(extra) = snapshot {
+            self.apply_snapshot_extra(&id, extra, now);
+        }
         self.accepted(&identity, ts);
         let counted = self.count(if is_new { "registered" } else { "refreshed" });
         let reply = self.ack(&msg, from, status::ACCEPTED, seq, units, signer);
@@ -241,7 +297,9 @@ impl Registry {
     /// deregistered). Only an accepted update moves the replay state: a refused one, even an
     /// authentic one, leaves the server's own next update acceptable.
     fn accepted(&mut self, identity: &str, ts: u64) {
-        self.last_mesg_id.insert(identity.to_string(), ts);
+        // A snapshot entry may be older than the identity's newest: never move back.
+        let last = self.last_mesg_id.entry(identity.to_string()).or_default();
+        *last = (*last).max(ts);
         self.dirty = true;
     }
 

@@ -44,7 +44,9 @@ impl Registry {
     pub fn refresh_requests(&mut self, now: Instant) -> Vec<Reply> {
         let mut out = Vec::new();
         for (id, b) in self.bindings.iter_mut() {
+            // The agent the server talks to asks it; this one has the relayed refreshes.
             if b.state != BindingState::Active
+                || b.relayed_by.is_some()
                 || b.refresh_requested
                 || b.expires.saturating_duration_since(now) > b.lifetime / 4
             {
@@ -83,7 +85,9 @@ impl Registry {
         // update for every binding of that home address.
         let mut due: BTreeSet<(String, IpAddr, SocketAddr)> = BTreeSet::new();
         for (id, b) in self.bindings.iter_mut() {
-            if b.state != BindingState::Active {
+            // Only the agent a server sent its last update to probes it (a relayed binding's
+            // server might not even reach this agent).
+            if b.state != BindingState::Active || b.relayed_by.is_some() {
                 continue;
             }
             if let Some(sent) = b.probe_sent {
@@ -139,6 +143,7 @@ impl Registry {
     ) -> Vec<Reply> {
         for (id, b) in self.bindings.iter_mut() {
             if b.state == BindingState::Active
+                && b.relayed_by.is_none()
                 && due.contains(&(id.server.clone(), id.anycast, b.source))
             {
                 b.probe_sent = Some(now);

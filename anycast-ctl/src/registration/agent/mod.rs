@@ -85,6 +85,24 @@ pub struct Binding {
     /// next one goes out at once rather than at the probe interval, until the binding
     /// answers or is down.
     probe_urgent: bool,
+    /// The peer agent whose relay brought the last accepted update, or None when the server
+    /// sent it to this agent. Only an agent a server talks to directly answers, asks for
+    /// refreshes and probes it; the others keep the binding by the relayed refreshes.
+    pub relayed_by: Option<String>,
+    /// The last accepted message, verbatim, with the outer source it came from: what a
+    /// snapshot sends to a peer, which re-verifies it as if the server had sent it.
+    pub message: Option<StoredMessage>,
+}
+
+/// A server's signed message as it arrived, for relaying.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub payload: Vec<u8>,
+    /// The outer source of the datagram it came in (for a relayed one, the source the
+    /// relaying agent vouched for).
+    pub from: SocketAddr,
+    /// Its MESG-ID timestamp (NTP).
+    pub mesg_id: u64,
 }
 
 impl Binding {
@@ -188,6 +206,8 @@ pub struct Registry {
     reverse: BTreeMap<String, ReverseWatch>,
     /// Something the state file holds changed since [`Registry::take_dirty`] last said so.
     dirty: bool,
+    /// Prepended to counter names while a relayed message is handled (`relayed_...`).
+    counter_prefix: &'static str,
 }
 
 impl Registry {
@@ -231,6 +251,7 @@ impl Registry {
             reverse_tunnel: reg.reverse_tunnel,
             reverse: BTreeMap::new(),
             dirty: false,
+            counter_prefix: "",
         }
     }
 
@@ -297,7 +318,7 @@ impl Registry {
     }
 
     fn count(&mut self, what: impl Into<String>) -> String {
-        let what = what.into();
+        let what = format!("{}{}", self.counter_prefix, what.into());
         *self.counters.entry(what.clone()).or_default() += 1;
         what
     }
@@ -410,6 +431,9 @@ mod persist;
 #[cfg(test)]
 mod persist_tests;
 mod plan;
+mod relayed;
+#[cfg(test)]
+mod relayed_tests;
 mod report;
 mod reverse_watch;
 #[cfg(test)]
@@ -418,6 +442,7 @@ mod test_support;
 mod tests;
 
 pub use persist::{read_state_file, write_state_file, RegistryState, RestoreReport, STATE_FORMAT};
+pub use relayed::{Relayed, SnapshotEntry, SnapshotExtra};
 pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};
 pub use reverse_watch::ReverseState;
 use reverse_watch::ReverseWatch;

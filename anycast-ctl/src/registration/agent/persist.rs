@@ -76,6 +76,12 @@ struct SavedBinding {
     weight: u32,
     /// Refresh requests unanswered in a row, up to the number that makes it down.
     probe_misses: u32,
+    /// The peer agent that relayed its last update (absent: the server sent it here).
+    #[serde(default)]
+    relayed_by: Option<String>,
+    /// Its last accepted message, verbatim, for snapshots to peer agents.
+    #[serde(default)]
+    message: Option<StoredMessage>,
 }
 
 /// The last Load Information option (RFC 6463) of a binding.
@@ -199,6 +205,8 @@ impl Registry {
                     smoothed_load,
                     weight,
                     probe_misses: b.probe_misses.min(b.probe_limit),
+                    relayed_by: b.relayed_by.clone(),
+                    message: b.message.clone(),
                 }
             })
             .collect();
@@ -289,6 +297,8 @@ impl Registry {
                 probe_misses: s.probe_misses.min(probe_limit),
                 probe_limit,
                 probe_urgent: false,
+                relayed_by: s.relayed_by,
+                message: s.message,
             };
             report.restored.push(s.binding.clone());
             self.bindings.insert(s.binding, b);
@@ -354,7 +364,7 @@ impl Registry {
         let due: BTreeSet<(String, IpAddr, SocketAddr)> = self
             .bindings
             .iter()
-            .filter(|(_, b)| b.state == BindingState::Active)
+            .filter(|(_, b)| b.state == BindingState::Active && b.relayed_by.is_none())
             .map(|(id, b)| (id.server.clone(), id.anycast, b.source))
             .collect();
         let out = match self.probe {

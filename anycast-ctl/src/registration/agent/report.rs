@@ -32,6 +32,9 @@ pub struct BindingReport {
     /// Reverse-tunnel counters and monitor state.
     #[serde(default)]
     pub reverse: Option<ReverseReport>,
+    /// The peer agent whose relay brought its last update; absent: the server sent it here.
+    #[serde(default)]
+    pub relayed_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub struct LoadReport {
 pub struct BindingsReport {
     pub bindings: Vec<BindingReport>,
     pub counters: BTreeMap<String, u64>,
+    /// Binding sync with peer agents, when configured.
+    #[serde(default)]
+    pub relay: Option<crate::relay::RelayReport>,
 }
 
 impl Registry {
@@ -67,6 +73,7 @@ impl Registry {
                 seq: b.seq,
                 age_secs: now.duration_since(b.registered).as_secs_f64(),
                 lifetime_secs: b.lifetime.as_secs(),
+                relayed_by: b.relayed_by.clone(),
                 lifetime_left_secs: b.expires.saturating_duration_since(now).as_secs_f64(),
                 condition: self.condition(id, b),
                 weight: b.smoother.weight(),
@@ -95,6 +102,7 @@ impl Registry {
         BindingsReport {
             bindings,
             counters: self.counters.clone(),
+            relay: None,
         }
     }
 }

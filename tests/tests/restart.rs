@@ -132,7 +132,12 @@ fn flows(topo: &Topology) -> anyhow::Result<BTreeSet<String>> {
         .map(|f| {
             format!(
                 "{} {} {} {} {} slot {}",
-                f["client"], f["client_port"], f["address"], f["port"], f["protocol"], f["server_slot"]
+                f["client"],
+                f["client_port"],
+                f["address"],
+                f["port"],
+                f["protocol"],
+                f["server_slot"]
             )
         })
         .collect())
@@ -247,10 +252,22 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         errors1.len()
     );
     assert!(made_dead >= 200, "the client kept connecting: {made_dead}");
-    assert!(dead.is_empty(), "connections failed while the controller was dead: {dead:?}");
-    assert_eq!(udp_lost1, udp_lost0, "UDP questions lost while the controller was dead");
-    assert!(asked1 - asked0 >= 300, "long-lived connections made progress");
-    assert!(errors1.is_empty(), "long-lived connections broke: {errors1:?}");
+    assert!(
+        dead.is_empty(),
+        "connections failed while the controller was dead: {dead:?}"
+    );
+    assert_eq!(
+        udp_lost1, udp_lost0,
+        "UDP questions lost while the controller was dead"
+    );
+    assert!(
+        asked1 - asked0 >= 300,
+        "long-lived connections made progress"
+    );
+    assert!(
+        errors1.is_empty(),
+        "long-lived connections broke: {errors1:?}"
+    );
     assert!(pins.join("maps").exists() && xdp_attached(&topo)?);
 
     // Restart: the pinned state is adopted, the bindings are there at once and confirmed
@@ -269,8 +286,14 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         flows_before.len(),
         active.len()
     );
-    assert!(adopted.is_some_and(|n| n as usize >= flows_before.len()), "{status}");
-    assert!(lost_flows.is_empty(), "flows lost over the restart: {lost_flows:?}");
+    assert!(
+        adopted.is_some_and(|n| n as usize >= flows_before.len()),
+        "{status}"
+    );
+    assert!(
+        lost_flows.is_empty(),
+        "flows lost over the restart: {lost_flows:?}"
+    );
     assert_eq!(active.len(), 3, "bindings restored at once: {active:?}");
     let confirm = Instant::now();
     wait_until("every binding confirmed", Duration::from_secs(5), || {
@@ -302,7 +325,10 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
     topo.agent_proc = None;
     assert!(status.success(), "handoff exits 0: {status:?}");
     assert_eq!(ip_forward(&topo)?, "1", "a handoff leaves the sysctls set");
-    assert!(xdp_attached(&topo)?, "a handoff leaves the program attached");
+    assert!(
+        xdp_attached(&topo)?,
+        "a handoff leaves the program attached"
+    );
     topo.start_agent(0)?;
     let log = topo.agent_proc.as_mut().expect("agent runs").output();
     assert!(
@@ -310,7 +336,10 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         "the new program replaced the old one in the pinned link: {log}"
     );
     let swapped = failures_since(&load, handoff);
-    assert!(swapped.is_empty(), "connections failed over the handoff: {swapped:?}");
+    assert!(
+        swapped.is_empty(),
+        "connections failed over the handoff: {swapped:?}"
+    );
 
     drop(load);
     let (udp_sent, udp_lost, asked, errors) = probes.finish();
@@ -319,7 +348,10 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         errors.len()
     );
     assert_eq!(udp_lost, 0, "UDP questions lost");
-    assert!(errors.is_empty(), "long-lived connections broke: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "long-lived connections broke: {errors:?}"
+    );
 
     // A full stop after all this: nothing pinned, the original sysctl back (not the value
     // the first, killed, controller set).
@@ -330,7 +362,11 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
     topo.agent_proc = None;
     assert!(!pins.exists(), "{} left after a full stop", pins.display());
     assert!(!xdp_attached(&topo)?, "a full stop detaches");
-    assert_eq!(ip_forward(&topo)?, forward_before, "the original ip_forward restored");
+    assert_eq!(
+        ip_forward(&topo)?,
+        forward_before,
+        "the original ip_forward restored"
+    );
     Ok(())
 }
 
@@ -363,12 +399,18 @@ fn cleanup_after_a_crash_and_refusal_of_incompatible_maps() -> anyhow::Result<()
         .arg(&topo.socket)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an incompatible layout was adopted: {err}");
+    assert!(
+        !out.status.success(),
+        "an incompatible layout was adopted: {err}"
+    );
     assert!(
         err.contains("FLOWS") && err.contains("max_flows") && err.contains("--cleanup"),
         "the refusal says what differs and what to do: {err}"
     );
-    assert!(xdp_attached(&topo)? && pins.exists(), "the refusal changed nothing");
+    assert!(
+        xdp_attached(&topo)? && pins.exists(),
+        "the refusal changed nothing"
+    );
     assert_eq!(ip_forward(&topo)?, "1");
 
     // --cleanup: detached, nothing pinned, the original sysctl back.

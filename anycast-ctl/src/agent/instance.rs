@@ -272,7 +272,6 @@ fn on_bpffs(dir: &Path) -> bool {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

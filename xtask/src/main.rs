@@ -34,7 +34,8 @@ struct Cli {
 enum Cmd {
     /// Install what this machine lacks (Debian packages, eBPF toolchain, bpf-linker, bpffs).
     Setup,
-    /// Set up, then build the whole workspace (the eBPF object is built by anycast-ctl's build.rs).
+    /// Set up, then build the whole workspace (the eBPF object is built by anycast-ctl's build.rs);
+    /// with --release also anycast-ctl-variant, the test-only build the upgrade test swaps in.
     Build {
         #[arg(long)]
         release: bool,
@@ -275,7 +276,21 @@ fn setup_bpffs() -> Result<()> {
 fn cargo_build(root: &Path, release: bool) -> Result<()> {
     let mut cmd = cargo(root, "build --workspace");
     cmd.args(release.then_some("--release"));
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if release {
+        run(&mut variant_build(root))?;
+    }
+    Ok(())
+}
+
+/// anycast-ctl-variant: anycast-ctl with the test-only feature that changes the agent
+/// program's instructions, for the upgrade test and the bench. Only anycast-ctl itself and
+/// its eBPF object are built again; the dependencies are the release build's.
+fn variant_build(root: &Path) -> Command {
+    cargo(
+        root,
+        "build --release -p anycast-ctl --features upgrade-variant --bin anycast-ctl-variant",
+    )
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
@@ -298,11 +313,20 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "3 (cargo build)",
             cargo(root, "build --workspace --release"),
         ),
+        (
+            "3b (cargo build: the upgrade test's variant)",
+            variant_build(root),
+        ),
         ("4 (cargo test: unit, BPF_PROG_TEST_RUN, netns)", tests),
     ];
     for (tier, mut cmd) in tiers {
         println!("==> test tier {tier}: {}", describe(&cmd));
+        let started = std::time::Instant::now();
         run(&mut cmd).with_context(|| format!("test tier {tier} failed"))?;
+        println!(
+            "==> test tier {tier} took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     println!("==> all test tiers passed");
     Ok(())

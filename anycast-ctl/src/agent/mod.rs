@@ -47,7 +47,7 @@ use self::{
 use crate::{
     config::Config,
     control_socket::InterfaceStatus,
-    dataplane::Dataplane,
+    dataplane::{show_tag, Attached, Dataplane},
     health::{self, Checker, Transition},
     host::{self, HostChanges},
     model::ServicePlan,
@@ -185,15 +185,20 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         let mut interfaces = Vec::new();
         for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
             let how = dataplane.attach_pinned(name, config.xdp_mode, &instance.links_dir())?;
-            tracing::info!(
-                "{} {name} (ifindex {ifindex}) in {:?} XDP mode",
-                match how {
-                    crate::dataplane::Attached::New => "attached to",
-                    crate::dataplane::Attached::Replaced =>
-                        "replaced the program of the pinned link on",
-                },
-                config.xdp_mode
-            );
+            let mode = config.xdp_mode;
+            // The tags say which build runs: equal for the same build, not for another.
+            match how {
+                Attached::New { tag } => tracing::info!(
+                    "attached to {name} (ifindex {ifindex}) in {mode:?} XDP mode, program tag {}",
+                    show_tag(tag)
+                ),
+                Attached::Replaced { old, new } => tracing::info!(
+                    "replaced the program of the pinned link on {name} (ifindex {ifindex}) in \
+                     {mode:?} XDP mode: program tag {} -> {}",
+                    show_tag(old),
+                    show_tag(new)
+                ),
+            }
             interfaces.push(InterfaceStatus {
                 name: name.clone(),
                 ifindex,

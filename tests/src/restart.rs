@@ -227,6 +227,23 @@ pub fn attached_tag(ns: &Netns, iface: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("bpftool shows no tag for program {id}: {prog}"))
 }
 
+/// TCP segments the namespace `ns` has retransmitted so far (`RetransSegs` of its /proc/net/snmp): a
+/// segment lost between the client and its server shows here even when the connection
+/// survives it.
+pub fn tcp_retransmits(ns: &str) -> Result<u64> {
+    let snmp = crate::netns::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"])?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        bail!("no Tcp lines in /proc/net/snmp of {ns}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| anyhow!("no RetransSegs in /proc/net/snmp of {ns}"))
+}
+
 /// The test-only build of anycast-ctl, whose agent program differs from the normal build's
 /// in its instructions only (the `upgrade-variant` feature of anycast-ctl and anycast-ebpf).
 /// `cargo xtask test` and `cargo xtask build --release` build it beside anycast-ctl.

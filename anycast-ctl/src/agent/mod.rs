@@ -33,7 +33,7 @@ use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, time::Duration};
 use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::{
     net::{UdpSocket, UnixListener, UnixStream},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
 
@@ -240,6 +240,10 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(CONTROL_QUEUE);
     control::spawn(&local, listener, control_tx, permissions);
     let mut routes_rx = spawn_route_events(&local);
+    // Caught from before "agent ready": a signal sent as soon as that line is seen would
+    // otherwise meet the default action (death: no full stop, no handoff).
+    let mut hup = signal(SignalKind::hangup())?;
+    let stop = StopSignals::new()?;
     tracing::info!(
         "agent ready: {} services, control socket {}, tables written by {}",
         config.services.len(),
@@ -273,9 +277,8 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             let requests = agent.restore_bindings();
             agent.republish();
             agent.send(requests);
-            let mut hup = signal(SignalKind::hangup())?;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let stop = stop_signal();
+            let stop = stop.recv();
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -353,16 +356,30 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits for a signal to stop: SIGINT or SIGTERM stop fully, SIGUSR2 hands off.
-async fn stop_signal() -> Result<(&'static str, Stop)> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    Ok(tokio::select! {
-        _ = term.recv() => ("SIGTERM", Stop::Full),
-        _ = int.recv() => ("SIGINT", Stop::Full),
-        _ = usr2.recv() => ("SIGUSR2", Stop::Handoff),
-    })
+/// The signals that stop the agent: SIGINT or SIGTERM stop fully, SIGUSR2 hands off. Caught
+/// from `new` on; one that comes before `recv` waits for it.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+    usr2: Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    async fn recv(mut self) -> Result<(&'static str, Stop)> {
+        Ok(tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", Stop::Full),
+            _ = self.int.recv() => ("SIGINT", Stop::Full),
+            _ = self.usr2.recv() => ("SIGUSR2", Stop::Handoff),
+        })
+    }
 }
 
 /// Removes what a controller of this configuration's instance left behind after a crash

@@ -601,23 +601,17 @@ impl Drop for Topology {
         }
         // A test that failed after killing or handing off the agent leaves its data path
         // pinned in bpffs, which outlives the namespaces: remove it (nothing when the agent
-        // stopped fully).
+        // stopped fully). Through nsenter, as the agent runs: `ip netns exec` would remount
+        // /sys, and with it hide bpffs.
         if let Ok(ctl) = workspace_bin("anycast-ctl") {
-            let (config, socket) = (
-                self.config_path.to_string_lossy().into_owned(),
-                self.socket.to_string_lossy().into_owned(),
-            );
-            let _ = self.agent.exec(
-                &ctl.to_string_lossy(),
-                &[
-                    "agent",
-                    "--cleanup",
-                    "--config",
-                    &config,
-                    "--socket",
-                    &socket,
-                ],
-            );
+            let _ = std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.agent.name))
+                .arg(ctl)
+                .args(["agent", "--cleanup", "--config"])
+                .arg(&self.config_path)
+                .arg("--socket")
+                .arg(&self.socket)
+                .output();
         }
     }
 }

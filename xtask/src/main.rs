@@ -45,7 +45,8 @@ enum Cmd {
     Test(Extra),
     /// Set up, build release, then run target/release/anycast-demo with the given args.
     Demo(Extra),
-    /// Set up, build release, then run target/release/anycast-bench with the given args.
+    /// Set up, build release (and anycast-ctl-variant), then run target/release/anycast-bench
+    /// with the given args.
     Bench(Extra),
 }
 
@@ -63,10 +64,11 @@ fn main() -> Result<()> {
     setup()?;
     match cli.cmd {
         Cmd::Setup => Ok(()),
-        Cmd::Build { release } => cargo_build(root, release),
+        Cmd::Build { release } => cargo_build(root, release, release),
         Cmd::Test(extra) => test(root, &extra.args),
-        Cmd::Demo(extra) => run_binary(root, "anycast-demo", &extra.args),
-        Cmd::Bench(extra) => run_binary(root, "anycast-bench", &extra.args),
+        Cmd::Demo(extra) => run_binary(root, "anycast-demo", false, &extra.args),
+        // The bench's restart part upgrades to the variant.
+        Cmd::Bench(extra) => run_binary(root, "anycast-bench", true, &extra.args),
     }
 }
 
@@ -273,11 +275,12 @@ fn setup_bpffs() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // build, test, demo, bench
 
-fn cargo_build(root: &Path, release: bool) -> Result<()> {
+/// Builds the workspace, and anycast-ctl-variant (a release build only) if `variant`.
+fn cargo_build(root: &Path, release: bool, variant: bool) -> Result<()> {
     let mut cmd = cargo(root, "build --workspace");
     cmd.args(release.then_some("--release"));
     run(&mut cmd)?;
-    if release {
+    if release && variant {
         run(&mut variant_build(root))?;
     }
     Ok(())
@@ -332,8 +335,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn run_binary(root: &Path, name: &str, args: &[String]) -> Result<()> {
-    cargo_build(root, true)?;
+fn run_binary(root: &Path, name: &str, variant: bool, args: &[String]) -> Result<()> {
+    cargo_build(root, true, variant)?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root.join("target"), |dir| root.join(dir));
     let bin = target_dir.join("release").join(name);

@@ -7,6 +7,10 @@
 //! directory), done here so that only what deserves attention reaches the outer cargo as
 //! `cargo:warning`: the eBPF crates' compiler warnings and errors and cargo's own warnings,
 //! not a line per crate compiled. When the nested build fails, all of its output is shown.
+//!
+//! anycast-ctl's test-only feature `upgrade-variant` builds anycast-ebpf with its feature of
+//! the same name (for the anycast-ctl-variant binary). A feature, not an environment
+//! variable: cargo keeps each feature set's build apart in the same target directory.
 use std::{
     ffi::OsString,
     io::{BufRead as _, BufReader, Read as _},
@@ -27,6 +31,7 @@ fn main() -> Result<()> {
     // The build-dependency on anycast-ebpf rebuilds us when its library changes; its
     // programs (binaries) need this.
     println!("cargo:rerun-if-changed={}", root.display());
+    let variant = std::env::var_os("CARGO_FEATURE_UPGRADE_VARIANT").is_some();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let endian = std::env::var("CARGO_CFG_TARGET_ENDIAN").context("no target endianness")?;
     let target = match endian.as_str() {
@@ -51,6 +56,12 @@ fn main() -> Result<()> {
             "--target",
             target,
         ])
+        .args(
+            variant
+                .then_some(["--features", "upgrade-variant"])
+                .into_iter()
+                .flatten(),
+        )
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir)
         .current_dir(&root)

@@ -148,7 +148,8 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
+// Public for anycast-ctl-variant, which is this file with another eBPF object.
+pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

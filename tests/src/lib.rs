@@ -1,12 +1,14 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
 //! stopped when their guard drops, waiting on conditions, the demo/e2e topology, the one
 //! packet builder of the data-path fixtures and the benchmarks ([`packet`]), the floods at
-//! the registration port ([`floods`]), and the benchmarks behind `anycast-bench` ([`bench`]).
+//! the registration port ([`floods`]), probes of the agent's controller changing under load
+//! ([`restart`]), and the benchmarks behind `anycast-bench` ([`bench`]).
 pub mod bench;
 pub mod floods;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod restart;
 pub mod routed;
 pub mod topology;
 

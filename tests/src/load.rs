@@ -77,6 +77,17 @@ impl Load {
         crate::logged_between(&self.log, from, to, Duration::from_secs(5))
     }
 
+    /// The failed connections started at or after `t`, each with how long after `t`.
+    pub fn failures_since(&self, t: Instant) -> Vec<String> {
+        self.since(t)
+            .iter()
+            .filter_map(|(at, r)| {
+                let e = r.as_ref().err()?;
+                Some(format!("{:?} after: {e}", at.duration_since(t)))
+            })
+            .collect()
+    }
+
     /// The connections started at or after `t`.
     pub fn since(&self, t: Instant) -> Vec<(Instant, Result<String, String>)> {
         self.log

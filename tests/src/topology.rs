@@ -85,6 +85,8 @@ pub struct Topology {
     pub registration_extra: serde_json::Value,
     /// Extra arguments for every `anycast-ctl server`.
     pub server_args: Vec<String>,
+    /// Whether `start_agent` ran: its instance may have left state pinned in bpffs.
+    agent_started: bool,
 }
 
 impl Topology {
@@ -216,6 +218,7 @@ impl Topology {
             config_extra: serde_json::json!({}),
             registration_extra: serde_json::json!({}),
             server_args: Vec::new(),
+            agent_started: false,
         };
         for i in 1..=servers {
             topo.add_server_ns(prefix, i)?;
@@ -486,15 +489,21 @@ impl Topology {
     }
 
     pub fn start_agent(&mut self, servers: usize) -> Result<()> {
+        self.start_agent_with(servers, &workspace_bin("anycast-ctl")?)
+    }
+
+    /// `start_agent` with another build of anycast-ctl (the control commands stay the
+    /// workspace's).
+    pub fn start_agent_with(&mut self, servers: usize, ctl: &std::path::Path) -> Result<()> {
         self.write_config(servers)?;
-        let ctl = workspace_bin("anycast-ctl")?;
         let config = self.config_path.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
         let mut agent = self.agent.spawn(
             "agent",
-            &ctl,
+            ctl,
             &["agent", "--config", &config, "--socket", &socket],
         )?;
+        self.agent_started = true;
         agent.wait_for_line("agent ready", Duration::from_secs(30))?;
         self.agent_proc = Some(agent);
         Ok(())
@@ -597,6 +606,30 @@ impl Topology {
             SocketAddr::new(IpAddr::V6(ANYCAST_V6), port)
         } else {
             SocketAddr::new(IpAddr::V4(ANYCAST_V4), port)
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // A full stop (SIGTERM) while the namespaces still exist.
+        self.agent_proc = None;
+        if !self.agent_started {
+            return;
+        }
+        // A test that failed after killing or handing off the agent leaves its data path
+        // pinned in bpffs, which outlives the namespaces: remove it (nothing when the agent
+        // stopped fully). Through nsenter, as the agent runs: `ip netns exec` would remount
+        // /sys, and with it hide bpffs.
+        if let Ok(ctl) = workspace_bin("anycast-ctl") {
+            let _ = std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.agent.name))
+                .arg(ctl)
+                .args(["agent", "--cleanup", "--config"])
+                .arg(&self.config_path)
+                .arg("--socket")
+                .arg(&self.socket)
+                .output();
         }
     }
 }

@@ -5,21 +5,23 @@
 //! forwarding from its pinned maps throughout; a restarted controller adopts them (flow
 //! table, counters, slots), has its bindings at once and confirms them within a round trip.
 //! A full stop (SIGTERM) or `agent --cleanup` leaves nothing pinned and the original sysctl
-//! values restored. Runs as root.
+//! values restored. An upgrade to another build of the agent program (the test-only
+//! `upgrade-variant` build) and back, under the same load, loses nothing either. Runs as
+//! root.
 use std::{
     collections::BTreeSet,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use anycast_tests::{
     load::Load,
-    topology::{Held, ServerMode, Topology, HTTP_PORT, UDP_PORT},
-    wait_until,
+    restart::{
+        all_confirmed, attached_tag, binding_seqs, logged_tags, tcp_retransmits, variant_bin,
+        Probes, Tally,
+    },
+    topology::{Held, ServerMode, Topology, HTTP_PORT},
+    wait_until, workspace_bin,
 };
 
 /// Long enough that bindings outlive the controller's absence; servers refresh only at
@@ -28,100 +30,6 @@ const LIFETIME: u64 = 120;
 
 /// How long the controller stays dead.
 const DEAD_FOR: Duration = Duration::from_secs(10);
-
-/// One UDP question every 5 ms from the client, each answered or counted lost (one try,
-/// 300 ms), plus the long-lived connections asked every 20 ms.
-struct Probes {
-    stop: Arc<AtomicBool>,
-    udp_sent: Arc<AtomicU64>,
-    udp_lost: Arc<AtomicU64>,
-    held_errors: Arc<std::sync::Mutex<Vec<String>>>,
-    held_asked: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Probes {
-    fn start(topo: &Topology, held: Vec<Held>) -> Probes {
-        let stop = Arc::new(AtomicBool::new(false));
-        let udp_sent = Arc::new(AtomicU64::new(0));
-        let udp_lost = Arc::new(AtomicU64::new(0));
-        let held_errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let held_asked = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
-        let client = topo.clients[0].name.clone();
-        let (s, sent, lost) = (stop.clone(), udp_sent.clone(), udp_lost.clone());
-        threads.push(std::thread::spawn(move || {
-            let ns = anycast_tests::netns::Netns { name: client };
-            let _ = ns.in_ns(move || {
-                let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-                sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-                let to = Topology::anycast(false, UDP_PORT);
-                let mut buf = [0u8; 512];
-                // Bounded: at most ten minutes of questions.
-                for _ in 0..120_000 {
-                    if s.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    sent.fetch_add(1, Ordering::SeqCst);
-                    sock.send_to(b"who\n", to)?;
-                    if sock.recv_from(&mut buf).is_err() {
-                        lost.fetch_add(1, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(())
-            });
-            std::mem::forget(ns);
-        }));
-        let (s, errors, asked) = (stop.clone(), held_errors.clone(), held_asked.clone());
-        threads.push(std::thread::spawn(move || {
-            let mut held = held;
-            for _ in 0..30_000 {
-                if s.load(Ordering::SeqCst) {
-                    break;
-                }
-                for h in &mut held {
-                    asked.fetch_add(1, Ordering::SeqCst);
-                    match h.ask() {
-                        Ok(name) if name == h.server => {}
-                        Ok(name) => errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} answered as {name}", h.server)),
-                        Err(e) => errors.lock().unwrap().push(format!("{}: {e:#}", h.server)),
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }));
-        Probes {
-            stop,
-            udp_sent,
-            udp_lost,
-            held_errors,
-            held_asked,
-            threads,
-        }
-    }
-
-    /// (UDP questions sent, lost, long-lived asks, their errors) so far.
-    fn counts(&self) -> (u64, u64, u64, Vec<String>) {
-        (
-            self.udp_sent.load(Ordering::SeqCst),
-            self.udp_lost.load(Ordering::SeqCst),
-            self.held_asked.load(Ordering::SeqCst),
-            self.held_errors.lock().unwrap().clone(),
-        )
-    }
-
-    fn finish(mut self) -> (u64, u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        self.counts()
-    }
-}
 
 /// Every flow the agent lists, as (client, client port, address, port, protocol, slot).
 fn flows(topo: &Topology) -> anyhow::Result<BTreeSet<String>> {
@@ -138,22 +46,6 @@ fn flows(topo: &Topology) -> anyhow::Result<BTreeSet<String>> {
                 f["port"],
                 f["protocol"],
                 f["server_slot"]
-            )
-        })
-        .collect())
-}
-
-/// Each binding's server and sequence number.
-fn binding_seqs(topo: &Topology) -> anyhow::Result<Vec<(String, u64)>> {
-    let b = topo.bindings()?;
-    Ok(b["bindings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|x| {
-            (
-                format!("{} {}", x["server"].as_str().unwrap_or("?"), x["real"]),
-                x["seq"].as_u64().unwrap_or(0),
             )
         })
         .collect())
@@ -178,25 +70,6 @@ fn ip_forward(topo: &Topology) -> anyhow::Result<String> {
         .exec("cat", &["/proc/sys/net/ipv4/ip_forward"])?
         .trim()
         .to_string())
-}
-
-fn failures_since(load: &Load, t: Instant) -> Vec<String> {
-    load.log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(at, r)| *at >= t && r.is_err())
-        .map(|(at, r)| format!("{:?} after: {:?}", at.duration_since(t), r))
-        .collect()
-}
-
-fn connections_since(load: &Load, t: Instant) -> usize {
-    load.log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(at, _)| *at >= t)
-        .count()
 }
 
 #[test]
@@ -227,9 +100,9 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
         .collect::<anyhow::Result<_>>()?;
     let load = Load::start(&topo.clients[0].name, Duration::from_millis(5));
-    let probes = Probes::start(&topo, held);
+    let probes = Probes::start(&topo.clients[0].name, held);
     wait_until("connections flowing", Duration::from_secs(10), || {
-        Ok(connections_since(&load, Instant::now() - Duration::from_secs(5)) >= 20)
+        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
     })?;
 
     // SIGKILL: the data path keeps forwarding from the pinned maps.
@@ -242,36 +115,44 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         .expect("agent runs")
         .stop_with(libc::SIGKILL, Duration::from_secs(5))?;
     topo.agent_proc = None;
-    let (udp_sent0, udp_lost0, asked0, _) = probes.counts();
+    // Measuring: the controller stays dead for this whole window.
     std::thread::sleep(DEAD_FOR);
-    let dead = failures_since(&load, killed);
-    let made_dead = connections_since(&load, killed);
-    let (udp_sent1, udp_lost1, asked1, errors1) = probes.counts();
+    let made: Vec<_> = load.between(killed, killed + DEAD_FOR)?;
+    let dead: Vec<_> = made.iter().filter(|r| r.is_err()).collect();
+    let t = probes.between(killed, killed + DEAD_FOR)?;
     println!(
-        "controller dead {DEAD_FOR:?}: {made_dead} connections ({} failed), {} UDP questions \
+        "controller dead {DEAD_FOR:?}: {} connections ({} failed), {} UDP questions \
          ({} lost), {} asks on long-lived connections ({} errors)",
+        made.len(),
         dead.len(),
-        udp_sent1 - udp_sent0,
-        udp_lost1 - udp_lost0,
-        asked1 - asked0,
-        errors1.len()
+        t.udp_sent,
+        t.udp_lost,
+        t.asked,
+        t.held_errors.len()
     );
-    assert!(made_dead >= 200, "the client kept connecting: {made_dead}");
+    assert!(
+        made.len() >= 200,
+        "the client kept connecting: {}",
+        made.len()
+    );
     assert!(
         dead.is_empty(),
         "connections failed while the controller was dead: {dead:?}"
     );
+    assert!(t.udp_sent >= 200, "questions were asked: {}", t.udp_sent);
     assert_eq!(
-        udp_lost1, udp_lost0,
+        t.udp_lost, 0,
         "UDP questions lost while the controller was dead"
     );
     assert!(
-        asked1 - asked0 >= 300,
-        "long-lived connections made progress"
+        t.asked >= 300,
+        "long-lived connections made progress: {}",
+        t.asked
     );
     assert!(
-        errors1.is_empty(),
-        "long-lived connections broke: {errors1:?}"
+        t.held_errors.is_empty(),
+        "long-lived connections broke: {:?}",
+        t.held_errors
     );
     assert!(pins.join("maps").exists() && xdp_attached(&topo)?);
 
@@ -302,11 +183,7 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
     assert_eq!(active.len(), 3, "bindings restored at once: {active:?}");
     let confirm = Instant::now();
     wait_until("every binding confirmed", Duration::from_secs(5), || {
-        let now = binding_seqs(&topo)?;
-        Ok(now.len() == seqs_before.len()
-            && now
-                .iter()
-                .all(|(k, s)| seqs_before.iter().any(|(k0, s0)| k0 == k && s != s0)))
+        Ok(all_confirmed(&seqs_before, &binding_seqs(&topo)?))
     })?;
     let confirmed = confirm.elapsed();
     println!("every binding confirmed {confirmed:?} after the agent was ready");
@@ -320,7 +197,8 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         "packets found no server around the restart (counters are kept across it)"
     );
 
-    // Handoff (SIGUSR2) and a new controller swapping its program into the pinned links.
+    // Handoff (SIGUSR2) and a new controller swapping its program into the pinned links: the
+    // same build, so the same instructions and the same tag.
     let handoff = Instant::now();
     let status = topo
         .agent_proc
@@ -340,22 +218,40 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
         log.contains("replaced the program of the pinned link on eth0"),
         "the new program replaced the old one in the pinned link: {log}"
     );
-    let swapped = failures_since(&load, handoff);
+    for iface in ["eth0", "eth1"] {
+        let (old, new) = logged_tags(&log, iface)
+            .ok_or_else(|| anyhow::anyhow!("no program tags logged for {iface}: {log}"))?;
+        assert_eq!(
+            old.as_deref(),
+            Some(new.as_str()),
+            "the same build's tag on {iface}"
+        );
+        assert_eq!(
+            attached_tag(&topo.agent, iface)?,
+            new,
+            "the kernel's tag on {iface}"
+        );
+    }
+    let swapped = load.failures_since(handoff);
     assert!(
         swapped.is_empty(),
         "connections failed over the handoff: {swapped:?}"
     );
 
     drop(load);
-    let (udp_sent, udp_lost, asked, errors) = probes.finish();
+    let t = probes.finish();
     println!(
-        "whole run: {udp_sent} UDP questions, {udp_lost} lost; {asked} long-lived asks, {} errors",
-        errors.len()
+        "whole run: {} UDP questions, {} lost; {} long-lived asks, {} errors",
+        t.udp_sent,
+        t.udp_lost,
+        t.asked,
+        t.held_errors.len()
     );
-    assert_eq!(udp_lost, 0, "UDP questions lost");
+    assert_eq!(t.udp_lost, 0, "UDP questions lost");
     assert!(
-        errors.is_empty(),
-        "long-lived connections broke: {errors:?}"
+        t.held_errors.is_empty(),
+        "long-lived connections broke: {:?}",
+        t.held_errors
     );
 
     // A full stop after all this: nothing pinned, the original sysctl back (not the value
@@ -375,11 +271,160 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
     Ok(())
 }
 
+/// Connections made after a swap before its period is counted: the new controller has
+/// published and confirmed by then, and traffic has run through its program.
+const AFTER_SWAP: usize = 100;
+
+#[test]
+fn an_upgrade_to_another_build_and_back_loses_nothing() -> anyhow::Result<()> {
+    let normal = workspace_bin("anycast-ctl")?;
+    let variant = variant_bin()?;
+    let mut topo = Topology::build(
+        "acup",
+        1,
+        3,
+        ServerMode::Registering {
+            lifetime_secs: LIFETIME,
+        },
+    )?;
+    topo.start_agent(0)?;
+    let log = topo.agent_proc.as_mut().expect("agent runs").output();
+    let Some((None, first)) = logged_tags(&log, "eth0") else {
+        panic!("a fresh start attaches with its tag logged: {log}");
+    };
+    assert_eq!(attached_tag(&topo.agent, "eth0")?, first);
+    for i in 0..3 {
+        topo.start_server(i)?;
+    }
+    wait_until("three servers registered", Duration::from_secs(30), || {
+        Ok(topo.active_servers()?.len() == 3)
+    })?;
+    let held: Vec<Held> = (0..3)
+        .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
+        .collect::<anyhow::Result<_>>()?;
+    let load = Load::start(&topo.clients[0].name, Duration::from_millis(5));
+    let probes = Probes::start(&topo.clients[0].name, held);
+    wait_until("connections flowing", Duration::from_secs(10), || {
+        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
+    })?;
+    let no_server_before = topo.verdict("drop_no_server")?;
+
+    // Up to the variant, then back: each a handoff (SIGUSR2) and the other build started
+    // with the same configuration, swapping its program into the pinned links.
+    let mut tags = vec![first.clone()];
+    for (build, bin) in [("the variant", &variant), ("the normal build", &normal)] {
+        let retransmitted = tcp_retransmits(&topo.clients[0].name)?;
+        let from = Instant::now();
+        let status = topo
+            .agent_proc
+            .as_mut()
+            .expect("agent runs")
+            .stop_with(libc::SIGUSR2, Duration::from_secs(5))?;
+        topo.agent_proc = None;
+        assert!(status.success(), "handoff exits 0: {status:?}");
+        topo.start_agent_with(0, bin)?;
+        let ready = Instant::now();
+        let log = topo.agent_proc.as_mut().expect("agent runs").output();
+        let was = tags.last().expect("a tag").clone();
+        for iface in ["eth0", "eth1"] {
+            let (old, new) = logged_tags(&log, iface).ok_or_else(|| {
+                anyhow::anyhow!("{build}: no program swapped into {iface}'s link: {log}")
+            })?;
+            assert_eq!(
+                old.as_deref(),
+                Some(was.as_str()),
+                "{build}: the tag it replaced"
+            );
+            assert_ne!(new, was, "{build}: another program, another tag ({iface})");
+            assert_eq!(
+                attached_tag(&topo.agent, iface)?,
+                new,
+                "{build}: the kernel's tag"
+            );
+            if iface == "eth0" {
+                tags.push(new);
+            }
+        }
+        assert_eq!(topo.active_servers()?.len(), 3, "{build}: bindings at once");
+        wait_until(
+            &format!("{AFTER_SWAP} connections through {build}"),
+            Duration::from_secs(20),
+            || Ok(load.since(ready).len() >= AFTER_SWAP),
+        )?;
+        let to = Instant::now();
+        let made = load.between(from, to)?;
+        let failed: Vec<_> = made.iter().filter(|r| r.is_err()).collect();
+        let t: Tally = probes.between(from, to)?;
+        // Printed, not asserted: on this loaded machine a retransmission can also come from
+        // a late ACK; lost questions and failed connections are what is asserted.
+        let retransmits = tcp_retransmits(&topo.clients[0].name)? - retransmitted;
+        println!(
+            "to {build} (tag {}): {:?} from handoff to ready, {} connections ({} failed), {} \
+             UDP questions ({} lost), {} asks on long-lived connections ({} errors), the \
+             client retransmitted {retransmits} TCP segments",
+            tags.last().expect("a tag"),
+            ready - from,
+            made.len(),
+            failed.len(),
+            t.udp_sent,
+            t.udp_lost,
+            t.asked,
+            t.held_errors.len()
+        );
+        assert!(failed.is_empty(), "{build}: connections failed: {failed:?}");
+        assert!(
+            t.udp_sent >= 50,
+            "{build}: questions were asked: {}",
+            t.udp_sent
+        );
+        assert_eq!(t.udp_lost, 0, "{build}: UDP questions lost");
+        assert!(
+            t.asked >= 30,
+            "{build}: long-lived connections made progress"
+        );
+        assert!(
+            t.held_errors.is_empty(),
+            "{build}: long-lived connections broke: {:?}",
+            t.held_errors
+        );
+    }
+    assert_eq!(
+        tags[2], tags[0],
+        "back to the normal build's instructions: {tags:?}"
+    );
+    assert_eq!(
+        topo.verdict("drop_no_server")?,
+        no_server_before,
+        "packets found no server around the upgrades"
+    );
+    drop(load);
+    let t = probes.finish();
+    assert_eq!(t.udp_lost, 0, "UDP questions lost over the whole run");
+    assert!(t.held_errors.is_empty(), "{:?}", t.held_errors);
+    Ok(())
+}
+
 #[test]
 fn cleanup_after_a_crash_and_refusal_of_incompatible_maps() -> anyhow::Result<()> {
     let mut topo = Topology::build("acrc", 1, 2, ServerMode::Static)?;
     let forward_before = ip_forward(&topo)?;
+    // SIGTERM the moment the agent says it is ready: a full stop, not the default action.
     topo.start_agent(2)?;
+    let status = topo
+        .agent_proc
+        .as_mut()
+        .expect("agent runs")
+        .stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+    topo.agent_proc = None;
+    assert!(status.success(), "SIGTERM right after ready: {status:?}");
+    assert!(!xdp_attached(&topo)?, "SIGTERM right after ready detaches");
+    assert_eq!(ip_forward(&topo)?, forward_before);
+    topo.start_agent(2)?;
+    let log = topo.agent_proc.as_mut().expect("agent runs").output();
+    assert!(
+        matches!(logged_tags(&log, "eth0"), Some((None, _))),
+        "a fresh attach, nothing left pinned by the full stop: {log}"
+    );
     let pins = pin_dir(&topo)?;
     topo.agent_proc
         .as_mut()

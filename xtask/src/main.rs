@@ -34,7 +34,8 @@ struct Cli {
 enum Cmd {
     /// Install what this machine lacks (Debian packages, eBPF toolchain, bpf-linker, bpffs).
     Setup,
-    /// Set up, then build the whole workspace (the eBPF object is built by anycast-ctl's build.rs).
+    /// Set up, then build the whole workspace (the eBPF object is built by anycast-ctl's build.rs);
+    /// with --release also anycast-ctl-variant, the test-only build the upgrade test swaps in.
     Build {
         #[arg(long)]
         release: bool,
@@ -44,7 +45,8 @@ enum Cmd {
     Test(Extra),
     /// Set up, build release, then run target/release/anycast-demo with the given args.
     Demo(Extra),
-    /// Set up, build release, then run target/release/anycast-bench with the given args.
+    /// Set up, build release (and anycast-ctl-variant), then run target/release/anycast-bench
+    /// with the given args.
     Bench(Extra),
 }
 
@@ -62,10 +64,11 @@ fn main() -> Result<()> {
     setup()?;
     match cli.cmd {
         Cmd::Setup => Ok(()),
-        Cmd::Build { release } => cargo_build(root, release),
+        Cmd::Build { release } => cargo_build(root, release, release),
         Cmd::Test(extra) => test(root, &extra.args),
-        Cmd::Demo(extra) => run_binary(root, "anycast-demo", &extra.args),
-        Cmd::Bench(extra) => run_binary(root, "anycast-bench", &extra.args),
+        Cmd::Demo(extra) => run_binary(root, "anycast-demo", false, &extra.args),
+        // The bench's restart part upgrades to the variant.
+        Cmd::Bench(extra) => run_binary(root, "anycast-bench", true, &extra.args),
     }
 }
 
@@ -295,10 +298,25 @@ fn setup_bpffs() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // build, test, demo, bench
 
-fn cargo_build(root: &Path, release: bool) -> Result<()> {
+/// Builds the workspace, and anycast-ctl-variant (a release build only) if `variant`.
+fn cargo_build(root: &Path, release: bool, variant: bool) -> Result<()> {
     let mut cmd = cargo(root, "build --workspace");
     cmd.args(release.then_some("--release"));
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if release && variant {
+        run(&mut variant_build(root))?;
+    }
+    Ok(())
+}
+
+/// anycast-ctl-variant: anycast-ctl with the test-only feature that changes the agent
+/// program's instructions, for the upgrade test and the bench. Only anycast-ctl itself and
+/// its eBPF object are built again; the dependencies are the release build's.
+fn variant_build(root: &Path) -> Command {
+    cargo(
+        root,
+        "build --release -p anycast-ctl --features upgrade-variant --bin anycast-ctl-variant",
+    )
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
@@ -321,18 +339,27 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "3 (cargo build)",
             cargo(root, "build --workspace --release"),
         ),
+        (
+            "3b (cargo build: the upgrade test's variant)",
+            variant_build(root),
+        ),
         ("4 (cargo test: unit, BPF_PROG_TEST_RUN, netns)", tests),
     ];
     for (tier, mut cmd) in tiers {
         println!("==> test tier {tier}: {}", describe(&cmd));
+        let started = std::time::Instant::now();
         run(&mut cmd).with_context(|| format!("test tier {tier} failed"))?;
+        println!(
+            "==> test tier {tier} took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     println!("==> all test tiers passed");
     Ok(())
 }
 
-fn run_binary(root: &Path, name: &str, args: &[String]) -> Result<()> {
-    cargo_build(root, true)?;
+fn run_binary(root: &Path, name: &str, variant: bool, args: &[String]) -> Result<()> {
+    cargo_build(root, true, variant)?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root.join("target"), |dir| root.join(dir));
     let bin = target_dir.join("release").join(name);

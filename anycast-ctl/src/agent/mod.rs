@@ -40,7 +40,7 @@ use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, time::Duration};
 use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::{
     net::{UdpSocket, UnixListener, UnixStream},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
 
@@ -54,7 +54,7 @@ use self::{
 use crate::{
     config::Config,
     control_socket::InterfaceStatus,
-    dataplane::Dataplane,
+    dataplane::{show_tag, Attached, Dataplane},
     health::{self, Checker, Transition},
     host::{self, HostChanges},
     model::ServicePlan,
@@ -228,15 +228,20 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         let mut interfaces = Vec::new();
         for (name, &ifindex) in config.interfaces.iter().zip(&ifindexes) {
             let how = dataplane.attach_pinned(name, config.xdp_mode, &instance.links_dir())?;
-            tracing::info!(
-                "{} {name} (ifindex {ifindex}) in {:?} XDP mode",
-                match how {
-                    crate::dataplane::Attached::New => "attached to",
-                    crate::dataplane::Attached::Replaced =>
-                        "replaced the program of the pinned link on",
-                },
-                config.xdp_mode
-            );
+            let mode = config.xdp_mode;
+            // The tags say which build runs: equal for the same build, not for another.
+            match how {
+                Attached::New { tag } => tracing::info!(
+                    "attached to {name} (ifindex {ifindex}) in {mode:?} XDP mode, program tag {}",
+                    show_tag(tag)
+                ),
+                Attached::Replaced { old, new } => tracing::info!(
+                    "replaced the program of the pinned link on {name} (ifindex {ifindex}) in \
+                     {mode:?} XDP mode: program tag {} -> {}",
+                    show_tag(old),
+                    show_tag(new)
+                ),
+            }
             interfaces.push(InterfaceStatus {
                 name: name.clone(),
                 ifindex,
@@ -292,6 +297,10 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         .clone()
         .zip(liveness)
         .map(|(r, l)| routing::RoutingHandle::spawn(&local, r, l));
+    // Caught from before "agent ready": a signal sent as soon as that line is seen would
+    // otherwise meet the default action (death: no full stop, no handoff).
+    let mut hup = signal(SignalKind::hangup())?;
+    let stop = StopSignals::new()?;
     tracing::info!(
         "agent ready: {} services, control socket {}, tables written by {}",
         config.services.len(),
@@ -328,9 +337,8 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             let requests = agent.restore_bindings();
             agent.republish();
             agent.send(requests);
-            let mut hup = signal(SignalKind::hangup())?;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let stop = stop_signal();
+            let stop = stop.recv();
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -430,16 +438,30 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits for a signal to stop: SIGINT or SIGTERM stop fully, SIGUSR2 hands off.
-async fn stop_signal() -> Result<(&'static str, Stop)> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    Ok(tokio::select! {
-        _ = term.recv() => ("SIGTERM", Stop::Full),
-        _ = int.recv() => ("SIGINT", Stop::Full),
-        _ = usr2.recv() => ("SIGUSR2", Stop::Handoff),
-    })
+/// The signals that stop the agent: SIGINT or SIGTERM stop fully, SIGUSR2 hands off. Caught
+/// from `new` on; one that comes before `recv` waits for it.
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+    usr2: Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    async fn recv(mut self) -> Result<(&'static str, Stop)> {
+        Ok(tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", Stop::Full),
+            _ = self.int.recv() => ("SIGINT", Stop::Full),
+            _ = self.usr2.recv() => ("SIGUSR2", Stop::Handoff),
+        })
+    }
 }
 
 /// Removes what a controller of this configuration's instance left behind after a crash

@@ -57,7 +57,7 @@ use loader::take;
 pub use loader::{
     attach, attach_tc_egress, load_object, spawn_ebpf_logger, xdp_mode, Sizes, EBPF_OBJECT,
 };
-pub use pinning::{check_layout, Attached};
+pub use pinning::{check_layout, show_tag, Attached};
 pub use plan::{Installed, InstalledRecord, MapTruth, Op};
 pub use report::{
     coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,

@@ -139,13 +139,32 @@ pub(super) struct HeldLink {
     pub(super) link: FdLink,
 }
 
-/// How an interface got the agent's program.
+/// How an interface got the agent's program, with the kernel's tag of each program involved
+/// (a hash of its instructions: equal for the same build, different for another build).
+/// A tag the kernel would not tell is `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attached {
     /// A new link.
-    New,
+    New { tag: Option<u64> },
     /// This build's program swapped into the link an earlier controller pinned.
-    Replaced,
+    Replaced { old: Option<u64>, new: Option<u64> },
+}
+
+/// A program tag as bpftool prints it: 16 hexadecimal digits, or "unknown".
+pub fn show_tag(tag: Option<u64>) -> String {
+    tag.map_or_else(|| "unknown".to_string(), |t| format!("{t:016x}"))
+}
+
+/// The tag of the program a pinned link runs.
+fn linked_program_tag(link: &FdLink) -> Result<u64> {
+    let id = link.info()?.program_id();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.id() == id {
+            return Ok(info.tag());
+        }
+    }
+    bail!("no loaded program has the id {id}")
 }
 
 impl Dataplane {
@@ -168,10 +187,26 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("the kernel refused to load {}", programs::AGENT))?;
         }
+        let tag = match prog.info() {
+            Ok(info) => Some(info.tag()),
+            Err(e) => {
+                tracing::warn!("reading the tag of {}: {e}", programs::AGENT);
+                None
+            }
+        };
         if pin.exists() {
+            let mut old = None;
             let replaced = PinnedLink::from_pin(&pin)
                 .map_err(anyhow::Error::from)
-                .and_then(|p| Ok(XdpLink::try_from(FdLink::from(p))?))
+                .map(FdLink::from)
+                .inspect(|link| match linked_program_tag(link) {
+                    Ok(t) => old = Some(t),
+                    Err(e) => tracing::warn!(
+                        "reading the tag of the program the link {} runs: {e:#}",
+                        pin.display()
+                    ),
+                })
+                .and_then(|l| Ok(XdpLink::try_from(l)?))
                 .and_then(|l| Ok(prog.attach_to_link(l)?))
                 .and_then(|id| Ok(FdLink::try_from(prog.take_link(id)?)?));
             match replaced {
@@ -181,7 +216,7 @@ impl Dataplane {
                         pin: Some(pin),
                         link,
                     });
-                    return Ok(Attached::Replaced);
+                    return Ok(Attached::Replaced { old, new: tag });
                 }
                 Err(e) => {
                     // The interface went away meanwhile (the link is defunct), or the pin
@@ -209,7 +244,7 @@ impl Dataplane {
             pin: Some(pin),
             link: pinned.into(),
         });
-        Ok(Attached::New)
+        Ok(Attached::New { tag })
     }
 
     /// Detaches every interface: removes the links' pins, then closes them.

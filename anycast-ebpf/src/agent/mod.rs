@@ -31,9 +31,21 @@ use select::{choose_server, flow_clock_now, lookup_service, pinned_server};
 
 #[xdp]
 pub fn anycast_agent(ctx: XdpContext) -> u32 {
+    #[cfg(feature = "upgrade-variant")]
+    variant_marker(&ctx);
     let (action, reason) = forward(&ctx);
     count(reason);
     action
+}
+
+/// The upgrade-variant build's only difference: one context read whose value is discarded.
+/// Volatile, so the compiler keeps it and the program's instructions differ; it touches no
+/// map and changes no verdict.
+#[cfg(feature = "upgrade-variant")]
+#[inline(always)]
+fn variant_marker(ctx: &XdpContext) {
+    // SAFETY: the kernel's xdp_md, readable for the whole run of the program.
+    let _ = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ctx).rx_queue_index)) };
 }
 
 /// The pipeline: returns the XDP action and the verdict to count.

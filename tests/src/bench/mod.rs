@@ -1,6 +1,6 @@
 //! The benchmarks behind `anycast-bench` (run as root by `cargo xtask bench`): per-packet
-//! cost, forwarding rate, TCP throughput, control plane, failover, map memory and floods at
-//! the registration port.
+//! cost, forwarding rate, TCP throughput, control plane, failover, map memory, floods at
+//! the registration port and the controller's death, restart and upgrade under load.
 //!
 //! Prints a Markdown table per part and writes the whole report as JSON. Every figure stands
 //! beside a baseline measured in the same run: on a shared machine the ratios are what
@@ -17,6 +17,7 @@ pub mod packets;
 pub mod perpacket;
 pub mod rate;
 pub mod report;
+pub mod restart;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -35,6 +36,7 @@ const PARTS: &[&str] = &[
     "failover",
     "memory",
     "floods",
+    "restart",
 ];
 
 /// Order of the sections in the output.
@@ -47,6 +49,7 @@ const ORDER: &[&str] = &[
     "failover",
     "memory",
     "floods",
+    "restart",
 ];
 
 /// The anycast load balancer's benchmarks, as root (`cargo xtask bench`); by default every
@@ -61,7 +64,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = "target/bench.json")]
     pub json: PathBuf,
     /// Comma-separated subset of: packet, profile, rate, iperf, scale, control,
-    /// registration, failover, memory, floods.
+    /// registration, failover, memory, floods, restart.
     #[arg(long, value_name = "PARTS", value_delimiter = ',', value_parser = part)]
     pub only: Option<Vec<String>>,
     /// Instead: run only the agent program on one case (hit4, miss4, hit6, miss6, 4in6,
@@ -258,6 +261,12 @@ pub fn main(args: Args) {
         let step = Instant::now();
         eprintln!("== floods at the registration port");
         results.push(("floods", floods::floods(quick)));
+        eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
+    }
+    if want("restart") {
+        let step = Instant::now();
+        eprintln!("== controller death, restart and upgrade under load");
+        results.push(("restart", restart::restart(quick)));
         eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
     }
 

@@ -16,8 +16,10 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
+    load::Load,
     netns::Netns,
-    topology::{Held, Topology, UDP_PORT},
+    topology::{Held, Topology, HTTP_PORT, UDP_PORT},
+    wait_until,
 };
 
 /// Pause between UDP questions.
@@ -166,6 +168,30 @@ impl Drop for Probes {
 }
 
 /// Each binding's server and real address, with its sequence number.
+/// Starts the three registering servers and waits for their bindings, then the client's
+/// traffic: a new connection every `connect_every`, UDP questions and three long-lived
+/// connections ([`Probes`]); returns once connections are flowing.
+pub fn start_servers_and_traffic(
+    topo: &mut Topology,
+    connect_every: Duration,
+) -> Result<(Load, Probes)> {
+    for i in 0..3 {
+        topo.start_server(i)?;
+    }
+    wait_until("three servers registered", Duration::from_secs(30), || {
+        Ok(topo.active_servers()?.len() == 3)
+    })?;
+    let held: Vec<Held> = (0..3)
+        .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
+        .collect::<Result<_>>()?;
+    let load = Load::start(&topo.clients[0].name, connect_every);
+    let probes = Probes::start(&topo.clients[0].name, held);
+    wait_until("connections flowing", Duration::from_secs(10), || {
+        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
+    })?;
+    Ok((load, probes))
+}
+
 pub fn binding_seqs(topo: &Topology) -> Result<Vec<(String, u64)>> {
     let b = topo.bindings()?;
     Ok(b["bindings"]

@@ -336,7 +336,7 @@ impl Routed {
             "{}-a{n}",
             self.dir.file_name().unwrap_or_default().to_string_lossy()
         ));
-        remove_pins(&pins);
+        crate::topology::remove_pins(&pins);
         let mut routing = serde_json::json!({
             "local_as": AGENT_AS,
             "neighbors": [{"address": format!("10.73.1{n}.1"), "as": ROUTER_AS},
@@ -554,18 +554,6 @@ pub fn running(pid: u32) -> bool {
                 .map(|(_, rest)| rest.trim_start().to_string())
         })
         .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-}
-
-fn remove_pins(dir: &Path) {
-    for sub in ["links", "maps"] {
-        if let Ok(entries) = fs::read_dir(dir.join(sub)) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        let _ = fs::remove_dir(dir.join(sub));
-    }
-    let _ = fs::remove_dir(dir);
 }
 
 /// Fails unless every outcome succeeded, naming the failures.

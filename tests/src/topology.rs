@@ -631,6 +631,7 @@ impl Drop for Topology {
                 .arg(&self.socket)
                 .output();
         }
+        remove_pins(&self.pin_directory());
     }
 }
 
@@ -760,6 +761,10 @@ pub fn remove_pins(dir: &Path) {
         let _ = fs::remove_dir(dir.join(sub));
     }
     let _ = fs::remove_dir(dir);
+    // The tests' root, once no topology uses it.
+    if let Some(root) = dir.parent() {
+        let _ = fs::remove_dir(root);
+    }
 }
 
 /// Sets every key of `extra` (an object) in `into`.

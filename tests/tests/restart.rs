@@ -15,12 +15,11 @@ use std::{
 };
 
 use anycast_tests::{
-    load::Load,
     restart::{
-        all_confirmed, attached_tag, binding_seqs, logged_tags, tcp_retransmits, variant_bin,
-        Probes, Tally,
+        all_confirmed, attached_tag, binding_seqs, logged_tags, start_servers_and_traffic,
+        tcp_retransmits, variant_bin, Tally,
     },
-    topology::{Held, ServerMode, Topology, HTTP_PORT},
+    topology::{ServerMode, Topology},
     wait_until, workspace_bin,
 };
 
@@ -89,21 +88,8 @@ fn a_killed_agent_keeps_forwarding_and_a_restart_adopts_its_state() -> anyhow::R
     });
     let forward_before = ip_forward(&topo)?;
     topo.start_agent(0)?;
-    for i in 0..3 {
-        topo.start_server(i)?;
-    }
-    wait_until("three servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 3)
-    })?;
+    let (load, probes) = start_servers_and_traffic(&mut topo, Duration::from_millis(5))?;
     let pins = pin_dir(&topo)?;
-    let held: Vec<Held> = (0..3)
-        .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
-        .collect::<anyhow::Result<_>>()?;
-    let load = Load::start(&topo.clients[0].name, Duration::from_millis(5));
-    let probes = Probes::start(&topo.clients[0].name, held);
-    wait_until("connections flowing", Duration::from_secs(10), || {
-        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
-    })?;
 
     // SIGKILL: the data path keeps forwarding from the pinned maps.
     let flows_before = flows(&topo)?;
@@ -293,20 +279,7 @@ fn an_upgrade_to_another_build_and_back_loses_nothing() -> anyhow::Result<()> {
         panic!("a fresh start attaches with its tag logged: {log}");
     };
     assert_eq!(attached_tag(&topo.agent, "eth0")?, first);
-    for i in 0..3 {
-        topo.start_server(i)?;
-    }
-    wait_until("three servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 3)
-    })?;
-    let held: Vec<Held> = (0..3)
-        .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
-        .collect::<anyhow::Result<_>>()?;
-    let load = Load::start(&topo.clients[0].name, Duration::from_millis(5));
-    let probes = Probes::start(&topo.clients[0].name, held);
-    wait_until("connections flowing", Duration::from_secs(10), || {
-        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
-    })?;
+    let (load, probes) = start_servers_and_traffic(&mut topo, Duration::from_millis(5))?;
     let no_server_before = topo.verdict("drop_no_server")?;
 
     // Up to the variant, then back: each a handoff (SIGUSR2) and the other build started

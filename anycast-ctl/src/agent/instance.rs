@@ -247,6 +247,10 @@ impl Instance {
             let _ = std::fs::remove_dir(&dir);
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
+        // The default root the agent made, once no instance uses it.
+        if self.pin_dir.parent() == Some(Path::new(PIN_ROOT)) {
+            let _ = std::fs::remove_dir(PIN_ROOT);
+        }
         Ok(removed)
     }
 

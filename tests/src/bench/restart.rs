@@ -10,12 +10,12 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use crate::{
-    load::Load,
     restart::{
-        all_confirmed, binding_seqs, logged_tags, tcp_retransmits, variant_bin, Probes, Tally,
+        all_confirmed, binding_seqs, logged_tags, start_servers_and_traffic, tcp_retransmits,
+        variant_bin, Tally,
     },
-    topology::{Held, ServerMode, Topology, HTTP_PORT},
-    wait_until, workspace_bin,
+    topology::{ServerMode, Topology},
+    workspace_bin,
 };
 
 use super::report::{median, Row, Section};
@@ -148,20 +148,7 @@ fn measure(topo: &mut Topology, quick: bool) -> Result<Measured> {
             stop(topo, libc::SIGTERM)?;
         }
     }
-    for i in 0..3 {
-        topo.start_server(i)?;
-    }
-    wait_until("three servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 3)
-    })?;
-    let held: Vec<Held> = (0..3)
-        .map(|_| topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT))))
-        .collect::<Result<_>>()?;
-    let load = Load::start(&topo.clients[0].name, CONNECT_EVERY);
-    let probes = Probes::start(&topo.clients[0].name, held);
-    wait_until("connections flowing", Duration::from_secs(10), || {
-        Ok(load.since(Instant::now() - Duration::from_secs(5)).len() >= 20)
-    })?;
+    let (load, probes) = start_servers_and_traffic(topo, CONNECT_EVERY)?;
     let client = topo.clients[0].name.clone();
     let mut retransmitted = tcp_retransmits(&client)?;
     // Windows follow one another: the counter's growth since the last window's end.

@@ -332,10 +332,7 @@ impl Routed {
             .map(|i| serde_json::json!({"name": format!("s{i}"), "address": format!("fd73:2::{}", 10 + i)}))
             .collect();
         let a = &self.agents[k];
-        let pins = Path::new("/sys/fs/bpf/anycast-tests").join(format!(
-            "{}-a{n}",
-            self.dir.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let pins = self.pin_directory(n);
         crate::topology::remove_pins(&pins);
         let mut routing = serde_json::json!({
             "local_as": AGENT_AS,
@@ -366,6 +363,14 @@ impl Routed {
         });
         fs::write(&a.config, serde_json::to_string_pretty(&config)?)?;
         Ok(())
+    }
+
+    /// Agent `n`'s (from 1) pinned maps and links.
+    fn pin_directory(&self, n: usize) -> PathBuf {
+        Path::new("/sys/fs/bpf/anycast-tests").join(format!(
+            "{}-a{n}",
+            self.dir.file_name().unwrap_or_default().to_string_lossy()
+        ))
     }
 
     pub fn start_agent(&mut self, k: usize) -> Result<()> {
@@ -536,6 +541,16 @@ impl RouteMonitor {
 fn mentions(line: &str, addr: &str) -> bool {
     let l = line.strip_prefix("Deleted ").unwrap_or(line);
     l.split_whitespace().next() == Some(addr)
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        // Agents stop fully first (SIGTERM), then whatever a test that killed one left.
+        for k in 0..self.agents.len() {
+            self.agents[k].agent = None;
+            crate::topology::remove_pins(&self.pin_directory(k + 1));
+        }
+    }
 }
 
 impl Drop for RouteMonitor {

@@ -42,7 +42,11 @@ pub(super) fn table_inputs_digest(
     registry: &Registry,
     down: &BTreeSet<HealthEntry>,
 ) -> (u32, [u8; 32]) {
-    let (n, bindings) = registry.inputs_digest();
+    with_health(registry.inputs_digest(), down)
+}
+
+/// The bindings' digest, extended by the real addresses of bindings down in the tables.
+fn with_health((n, bindings): (u32, [u8; 32]), down: &BTreeSet<HealthEntry>) -> (u32, [u8; 32]) {
     if down.is_empty() {
         return (n, bindings);
     }
@@ -164,5 +168,60 @@ impl Agent {
             }
             b.down_by = by.into_iter().collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use anycast_common::maps::ServiceKey;
+
+    use super::*;
+    use crate::model::Candidate;
+
+    fn e(real: &str) -> HealthEntry {
+        HealthEntry {
+            anycast: "10.0.100.1".parse().unwrap(),
+            protocol: 6,
+            port: 80,
+            real: real.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn only_confirmed_downs_are_shared_and_the_digest_follows_them_not_their_order() {
+        let candidate = |real: &str, condition| Candidate {
+            name: "s".into(),
+            address: real.parse().unwrap(),
+            weight: 1,
+            priority: 0,
+            condition,
+            draining: false,
+        };
+        let plan = ServicePlan {
+            name: "web".into(),
+            key: ServiceKey::new("10.0.100.1".parse().unwrap(), 6, 80),
+            candidates: vec![
+                candidate("10.0.2.11", Condition::Down),
+                candidate("10.0.2.12", Condition::Suspect),
+                candidate("10.0.2.13", Condition::Up),
+            ],
+            preferences: Vec::new(),
+        };
+        assert_eq!(down_in(&[plan]), BTreeSet::from([e("10.0.2.11")]));
+        let base = (3, [7; 32]);
+        assert_eq!(
+            with_health(base, &BTreeSet::new()),
+            base,
+            "nothing down: as before"
+        );
+        let one = with_health(base, &BTreeSet::from([e("10.0.2.11")]));
+        assert_ne!(one, base);
+        assert_eq!(one.0, 3);
+        let two = with_health(base, &BTreeSet::from([e("10.0.2.12"), e("10.0.2.11")]));
+        assert_eq!(
+            two,
+            with_health(base, &BTreeSet::from([e("10.0.2.11"), e("10.0.2.12")]))
+        );
+        assert_ne!(two, one);
     }
 }

@@ -40,6 +40,10 @@ use crate::registration::agent::Reply;
 pub const MAX_HEALTH_ENTRIES: usize = 48;
 /// Digest intervals without a re-sent list after which a peer's marks lapse.
 pub const LAPSE_INTERVALS: u32 = 3;
+/// Mark transitions logged per peer per second; beyond, counted
+/// (`relay_health_logs_suppressed`) and summed up in one line: a peer that keeps changing
+/// its list cannot flood the log.
+const LOG_LINES_PER_SECOND: u32 = 20;
 const ENTRY_LEN: usize = 35;
 
 /// One real address of one service, as health envelopes name it.
@@ -97,6 +101,30 @@ pub(super) struct PeerMarks {
     pub down: BTreeSet<HealthEntry>,
     /// When its last health envelope was taken.
     pub heard: Option<Instant>,
+    /// Log lines in the current second: (its start, lines, suppressed).
+    log_window: Option<(Instant, u32, u64)>,
+}
+
+impl PeerMarks {
+    /// Whether one more transition line may be logged now.
+    fn may_log(&mut self, peer: &str, now: Instant) -> bool {
+        let (start, lines, suppressed) = self.log_window.get_or_insert((now, 0, 0));
+        if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+            if *suppressed > 0 {
+                tracing::warn!(
+                    "relay: {suppressed} more health mark changes from peer '{peer}' were not \
+                     logged"
+                );
+            }
+            (*start, *lines, *suppressed) = (now, 0, 0);
+        }
+        *lines += 1;
+        if *lines > LOG_LINES_PER_SECOND {
+            *suppressed += 1;
+            return false;
+        }
+        true
+    }
 }
 
 /// One real address held down, for `bindings --json` and `status --json`.
@@ -176,9 +204,14 @@ impl Relay {
         let old = std::mem::take(&mut p.marks.down);
         p.marks.down = new.keys().copied().collect();
         let mut changed = false;
+        let mut suppressed = 0;
         for (e, server) in &new {
             if !old.contains(e) {
                 changed = true;
+                if !p.marks.may_log(&p.id, now) {
+                    suppressed += 1;
+                    continue;
+                }
                 tracing::warn!(
                     "server {server} {} real address down by peer '{}' ({} {}/{})",
                     e.real,
@@ -189,8 +222,13 @@ impl Relay {
                 );
             }
         }
-        for e in old.difference(&p.marks.down) {
+        let lifted: Vec<HealthEntry> = old.difference(&p.marks.down).copied().collect();
+        for e in lifted {
             changed = true;
+            if !p.marks.may_log(&p.id, now) {
+                suppressed += 1;
+                continue;
+            }
             tracing::info!(
                 "{} real address up again at peer '{}' ({} {}/{}): no longer held down by it",
                 e.real,
@@ -199,6 +237,9 @@ impl Relay {
                 proto_name(e.protocol),
                 e.port
             );
+        }
+        for _ in 0..suppressed {
+            self.count("relay_health_logs_suppressed");
         }
         changed
     }

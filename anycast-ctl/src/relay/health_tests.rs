@@ -296,3 +296,24 @@ fn a_list_from_an_unknown_peer_name_marks_nothing() {
     assert!(!b.take_health("c", &[entry("10.0.2.11")], known, Instant::now()));
     assert!(b.peer_marks().is_empty());
 }
+
+#[test]
+fn a_peer_changing_its_list_cannot_flood_the_log() {
+    let mut b = relay("b", "a", "10.0.0.1");
+    let t0 = Instant::now();
+    let many: Vec<HealthEntry> = (0..30).map(|i| entry(&format!("10.0.2.{i}"))).collect();
+    assert!(b.take_health("a", &many, known, t0));
+    // 20 lines a second; the other 10 marks are made, only not logged one by one.
+    assert_eq!(b.peer_marks().len(), 30);
+    let counted = |b: &Relay| {
+        b.report((0, [0; 32]), t0)
+            .counters
+            .get("relay_health_logs_suppressed")
+            .copied()
+    };
+    assert_eq!(counted(&b), Some(10));
+    // A second later, the budget is back.
+    assert!(b.take_health("a", &many[..10], known, t0 + Duration::from_secs(1)));
+    assert_eq!(b.peer_marks().len(), 10);
+    assert_eq!(counted(&b), Some(10));
+}

@@ -225,11 +225,11 @@ fn a_failure_one_agent_confirms_is_dropped_by_both_and_lapses_when_it_dies() -> 
             && more("relay_health_unknown"))
     })?;
     let after = b.ctl_json("bindings")?;
+    // A's own lists (it holds nothing down, so it sends none) cannot add to these.
     for c in [
         "relay_refused_unknown_peer",
         "relay_refused_auth",
         "relay_health_unknown",
-        "relay_received_health",
     ] {
         assert_eq!(
             relay_counter(&after, c) - relay_counter(&before, c),
@@ -237,6 +237,10 @@ fn a_failure_one_agent_confirms_is_dropped_by_both_and_lapses_when_it_dies() -> 
             "{c}"
         );
     }
+    assert!(
+        relay_counter(&after, "relay_received_health")
+            > relay_counter(&before, "relay_received_health")
+    );
     assert_eq!(held_down_count(&after), 0, "nothing marked: {after:#}");
 
     // s1's IPv4 real address unreachable from A only.
@@ -345,11 +349,9 @@ fn a_failure_one_agent_confirms_is_dropped_by_both_and_lapses_when_it_dies() -> 
         lapse.as_secs_f64() * 1e3
     );
     let interval = Duration::from_millis(DIGEST_INTERVAL_MS);
-    // A re-sent its list at most one interval before it died.
-    assert!(
-        lapse >= interval * 2 - Duration::from_millis(50),
-        "{lapse:?}"
-    );
+    // Three intervals after A's last list, which came about one interval or less before
+    // it died (more only if A's ticks were late): not at once.
+    assert!(lapse >= interval, "{lapse:?}");
     assert!(
         lapse <= interval * 3 + Duration::from_millis(500),
         "{lapse:?}"

@@ -251,6 +251,22 @@ fn render_relay(out: &mut String, relay: &crate::relay::RelayReport) {
             p.bindings.map_or("?".to_string(), |n| n.to_string())
         );
     }
+    for h in &relay.held_down {
+        let _ = writeln!(
+            out,
+            "  held down: {} {} for {} {}/{} by {}",
+            h.server.as_deref().unwrap_or("?"),
+            h.entry.real,
+            h.entry.anycast,
+            match h.entry.protocol {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                p => p.to_string(),
+            },
+            h.entry.port,
+            h.down_by.join(", ")
+        );
+    }
     let _ = write!(out, "relay counters:");
     for (name, n) in &relay.counters {
         let _ = write!(out, " {name}={n}");

@@ -1,7 +1,8 @@
 //! Test support: network namespaces that clean up after themselves, processes that are
 //! stopped when their guard drops, waiting on conditions, the demo/e2e topology, the one
 //! packet builder of the data-path fixtures and the benchmarks ([`packet`]), the floods at
-//! the registration port ([`floods`]), probes of the agent's controller changing under load
+//! the registration port ([`floods`]), a second agent for the binding sync tests
+//! ([`second_agent`]), probes of the agent's controller changing under load
 //! ([`restart`]), and the benchmarks behind `anycast-bench` ([`bench`]).
 pub mod bench;
 pub mod floods;
@@ -10,6 +11,7 @@ pub mod netns;
 pub mod packet;
 pub mod restart;
 pub mod routed;
+pub mod second_agent;
 pub mod topology;
 
 use std::{

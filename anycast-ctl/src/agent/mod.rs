@@ -33,6 +33,7 @@ mod instance;
 mod registration_io;
 mod route_events;
 mod routing;
+mod shared_health;
 mod state;
 
 use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, time::Duration};
@@ -325,6 +326,8 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         relay,
         relay_senders,
         routing,
+        own_down: Default::default(),
+        down_inputs: Default::default(),
     };
     agent
         .checker

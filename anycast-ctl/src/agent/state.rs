@@ -12,6 +12,7 @@ use std::{
 use anycast_common::wire;
 use anyhow::{anyhow, bail, Result};
 
+use super::shared_health::table_inputs_digest;
 use super::{
     control::Answer,
     registration_io::{Datagram, NotQueued, ReplySender},
@@ -110,6 +111,11 @@ pub(super) struct Agent {
     pub(super) relay_senders: Vec<ReplySender>,
     /// The routing task's end, when the configuration has a `routing` section.
     pub(super) routing: Option<super::routing::RoutingHandle>,
+    /// Real addresses this agent holds down by its own observation (as last published).
+    pub(super) own_down: std::collections::BTreeSet<crate::relay::HealthEntry>,
+    /// Real addresses of bindings down in the published tables (here or by a peer's mark):
+    /// part of the digest the agents compare.
+    pub(super) down_inputs: std::collections::BTreeSet<crate::relay::HealthEntry>,
 }
 
 pub(super) fn log_services(config: &Config) {
@@ -127,8 +133,17 @@ pub(super) fn log_services(config: &Config) {
 
 impl Agent {
     /// The forwarding state: configured services plus what the live bindings bring, with
-    /// operator drains applied, then selection (tiers, weights, conditions).
+    /// operator drains, this agent's health and the peers' marks applied, then selection
+    /// (tiers, weights, conditions).
     fn forwarding(&self) -> Vec<DesiredService> {
+        let mut plans = self.own_plans();
+        self.apply_peer_marks(&mut plans);
+        plans.iter().map(ServicePlan::select).collect()
+    }
+
+    /// Configured services plus what the live bindings bring, with operator drains and this
+    /// agent's own health observations (not the peers' marks).
+    fn own_plans(&self) -> Vec<ServicePlan> {
         let mut plans = self.service_plans();
         let checks = self.config.all_checks();
         let checker = self.checker.borrow();
@@ -171,11 +186,11 @@ impl Agent {
                 }
             }
         }
-        plans.iter().map(ServicePlan::select).collect()
+        plans
     }
 
     /// Configured services plus those the live bindings bring, before health and drains.
-    fn service_plans(&self) -> Vec<ServicePlan> {
+    pub(super) fn service_plans(&self) -> Vec<ServicePlan> {
         let configured = self.config.service_plans();
         match &self.registry {
             Some(r) => r.plan(&configured),
@@ -228,7 +243,11 @@ impl Agent {
 
     pub(super) fn republish(&mut self) {
         self.update_targets();
-        let forwarding = self.forwarding();
+        let mut plans = self.own_plans();
+        let own = super::shared_health::down_in(&plans);
+        self.apply_peer_marks(&mut plans);
+        let forwarding: Vec<DesiredService> = plans.iter().map(ServicePlan::select).collect();
+        self.share_health(own, &plans);
         match self.dataplane.apply(&forwarding) {
             // Announced only what the published tables can serve.
             Ok(()) => {
@@ -308,6 +327,8 @@ impl Agent {
         let wall = wire::ntp_now();
         let mut changed = false;
         let mut out = Vec::new();
+        let mut health = Vec::new();
+        let digest = |r: &Registry| table_inputs_digest(r, &self.down_inputs);
         for Datagram { payload, from, .. } in batch {
             let Ok((peer, peer_addresses, envelope)) = relay.receive(from, &payload, now, wall)
             else {
@@ -335,20 +356,34 @@ impl Agent {
                         .handle_relayed(&message, from, &via, now, wall)
                         .changed;
                 }
-                Body::Digest { bindings, digest } => out.extend(relay.compare(
+                Body::Digest {
+                    bindings,
+                    digest: theirs,
+                } => out.extend(relay.compare(
                     &peer,
-                    (bindings, digest),
-                    registry.inputs_digest(),
+                    (bindings, theirs),
+                    digest(registry),
                     now,
                     wall,
                 )),
                 Body::Hello => out.extend(relay.snapshot(
                     &peer,
                     registry.snapshot_entries(&peer, now),
-                    registry.inputs_digest(),
+                    digest(registry),
                     now,
                     wall,
                 )),
+                // Taken after the batch's bindings, so a mark can name one that came with
+                // it. Never passed on: an agent tells only its own observations.
+                Body::Health { down } => health.push((peer, down)),
+            }
+        }
+        if !health.is_empty() {
+            let known = self.known_real_addresses();
+            if let Some(relay) = self.relay.as_mut() {
+                for (peer, down) in health {
+                    changed |= relay.take_health(&peer, &down, |e| known.get(e).cloned(), now);
+                }
             }
         }
         if changed {
@@ -361,7 +396,7 @@ impl Agent {
     /// Hands envelopes to the relay sockets' senders (by the peer's family); a full queue
     /// drops the envelope and counts it (a lost delta shows in the next digests, which ask
     /// for a snapshot).
-    fn send_relay(&mut self, out: Vec<Reply>) {
+    pub(super) fn send_relay(&mut self, out: Vec<Reply>) {
         for r in out {
             let Some(sender) = self.relay_senders.iter().find(|s| s.v4 == r.to.is_ipv4()) else {
                 continue;
@@ -433,11 +468,19 @@ impl Agent {
         let mut requests = registry.refresh_requests(now);
         let (probes, conditions_changed) = registry.probe(now);
         requests.extend(probes);
+        let mut lapsed = false;
         let relay_out = match self.relay.as_mut() {
-            Some(relay) => relay.tick(registry.inputs_digest(), now, wire::ntp_now()),
+            Some(relay) => {
+                lapsed = relay.expire_health(now);
+                relay.tick(
+                    table_inputs_digest(registry, &self.down_inputs),
+                    now,
+                    wire::ntp_now(),
+                )
+            }
             None => Vec::new(),
         };
-        if expired || suspected || conditions_changed {
+        if expired || suspected || conditions_changed || lapsed {
             self.republish();
         }
         self.save_bindings();
@@ -526,10 +569,7 @@ impl Agent {
                 pin_directory: self.instance.pin_dir.clone(),
                 adopted_flows: self.adopted_flows,
             }),
-            relay: match (&self.relay, &self.registry) {
-                (Some(x), Some(r)) => Some(x.report(r.inputs_digest(), Instant::now())),
-                _ => None,
-            },
+            relay: self.relay_report(Instant::now()),
         })
     }
 
@@ -552,10 +592,8 @@ impl Agent {
                     }
                     let now = Instant::now();
                     let mut report = r.report(now, counters.ok().as_ref());
-                    report.relay = self
-                        .relay
-                        .as_ref()
-                        .map(|x| x.report(r.inputs_digest(), now));
+                    report.relay = self.relay_report(now);
+                    self.fill_down_by(&mut report);
                     Response::Bindings(report)
                 }
                 None => Response::Error {

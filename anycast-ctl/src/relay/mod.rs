@@ -16,7 +16,7 @@
 //! offset  size  field
 //! 0       4     magic "ACRL"
 //! 4       1     version (1)
-//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello
+//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello, 5 health
 //! 6       1     s: sender identity length (1-64)
 //! 7       1     r: receiver identity length (1-64)
 //! 8       s     sender identity (its relay.id)
@@ -33,6 +33,8 @@
 //!               4 the published weight
 //! digest (3):   4 number of bindings, 32 SHA-256 of the binding table's inputs
 //! hello (4):    nothing: "send me a snapshot"
+//! health (5):   2 n, then n entries of 35 bytes: 16 anycast address, 1 protocol, 2 port,
+//!               16 real address: every real address the sender holds down (see `health`)
 //! ```
 //!
 //! A receiver takes an envelope only if its source address is the configured address of the
@@ -66,6 +68,9 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// while a relayed update is on its way.
 const MISMATCHES_TO_ALARM: u32 = 3;
 
+mod health;
+pub use health::{HealthEntry, HeldDown, LAPSE_INTERVALS, MAX_HEALTH_ENTRIES};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
     Relay {
@@ -82,6 +87,10 @@ pub enum Body {
         digest: [u8; 32],
     },
     Hello,
+    /// Every real address the sender holds down by its own observation.
+    Health {
+        down: Vec<HealthEntry>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +155,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
         Body::Snapshot { .. } => 2,
         Body::Digest { .. } => 3,
         Body::Hello => 4,
+        Body::Health { .. } => 5,
     });
     out.push(env.sender.len() as u8);
     out.push(env.receiver.len() as u8);
@@ -171,6 +181,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
             out.extend_from_slice(digest);
         }
         Body::Hello => {}
+        Body::Health { down } => health::put_health(&mut out, down),
     }
     let tag = mac(key, &out);
     out.extend_from_slice(&tag);
@@ -257,6 +268,9 @@ pub fn decode(bytes: &[u8], key: &[u8]) -> Result<Envelope, Refused> {
             digest: c.array()?,
         },
         4 => Body::Hello,
+        5 => Body::Health {
+            down: health::take_health(&mut c)?,
+        },
         _ => return Err(Refused::Malformed),
     };
     // Trailing bytes: not an envelope this version writes.
@@ -288,6 +302,8 @@ struct Peer {
     mismatches_in_row: u32,
     /// None until a digest was compared.
     in_sync: Option<bool>,
+    /// What it holds down, as its last health envelope said.
+    marks: health::PeerMarks,
 }
 
 /// What `anycast-ctl bindings` (and `status`) shows of the relay.
@@ -302,6 +318,9 @@ pub struct RelayReport {
     pub in_sync: bool,
     pub peers: Vec<PeerReport>,
     pub counters: BTreeMap<String, u64>,
+    /// Real addresses held down here or by a peer, and by whom.
+    #[serde(default)]
+    pub held_down: Vec<HeldDown>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,6 +354,8 @@ pub struct Relay {
     last_sent: u64,
     last_digest_round: Option<Instant>,
     counters: BTreeMap<String, u64>,
+    /// This agent's own list as last announced; None before the first.
+    own_down: Option<std::collections::BTreeSet<HealthEntry>>,
 }
 
 impl Relay {
@@ -368,6 +389,7 @@ impl Relay {
                     digest: None,
                     mismatches_in_row: 0,
                     in_sync: None,
+                    marks: Default::default(),
                 })
                 .collect(),
             started,
@@ -375,6 +397,7 @@ impl Relay {
             last_sent: 0,
             last_digest_round: None,
             counters: BTreeMap::new(),
+            own_down: None,
         }
     }
 
@@ -407,6 +430,7 @@ impl Relay {
                     Body::Snapshot { .. } => "relay_received_snapshot",
                     Body::Digest { .. } => "relay_received_digest",
                     Body::Hello => "relay_received_hello",
+                    Body::Health { .. } => "relay_received_health",
                 };
                 self.count(kind);
             }
@@ -584,6 +608,7 @@ impl Relay {
 
     /// Every interval: our digest to every peer, and a hello (asking for a snapshot) to every
     /// peer not heard from within three intervals: at start, and when a peer comes back.
+    /// Our health list goes again while it is not empty.
     pub fn tick(&mut self, digest: (u32, [u8; 32]), now: Instant, wall: u64) -> Vec<Reply> {
         if self
             .last_digest_round
@@ -609,6 +634,9 @@ impl Relay {
                 },
                 wall,
             ));
+        }
+        if self.own_down.as_ref().is_some_and(|d| !d.is_empty()) {
+            out.extend(self.health_envelopes(wall));
         }
         out
     }
@@ -636,9 +664,12 @@ impl Relay {
             in_sync: peers.iter().all(|p| p.in_sync == Some(true)),
             peers,
             counters: self.counters.clone(),
+            held_down: Vec::new(),
         }
     }
 }
 
+#[cfg(test)]
+mod health_tests;
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use super::*;
 use crate::config::{RelayConfig, RelayPeer};
 
-const KEY_AB: &[u8] = b"the key agents a and b share....";
-const WALL: u64 = 4_000_000_000 << 32;
+pub(super) const KEY_AB: &[u8] = b"the key agents a and b share....";
+pub(super) const WALL: u64 = 4_000_000_000 << 32;
 
 fn config(id: &str, peer: &str, address: &str) -> RelayConfig {
     RelayConfig {
@@ -21,7 +21,7 @@ fn config(id: &str, peer: &str, address: &str) -> RelayConfig {
     }
 }
 
-fn relay(id: &str, peer: &str, address: &str) -> Relay {
+pub(super) fn relay(id: &str, peer: &str, address: &str) -> Relay {
     let keys = HashMap::from([(peer.to_string(), KEY_AB.to_vec())]);
     Relay::new(&config(id, peer, address), &keys, 30, WALL - (10 << 32))
 }
@@ -59,10 +59,27 @@ fn bodies() -> Vec<Body> {
             digest: [0xab; 32],
         },
         Body::Hello,
+        Body::Health { down: Vec::new() },
+        Body::Health {
+            down: vec![
+                crate::relay::HealthEntry {
+                    anycast: "10.0.100.1".parse().unwrap(),
+                    protocol: 6,
+                    port: 80,
+                    real: "10.0.2.11".parse().unwrap(),
+                },
+                crate::relay::HealthEntry {
+                    anycast: "2001:db8:100::1".parse().unwrap(),
+                    protocol: 17,
+                    port: 0,
+                    real: "2001:db8:2::11".parse().unwrap(),
+                },
+            ],
+        },
     ]
 }
 
-fn envelope(body: Body, timestamp: u64) -> Envelope {
+pub(super) fn envelope(body: Body, timestamp: u64) -> Envelope {
     Envelope {
         sender: "a".into(),
         receiver: "b".into(),

@@ -167,10 +167,17 @@ impl Registry {
         out
     }
 
+    /// Whether some binding serves `anycast` through `real`.
+    pub fn binds(&self, anycast: IpAddr, real: IpAddr) -> bool {
+        self.bindings
+            .keys()
+            .any(|id| id.anycast == anycast && id.real == real)
+    }
+
     /// A digest of what the forwarding tables are built from, as far as bindings go: every
     /// binding (anycast address, service, server, real address) with its sequence number,
-    /// state, published weight and priority. Health conditions are each agent's own
-    /// observations and are not in it. Returns (number of bindings, SHA-256).
+    /// state, published weight and priority. Health is added by the agent (confirmed
+    /// failures are shared, so every agent drops the same real addresses). Returns (number of bindings, SHA-256).
     pub fn inputs_digest(&self) -> (u32, [u8; 32]) {
         let mut h = Sha256::new();
         for (id, b) in &self.bindings {

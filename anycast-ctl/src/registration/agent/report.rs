@@ -35,6 +35,10 @@ pub struct BindingReport {
     /// The peer agent whose relay brought its last update; absent: the server sent it here.
     #[serde(default)]
     pub relayed_by: Option<String>,
+    /// Who holds its real address down: "local" (this agent's own observation) and/or
+    /// "peer ID" (a peer's shared, confirmed failure). Empty: nobody.
+    #[serde(default)]
+    pub down_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +78,7 @@ impl Registry {
                 age_secs: now.duration_since(b.registered).as_secs_f64(),
                 lifetime_secs: b.lifetime.as_secs(),
                 relayed_by: b.relayed_by.clone(),
+                down_by: Vec::new(),
                 lifetime_left_secs: b.expires.saturating_duration_since(now).as_secs_f64(),
                 condition: self.condition(id, b),
                 weight: b.smoother.weight(),

@@ -3,6 +3,7 @@
 //! packet builder of the data-path fixtures and the benchmarks ([`packet`]), the floods at
 //! the registration port ([`floods`]), probes of the agent's controller changing under load
 //! ([`restart`]), and the benchmarks behind `anycast-bench` ([`bench`]).
+pub mod agreement;
 pub mod bench;
 pub mod floods;
 pub mod load;

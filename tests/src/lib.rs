@@ -4,6 +4,7 @@
 //! the registration port ([`floods`]), a second agent for the binding sync tests
 //! ([`second_agent`]), probes of the agent's controller changing under load
 //! ([`restart`]), and the benchmarks behind `anycast-bench` ([`bench`]).
+pub mod agreement;
 pub mod bench;
 pub mod floods;
 pub mod load;

@@ -56,12 +56,22 @@ pub struct Probes {
 
 impl Probes {
     pub fn start(client: &str, held: Vec<Held>) -> Probes {
+        Probes::start_with(client, Some(Topology::anycast(false, UDP_PORT)), held)
+    }
+
+    /// The same, with the UDP questions going to `udp` (none when `None`).
+    pub fn start_with(
+        client: &str,
+        udp_to: Option<std::net::SocketAddr>,
+        held: Vec<Held>,
+    ) -> Probes {
         let stop = Arc::new(AtomicBool::new(false));
         let udp: ProbeLog<bool> = Arc::default();
         let held_log: ProbeLog<Result<(), String>> = Arc::default();
         let mut threads = Vec::new();
         let (s, log, name) = (stop.clone(), udp.clone(), client.to_string());
         threads.push(std::thread::spawn(move || {
+            let Some(to) = udp_to else { return };
             let ns = Netns { name };
             let _ = ns.in_ns(move || {
                 let socket = || -> Result<std::net::UdpSocket> {
@@ -70,7 +80,6 @@ impl Probes {
                     Ok(sock)
                 };
                 let mut sock = socket()?;
-                let to = Topology::anycast(false, UDP_PORT);
                 let mut buf = [0u8; 512];
                 // Bounded: at most ten minutes of questions.
                 for _ in 0..120_000 {
@@ -257,6 +266,12 @@ pub fn attached_tag(ns: &Netns, iface: &str) -> Result<String> {
 /// segment lost between the client and its server shows here even when the connection
 /// survives it.
 pub fn tcp_retransmits(ns: &str) -> Result<u64> {
+    tcp_counter(ns, "RetransSegs")
+}
+
+/// A counter of the `Tcp:` lines of the namespace `ns`'s /proc/net/snmp, e.g. `EstabResets`
+/// (connections reset in ESTABLISHED or CLOSE-WAIT) or `AttemptFails`.
+pub fn tcp_counter(ns: &str, name: &str) -> Result<u64> {
     let snmp = crate::netns::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"])?;
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
@@ -265,9 +280,9 @@ pub fn tcp_retransmits(ns: &str) -> Result<u64> {
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RetransSegs")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| anyhow!("no RetransSegs in /proc/net/snmp of {ns}"))
+        .ok_or_else(|| anyhow!("no {name} in /proc/net/snmp of {ns}"))
 }
 
 /// The test-only build of anycast-ctl, whose agent program differs from the normal build's

@@ -8,7 +8,6 @@
 //! agents' digests differ, which raises the alarm, and agreement returns when it expires.
 //! Runs as root.
 use std::{
-    collections::BTreeMap,
     fs,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt as _,
@@ -19,6 +18,7 @@ use std::{
 use anycast_common::wire::{self, Body, Key, LoadInfo, Message, Options, ServiceSelector};
 use anycast_ctl::relay::{self, Envelope};
 use anycast_tests::{
+    agreement::{agreed, has_server, of_server, tables, PER_SERVER},
     netns::{veth, Netns, Proc},
     topology::{self, remove_pins, ServerMode, Topology, ANYCAST_V4},
     wait_until, workspace_bin,
@@ -143,66 +143,6 @@ fn start_b(topo: &Topology) -> Result<AgentB> {
     };
     b.spawn()?;
     Ok(b)
-}
-
-/// What both agents must agree on, per binding: everything but ages, times left, the
-/// condition (each agent's own observation) and who relayed it.
-fn agreed(bindings: &serde_json::Value) -> BTreeMap<String, String> {
-    bindings["bindings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| {
-            (
-                format!(
-                    "{} {} {} {}",
-                    b["anycast"], b["selector"], b["server"], b["real"]
-                ),
-                format!(
-                    "{} seq {} weight {} load {}",
-                    b["state"], b["seq"], b["weight"], b["load"]
-                ),
-            )
-        })
-        .collect()
-}
-
-fn has_server(bindings: &serde_json::Value, server: &str) -> bool {
-    of_server(bindings, server) > 0
-}
-
-/// How many bindings `server` has.
-fn of_server(bindings: &serde_json::Value, server: &str) -> usize {
-    bindings["bindings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["server"] == server)
-        .count()
-}
-
-/// Each server binds both anycast addresses through both its real addresses.
-const PER_SERVER: usize = 4;
-
-/// Per service: its table digest and each server's table entries.
-fn tables(status: &serde_json::Value) -> BTreeMap<String, String> {
-    status["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            let entries: Vec<String> = s["servers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| format!("{}={}", x["address"], x["table_entries"]))
-                .collect();
-            (
-                format!("{} {} {}", s["address"], s["protocol"], s["port"]),
-                format!("{} {}", s["table_digest"], entries.join(",")),
-            )
-        })
-        .collect()
 }
 
 fn relay_counter(bindings: &serde_json::Value, name: &str) -> u64 {

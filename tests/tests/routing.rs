@@ -119,7 +119,7 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
 
     // Agent 1's only server for B fails its checks: agent 1 withdraws B, agent 2 keeps it
     // (its own server for B is healthy) and A stays announced by both.
-    let load_b = Load::start_to(&t.client.name, http(b4), Duration::from_millis(5));
+    let load_b = Load::start_to(&t.clients[0].name, http(b4), Duration::from_millis(5));
     wait_until("connections to B", Duration::from_secs(5), || {
         Ok(load_b.since(Instant::now() - Duration::from_secs(5)).len() >= 10)
     })?;
@@ -198,7 +198,7 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
     // SIGKILL of agent 1's controller: the liveness device goes with it, and the router
     // withdraws agent 1's routes within milliseconds; new connections keep succeeding
     // through agent 2.
-    let load = Load::start_to(&t.client.name, http(a4), Duration::from_millis(5));
+    let load = Load::start_to(&t.clients[0].name, http(a4), Duration::from_millis(5));
     let killed = Instant::now();
     t.agents[0]
         .agent
@@ -305,7 +305,7 @@ fn two_agents_announce_withdraw_and_fail_over_through_bgp() -> anyhow::Result<()
     t.write_config(0, serde_json::json!({"on_handoff": "keep"}))?;
     t.start_agent(0)?;
     t.wait_next_hops(a4, &["ra1"], Duration::from_secs(10))?;
-    let load = Load::start_to(&t.client.name, http(a4), Duration::from_millis(5));
+    let load = Load::start_to(&t.clients[0].name, http(a4), Duration::from_millis(5));
     wait_until(
         "connections before the handoff",
         Duration::from_secs(5),

@@ -1,11 +1,13 @@
 //! The benchmarks behind `anycast-bench` (run as root by `cargo xtask bench`): per-packet
 //! cost, forwarding rate, TCP throughput, control plane, failover, map memory, floods at
-//! the registration port and the controller's death, restart and upgrade under load.
+//! the registration port, the controller's death, restart and upgrade under load, and several
+//! agents behind a router (failover, binding relay).
 //!
 //! Prints a Markdown table per part and writes the whole report as JSON. Every figure stands
 //! beside a baseline measured in the same run: on a shared machine the ratios are what
 //! count. All network work happens in namespaces this program creates and deletes (also
 //! when a part fails; a namespace left by a killed run is removed by the next run).
+pub mod agents;
 pub mod capture;
 pub mod control;
 pub mod e2e;
@@ -37,6 +39,7 @@ const PARTS: &[&str] = &[
     "memory",
     "floods",
     "restart",
+    "agents",
 ];
 
 /// Order of the sections in the output.
@@ -50,6 +53,7 @@ const ORDER: &[&str] = &[
     "memory",
     "floods",
     "restart",
+    "agents",
 ];
 
 /// The anycast load balancer's benchmarks, as root (`cargo xtask bench`); by default every
@@ -64,7 +68,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH", default_value = "target/bench.json")]
     pub json: PathBuf,
     /// Comma-separated subset of: packet, profile, rate, iperf, scale, control,
-    /// registration, failover, memory, floods, restart.
+    /// registration, failover, memory, floods, restart, agents.
     #[arg(long, value_name = "PARTS", value_delimiter = ',', value_parser = part)]
     pub only: Option<Vec<String>>,
     /// Instead: run only the agent program on one case (hit4, miss4, hit6, miss6, 4in6,
@@ -267,6 +271,13 @@ pub fn main(args: Args) {
         let step = Instant::now();
         eprintln!("== controller death, restart and upgrade under load");
         results.push(("restart", restart::restart(quick)));
+        eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
+    }
+
+    if want("agents") {
+        let step = Instant::now();
+        eprintln!("== several agents behind a router: failover, binding relay");
+        results.push(("agents", agents::agents(quick)));
         eprintln!("   took {:.1}s", step.elapsed().as_secs_f64());
     }
 

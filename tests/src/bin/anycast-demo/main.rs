@@ -1,7 +1,12 @@
 //! `cargo xtask demo`: the built-in default topology in network namespaces (two clients, one
 //! agent, three servers that register themselves), real connections through the anycast
 //! address, the agent's bindings and status. Everything is removed at the end. `--hold` keeps it running until Ctrl-C.
+//! `--agents N` (2-4) runs the multi-agent demo instead (`agents.rs`).
+mod agents;
+
 use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{bail, Context as _};
 
 use anycast_tests::{
     topology::{http_get, udp_ask, ServerMode, Topology, HTTP_PORT, UDP_PORT},
@@ -11,11 +16,26 @@ use anycast_tests::{
 fn main() -> anyhow::Result<()> {
     let hold = std::env::args().any(|a| a == "--hold");
     let setup_only = std::env::args().any(|a| a == "--setup-only");
+    let args: Vec<String> = std::env::args().collect();
+    let agents = match args.iter().position(|a| a == "--agents") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .and_then(|n| n.parse::<usize>().ok())
+                .context("--agents N: a number")?,
+        ),
+        None => None,
+    };
     // Ctrl-C must not skip the teardown: note it and stop at the next step.
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    if let Some(n) = agents {
+        if !(2..=4).contains(&n) {
+            bail!("--agents: 2 to 4 agents");
+        }
+        return agents::run(n, hold, stopped, wait_for_stop);
     }
     println!(
         "== building the demo topology (namespaces acdemo*: 2 clients, agent, router, 3 servers)"

@@ -3,78 +3,64 @@
 //! Everything in namespaces this code creates, addresses in 10.73.0.0/16 and fd73::/16:
 //!
 //! ```text
-//!  client ── rc   router (BIRD, ECMP)  ra1 ── eth0 agent 1 (BIRD, anycast-ctl agent) eth1 ─┐
-//!  10.73.1.10     10.73.1.1            ra2 ── eth0 agent 2 (BIRD, anycast-ctl agent) eth1 ─┤
-//!                 brs 10.73.2.1 ───────────────────────────────────────────────────────────┴── s1 s2 s3
+//!  client 1 ── rc  router (BIRD, ECMP)  ra1 ── eth0 agent 1 (BIRD, anycast-ctl agent) eth1 ─┐
+//!  10.73.1.10      10.73.1.1            ra2 ── eth0 agent 2 (BIRD, anycast-ctl agent) eth1 ─┤
+//!  client 2 ── rc2 10.73.3.1            ...                                                 │
+//!  10.73.3.10      brs 10.73.2.1 ───────────────────────────────────────────────────────────┴── s1 s2 s3
 //! ```
 //! Agent k talks BGP and BFD with the router over 10.73.1k.0/24 and fd73:1k::/64, tunnels to
 //! the servers on the servers' bridge (10.73.2.0/24, fd73:2::/64), whose replies go to the
-//! client through the router.
+//! clients through the router.
+//!
+//! Two ways to tell the agents about the servers ([`Options::registering`]): configured
+//! (static services, each agent its own server for B), or registering: the servers run
+//! `anycast-ctl server` and register with one agent, which relays every binding to the
+//! others (binding sync, `registration.relay`), so every agent builds the same tables.
+mod bird;
+mod config;
+mod servers;
+
+pub use bird::{Bird, RouteMonitor};
+pub use config::{pair_key_file, Registering};
+
 use std::{
     fs,
+    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    netns::{run, veth, Netns, Proc},
-    topology::HTTP_PORT,
+    netns::{veth, Netns, Proc},
     wait_until, workspace_bin,
 };
 
-/// Served by every server through both agents.
+/// Served by every server through every agent.
 pub const A4: Ipv4Addr = Ipv4Addr::new(10, 73, 100, 1);
 pub const A6: Ipv6Addr = Ipv6Addr::new(0xfd73, 0x100, 0, 0, 0, 0, 0, 1);
-/// Served through agent k by server k only: each agent's health view of it is its own.
+/// Configured servers: served through agent k by server k only, so each agent's health view
+/// of it is its own. Registering servers: served by the last server only.
 pub const B4: Ipv4Addr = Ipv4Addr::new(10, 73, 100, 2);
+/// The UDP port the servers' test service answers on (registering servers only).
+pub const UDP_PORT: u16 = crate::topology::UDP_PORT;
 const ROUTER_AS: u32 = 65000;
 const AGENT_AS: u32 = 65001;
 const MTU: u32 = 1600;
 
-/// A `bird -f` in a namespace, with its control socket.
-pub struct Bird {
-    pub proc: Proc,
-    pub ctl: PathBuf,
-}
-
-impl Bird {
-    pub fn start(ns: &Netns, label: &str, conf: &Path, ctl: &Path) -> Result<Bird> {
-        let _ = fs::remove_file(ctl);
-        let pid = ctl.with_extension("pid");
-        let proc = ns.spawn(
-            label,
-            Path::new("/usr/sbin/bird"),
-            &[
-                "-f",
-                "-c",
-                &conf.to_string_lossy(),
-                "-s",
-                &ctl.to_string_lossy(),
-                "-P",
-                &pid.to_string_lossy(),
-            ],
-        )?;
-        let bird = Bird {
-            proc,
-            ctl: ctl.to_path_buf(),
-        };
-        wait_until(
-            &format!("{label} answering"),
-            Duration::from_secs(10),
-            || Ok(bird.birdc("show status")?.contains("Daemon is up")),
-        )?;
-        Ok(bird)
-    }
-
-    pub fn birdc(&self, command: &str) -> Result<String> {
-        let mut args = vec!["-s", self.ctl.to_str().unwrap_or_default()];
-        args.extend(command.split_whitespace());
-        run("birdc", &args)
-    }
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub agents: usize,
+    pub servers: usize,
+    /// 1 or 2 client namespaces.
+    pub clients: usize,
+    /// The servers register themselves (and the agents relay their bindings) instead of
+    /// being configured on every agent.
+    pub registering: Option<Registering>,
 }
 
 pub struct Agent {
@@ -90,23 +76,38 @@ pub struct Agent {
 
 pub struct Routed {
     pub agents: Vec<Agent>,
+    /// Per server: `anycast-ctl server`, the test service, the namespace.
     pub servers: Vec<(Option<Proc>, Option<Proc>, Netns)>,
     pub router_bird: Option<Bird>,
     pub passthrough: Option<Proc>,
-    pub client: Netns,
+    /// Client 1 behind the router's `rc`, client 2 behind `rc2`.
+    pub clients: Vec<Netns>,
     pub router: Netns,
     pub dir: PathBuf,
+    pub options: Options,
 }
 
 impl Routed {
-    /// Builds the namespaces, starts the router's BIRD, every server and every agent's BIRD;
-    /// the agents themselves start with `start_agent`.
+    /// Builds the namespaces, starts the router's BIRD, every configured server and every
+    /// agent's BIRD; the agents themselves start with `start_agent` (then registering
+    /// servers with `start_server`). Static servers, one client.
     pub fn build(prefix: &str, agents: usize, servers: usize) -> Result<Routed> {
+        Routed::build_with(
+            prefix,
+            Options {
+                agents,
+                servers,
+                clients: 1,
+                registering: None,
+            },
+        )
+    }
+
+    pub fn build_with(prefix: &str, options: Options) -> Result<Routed> {
         let dir = std::env::temp_dir().join(format!("{prefix}-routed"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let router = Netns::new(&format!("{prefix}r"))?;
-        let client = Netns::new(&format!("{prefix}c"))?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
@@ -119,15 +120,46 @@ impl Routed {
         ] {
             router.sysctl(k, v)?;
         }
-        veth(&client, "eth0", &router, "rc", 1500)?;
-        // Full checksums from the client (see topology.rs: veth leaves them to "hardware").
-        client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-        client.ip(&["addr", "add", "10.73.1.10/24", "dev", "eth0"])?;
-        client.ip(&["addr", "add", "fd73:1::10/64", "dev", "eth0", "nodad"])?;
-        client.ip(&["route", "add", "default", "via", "10.73.1.1"])?;
-        client.ip(&["-6", "route", "add", "default", "via", "fd73:1::1"])?;
-        router.ip(&["addr", "add", "10.73.1.1/24", "dev", "rc"])?;
-        router.ip(&["addr", "add", "fd73:1::1/64", "dev", "rc", "nodad"])?;
+        let mut clients = Vec::new();
+        for c in 1..=options.clients.clamp(1, 2) {
+            // Client 1 on 10.73.1.0/24 (as it always was), client 2 on 10.73.3.0/24.
+            let (name, port, net) = match c {
+                1 => (format!("{prefix}c"), "rc".to_string(), 1),
+                _ => (format!("{prefix}c{c}"), format!("rc{c}"), 3),
+            };
+            let client = Netns::new(&name)?;
+            veth(&client, "eth0", &router, &port, 1500)?;
+            // Full checksums from the client (see topology.rs: veth leaves them to "hardware").
+            client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+            client.ip(&["addr", "add", &format!("10.73.{net}.10/24"), "dev", "eth0"])?;
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("fd73:{net}::10/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            client.ip(&["route", "add", "default", "via", &format!("10.73.{net}.1")])?;
+            client.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd73:{net}::1"),
+            ])?;
+            router.ip(&["addr", "add", &format!("10.73.{net}.1/24"), "dev", &port])?;
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("fd73:{net}::1/64"),
+                "dev",
+                &port,
+                "nodad",
+            ])?;
+            clients.push(client);
+        }
         router.ip(&[
             "link",
             "add",
@@ -141,14 +173,16 @@ impl Routed {
         router.ip(&["addr", "add", "10.73.2.1/24", "dev", "brs"])?;
         router.ip(&["addr", "add", "fd73:2::1/64", "dev", "brs", "nodad"])?;
 
+        let (agents, servers) = (options.agents, options.servers);
         let mut routed = Routed {
             agents: Vec::new(),
             servers: Vec::new(),
             router_bird: None,
             passthrough: None,
-            client,
+            clients,
             router,
             dir,
+            options,
         };
         let mut peers = String::new();
         let mut xdp_peers = Vec::new();
@@ -258,111 +292,8 @@ impl Routed {
         for i in 1..=servers {
             routed.add_server(prefix, i)?;
         }
+        routed.write_keys()?;
         Ok(routed)
-    }
-
-    fn add_server(&mut self, prefix: &str, i: usize) -> Result<()> {
-        let s = Netns::new(&format!("{prefix}s{i}"))?;
-        let port = format!("sp{i}");
-        veth(&s, "eth0", &self.router, &port, MTU)?;
-        self.router.ip(&["link", "set", &port, "master", "brs"])?;
-        s.ip(&[
-            "addr",
-            "add",
-            &format!("10.73.2.{}/24", 10 + i),
-            "dev",
-            "eth0",
-        ])?;
-        s.ip(&[
-            "addr",
-            "add",
-            &format!("fd73:2::{}/64", 10 + i),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        s.ip(&["route", "add", "default", "via", "10.73.2.1"])?;
-        s.ip(&["-6", "route", "add", "default", "via", "fd73:2::1"])?;
-        let (a4, a6, b4) = (A4.to_string(), A6.to_string(), B4.to_string());
-        let mut decap = s.spawn(
-            &format!("server s{i}"),
-            &workspace_bin("anycast-ctl")?,
-            &[
-                "server",
-                "--iface",
-                "eth0",
-                "--anycast",
-                &a4,
-                "--anycast",
-                &a6,
-                "--anycast",
-                &b4,
-                "--xdp-mode",
-                "native",
-            ],
-        )?;
-        decap.wait_for_line("server ready", Duration::from_secs(20))?;
-        self.servers.push((Some(decap), None, s));
-        self.start_app(i - 1)
-    }
-
-    /// Starts server `i`'s (0-based) HTTP service on every address, port 80.
-    pub fn start_app(&mut self, i: usize) -> Result<()> {
-        let name = format!("s{}", i + 1);
-        let (_, app, ns) = &mut self.servers[i];
-        let tcp = format!("[::]:{HTTP_PORT}");
-        let mut p = ns.spawn(
-            &format!("testsrv {name}"),
-            &workspace_bin("anycast-testsrv")?,
-            &["--name", &name, "--tcp", &tcp],
-        )?;
-        p.wait_for_line("listening", Duration::from_secs(10))?;
-        *app = Some(p);
-        Ok(())
-    }
-
-    /// Agent k's (0-based) configuration: A on every server, B on server k only, TCP
-    /// health checks, routing towards the router.
-    pub fn write_config(&self, k: usize, routing_extra: serde_json::Value) -> Result<()> {
-        let n = k + 1;
-        let all4: Vec<_> = (1..=self.servers.len())
-            .map(|i| serde_json::json!({"name": format!("s{i}"), "address": format!("10.73.2.{}", 10 + i)}))
-            .collect();
-        let all6: Vec<_> = (1..=self.servers.len())
-            .map(|i| serde_json::json!({"name": format!("s{i}"), "address": format!("fd73:2::{}", 10 + i)}))
-            .collect();
-        let a = &self.agents[k];
-        let pins = self.pin_directory(n);
-        crate::topology::remove_pins(&pins);
-        let mut routing = serde_json::json!({
-            "local_as": AGENT_AS,
-            "neighbors": [{"address": format!("10.73.1{n}.1"), "as": ROUTER_AS},
-                          {"address": format!("fd73:1{n}::1"), "as": ROUTER_AS}],
-            "bird_socket": a.bird.as_ref().map(|b| b.ctl.clone()),
-            "bird_include": a.include,
-            "poll_ms": 200,
-        });
-        if let (Some(r), Some(extra)) = (routing.as_object_mut(), routing_extra.as_object()) {
-            for (key, v) in extra {
-                r.insert(key.clone(), v.clone());
-            }
-        }
-        let config = serde_json::json!({
-            "interfaces": ["eth0", "eth1"],
-            "agent_address": {"v4": format!("10.73.2.{}", 1 + n), "v6": format!("fd73:2::{}", 1 + n)},
-            "state_directory": self.dir.join(format!("a{n}-state")),
-            "pin_directory": pins,
-            "services": [
-                {"name": "a4", "address": A4.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": all4},
-                {"name": "a6", "address": A6.to_string(), "protocol": "tcp", "port": HTTP_PORT, "servers": all6},
-                {"name": "b4", "address": B4.to_string(), "protocol": "tcp", "port": HTTP_PORT,
-                 "servers": [{"name": format!("s{n}"), "address": format!("10.73.2.{}", 10 + n)}]},
-            ],
-            "health_checks": [{"type": "tcp", "interval_ms": 100, "timeout_ms": 80, "fall": 2, "rise": 2}],
-            "routing": routing,
-        });
-        fs::write(&a.config, serde_json::to_string_pretty(&config)?)?;
-        Ok(())
     }
 
     /// Agent `n`'s (from 1) pinned maps and links.
@@ -391,15 +322,135 @@ impl Routed {
         Ok(())
     }
 
+    /// Follows the router's routing table (see [`RouteMonitor`]).
+    pub fn monitor(&self) -> Result<RouteMonitor> {
+        RouteMonitor::start(&self.router)
+    }
+
+    /// Agent k's answer to a control request (`status`, `bindings`, `flows`), read from its
+    /// control socket directly: one JSON line each way, a millisecond or so, where running
+    /// `anycast-ctl status --json` costs a process. The same JSON as `--json` prints, with
+    /// the answer's `result` beside it (`flows` under the key `flows`).
+    pub fn query(&self, k: usize, request: &str) -> Result<serde_json::Value> {
+        let socket = &self.agents[k].socket;
+        let mut s = UnixStream::connect(socket)
+            .with_context(|| format!("agent a{}'s control socket", k + 1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        writeln!(s, "{}", serde_json::json!({ "request": request }))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("a{}: {request}", k + 1))?;
+        if v["result"] == "error" {
+            bail!("a{}: {request}: {}", k + 1, v["message"]);
+        }
+        Ok(v)
+    }
+
     /// Agent k's `status --json`.
     pub fn status(&self, k: usize) -> Result<serde_json::Value> {
+        self.query(k, "status")
+    }
+
+    /// Agent k's `bindings --json`.
+    pub fn bindings(&self, k: usize) -> Result<serde_json::Value> {
+        self.query(k, "bindings")
+    }
+
+    /// Agent k's `anycast-ctl` with `args` and its control socket, as an operator runs it.
+    pub fn ctl(&self, k: usize, args: &[&str]) -> Result<String> {
         let a = &self.agents[k];
-        let ctl = workspace_bin("anycast-ctl")?;
-        let out = a.ns.exec(
-            &ctl.to_string_lossy(),
-            &["status", "--json", "--socket", &a.socket.to_string_lossy()],
-        )?;
-        serde_json::from_str(&out).context("status --json")
+        let socket = a.socket.to_string_lossy().into_owned();
+        let mut args = args.to_vec();
+        args.extend(["--socket", &socket]);
+        a.ns.exec(&workspace_bin("anycast-ctl")?.to_string_lossy(), &args)
+    }
+
+    /// Stops agent k's controller with `signal` (SIGKILL: its data path stays pinned and
+    /// forwarding, its liveness device goes, its routes are withdrawn).
+    pub fn stop_agent(&mut self, k: usize, signal: i32) -> Result<()> {
+        let mut p = self.agents[k]
+            .agent
+            .take()
+            .with_context(|| format!("agent a{} does not run", k + 1))?;
+        p.stop_with(signal, Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// SIGKILLs agent k's BIRD.
+    pub fn kill_bird(&mut self, k: usize) -> Result<()> {
+        self.agents[k]
+            .bird
+            .take()
+            .with_context(|| format!("BIRD of a{} does not run", k + 1))?
+            .proc
+            .stop_with(libc::SIGKILL, Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// Starts agent k's BIRD again (same configuration and control socket).
+    pub fn start_bird(&mut self, k: usize) -> Result<()> {
+        let n = k + 1;
+        let (conf, ctl) = (
+            self.dir.join(format!("a{n}-bird.conf")),
+            self.dir.join(format!("a{n}-bird.ctl")),
+        );
+        self.agents[k].bird = Some(Bird::start(
+            &self.agents[k].ns,
+            &format!("bird a{n}"),
+            &conf,
+            &ctl,
+        )?);
+        Ok(())
+    }
+
+    /// Agent k goes silent towards the router, or speaks again: every frame it sends on its
+    /// uplink dropped (`tc qdisc replace dev eth0 root blackhole`: no BGP, no BFD), while
+    /// what reaches it is still forwarded to the servers on eth1.
+    pub fn silence(&self, k: usize, silent: bool) -> Result<()> {
+        let ns = &self.agents[k].ns;
+        if silent {
+            ns.exec(
+                "tc",
+                &["qdisc", "replace", "dev", "eth0", "root", "blackhole"],
+            )?;
+        } else {
+            ns.exec("tc", &["qdisc", "del", "dev", "eth0", "root"])?;
+        }
+        Ok(())
+    }
+
+    /// The router port (`ra1`, ...) the router sends a TCP flow from client `c` (0-based),
+    /// port `sport`, to `dst` through: its FIB's answer for the 5-tuple, which with hash
+    /// policy 3 is the agent the flow's packets reach (IPv4: `ip -6 route get` ignores
+    /// ports).
+    pub fn agent_of(&self, c: usize, sport: u16, dst: SocketAddr) -> Result<String> {
+        let (client, iif) = match c {
+            0 => ("10.73.1.10", "rc".to_string()),
+            _ => ("10.73.3.10", format!("rc{}", c + 1)),
+        };
+        let out = self.router.ip(&[
+            "route",
+            "get",
+            &dst.ip().to_string(),
+            "from",
+            client,
+            "iif",
+            &iif,
+            "ipproto",
+            "tcp",
+            "sport",
+            &sport.to_string(),
+            "dport",
+            &dst.port().to_string(),
+        ])?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "dev")
+            .map(|w| w[1].to_string())
+            .with_context(|| format!("no device in {out:?}"))
     }
 
     /// The announcement state agent k reports for a prefix (`10.73.100.1/32`).
@@ -455,37 +506,21 @@ impl Routed {
         )
     }
 
-    /// Follows the router's routing table (`ip monitor route`), each event with the time it
-    /// was read: the convergence times come from here, not from polling.
-    pub fn monitor(&self) -> Result<RouteMonitor> {
-        let mut child = std::process::Command::new("ip")
-            .args(["-n", &self.router.name, "monitor", "route"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("ip monitor route")?;
-        let out = child.stdout.take().context("piped")?;
-        let events: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
-        let e = events.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                e.lock().unwrap().push((Instant::now(), line));
-            }
-        });
-        // Started before the events it must see: `ip monitor` subscribes at once, but make
-        // sure it runs by waiting for its process to be past exec.
-        wait_until("ip monitor started", Duration::from_secs(5), || {
-            Ok(fs::read_to_string(format!("/proc/{}/comm", child.id()))?.trim() == "ip")
-        })?;
-        Ok(RouteMonitor { child, events })
-    }
-
-    /// Makes `count` HTTP connections to `addr` from the client, each from a new port;
+    /// Makes `count` HTTP connections to `addr` from client 1, each from a new port;
     /// returns the servers that answered, or the first failure.
     pub fn connect_many(&self, addr: SocketAddr, count: usize) -> Result<Vec<String>> {
+        self.connect_many_from(0, addr, count)
+    }
+
+    /// The same from client `c` (0-based).
+    pub fn connect_many_from(
+        &self,
+        c: usize,
+        addr: SocketAddr,
+        count: usize,
+    ) -> Result<Vec<String>> {
         let ns = Netns {
-            name: self.client.name.clone(),
+            name: self.clients[c].name.clone(),
         };
         let r = ns.in_ns(move || {
             (0..count)
@@ -497,52 +532,6 @@ impl Routed {
     }
 }
 
-pub struct RouteMonitor {
-    child: std::process::Child,
-    events: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl RouteMonitor {
-    /// When the first route event for `addr` after `since` was seen, waiting up to
-    /// `timeout` for one.
-    pub fn first_event(&self, addr: IpAddr, since: Instant, timeout: Duration) -> Result<Instant> {
-        let needle = addr.to_string();
-        let mut at = None;
-        wait_until(&format!("a route event for {addr}"), timeout, || {
-            at = self
-                .events
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(t, l)| *t >= since && mentions(l, &needle))
-                .map(|(t, _)| *t);
-            Ok(at.is_some())
-        })?;
-        at.context("no event")
-    }
-}
-
-impl RouteMonitor {
-    /// The route events for `addr` seen since `since`.
-    pub fn events_since(&self, addr: IpAddr, since: Instant) -> Vec<String> {
-        let needle = addr.to_string();
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, l)| *t >= since && mentions(l, &needle))
-            .map(|(_, l)| l.clone())
-            .collect()
-    }
-}
-
-/// Whether an `ip monitor` line is about this destination (`10.73.100.1 ...`,
-/// `Deleted 10.73.100.1 ...`).
-fn mentions(line: &str, addr: &str) -> bool {
-    let l = line.strip_prefix("Deleted ").unwrap_or(line);
-    l.split_whitespace().next() == Some(addr)
-}
-
 impl Drop for Routed {
     fn drop(&mut self) {
         // Agents stop fully first (SIGTERM), then whatever a test that killed one left.
@@ -550,13 +539,18 @@ impl Drop for Routed {
             self.agents[k].agent = None;
             crate::topology::remove_pins(&self.pin_directory(k + 1));
         }
-    }
-}
-
-impl Drop for RouteMonitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // A registering server stopped with SIGTERM would deregister and wait for its open
+        // connections (up to its drain timeout) with no agent left to answer: kill it (its
+        // namespace goes with it).
+        for s in self
+            .servers
+            .iter_mut()
+            .filter(|_| self.options.registering.is_some())
+        {
+            if let Some(mut p) = s.0.take() {
+                let _ = p.stop_with(libc::SIGKILL, Duration::from_secs(5));
+            }
+        }
     }
 }
 

@@ -88,6 +88,17 @@ impl SecondAgent {
         Ok(())
     }
 
+    /// Stops B (SIGTERM) and starts it again without its bindings file: it starts empty,
+    /// as a new agent would.
+    pub fn restart_empty(&mut self) -> Result<()> {
+        self.proc
+            .take()
+            .context("B runs")?
+            .stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+        fs::remove_file(self.state.join("bindings.json"))?;
+        self.spawn()
+    }
+
     /// `anycast-ctl WHAT --json` against B.
     pub fn ctl_json(&self, what: &str) -> Result<serde_json::Value> {
         let ctl = workspace_bin("anycast-ctl")?;
@@ -106,4 +117,18 @@ impl Drop for SecondAgent {
         drop(self.proc.take());
         remove_pins(&self.pins);
     }
+}
+
+/// Sends `datagrams` to B's relay socket from address `from` of namespace `ns` (A's
+/// namespace for envelopes from the peer, another for a stranger's).
+pub fn send_to_b(ns: &Netns, from: &str, datagrams: Vec<Vec<u8>>) -> Result<()> {
+    let from: std::net::IpAddr = from.parse()?;
+    let to = std::net::SocketAddr::new(B_ADDR.parse()?, RELAY_PORT);
+    ns.in_ns(move || {
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(from, 0))?;
+        for d in datagrams {
+            sock.send_to(&d, to)?;
+        }
+        Ok(())
+    })
 }

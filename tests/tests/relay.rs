@@ -9,9 +9,8 @@
 //! Runs as root.
 use std::{
     fs,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::IpAddr,
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -19,18 +18,13 @@ use anycast_common::wire::{self, Body, Key, LoadInfo, Message, Options, ServiceS
 use anycast_ctl::relay::{self, Envelope};
 use anycast_tests::{
     agreement::{agreed, has_server, of_server, tables, PER_SERVER},
-    netns::{veth, Netns, Proc},
-    topology::{self, remove_pins, ServerMode, Topology, ANYCAST_V4},
-    wait_until, workspace_bin,
+    netns::Proc,
+    second_agent::{send_to_b, SecondAgent, A_ADDR, B_ADDR},
+    topology::{self, ServerMode, Topology, ANYCAST_V4},
+    wait_until,
 };
 use anyhow::{Context as _, Result};
 
-/// Agent A: the topology's agent. Its relay listens on its agent addresses.
-const A_ADDR: &str = "10.71.1.2";
-/// Agent B: on the servers' bridge.
-const B_ADDR: &str = "10.71.2.3";
-const B_ADDR6: &str = "fd71:2::3";
-const RELAY_PORT: u16 = 4192;
 /// The key A and B share (hex in `ab.key`).
 const PAIR_KEY_HEX: &str = "5a5b5c5d5e5f606162636465666768696a6b6c6d6e6f70717273747576777879";
 
@@ -41,108 +35,17 @@ fn pair_key() -> Vec<u8> {
         .collect()
 }
 
-struct AgentB {
-    ns: Netns,
-    proc: Option<Proc>,
-    config: PathBuf,
-    socket: PathBuf,
-    pins: PathBuf,
-    state: PathBuf,
-}
-
-impl AgentB {
-    fn spawn(&mut self) -> Result<()> {
-        let ctl = workspace_bin("anycast-ctl")?;
-        let mut proc = self.ns.spawn(
-            "agent b",
-            &ctl,
-            &[
-                "agent",
-                "--config",
-                &self.config.to_string_lossy(),
-                "--socket",
-                &self.socket.to_string_lossy(),
-            ],
-        )?;
-        proc.wait_for_line("agent ready", Duration::from_secs(30))?;
-        self.proc = Some(proc);
-        Ok(())
-    }
-
-    /// Stops B (SIGTERM) and starts it again without its bindings file: it starts empty,
-    /// as a new agent would.
-    fn restart_empty(&mut self) -> Result<()> {
-        self.proc
-            .take()
-            .context("B runs")?
-            .stop_with(libc::SIGTERM, Duration::from_secs(10))?;
-        fs::remove_file(self.state.join("bindings.json"))?;
-        self.spawn()
-    }
-
-    fn ctl_json(&self, what: &str) -> Result<serde_json::Value> {
-        let ctl = workspace_bin("anycast-ctl")?;
-        let socket = self.socket.to_string_lossy().into_owned();
-        let out = self.ns.exec(
-            &ctl.to_string_lossy(),
-            &[what, "--json", "--socket", &socket],
-        )?;
-        serde_json::from_str(&out).with_context(|| format!("B: {what} --json"))
-    }
-}
-
-impl Drop for AgentB {
-    fn drop(&mut self) {
-        // SIGTERM: a full stop removes its pins; whatever a failure left goes too.
-        drop(self.proc.take());
-        remove_pins(&self.pins);
-    }
-}
-
-/// Agent B's namespace, link and configuration: A's registration policy, its own addresses,
-/// state and pins, and A as its peer.
-fn start_b(topo: &Topology) -> Result<AgentB> {
-    let pins = PathBuf::from("/sys/fs/bpf/anycast-tests/acrlb-anycast");
-    remove_pins(&pins);
-    let ns = Netns::new("acrlb")?;
-    veth(&ns, "eth0", &topo.net, "agb", 1600)?;
-    topo.net.ip(&["link", "set", "agb", "master", "brs"])?;
-    ns.ip(&["addr", "add", &format!("{B_ADDR}/24"), "dev", "eth0"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{B_ADDR6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    ns.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
-    ns.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(&topo.config_path)?)?;
-    config["interfaces"] = serde_json::json!(["eth0"]);
-    config["xdp_mode"] = serde_json::json!("generic");
-    config["agent_address"] = serde_json::json!({"v4": B_ADDR, "v6": B_ADDR6});
-    let state = topo.dir.join("agent-b-state");
-    config["state_directory"] = serde_json::json!(state);
-    config["pin_directory"] = serde_json::json!(pins);
-    config["registration"]["relay"] = serde_json::json!({
-        "id": "b",
-        "digest_interval_ms": 200,
-        "peers": [{"id": "a", "address": A_ADDR, "key_file": "ab.key"}],
-    });
-    let path = topo.dir.join("agent-b.json");
-    fs::write(&path, serde_json::to_string_pretty(&config)?)?;
-    let mut b = AgentB {
-        ns,
-        proc: None,
-        config: path,
-        socket: topo.dir.join("agent-b.sock"),
-        pins,
-        state,
-    };
-    b.spawn()?;
-    Ok(b)
+/// Agent B on the servers' bridge, with A as its relay peer.
+fn start_b(topo: &Topology) -> Result<SecondAgent> {
+    SecondAgent::start(
+        topo,
+        "acrlb",
+        serde_json::json!({
+            "id": "b",
+            "digest_interval_ms": 200,
+            "peers": [{"id": "a", "address": A_ADDR, "key_file": "ab.key"}],
+        }),
+    )
 }
 
 fn relay_counter(bindings: &serde_json::Value, name: &str) -> u64 {
@@ -202,17 +105,6 @@ fn envelope(message: Vec<u8>, key: &[u8]) -> Vec<u8> {
 }
 
 /// Sends datagrams to B's relay port from `from`, inside `ns`.
-fn send_to_b(ns: &Netns, from: &str, datagrams: Vec<Vec<u8>>) -> Result<()> {
-    let from: IpAddr = from.parse()?;
-    ns.in_ns(move || {
-        let sock = UdpSocket::bind(SocketAddr::new(from, 0))?;
-        for d in datagrams {
-            sock.send_to(&d, SocketAddr::new(B_ADDR.parse()?, RELAY_PORT))?;
-        }
-        Ok(())
-    })
-}
-
 #[test]
 fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Result<()> {
     let mut topo = Topology::build("acrl", 0, 3, ServerMode::Registering { lifetime_secs: 60 })?;

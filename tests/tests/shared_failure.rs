@@ -9,9 +9,8 @@
 //! or naming a real address B has no binding for are refused or ignored, and counted.
 //! Runs as root.
 use std::{
-    collections::BTreeMap,
     fs,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::IpAddr,
     os::unix::fs::PermissionsExt as _,
     time::{Duration, Instant},
 };
@@ -19,8 +18,8 @@ use std::{
 use anycast_common::wire;
 use anycast_ctl::relay::{self, Envelope, HealthEntry};
 use anycast_tests::{
-    netns::Netns,
-    second_agent::{SecondAgent, A_ADDR, B_ADDR, RELAY_PORT},
+    agreement::tables,
+    second_agent::{send_to_b, SecondAgent, A_ADDR, B_ADDR},
     topology::{ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
@@ -55,27 +54,6 @@ fn down_by(json: &serde_json::Value, real: &str) -> Vec<String> {
 
 fn held_down_count(json: &serde_json::Value) -> usize {
     json["relay"]["held_down"].as_array().map_or(0, Vec::len)
-}
-
-/// Per service: its table digest and each server's table entries (as relay.rs compares).
-fn tables(status: &serde_json::Value) -> BTreeMap<String, String> {
-    status["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            let entries: Vec<String> = s["servers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| format!("{}={}", x["address"], x["table_entries"]))
-                .collect();
-            (
-                format!("{} {} {}", s["address"], s["protocol"], s["port"]),
-                format!("{} {}", s["table_digest"], entries.join(",")),
-            )
-        })
-        .collect()
 }
 
 /// Table entries `real` has, over every service.
@@ -126,17 +104,6 @@ fn health_envelope(down: Vec<HealthEntry>, key: &[u8]) -> Vec<u8> {
         },
         key,
     )
-}
-
-fn send_to_b(ns: &Netns, from: &str, datagrams: Vec<Vec<u8>>) -> Result<()> {
-    let from: IpAddr = from.parse()?;
-    ns.in_ns(move || {
-        let sock = UdpSocket::bind(SocketAddr::new(from, 0))?;
-        for d in datagrams {
-            sock.send_to(&d, SocketAddr::new(B_ADDR.parse()?, RELAY_PORT))?;
-        }
-        Ok(())
-    })
 }
 
 /// Both agents agree: the same tables, and their digests (which include what is held down).

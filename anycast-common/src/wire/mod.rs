@@ -156,12 +156,21 @@ pub mod status {
     pub const INVALID_COA: u8 = 174;
 }
 
-/// Mobility Header types (RFC 6275 6.1).
+/// Mobility Header types (RFC 6275 6.1; 11 is RFC 5096's Experimental Mobility Header).
 pub mod mh_type {
     pub const BINDING_REFRESH_REQUEST: u8 = 0;
     pub const BINDING_UPDATE: u8 = 5;
     pub const BINDING_ACK: u8 = 6;
     pub const BINDING_ERROR: u8 = 7;
+    /// Experimental Mobility Header (RFC 5096): our agent discovery request and reply, told
+    /// apart by the first byte of the message data ([`super::discovery_kind`]).
+    pub const EXPERIMENTAL: u8 = 11;
+}
+
+/// The first byte of an Experimental Mobility Header's data: which discovery message it is.
+pub mod discovery_kind {
+    pub const REQUEST: u8 = 1;
+    pub const REPLY: u8 = 2;
 }
 
 /// Mobility option types (IANA "Mobility Options"; see the module doc for their sources).
@@ -190,6 +199,14 @@ pub const AUTH_MN_HA: u8 = 1;
 pub const VENDOR_ID: u32 = 0;
 /// Sub-type of our vendor-specific option that carries the [`ServiceSelector`].
 pub const VENDOR_SERVICE: u8 = 1;
+/// Sub-type of our vendor-specific option that carries one agent of a discovery reply
+/// ([`AgentEntry`]).
+pub const VENDOR_AGENT: u8 = 2;
+/// Most agents a discovery reply lists: bounds the reply's size (at most about 1.8 KB with
+/// 64-byte identities, inside the 2048 bytes an MH can have).
+pub const MAX_DISCOVERY_AGENTS: usize = 16;
+/// Longest agent identity in a discovery reply (as `registration.relay.id`).
+pub const MAX_AGENT_ID_LEN: usize = 64;
 /// Octets of the truncated HMAC-SHA256 authenticator.
 pub const AUTHENTICATOR_LEN: usize = 16;
 /// Longest MN-ID identifier: the option length byte counts the subtype too.
@@ -208,6 +225,9 @@ const MESG_ID_LEN: usize = 8;
 const LOAD_INFO_LEN: usize = 18;
 /// Vendor id (4) + sub-type (1) + protocol (1) + port (2).
 const VENDOR_SERVICE_LEN: usize = 8;
+/// Vendor id (4) + sub-type (1) + IPv4 address as IPv4-mapped (16) + IPv6 address (16); the
+/// identity follows.
+const VENDOR_AGENT_FIXED: usize = 37;
 /// Subtype (1) + SPI (4) + authenticator.
 const AUTH_LEN: usize = 5 + AUTHENTICATOR_LEN;
 
@@ -239,6 +259,26 @@ pub enum Body {
         status: u8,
         home: Ipv6Addr,
     },
+    /// Agent discovery request (Experimental MH, kind 1): a server asks the agent at the
+    /// discovery address for the list of agents. Signed like a BU (MN-ID, MESG-ID, AUTH);
+    /// its MESG-ID is the nonce the reply echoes.
+    DiscoveryRequest,
+    /// Agent discovery reply (Experimental MH, kind 2): the agents, the answering one first;
+    /// `lifetime` (4-second units) is how long the list may be used. Echoes the request's
+    /// MESG-ID and is signed with the requesting server's key.
+    DiscoveryReply {
+        lifetime: u16,
+        agents: Vec<AgentEntry>,
+    },
+}
+
+/// One agent in a discovery reply: its identity and its registration addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEntry {
+    /// 1 to [`MAX_AGENT_ID_LEN`] bytes of UTF-8 (the agent's `registration.relay.id`).
+    pub id: String,
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
 }
 
 impl Body {
@@ -249,6 +289,7 @@ impl Body {
             Body::BindingUpdate { .. } => mh_type::BINDING_UPDATE,
             Body::BindingAck { .. } => mh_type::BINDING_ACK,
             Body::BindingError { .. } => mh_type::BINDING_ERROR,
+            Body::DiscoveryRequest | Body::DiscoveryReply { .. } => mh_type::EXPERIMENTAL,
         }
     }
 }
@@ -314,6 +355,10 @@ pub enum EncodeError {
     EmptyMnId,
     /// The MN-ID identifier is longer than [`MAX_MN_ID_LEN`] bytes.
     MnIdTooLong(usize),
+    /// A discovery reply's agent list: more than [`MAX_DISCOVERY_AGENTS`] agents, an
+    /// identity empty or longer than [`MAX_AGENT_ID_LEN`], an agent without an address, or
+    /// an address of the wrong family in its field.
+    BadAgent,
 }
 
 impl fmt::Display for EncodeError {
@@ -323,6 +368,11 @@ impl fmt::Display for EncodeError {
             EncodeError::MnIdTooLong(n) => write!(
                 f,
                 "the mobile node identifier has {n} bytes, more than {MAX_MN_ID_LEN}"
+            ),
+            EncodeError::BadAgent => write!(
+                f,
+                "a discovery reply lists at most {MAX_DISCOVERY_AGENTS} agents, each with an \
+                 identity of 1 to {MAX_AGENT_ID_LEN} bytes and at least one address"
             ),
         }
     }
@@ -364,11 +414,15 @@ pub enum WireError {
     BadMnId,
     /// The AUTH subtype is not MN-HA.
     BadAuthSubtype,
+    /// A discovery reply's agent option is malformed (identity empty, too long or not UTF-8,
+    /// no address, an address of the wrong family), or the reply lists more than
+    /// [`MAX_DISCOVERY_AGENTS`] agents.
+    BadAgentOption,
 }
 
 impl WireError {
     /// Every variant, in declaration order.
-    pub const ALL: [WireError; 16] = [
+    pub const ALL: [WireError; 17] = [
         WireError::Truncated,
         WireError::BadIpVersion,
         WireError::BadNextHeader,
@@ -385,6 +439,7 @@ impl WireError {
         WireError::AuthNotLast,
         WireError::BadMnId,
         WireError::BadAuthSubtype,
+        WireError::BadAgentOption,
     ];
 
     /// A stable snake_case name, for counters and logs.
@@ -406,6 +461,7 @@ impl WireError {
             WireError::AuthNotLast => "auth_not_last",
             WireError::BadMnId => "bad_mn_id",
             WireError::BadAuthSubtype => "bad_auth_subtype",
+            WireError::BadAgentOption => "bad_agent_option",
         }
     }
 }
@@ -429,6 +485,7 @@ impl fmt::Display for WireError {
             WireError::AuthNotLast => "the authentication option is not the last option",
             WireError::BadMnId => "the mobile node identifier is not a UTF-8 NAI",
             WireError::BadAuthSubtype => "the authentication option is not MN-HA",
+            WireError::BadAgentOption => "a discovery reply's agent option is malformed",
         };
         write!(f, "{text} ({})", self.reason())
     }

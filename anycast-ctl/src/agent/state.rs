@@ -23,7 +23,9 @@ use crate::{
     health::{CheckConfig, CheckKind, Checker, Target},
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
-    registration::agent::{read_state_file, write_state_file, Registry, Relayed, Reply},
+    registration::agent::{
+        read_state_file, write_state_file, DiscoveryConfig, Registry, Relayed, Reply,
+    },
     relay::{Body, Relay},
     routing::{Desired, PrefixWant},
 };
@@ -60,8 +62,40 @@ pub(super) fn registry(config: &Config, config_path: &Path) -> Result<Option<Reg
             config.max_services as usize,
         )
         .with_service_addresses(config.services.iter().map(|s| s.address))
-        .refusing_mesg_ids_before(wire::ntp_now()),
+        .refusing_mesg_ids_before(wire::ntp_now())
+        .with_discovery(discovery(config)),
     ))
+}
+
+/// What agent discovery answers: the discovery addresses, then this agent and its relay
+/// peers with their registration addresses (empty when `discovery_address` is not set).
+pub(super) fn discovery(config: &Config) -> DiscoveryConfig {
+    let Some(reg) = &config.registration else {
+        return DiscoveryConfig::default();
+    };
+    let Some(d) = &reg.discovery_address else {
+        return DiscoveryConfig::default();
+    };
+    let entry = |id: &str, addresses: &[IpAddr]| wire::AgentEntry {
+        id: id.to_string(),
+        v4: addresses.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        v6: addresses.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    let own_id = reg.relay.as_ref().map_or("agent", |r| r.id.as_str());
+    let mut agents = vec![entry(own_id, &agent_addresses(config))];
+    for p in reg.relay.iter().flat_map(|r| &r.peers) {
+        agents.push(entry(&p.id, &p.registration_addresses()));
+    }
+    DiscoveryConfig {
+        addresses: d.v4.into_iter().chain(d.v6).collect(),
+        agents,
+    }
 }
 
 /// The health-check targets of a service's candidate: one per configured check, at the
@@ -461,11 +495,13 @@ impl Agent {
                     c.state_directory.clone(),
                     c.pin_directory.clone(),
                 ),
-                c.registration.as_ref().map(|r| r.relay.clone()),
+                c.registration
+                    .as_ref()
+                    .map(|r| (r.relay.clone(), r.discovery_address.clone())),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, control, routing, instance, state_directory and pin_directory only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, registration.discovery_address, control, routing, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");

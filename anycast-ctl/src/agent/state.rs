@@ -618,12 +618,24 @@ impl Agent {
         })
     }
 
-    /// Hands replies to the sender tasks: by the socket the update came in on, else by one
-    /// of the destination's family. A full queue drops the reply and counts it.
+    /// Hands replies to the sender tasks: by the socket the update came in on, else by the
+    /// socket of the message's inner source (a refresh request to a server that talks to
+    /// the discovery address leaves from there), else by one of the destination's family.
+    /// A full queue drops the reply and counts it.
     pub(super) fn send(&mut self, replies: Vec<(Option<usize>, Reply)>) {
         for (via, r) in replies {
+            let inner_src = r
+                .payload
+                .get(8..24)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(|b| wire::from_mapped(b.into()));
             let sender = via
                 .and_then(|i| self.senders.get(i))
+                .or_else(|| {
+                    self.senders
+                        .iter()
+                        .find(|s| inner_src.is_some() && s.local == inner_src)
+                })
                 .or_else(|| self.senders.iter().find(|s| s.v4 == r.to.is_ipv4()));
             let Some(sender) = sender else { continue };
             match sender.offer(r) {

@@ -281,6 +281,19 @@ impl Config {
                 "give at least one of v4 and v6",
             ));
         }
+        // A reply lists this agent and every peer, in a bounded reply.
+        let peers = self
+            .registration
+            .as_ref()
+            .and_then(|r| r.relay.as_ref())
+            .map_or(0, |r| r.peers.len());
+        let most = anycast_common::wire::MAX_DISCOVERY_AGENTS - 1;
+        if peers > most {
+            return Err(err(
+                "registration.discovery_address",
+                format!("a discovery reply lists at most {most} peers beside this agent; registration.relay.peers has {peers}"),
+            ));
+        }
         for (family, a, v4) in [("v4", d.v4, true), ("v6", d.v6, false)] {
             let Some(a) = a else { continue };
             let f = format!("registration.discovery_address.{family}");

@@ -212,6 +212,18 @@ fn an_update_to_the_discovery_address_binds_and_its_relayed_copy_binds_at_the_pe
     assert_eq!(at_a.counted, "registered");
     let ba = wire::decode(&at_a.reply.unwrap().payload).unwrap();
     assert_eq!(ba.src, msg.dst, "answered from the discovery address");
+    // Refresh requests and probes go from there too (the server takes answers only from
+    // the address it sends to); to a binding made through the agent's own address, from it.
+    let requests = a.refresh_all(now);
+    assert_eq!(requests.len(), 1);
+    assert_eq!(wire::decode(&requests[0].payload).unwrap().src, msg.dst);
+    let mut direct = with_discovery(registry(Limits::default(), 30));
+    direct.handle(&Bu::new(10, WALL).bytes(), from(), now, WALL);
+    let requests = direct.refresh_all(now);
+    assert_eq!(
+        wire::decode(&requests[0].payload).unwrap().src,
+        wire::to_mapped(AGENT.parse().unwrap())
+    );
 
     // Peer B, relayed by A: B takes it when B shares the discovery address, not otherwise.
     let keys = HashMap::from([

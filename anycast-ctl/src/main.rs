@@ -305,12 +305,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .map(|a| parse_agent(a))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let discovery = agent_discovery.as_deref().map(parse_agent).transpose()?;
-                let identity = id.ok_or_else(|| {
-                    anyhow::anyhow!("--agent and --agent-discovery need --id")
-                })?;
-                let key = key.ok_or_else(|| {
-                    anyhow::anyhow!("--agent and --agent-discovery need --key")
-                })?;
+                let identity =
+                    id.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --id"))?;
+                let key =
+                    key.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --key"))?;
                 Some(server::RegistrationOptions {
                     agents,
                     discovery,

@@ -141,9 +141,25 @@ fn start_server(topo: &mut Topology, i: usize, how: &[&str]) -> Result<()> {
     let spi = topology::spi_of(&name).to_string();
     let (v4, v6) = (ANYCAST_V4.to_string(), ANYCAST_V6.to_string());
     let mut args = vec![
-        "server", "--iface", "eth0", "--anycast", &v4, "--anycast", &v6, "--xdp-mode",
-        "native", "--id", &name, "--key", &key, "--spi", &spi, "--lifetime", "20",
-        "--drain-timeout", "1",
+        "server",
+        "--iface",
+        "eth0",
+        "--anycast",
+        &v4,
+        "--anycast",
+        &v6,
+        "--xdp-mode",
+        "native",
+        "--id",
+        &name,
+        "--key",
+        &key,
+        "--spi",
+        &spi,
+        "--lifetime",
+        "20",
+        "--drain-timeout",
+        "1",
     ];
     args.extend_from_slice(how);
     let s = &mut topo.servers[i];
@@ -186,7 +202,12 @@ fn request(id: &str, key: &[u8], spi: u32, from: &str, signed: bool) -> Vec<u8> 
 
 /// Sends each datagram from `from` (inside `ns`) to the discovery address and returns what
 /// came back to each within `wait`.
-fn ask(ns: &Netns, from: &str, datagrams: Vec<Vec<u8>>, wait: Duration) -> Result<Vec<Option<Vec<u8>>>> {
+fn ask(
+    ns: &Netns,
+    from: &str,
+    datagrams: Vec<Vec<u8>>,
+    wait: Duration,
+) -> Result<Vec<Option<Vec<u8>>>> {
     let from: IpAddr = from.parse()?;
     ns.in_ns(move || {
         let sock = UdpSocket::bind(SocketAddr::new(from, 0))?;
@@ -226,8 +247,13 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
     // The discovery address is anycast: the servers' routers take it to the nearest
     // agent, here A.
     for s in &topo.servers {
-        s.ns
-            .ip(&["route", "add", &format!("{DISCOVERY}/32"), "via", A_SERVER_SIDE])?;
+        s.ns.ip(&[
+            "route",
+            "add",
+            &format!("{DISCOVERY}/32"),
+            "via",
+            A_SERVER_SIDE,
+        ])?;
         s.ns.ip(&[
             "-6",
             "route",
@@ -241,33 +267,48 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
     // s1, given only the discovery address, is registered directly with both agents.
     let start = Instant::now();
     start_server(&mut topo, 0, &["--agent-discovery", DISCOVERY])?;
-    wait_until("s1 registered at A and at B", Duration::from_secs(10), || {
-        let (x, y) = (topo.bindings()?, b.bindings()?);
-        // B's direct counters count only s1's updates: s2 is not running yet.
-        Ok(of_server(&x, "s1").count() == PER_SERVER
-            && of_server(&y, "s1").count() == PER_SERVER
-            && counter(&y, "registered") + counter(&y, "refreshed") >= PER_SERVER as u64)
-    })?;
+    wait_until(
+        "s1 registered at A and at B",
+        Duration::from_secs(10),
+        || {
+            let (x, y) = (topo.bindings()?, b.bindings()?);
+            // B's direct counters count only s1's updates: s2 is not running yet.
+            Ok(of_server(&x, "s1").count() == PER_SERVER
+                && of_server(&y, "s1").count() == PER_SERVER
+                && counter(&y, "registered") + counter(&y, "refreshed") >= PER_SERVER as u64)
+        },
+    )?;
     println!(
         "s1 bound at both agents {:.0} ms after it started",
         start.elapsed().as_secs_f64() * 1e3
     );
     let (x, y) = (topo.bindings()?, b.bindings()?);
     assert!(counter(&x, "discovery_answered") >= 1, "{x:#}");
-    assert_eq!(counter(&y, "discovery_answered"), 0, "the nearest agent answered");
+    assert_eq!(
+        counter(&y, "discovery_answered"),
+        0,
+        "the nearest agent answered"
+    );
     assert!(counter(&x, "registered") + counter(&x, "refreshed") >= PER_SERVER as u64);
     let log = topo.servers[0].decap.as_mut().context("s1 runs")?;
-    log.wait_for_line(&format!("lists agent 'b' at {B_ADDR}:4191"), Duration::from_secs(1))?;
+    log.wait_for_line(
+        &format!("lists agent 'b' at {B_ADDR}:4191"),
+        Duration::from_secs(1),
+    )?;
     log.wait_for_line(&format!("at {B_ADDR}:4191 for"), Duration::from_secs(1))?;
 
     // s2 sends its binding updates to the discovery address itself: A takes and answers
     // them and relays them to B.
     start_server(&mut topo, 1, &["--agent", DISCOVERY])?;
-    wait_until("s2 bound at A and, relayed, at B", Duration::from_secs(10), || {
-        let (x, y) = (topo.bindings()?, b.bindings()?);
-        Ok(of_server(&x, "s2").count() == PER_SERVER
-            && of_server(&y, "s2").count() == PER_SERVER)
-    })?;
+    wait_until(
+        "s2 bound at A and, relayed, at B",
+        Duration::from_secs(10),
+        || {
+            let (x, y) = (topo.bindings()?, b.bindings()?);
+            Ok(of_server(&x, "s2").count() == PER_SERVER
+                && of_server(&y, "s2").count() == PER_SERVER)
+        },
+    )?;
     let y = b.bindings()?;
     assert!(
         of_server(&y, "s2").all(|b| b["relayed_by"] == "a"),
@@ -320,8 +361,16 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
     for (i, a) in answers.iter().enumerate() {
         assert_eq!(a.is_some(), i == 3, "answer {i}: {a:?}");
     }
-    let reply = answers[3].as_ref().context("the genuine request's answer")?;
-    assert!(wire::verify(reply, Key { spi: spi2, secret: &k2 }));
+    let reply = answers[3]
+        .as_ref()
+        .context("the genuine request's answer")?;
+    assert!(wire::verify(
+        reply,
+        Key {
+            spi: spi2,
+            secret: &k2
+        }
+    ));
     let Body::DiscoveryReply { agents, .. } = wire::decode(reply)?.body else {
         panic!("not a discovery reply");
     };

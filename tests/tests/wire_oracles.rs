@@ -679,7 +679,10 @@ fn tshark_shows_discovery_messages() {
     }
     let expert = capture.tshark(&["-q", "-z", "expert"]);
     for bad in ["Malformed", "Errors", "Warns", "Error", "Warning"] {
-        assert!(!expert.contains(bad), "tshark expert info mentions {bad}:\n{expert}");
+        assert!(
+            !expert.contains(bad),
+            "tshark expert info mentions {bad}:\n{expert}"
+        );
     }
     let verbose = capture.tshark(&["-V"]);
     assert_eq!(

@@ -102,9 +102,7 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
         mh.extend_from_slice(&[option::VENDOR, len as u8]);
         mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
         mh.push(VENDOR_AGENT);
-        let v4 = a
-            .v4
-            .map_or(Ipv6Addr::UNSPECIFIED, |v4| v4.to_ipv6_mapped());
+        let v4 = a.v4.map_or(Ipv6Addr::UNSPECIFIED, |v4| v4.to_ipv6_mapped());
         mh.extend_from_slice(&v4.octets());
         mh.extend_from_slice(&a.v6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets());
         mh.extend_from_slice(a.id.as_bytes());

@@ -123,6 +123,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 mod auth;
 mod decode;
+#[cfg(test)]
+mod discovery_tests;
 mod encode;
 #[cfg(test)]
 mod tests;

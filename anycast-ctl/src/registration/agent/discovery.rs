@@ -39,8 +39,7 @@ impl Registry {
             }
         }
         self.discovery_agents = cfg.agents;
-        self.discovery_agents
-            .truncate(wire::MAX_DISCOVERY_AGENTS);
+        self.discovery_agents.truncate(wire::MAX_DISCOVERY_AGENTS);
         self
     }
 
@@ -68,10 +67,7 @@ impl Registry {
         // is not answered at all (not even an unsigned refusal: nothing to amplify).
         let identity = msg.options.mn_id.clone().unwrap_or_default();
         let sa = self.servers.get(&identity).map(|p| (p.spi, p.key.clone()));
-        let key = sa.as_ref().map(|(spi, secret)| Key {
-            spi: *spi,
-            secret,
-        });
+        let key = sa.as_ref().map(|(spi, secret)| Key { spi: *spi, secret });
         if !key.is_some_and(|k| wire::verify(payload, k)) {
             self.warn("discovery authentication failed", now, || {
                 format!("agent discovery request from {from} (identity {identity:?}) failed authentication")

@@ -207,7 +207,13 @@ fn an_update_to_the_discovery_address_binds_and_its_relayed_copy_binds_at_the_pe
     let mut msg = wire::decode(&Bu::new(10, WALL).bytes()).unwrap();
     msg.dst = wire::to_mapped(DISCOVERY.parse().unwrap());
     msg.options.auth = None;
-    let bu = wire::encode(&msg, Some(Key { spi: 1, secret: KEY1 }));
+    let bu = wire::encode(
+        &msg,
+        Some(Key {
+            spi: 1,
+            secret: KEY1,
+        }),
+    );
     let at_a = a.handle(&bu, from(), now, WALL);
     assert_eq!(at_a.counted, "registered");
     let ba = wire::decode(&at_a.reply.unwrap().payload).unwrap();
@@ -254,5 +260,8 @@ fn an_update_to_the_discovery_address_binds_and_its_relayed_copy_binds_at_the_pe
     );
     // A discovery request relayed by a peer is not answered (never relayed in the first place).
     let relayed_request = b.handle_relayed(&s1_request(WALL), from(), &via, now, WALL);
-    assert_eq!(relayed_request.counted, "relayed_dropped_not_binding_update");
+    assert_eq!(
+        relayed_request.counted,
+        "relayed_dropped_not_binding_update"
+    );
 }

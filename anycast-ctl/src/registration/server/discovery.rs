@@ -71,7 +71,10 @@ impl Client {
             return;
         }
         if d.outstanding.is_some() {
-            tracing::warn!("no answer from the discovery address {}: asking again", d.addr);
+            tracing::warn!(
+                "no answer from the discovery address {}: asking again",
+                d.addr
+            );
         }
         d.timeout = if d.outstanding.is_some() {
             (d.timeout * 2).clamp(initial, max)
@@ -134,7 +137,11 @@ impl Client {
                     };
                     let addr = SocketAddr::new(ip, port);
                     if !known.contains(&addr) && !d.found.contains(&addr) {
-                        tracing::info!("agent discovery: {} lists agent '{}' at {addr}", d.addr, a.id);
+                        tracing::info!(
+                            "agent discovery: {} lists agent '{}' at {addr}",
+                            d.addr,
+                            a.id
+                        );
                         d.found.push(addr);
                     }
                 }

@@ -682,6 +682,8 @@ impl Client {
 }
 
 mod discovery;
+#[cfg(test)]
+mod discovery_tests;
 mod load;
 mod messages;
 mod sockets;
@@ -689,8 +691,8 @@ mod sockets;
 mod tests;
 mod validate;
 
+use discovery::Discovery;
 use load::command_usage;
 pub use load::{count_established, established_sessions};
 use sockets::bind_socket;
-use discovery::Discovery;
 use validate::validate;

@@ -3,19 +3,19 @@ use super::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const SPI: u32 = 0x0051_5100;
-const KEY: &[u8] = b"0123456789abcdef-binding-test-key";
-const OTHER_KEY: &[u8] = b"fedcba9876543210-not-the-right-key";
+pub(super) const SPI: u32 = 0x0051_5100;
+pub(super) const KEY: &[u8] = b"0123456789abcdef-binding-test-key";
+pub(super) const OTHER_KEY: &[u8] = b"fedcba9876543210-not-the-right-key";
 
 /// The client's log lines, shown for failing tests (or with `--nocapture`).
-fn logs() {
+pub(super) fn logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("anycast_ctl=debug")
         .with_test_writer()
         .try_init();
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -23,20 +23,20 @@ fn seq_after(a: u16, b: u16) -> bool {
     (a.wrapping_sub(b) as i16) > 0
 }
 
-fn secs(s: f64) -> Duration {
+pub(super) fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
 /// An agent stand-in: a UDP socket speaking the wire format with the server's key.
-struct FakeAgent {
-    sock: UdpSocket,
+pub(super) struct FakeAgent {
+    pub(super) sock: UdpSocket,
 }
 
 /// A binding update as the fake agent received it.
-struct Bu {
+pub(super) struct Bu {
     msg: Message,
     seq: u16,
-    lifetime: u16,
+    pub(super) lifetime: u16,
     from: SocketAddr,
 }
 
@@ -47,13 +47,13 @@ impl FakeAgent {
         }
     }
 
-    fn addr(&self) -> SocketAddr {
+    pub(super) fn addr(&self) -> SocketAddr {
         self.sock.local_addr().unwrap()
     }
 
     /// The next datagram if one arrives within `within`; it must be a well-formed binding
     /// update signed with the server's key.
-    async fn next_bu(&self, within: Duration) -> Option<Bu> {
+    pub(super) async fn next_bu(&self, within: Duration) -> Option<Bu> {
         let mut buf = vec![0u8; 65536];
         let (n, from) = tokio::time::timeout(within, self.sock.recv_from(&mut buf))
             .await
@@ -96,7 +96,7 @@ impl FakeAgent {
         })
     }
 
-    async fn expect_bu(&self, within: Duration) -> Bu {
+    pub(super) async fn expect_bu(&self, within: Duration) -> Bu {
         self.next_bu(within)
             .await
             .unwrap_or_else(|| panic!("no binding update within {within:?}"))
@@ -113,7 +113,7 @@ impl FakeAgent {
         self.sock.send_to(&payload, to).await.unwrap();
     }
 
-    async fn ack(&self, bu: &Bu, code: u8, lifetime: u16, key: Option<&[u8]>) {
+    pub(super) async fn ack(&self, bu: &Bu, code: u8, lifetime: u16, key: Option<&[u8]>) {
         let body = Body::BindingAck {
             status: code,
             seq: bu.seq,
@@ -128,7 +128,7 @@ impl FakeAgent {
     }
 }
 
-fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
+pub(super) fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
     ClientConfig {
         agents: vec![agent],
         discovery: None,
@@ -151,13 +151,13 @@ fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
     }
 }
 
-struct Running {
+pub(super) struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<usize>>,
 }
 
 impl Running {
-    async fn start(cfg: ClientConfig, deregister_timeout: Duration) -> Running {
+    pub(super) async fn start(cfg: ClientConfig, deregister_timeout: Duration) -> Running {
         let client = Client::new(cfg).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let stop = async move {
@@ -169,11 +169,11 @@ impl Running {
         }
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         self.stop.take().unwrap().send(()).unwrap();
     }
 
-    async fn finish(self, within: Duration) -> usize {
+    pub(super) async fn finish(self, within: Duration) -> usize {
         tokio::time::timeout(within, self.task)
             .await
             .expect("the client returns in time")
@@ -651,128 +651,4 @@ fn status_names() {
     );
     assert_eq!(status_name(status::AUTH_FAILED), "authentication failed");
     assert_eq!(status_name(200), "refused (unknown code)");
-}
-
-/// The discovery address's end of agent discovery, for the client under test.
-struct FakeDiscovery {
-    sock: UdpSocket,
-}
-
-impl FakeDiscovery {
-    /// The next discovery request: signed with the server's key; its MESG-ID and sender.
-    async fn expect_request(&self, within: Duration) -> (Message, SocketAddr) {
-        let mut buf = vec![0u8; 65536];
-        let (n, from) = tokio::time::timeout(within, self.sock.recv_from(&mut buf))
-            .await
-            .expect("a discovery request in time")
-            .unwrap();
-        let msg = wire::decode(&buf[..n]).unwrap();
-        assert_eq!(msg.body, Body::DiscoveryRequest);
-        assert_eq!(msg.options.mn_id.as_deref(), Some("s1"));
-        assert!(wire::verify(&buf[..n], Key { spi: SPI, secret: KEY }));
-        (msg, from)
-    }
-
-    async fn reply(&self, req: &(Message, SocketAddr), nonce: u64, agents: &[&str], key: &[u8]) {
-        let msg = Message {
-            src: req.0.dst,
-            dst: req.0.src,
-            body: Body::DiscoveryReply {
-                lifetime: 1,
-                agents: agents
-                    .iter()
-                    .map(|a| wire::AgentEntry {
-                        id: format!("agent {a}"),
-                        v4: Some(a.parse().unwrap()),
-                        v6: None,
-                    })
-                    .collect(),
-            },
-            options: Options {
-                mesg_id: Some(nonce),
-                ..Options::default()
-            },
-        };
-        let payload = wire::encode(&msg, Some(Key { spi: SPI, secret: key }));
-        self.sock.send_to(&payload, req.1).await.unwrap();
-    }
-}
-
-#[tokio::test]
-async fn discovers_the_agents_registers_with_each_and_finds_one_added_later() {
-    logs();
-    let discovery = FakeDiscovery {
-        sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-    };
-    let port = discovery.sock.local_addr().unwrap().port();
-    let at = |a: &'static str| async move {
-        FakeAgent {
-            sock: UdpSocket::bind((ip(a), port)).await.unwrap(),
-        }
-    };
-    let (a2, a3, a4) = (at("127.0.0.2").await, at("127.0.0.3").await, at("127.0.0.4").await);
-    let mut cfg = config(a2.addr(), "127.0.0.1", "192.0.2.80");
-    cfg.agents.clear();
-    cfg.discovery = Some(discovery.sock.local_addr().unwrap());
-    cfg.initial_timeout = secs(1.0);
-    cfg.lifetime = secs(60.0);
-    let mut client = Running::start(cfg, secs(3.0)).await;
-
-    let req = discovery.expect_request(secs(2.0)).await;
-    let nonce = req.0.options.mesg_id.expect("a nonce");
-    // A reply signed with another key, and one to no outstanding request: ignored.
-    discovery.reply(&req, nonce, &["127.0.0.4"], OTHER_KEY).await;
-    discovery.reply(&req, nonce + 1, &["127.0.0.4"], KEY).await;
-    // The genuine one: lifetime 4 s, so asked again after 2 s.
-    discovery
-        .reply(&req, nonce, &["127.0.0.2", "127.0.0.3"], KEY)
-        .await;
-    let answered = Instant::now();
-    for agent in [&a2, &a3] {
-        let bu = agent.expect_bu(secs(2.0)).await;
-        agent.ack(&bu, status::ACCEPTED, 15, Some(KEY)).await;
-    }
-    assert!(
-        a4.next_bu(secs(0.5)).await.is_none(),
-        "a forged or stale reply added an agent"
-    );
-    // Asked again at half the list's lifetime, with a newer nonce; an agent added since
-    // is registered with too.
-    let again = discovery.expect_request(secs(4.0)).await;
-    let waited = answered.elapsed();
-    assert!(waited >= secs(1.5), "asked again after {waited:?}");
-    let nonce2 = again.0.options.mesg_id.unwrap();
-    assert!(nonce2 > nonce);
-    discovery
-        .reply(&again, nonce2, &["127.0.0.2", "127.0.0.3", "127.0.0.4"], KEY)
-        .await;
-    let bu = a4.expect_bu(secs(2.0)).await;
-    a4.ack(&bu, status::ACCEPTED, 15, Some(KEY)).await;
-    // Nothing new for the agents already known.
-    assert!(a2.next_bu(secs(0.3)).await.is_none());
-
-    client.stop();
-    for agent in [&a2, &a3, &a4] {
-        let dereg = agent.expect_bu(secs(2.0)).await;
-        assert_eq!(dereg.lifetime, 0);
-        agent.ack(&dereg, status::ACCEPTED, 0, Some(KEY)).await;
-    }
-    assert_eq!(client.finish(secs(2.0)).await, 3);
-}
-
-#[tokio::test]
-async fn an_unanswered_discovery_request_is_sent_again_anew() {
-    let discovery = FakeDiscovery {
-        sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-    };
-    let mut cfg = config("127.0.0.1:9".parse().unwrap(), "127.0.0.1", "192.0.2.80");
-    cfg.agents.clear();
-    cfg.discovery = Some(discovery.sock.local_addr().unwrap());
-    cfg.initial_timeout = secs(0.3);
-    let mut client = Running::start(cfg, secs(0.5)).await;
-    let first = discovery.expect_request(secs(1.0)).await;
-    let second = discovery.expect_request(secs(1.0)).await;
-    assert!(second.0.options.mesg_id > first.0.options.mesg_id);
-    client.stop();
-    assert_eq!(client.finish(secs(2.0)).await, 0);
 }

@@ -46,9 +46,20 @@
 //! | 5 | Binding Update | sequence (2), flags A H L K M R P F T + reserved (2), lifetime (2, in 4 s units) |
 //! | 6 | Binding Acknowledgement | status (1), K R P flags + reserved (1), sequence (2), lifetime (2) |
 //! | 7 | Binding Error | status (1), reserved (1), home address (16) |
+//! | 11 | Experimental MH (RFC 5096): agent discovery request | kind 1 (1), reserved (1) |
+//! | 11 | Experimental MH (RFC 5096): agent discovery reply | kind 2 (1), reserved (1), lifetime (2, in 4 s units), reserved (2) |
 //!
 //! Our BUs set A (acknowledgement requested, from [`Body::BindingUpdate::ack`]) and H (home
 //! registration, always); other flags are zero and ignored when received.
+//!
+//! **Agent discovery** (a server asks the address all agents share for the list of agents;
+//! Mobile IPv6's own, ICMPv6 DHAAD, neither travels over IPv4 nor is authenticated) uses the
+//! Experimental Mobility Header, whose data RFC 5096 leaves to the experiment: its first
+//! byte tells the request (1) from the reply (2), and mobility options follow in the usual
+//! format. A request carries MN-ID, MESG-ID (its nonce) and AUTH; a reply carries one agent
+//! option per agent (at most [`MAX_DISCOVERY_AGENTS`], the answering agent first), the
+//! request's MESG-ID and AUTH with the requesting server's key. An unknown kind is an
+//! unknown MH type.
 //!
 //! # Options
 //!
@@ -75,10 +86,15 @@
 //! and accept it anywhere. Our vendor option uses vendor id [`VENDOR_ID`] (0, IANA's reserved
 //! enterprise number: this protocol is private to the project) and sub-type
 //! [`VENDOR_SERVICE`] (1), with data protocol (1) and port (2): the service selector, so a
-//! server can bind `ADDR:tcp:80` rather than the whole address. Vendor options with another
-//! vendor id or sub-type are skipped, as are unknown option types (RFC 6275 6.2.1).
+//! server can bind `ADDR:tcp:80` rather than the whole address. Sub-type [`VENDOR_AGENT`]
+//! (2) is one agent of a discovery reply ([`AgentEntry`]): its IPv4 address as IPv4-mapped
+//! (16, all zeros: none), its IPv6 address (16, all zeros: none) and its identity (1 to
+//! [`MAX_AGENT_ID_LEN`] bytes of UTF-8, the rest of the option); outside a reply it is
+//! skipped. Vendor options with another vendor id or sub-type are skipped, as are unknown
+//! option types (RFC 6275 6.2.1).
 //!
-//! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor, AUTH. The AUTH option
+//! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor (service, then the
+//! agents), AUTH. The AUTH option
 //! MUST be the last option (RFC 4285), so nothing, not even padding, follows it: we place it
 //! at 8n+1 (which satisfies 4n+1), and its 23 bytes then end the MH on a multiple of 8.
 //!
@@ -105,8 +121,9 @@
 //! header, payload length equal to the bytes that follow, MH payload proto 59, header length
 //! equal to the MH's bytes, checksum, a known MH type long enough for its fixed fields, every
 //! option inside the MH, the alignments above (not for Load Information), exact lengths of
-//! known options, AUTH last, and at most one of each option (except Pad1, PadN and foreign
-//! vendor options). Whether a MESG-ID is fresh, and which options a message must carry, is
+//! known options, AUTH last, and at most one of each option (except Pad1, PadN, agent
+//! options and foreign vendor options); agent options well formed and at most
+//! [`MAX_DISCOVERY_AGENTS`] of them. Whether a MESG-ID is fresh, and which options a message must carry, is
 //! for the caller to judge.
 //!
 //! # Seen through tshark 4.0

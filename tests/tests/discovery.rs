@@ -184,12 +184,16 @@ fn counter(bindings: &serde_json::Value, name: &str) -> u64 {
     bindings["counters"][name].as_u64().unwrap_or(0)
 }
 
-/// A discovery request of `id` signed with `key` (as server `spi`'s), to the discovery
+/// A discovery request of `id` signed with `key` (as server `spi`'s), to the IPv4 discovery
 /// address.
 fn request(id: &str, key: &[u8], spi: u32, from: &str, signed: bool) -> Vec<u8> {
+    request_to(DISCOVERY, id, key, spi, from, signed)
+}
+
+fn request_to(to: &str, id: &str, key: &[u8], spi: u32, from: &str, signed: bool) -> Vec<u8> {
     let msg = Message {
         src: wire::to_mapped(from.parse().unwrap()),
-        dst: wire::to_mapped(DISCOVERY.parse().unwrap()),
+        dst: wire::to_mapped(to.parse().unwrap()),
         body: Body::DiscoveryRequest,
         options: Options {
             mn_id: Some(id.into()),
@@ -200,8 +204,8 @@ fn request(id: &str, key: &[u8], spi: u32, from: &str, signed: bool) -> Vec<u8> 
     wire::encode(&msg, signed.then_some(Key { spi, secret: key }))
 }
 
-/// Sends each datagram from `from` (inside `ns`) to the discovery address and returns what
-/// came back to each within `wait`.
+/// Sends each datagram from `from` (inside `ns`) to the discovery address of `from`'s family
+/// and returns what came back to each within `wait`.
 fn ask(
     ns: &Netns,
     from: &str,
@@ -209,10 +213,15 @@ fn ask(
     wait: Duration,
 ) -> Result<Vec<Option<Vec<u8>>>> {
     let from: IpAddr = from.parse()?;
+    let discovery = if from.is_ipv4() {
+        DISCOVERY
+    } else {
+        DISCOVERY6
+    };
+    let to = SocketAddr::new(discovery.parse()?, wire::DEFAULT_PORT);
     ns.in_ns(move || {
         let sock = UdpSocket::bind(SocketAddr::new(from, 0))?;
         sock.set_read_timeout(Some(wait))?;
-        let to = SocketAddr::new(DISCOVERY.parse()?, wire::DEFAULT_PORT);
         let mut out = Vec::new();
         for d in datagrams {
             sock.send_to(&d, to)?;
@@ -385,6 +394,24 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
     assert_eq!(
         agents,
         vec![entry("a", A_ADDR, A_ADDR6), entry("b", B_ADDR, B_ADDR6)]
+    );
+    // Over IPv6 too, with the same list.
+    let v6 = ask(
+        &topo.servers[1].ns,
+        "fd71:2::12",
+        vec![request_to(DISCOVERY6, "s2", &k2, spi2, "fd71:2::12", true)],
+        Duration::from_secs(2),
+    )?;
+    let reply6 = v6[0].as_ref().context("no answer over IPv6")?;
+    assert!(wire::verify(
+        reply6,
+        Key {
+            spi: spi2,
+            secret: &k2
+        }
+    ));
+    assert!(
+        matches!(wire::decode(reply6)?.body, Body::DiscoveryReply { agents: ref a, .. } if *a == agents)
     );
     println!(
         "discovery request {} bytes, reply {} bytes",

@@ -76,21 +76,28 @@ pub(super) fn discovery(config: &Config) -> DiscoveryConfig {
     let Some(d) = &reg.discovery_address else {
         return DiscoveryConfig::default();
     };
-    let entry = |id: &str, addresses: &[IpAddr]| wire::AgentEntry {
-        id: id.to_string(),
-        v4: addresses.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        }),
-        v6: addresses.iter().find_map(|a| match a {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        }),
+    // The first usable address of each family.
+    let entry = |id: &str, addresses: &[IpAddr]| {
+        let usable = |a: &&IpAddr| !a.is_unspecified() && !a.is_multicast();
+        let e = wire::AgentEntry {
+            id: id.to_string(),
+            v4: addresses.iter().filter(usable).find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+            v6: addresses.iter().filter(usable).find_map(|a| match a {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Some(*v6),
+                _ => None,
+            }),
+        };
+        (e.v4.is_some() || e.v6.is_some()).then_some(e)
     };
     let own_id = reg.relay.as_ref().map_or("agent", |r| r.id.as_str());
-    let mut agents = vec![entry(own_id, &agent_addresses(config))];
+    let mut agents: Vec<wire::AgentEntry> = entry(own_id, &agent_addresses(config))
+        .into_iter()
+        .collect();
     for p in reg.relay.iter().flat_map(|r| &r.peers) {
-        agents.push(entry(&p.id, &p.registration_addresses()));
+        agents.extend(entry(&p.id, &p.registration_addresses()));
     }
     DiscoveryConfig {
         addresses: d.v4.into_iter().chain(d.v6).collect(),

@@ -126,7 +126,9 @@ impl Registry {
         let payload = match wire::try_encode(&reply, Some(key)) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!("agent discovery reply: {e}");
+                self.warn("discovery reply", now, || {
+                    format!("agent discovery reply: {e}")
+                });
                 return none(self.count("discovery_reply_unencodable"));
             }
         };

@@ -23,8 +23,6 @@ pub(crate) struct Discovery {
     timeout: Duration,
     /// Agents a verified reply listed that are not registered with yet.
     found: Vec<SocketAddr>,
-    /// Verified replies so far.
-    pub(crate) replies: u64,
     bad: RateLimit,
     pub(crate) io_errors: RateLimit,
 }
@@ -48,7 +46,6 @@ impl Discovery {
             next: Instant::now(),
             timeout: Duration::ZERO,
             found: Vec::new(),
-            replies: 0,
             bad: RateLimit::default(),
             io_errors: RateLimit::default(),
         })
@@ -123,7 +120,6 @@ impl Client {
         let why = match check_reply(d, payload, from, spi, &self.key) {
             Ok((lifetime, agents)) => {
                 d.outstanding = None;
-                d.replies += 1;
                 let listed = u64::from(lifetime.min(lifetime_units)) * LIFETIME_UNIT_SECS;
                 d.next = now + (Duration::from_secs(listed) / 2).max(MIN_INTERVAL);
                 let port = d.addr.port();
@@ -171,11 +167,6 @@ impl Client {
                 tracing::warn!("agent discovery: {e:#}");
             }
         }
-    }
-
-    /// How many verified discovery replies arrived (for tests).
-    pub fn discovery_replies(&self) -> u64 {
-        self.discovery.as_ref().map_or(0, |d| d.replies)
     }
 }
 

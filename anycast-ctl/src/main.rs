@@ -106,11 +106,16 @@ enum Command {
         /// Agent to register with, ADDR or ADDR:PORT / [IPV6]:PORT (repeat for several agents).
         #[arg(long = "agent")]
         agents: Vec<String>,
+        /// The address all agents share (their registration.discovery_address), ADDR or
+        /// ADDR:PORT / [IPV6]:PORT: ask it for the list of agents and register with each,
+        /// asking again at half the list's lifetime.
+        #[arg(long = "agent-discovery")]
+        agent_discovery: Option<String>,
         /// This server's identity (the agent's policy names it).
-        #[arg(long, requires = "agents")]
+        #[arg(long)]
         id: Option<String>,
         /// File with this server's secret key (hex).
-        #[arg(long, requires = "agents")]
+        #[arg(long)]
         key: Option<PathBuf>,
         /// Security parameter index of the key.
         #[arg(long, default_value_t = 256)]
@@ -277,6 +282,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             anycast,
             xdp_mode,
             agents,
+            agent_discovery,
             id,
             key,
             spi,
@@ -288,17 +294,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             drain_timeout,
             reverse_tunnel,
         } => {
-            let registration = if agents.is_empty() {
+            let registration = if agents.is_empty() && agent_discovery.is_none() {
+                if id.is_some() || key.is_some() {
+                    anyhow::bail!("--id and --key need --agent or --agent-discovery");
+                }
                 None
             } else {
                 let agents = agents
                     .iter()
                     .map(|a| parse_agent(a))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let identity = id.ok_or_else(|| anyhow::anyhow!("--agent needs --id"))?;
-                let key = key.ok_or_else(|| anyhow::anyhow!("--agent needs --key"))?;
+                let discovery = agent_discovery.as_deref().map(parse_agent).transpose()?;
+                let identity =
+                    id.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --id"))?;
+                let key =
+                    key.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --key"))?;
                 Some(server::RegistrationOptions {
                     agents,
+                    discovery,
                     identity,
                     spi,
                     key: keys::read_key(&key)?,

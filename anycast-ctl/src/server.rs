@@ -82,6 +82,8 @@ impl std::str::FromStr for AnycastSpec {
 
 pub struct RegistrationOptions {
     pub agents: Vec<SocketAddr>,
+    /// The address all agents share: register with every agent it lists.
+    pub discovery: Option<SocketAddr>,
     pub identity: String,
     pub spi: u32,
     pub key: Vec<u8>,
@@ -231,6 +233,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         Some(reg) => {
             let client = Client::new(ClientConfig {
                 agents: reg.agents.clone(),
+                discovery: reg.discovery,
                 identity: reg.identity.clone(),
                 spi: reg.spi,
                 key: reg.key.clone(),

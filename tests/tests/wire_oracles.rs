@@ -493,6 +493,9 @@ fn tshark_decodes_our_messages() {
                 assert_eq!(v6(get("mip6.be.haddr")), home, "{ctx}");
             }
             Body::BindingRefreshRequest => {}
+            Body::DiscoveryRequest | Body::DiscoveryReply { .. } => {
+                unreachable!("see tshark_shows_discovery_messages")
+            }
         }
 
         // The length byte of every option but Pad1, as tshark read them, in order.
@@ -568,6 +571,129 @@ fn tshark_decodes_our_messages() {
             let data = get("mip6.auth.auth_data").replace(':', "");
             assert_eq!(data, hex(&tag[..14]), "{ctx}");
         }
+    }
+}
+
+/// Agent discovery's request and reply (RFC 5096's Experimental Mobility Header, type 11):
+/// tshark shows the MH header and the message data as opaque bytes (as RFC 5096 says they
+/// are), with nothing malformed and no expert warning.
+#[test]
+fn tshark_shows_discovery_messages() {
+    require_tshark();
+    let (server6, discovery6) = (v6("fd71:2::11"), v6("fd71:9::9"));
+    let (server4, discovery4) = (mapped("10.71.2.11"), mapped("10.71.9.9"));
+    let agents = vec![
+        wire::AgentEntry {
+            id: "a".into(),
+            v4: Some("10.71.1.2".parse().unwrap()),
+            v6: Some(v6("fd71:1::2")),
+        },
+        wire::AgentEntry {
+            id: "agent-b".into(),
+            v4: None,
+            v6: Some(v6("fd71:2::3")),
+        },
+    ];
+    let request = |src, dst| Message {
+        src,
+        dst,
+        body: Body::DiscoveryRequest,
+        options: Options {
+            mn_id: Some("server-1".into()),
+            mesg_id: Some(MESG_ID),
+            ..Options::default()
+        },
+    };
+    let reply = |src, dst| Message {
+        src,
+        dst,
+        body: Body::DiscoveryReply {
+            lifetime: 150,
+            agents: agents.clone(),
+        },
+        options: Options {
+            mesg_id: Some(MESG_ID),
+            ..Options::default()
+        },
+    };
+    let cases = vec![
+        Case {
+            name: "discovery_request_v4",
+            msg: request(server4, discovery4),
+            keyed: true,
+        },
+        Case {
+            name: "discovery_reply_v4",
+            msg: reply(discovery4, server4),
+            keyed: true,
+        },
+        Case {
+            name: "discovery_request_v6",
+            msg: request(server6, discovery6),
+            keyed: true,
+        },
+        Case {
+            name: "discovery_reply_v6",
+            msg: reply(discovery6, server6),
+            keyed: false,
+        },
+    ];
+    let capture = Capture::new(&cases);
+    let fields = [
+        "frame.protocols",
+        "udp.checksum.status",
+        "ipv6.plen",
+        "ipv6.src",
+        "ipv6.dst",
+        "mip6.proto",
+        "mip6.hlen",
+        "mip6.mhtype",
+        "mip6.csum",
+        "mip6.em.data",
+    ];
+    let mut args: Vec<&str> = vec!["-T", "fields"];
+    for f in fields {
+        args.extend(["-e", f]);
+    }
+    let out = capture.tshark(&args);
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows.len(), cases.len(), "{out}");
+    for (case, row) in cases.iter().zip(&rows) {
+        let ctx = format!("{}: {row:?}", case.name);
+        let bytes = payload(case);
+        assert_eq!(row[0], "raw:ip:udp:ipv6:mipv6", "{ctx}");
+        assert_eq!(row[1], "1", "{ctx}: UDP checksum good");
+        assert_eq!(num(row[2]) as usize, bytes.len() - 40, "{ctx}");
+        assert_eq!(v6(row[3]), case.msg.src, "{ctx}");
+        assert_eq!(v6(row[4]), case.msg.dst, "{ctx}");
+        assert_eq!(num(row[5]), 59, "{ctx}");
+        assert_eq!((num(row[6]) as usize + 1) * 8, bytes.len() - 40, "{ctx}");
+        assert_eq!(num(row[7]), 11, "{ctx}: Experimental Mobility Header");
+        assert_eq!(
+            num(row[8]),
+            u64::from(u16::from_be_bytes([bytes[44], bytes[45]])),
+            "{ctx}"
+        );
+        // The message data: everything after the 6-byte MH header, as we wrote it.
+        assert_eq!(row[9].replace(':', ""), hex(&bytes[46..]), "{ctx}");
+    }
+    let expert = capture.tshark(&["-q", "-z", "expert"]);
+    for bad in ["Malformed", "Errors", "Warns", "Error", "Warning"] {
+        assert!(
+            !expert.contains(bad),
+            "tshark expert info mentions {bad}:\n{expert}"
+        );
+    }
+    let verbose = capture.tshark(&["-V"]);
+    assert_eq!(
+        verbose
+            .matches("Mobility Header Type: Experimental Mobility Header (11)")
+            .count(),
+        cases.len(),
+        "{verbose}"
+    );
+    for bad in ["Malformed", "Expert Info", "Unknown", "Invalid", "Bogus"] {
+        assert!(!verbose.contains(bad), "tshark -V says {bad}:\n{verbose}");
     }
 }
 
@@ -888,6 +1014,9 @@ fn scapy_dissects_our_messages() {
                 assert!(layer.contains("Binding Error"), "{ctx}");
                 assert_eq!(u("status"), u64::from(status), "{ctx}");
                 assert_eq!(v6(row["home"].as_str().unwrap()), home, "{ctx}");
+            }
+            Body::DiscoveryRequest | Body::DiscoveryReply { .. } => {
+                unreachable!("see tshark_shows_discovery_messages")
             }
         }
         let options = row["options"].as_array().unwrap();

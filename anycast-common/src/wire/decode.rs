@@ -52,6 +52,12 @@ pub(super) fn parse(payload: &[u8]) -> Result<(Message, Option<usize>), WireErro
         mh_type::BINDING_REFRESH_REQUEST => 8,
         mh_type::BINDING_UPDATE | mh_type::BINDING_ACK => 12,
         mh_type::BINDING_ERROR => 24,
+        // The kind byte needs 7 bytes; a request has 8, a reply 12 (checked below).
+        mh_type::EXPERIMENTAL => match mh.get(6) {
+            Some(&discovery_kind::REQUEST) => 8,
+            Some(&discovery_kind::REPLY) => 12,
+            _ => return Err(WireError::UnknownMhType),
+        },
         _ => return Err(WireError::UnknownMhType),
     };
     if mh.len() < fixed {
@@ -69,12 +75,23 @@ pub(super) fn parse(payload: &[u8]) -> Result<(Message, Option<usize>), WireErro
             seq: be16(mh, 8),
             lifetime: be16(mh, 10),
         },
-        _ => Body::BindingError {
+        mh_type::BINDING_ERROR => Body::BindingError {
             status: mh[6],
             home: addr(mh, 8),
         },
+        _ if mh[6] == discovery_kind::REQUEST => Body::DiscoveryRequest,
+        _ => Body::DiscoveryReply {
+            lifetime: be16(mh, 8),
+            agents: Vec::new(),
+        },
     };
-    let (options, auth_at) = parse_options(mh, fixed)?;
+    let (options, agents, auth_at) = parse_options(mh, fixed)?;
+    // Agent options mean something in a discovery reply only; elsewhere they are skipped
+    // like any vendor option we do not use.
+    let body = match body {
+        Body::DiscoveryReply { lifetime, .. } => Body::DiscoveryReply { lifetime, agents },
+        other => other,
+    };
     let msg = Message {
         src,
         dst,
@@ -84,9 +101,12 @@ pub(super) fn parse(payload: &[u8]) -> Result<(Message, Option<usize>), WireErro
     Ok((msg, auth_at))
 }
 
-fn parse_options(mh: &[u8], start: usize) -> Result<(Options, Option<usize>), WireError> {
+type Parsed = (Options, Vec<AgentEntry>, Option<usize>);
+
+fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
     let end = mh.len();
     let mut o = Options::default();
+    let mut agents = Vec::new();
     let mut auth_at = None;
     let mut i = start;
     let aligned = |at: usize, x: usize, y: usize| {
@@ -177,6 +197,11 @@ fn parse_options(mh: &[u8], start: usize) -> Result<(Options, Option<usize>), Wi
                         protocol: data[5],
                         port: be16(data, 6),
                     });
+                } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_AGENT {
+                    if agents.len() == MAX_DISCOVERY_AGENTS {
+                        return Err(WireError::BadAgentOption);
+                    }
+                    agents.push(agent_option(data)?);
                 }
             }
             option::AUTH => {
@@ -198,5 +223,33 @@ fn parse_options(mh: &[u8], start: usize) -> Result<(Options, Option<usize>), Wi
         }
         i = next;
     }
-    Ok((o, auth_at))
+    Ok((o, agents, auth_at))
+}
+
+/// One agent of a discovery reply: the vendor option's data (vendor id, sub-type, IPv4
+/// address as IPv4-mapped or all zeros, IPv6 address or all zeros, identity).
+fn agent_option(data: &[u8]) -> Result<AgentEntry, WireError> {
+    let bad = WireError::BadAgentOption;
+    if data.len() < VENDOR_AGENT_FIXED + 1 || data.len() > VENDOR_AGENT_FIXED + MAX_AGENT_ID_LEN {
+        return Err(bad);
+    }
+    let v4 = match addr(data, 5) {
+        a if a.is_unspecified() => None,
+        a => Some(a.to_ipv4_mapped().ok_or(bad)?),
+    };
+    let v6 = match addr(data, 21) {
+        a if a.is_unspecified() => None,
+        a if a.to_ipv4_mapped().is_some() => return Err(bad),
+        a => Some(a),
+    };
+    // An all-zero IPv4-mapped address (::ffff:0.0.0.0) is no address either.
+    if v4.is_some_and(|a| a.is_unspecified()) || (v4.is_none() && v6.is_none()) {
+        return Err(bad);
+    }
+    let id = std::str::from_utf8(&data[VENDOR_AGENT_FIXED..]).map_err(|_| bad)?;
+    Ok(AgentEntry {
+        id: id.to_owned(),
+        v4,
+        v6,
+    })
 }

@@ -21,15 +21,16 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
     let mut mh = Vec::with_capacity(128);
     // Payload proto, header length (set below), MH type, reserved, checksum (set last).
     mh.extend_from_slice(&[IPPROTO_NONE, 0, msg.body.mh_type(), 0, 0, 0]);
-    match msg.body {
+    let mut agents: &[AgentEntry] = &[];
+    match &msg.body {
         Body::BindingRefreshRequest => mh.extend_from_slice(&[0, 0]),
-        Body::BindingUpdate { seq, ack, lifetime } => {
+        &Body::BindingUpdate { seq, ack, lifetime } => {
             let flags = BU_FLAG_H | if ack { BU_FLAG_A } else { 0 };
             mh.extend_from_slice(&seq.to_be_bytes());
             mh.extend_from_slice(&flags.to_be_bytes());
             mh.extend_from_slice(&lifetime.to_be_bytes());
         }
-        Body::BindingAck {
+        &Body::BindingAck {
             status,
             seq,
             lifetime,
@@ -38,9 +39,22 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
             mh.extend_from_slice(&seq.to_be_bytes());
             mh.extend_from_slice(&lifetime.to_be_bytes());
         }
-        Body::BindingError { status, home } => {
+        &Body::BindingError { status, home } => {
             mh.extend_from_slice(&[status, 0]);
             mh.extend_from_slice(&home.octets());
+        }
+        Body::DiscoveryRequest => mh.extend_from_slice(&[discovery_kind::REQUEST, 0]),
+        Body::DiscoveryReply {
+            lifetime,
+            agents: list,
+        } => {
+            if list.len() > MAX_DISCOVERY_AGENTS || !list.iter().all(agent_encodable) {
+                return Err(EncodeError::BadAgent);
+            }
+            mh.extend_from_slice(&[discovery_kind::REPLY, 0]);
+            mh.extend_from_slice(&lifetime.to_be_bytes());
+            mh.extend_from_slice(&[0, 0]);
+            agents = list;
         }
     }
 
@@ -82,6 +96,17 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
         mh.extend_from_slice(&[VENDOR_SERVICE, s.protocol]);
         mh.extend_from_slice(&s.port.to_be_bytes());
     }
+    for a in agents {
+        pad_to(&mut mh, 4, 2);
+        let len = VENDOR_AGENT_FIXED + a.id.len();
+        mh.extend_from_slice(&[option::VENDOR, len as u8]);
+        mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
+        mh.push(VENDOR_AGENT);
+        let v4 = a.v4.map_or(Ipv6Addr::UNSPECIFIED, |v4| v4.to_ipv6_mapped());
+        mh.extend_from_slice(&v4.octets());
+        mh.extend_from_slice(&a.v6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets());
+        mh.extend_from_slice(a.id.as_bytes());
+    }
     match key {
         Some(key) => {
             // At 8n+1, so the option (2 + AUTH_LEN = 23 bytes) ends the MH on a multiple of 8.
@@ -114,6 +139,15 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
     Ok(out)
 }
 
+/// An agent a reply can carry (the decoder's checks, see `decode::agent_option`).
+fn agent_encodable(a: &AgentEntry) -> bool {
+    (1..=MAX_AGENT_ID_LEN).contains(&a.id.len())
+        && (a.v4.is_some() || a.v6.is_some())
+        && a.v4.is_none_or(|v4| !v4.is_unspecified())
+        && a.v6
+            .is_none_or(|v6| !v6.is_unspecified() && v6.to_ipv4_mapped().is_none())
+}
+
 /// Pads `mh` with Pad1 or PadN so its length is `y` modulo `x`.
 fn pad_to(mh: &mut Vec<u8>, x: usize, y: usize) {
     let need = (y + x - mh.len() % x) % x;
@@ -128,7 +162,8 @@ fn pad_to(mh: &mut Vec<u8>, x: usize, y: usize) {
 }
 
 /// Sets the header length field for an MH of `total` bytes (a multiple of 8, at most 2048;
-/// our largest message is well under 400).
+/// our largest message, a discovery reply of 16 agents with 64-byte identities, is under
+/// 1800).
 fn set_header_len(mh: &mut [u8], total: usize) {
     debug_assert!(total.is_multiple_of(8) && total <= 2048);
     mh[1] = (total / 8 - 1) as u8;

@@ -46,9 +46,20 @@
 //! | 5 | Binding Update | sequence (2), flags A H L K M R P F T + reserved (2), lifetime (2, in 4 s units) |
 //! | 6 | Binding Acknowledgement | status (1), K R P flags + reserved (1), sequence (2), lifetime (2) |
 //! | 7 | Binding Error | status (1), reserved (1), home address (16) |
+//! | 11 | Experimental MH (RFC 5096): agent discovery request | kind 1 (1), reserved (1) |
+//! | 11 | Experimental MH (RFC 5096): agent discovery reply | kind 2 (1), reserved (1), lifetime (2, in 4 s units), reserved (2) |
 //!
 //! Our BUs set A (acknowledgement requested, from [`Body::BindingUpdate::ack`]) and H (home
 //! registration, always); other flags are zero and ignored when received.
+//!
+//! **Agent discovery** (a server asks the address all agents share for the list of agents;
+//! Mobile IPv6's own, ICMPv6 DHAAD, neither travels over IPv4 nor is authenticated) uses the
+//! Experimental Mobility Header, whose data RFC 5096 leaves to the experiment: its first
+//! byte tells the request (1) from the reply (2), and mobility options follow in the usual
+//! format. A request carries MN-ID, MESG-ID (its nonce) and AUTH; a reply carries one agent
+//! option per agent (at most [`MAX_DISCOVERY_AGENTS`], the answering agent first), the
+//! request's MESG-ID and AUTH with the requesting server's key. An unknown kind is an
+//! unknown MH type.
 //!
 //! # Options
 //!
@@ -75,10 +86,15 @@
 //! and accept it anywhere. Our vendor option uses vendor id [`VENDOR_ID`] (0, IANA's reserved
 //! enterprise number: this protocol is private to the project) and sub-type
 //! [`VENDOR_SERVICE`] (1), with data protocol (1) and port (2): the service selector, so a
-//! server can bind `ADDR:tcp:80` rather than the whole address. Vendor options with another
-//! vendor id or sub-type are skipped, as are unknown option types (RFC 6275 6.2.1).
+//! server can bind `ADDR:tcp:80` rather than the whole address. Sub-type [`VENDOR_AGENT`]
+//! (2) is one agent of a discovery reply ([`AgentEntry`]): its IPv4 address as IPv4-mapped
+//! (16, all zeros: none), its IPv6 address (16, all zeros: none) and its identity (1 to
+//! [`MAX_AGENT_ID_LEN`] bytes of UTF-8, the rest of the option); outside a reply it is
+//! skipped. Vendor options with another vendor id or sub-type are skipped, as are unknown
+//! option types (RFC 6275 6.2.1).
 //!
-//! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor, AUTH. The AUTH option
+//! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor (service, then the
+//! agents), AUTH. The AUTH option
 //! MUST be the last option (RFC 4285), so nothing, not even padding, follows it: we place it
 //! at 8n+1 (which satisfies 4n+1), and its 23 bytes then end the MH on a multiple of 8.
 //!
@@ -105,8 +121,9 @@
 //! header, payload length equal to the bytes that follow, MH payload proto 59, header length
 //! equal to the MH's bytes, checksum, a known MH type long enough for its fixed fields, every
 //! option inside the MH, the alignments above (not for Load Information), exact lengths of
-//! known options, AUTH last, and at most one of each option (except Pad1, PadN and foreign
-//! vendor options). Whether a MESG-ID is fresh, and which options a message must carry, is
+//! known options, AUTH last, and at most one of each option (except Pad1, PadN, agent
+//! options and foreign vendor options); agent options well formed and at most
+//! [`MAX_DISCOVERY_AGENTS`] of them. Whether a MESG-ID is fresh, and which options a message must carry, is
 //! for the caller to judge.
 //!
 //! # Seen through tshark 4.0
@@ -123,6 +140,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 mod auth;
 mod decode;
+#[cfg(test)]
+mod discovery_tests;
 mod encode;
 #[cfg(test)]
 mod tests;
@@ -156,12 +175,21 @@ pub mod status {
     pub const INVALID_COA: u8 = 174;
 }
 
-/// Mobility Header types (RFC 6275 6.1).
+/// Mobility Header types (RFC 6275 6.1; 11 is RFC 5096's Experimental Mobility Header).
 pub mod mh_type {
     pub const BINDING_REFRESH_REQUEST: u8 = 0;
     pub const BINDING_UPDATE: u8 = 5;
     pub const BINDING_ACK: u8 = 6;
     pub const BINDING_ERROR: u8 = 7;
+    /// Experimental Mobility Header (RFC 5096): our agent discovery request and reply, told
+    /// apart by the first byte of the message data ([`super::discovery_kind`]).
+    pub const EXPERIMENTAL: u8 = 11;
+}
+
+/// The first byte of an Experimental Mobility Header's data: which discovery message it is.
+pub mod discovery_kind {
+    pub const REQUEST: u8 = 1;
+    pub const REPLY: u8 = 2;
 }
 
 /// Mobility option types (IANA "Mobility Options"; see the module doc for their sources).
@@ -190,6 +218,14 @@ pub const AUTH_MN_HA: u8 = 1;
 pub const VENDOR_ID: u32 = 0;
 /// Sub-type of our vendor-specific option that carries the [`ServiceSelector`].
 pub const VENDOR_SERVICE: u8 = 1;
+/// Sub-type of our vendor-specific option that carries one agent of a discovery reply
+/// ([`AgentEntry`]).
+pub const VENDOR_AGENT: u8 = 2;
+/// Most agents a discovery reply lists: bounds the reply's size (at most about 1.8 KB with
+/// 64-byte identities, inside the 2048 bytes an MH can have).
+pub const MAX_DISCOVERY_AGENTS: usize = 16;
+/// Longest agent identity in a discovery reply (as `registration.relay.id`).
+pub const MAX_AGENT_ID_LEN: usize = 64;
 /// Octets of the truncated HMAC-SHA256 authenticator.
 pub const AUTHENTICATOR_LEN: usize = 16;
 /// Longest MN-ID identifier: the option length byte counts the subtype too.
@@ -208,6 +244,9 @@ const MESG_ID_LEN: usize = 8;
 const LOAD_INFO_LEN: usize = 18;
 /// Vendor id (4) + sub-type (1) + protocol (1) + port (2).
 const VENDOR_SERVICE_LEN: usize = 8;
+/// Vendor id (4) + sub-type (1) + IPv4 address as IPv4-mapped (16) + IPv6 address (16); the
+/// identity follows.
+const VENDOR_AGENT_FIXED: usize = 37;
 /// Subtype (1) + SPI (4) + authenticator.
 const AUTH_LEN: usize = 5 + AUTHENTICATOR_LEN;
 
@@ -239,6 +278,26 @@ pub enum Body {
         status: u8,
         home: Ipv6Addr,
     },
+    /// Agent discovery request (Experimental MH, kind 1): a server asks the agent at the
+    /// discovery address for the list of agents. Signed like a BU (MN-ID, MESG-ID, AUTH);
+    /// its MESG-ID is the nonce the reply echoes.
+    DiscoveryRequest,
+    /// Agent discovery reply (Experimental MH, kind 2): the agents, the answering one first;
+    /// `lifetime` (4-second units) is how long the list may be used. Echoes the request's
+    /// MESG-ID and is signed with the requesting server's key.
+    DiscoveryReply {
+        lifetime: u16,
+        agents: Vec<AgentEntry>,
+    },
+}
+
+/// One agent in a discovery reply: its identity and its registration addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEntry {
+    /// 1 to [`MAX_AGENT_ID_LEN`] bytes of UTF-8 (the agent's `registration.relay.id`).
+    pub id: String,
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
 }
 
 impl Body {
@@ -249,6 +308,7 @@ impl Body {
             Body::BindingUpdate { .. } => mh_type::BINDING_UPDATE,
             Body::BindingAck { .. } => mh_type::BINDING_ACK,
             Body::BindingError { .. } => mh_type::BINDING_ERROR,
+            Body::DiscoveryRequest | Body::DiscoveryReply { .. } => mh_type::EXPERIMENTAL,
         }
     }
 }
@@ -314,6 +374,10 @@ pub enum EncodeError {
     EmptyMnId,
     /// The MN-ID identifier is longer than [`MAX_MN_ID_LEN`] bytes.
     MnIdTooLong(usize),
+    /// A discovery reply's agent list: more than [`MAX_DISCOVERY_AGENTS`] agents, an
+    /// identity empty or longer than [`MAX_AGENT_ID_LEN`], an agent without an address, or
+    /// an address of the wrong family in its field.
+    BadAgent,
 }
 
 impl fmt::Display for EncodeError {
@@ -323,6 +387,11 @@ impl fmt::Display for EncodeError {
             EncodeError::MnIdTooLong(n) => write!(
                 f,
                 "the mobile node identifier has {n} bytes, more than {MAX_MN_ID_LEN}"
+            ),
+            EncodeError::BadAgent => write!(
+                f,
+                "a discovery reply lists at most {MAX_DISCOVERY_AGENTS} agents, each with an \
+                 identity of 1 to {MAX_AGENT_ID_LEN} bytes and at least one address"
             ),
         }
     }
@@ -364,11 +433,15 @@ pub enum WireError {
     BadMnId,
     /// The AUTH subtype is not MN-HA.
     BadAuthSubtype,
+    /// A discovery reply's agent option is malformed (identity empty, too long or not UTF-8,
+    /// no address, an address of the wrong family), or the reply lists more than
+    /// [`MAX_DISCOVERY_AGENTS`] agents.
+    BadAgentOption,
 }
 
 impl WireError {
     /// Every variant, in declaration order.
-    pub const ALL: [WireError; 16] = [
+    pub const ALL: [WireError; 17] = [
         WireError::Truncated,
         WireError::BadIpVersion,
         WireError::BadNextHeader,
@@ -385,6 +458,7 @@ impl WireError {
         WireError::AuthNotLast,
         WireError::BadMnId,
         WireError::BadAuthSubtype,
+        WireError::BadAgentOption,
     ];
 
     /// A stable snake_case name, for counters and logs.
@@ -406,6 +480,7 @@ impl WireError {
             WireError::AuthNotLast => "auth_not_last",
             WireError::BadMnId => "bad_mn_id",
             WireError::BadAuthSubtype => "bad_auth_subtype",
+            WireError::BadAgentOption => "bad_agent_option",
         }
     }
 }
@@ -429,6 +504,7 @@ impl fmt::Display for WireError {
             WireError::AuthNotLast => "the authentication option is not the last option",
             WireError::BadMnId => "the mobile node identifier is not a UTF-8 NAI",
             WireError::BadAuthSubtype => "the authentication option is not MN-HA",
+            WireError::BadAgentOption => "a discovery reply's agent option is malformed",
         };
         write!(f, "{text} ({})", self.reason())
     }

@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 const SECRET: &[u8] = b"a shared secret of some length";
-const KEY: Key = Key {
+pub(super) const KEY: Key = Key {
     spi: 0x0102_0304,
     secret: SECRET,
 };
 
-fn v6(s: &str) -> Ipv6Addr {
+pub(super) fn v6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
 }
 
-fn mapped(s: &str) -> Ipv6Addr {
+pub(super) fn mapped(s: &str) -> Ipv6Addr {
     to_mapped(IpAddr::V4(s.parse::<Ipv4Addr>().unwrap()))
 }
 
@@ -38,6 +38,27 @@ fn bodies(home: Ipv6Addr) -> Vec<Body> {
             lifetime: 0x1234,
         },
         Body::BindingError { status: 1, home },
+        Body::DiscoveryRequest,
+        Body::DiscoveryReply {
+            lifetime: 150,
+            agents: agents(),
+        },
+    ]
+}
+
+/// Two agents, one with both families and one with IPv6 only.
+pub(super) fn agents() -> Vec<AgentEntry> {
+    vec![
+        AgentEntry {
+            id: "a".into(),
+            v4: Some(Ipv4Addr::new(10, 71, 1, 2)),
+            v6: Some(v6("fd71:1::2")),
+        },
+        AgentEntry {
+            id: "agent-b.example".into(),
+            v4: None,
+            v6: Some(v6("fd71:2::3")),
+        },
     ]
 }
 
@@ -79,12 +100,14 @@ fn address_sets() -> Vec<(Ipv6Addr, Ipv6Addr, Ipv6Addr)> {
 
 /// Offsets (from the MH start) and types of the options, found by walking the bytes here,
 /// independently of `parse_options`.
-fn walk_options(payload: &[u8]) -> Vec<(usize, u8)> {
+pub(super) fn walk_options(payload: &[u8]) -> Vec<(usize, u8)> {
     let mh = &payload[40..];
     let start = match mh[2] {
         0 => 8,
         5 | 6 => 12,
         7 => 24,
+        11 if mh[6] == 1 => 8,
+        11 => 12,
         t => panic!("type {t}"),
     };
     let mut out = Vec::new();
@@ -110,7 +133,7 @@ fn round_trip_every_type_and_option_set() {
                 for key in [None, Some(KEY)] {
                     // BU from the home address to the agent, the rest the other way.
                     let (src, dst) = match body {
-                        Body::BindingUpdate { .. } => (home, agent),
+                        Body::BindingUpdate { .. } | Body::DiscoveryRequest => (home, agent),
                         _ => (agent, home),
                     };
                     let msg = Message {
@@ -140,7 +163,7 @@ fn round_trip_every_type_and_option_set() {
             }
         }
     }
-    assert_eq!(count, 3 * 5 * 32 * 2);
+    assert_eq!(count, 3 * 7 * 32 * 2);
 }
 
 #[test]
@@ -399,7 +422,7 @@ fn auth_must_be_last() {
 
 /// Builds an MH with the given fixed part and option bytes (padded to 8 with Pad1s), and
 /// returns the complete payload with correct lengths and checksum.
-fn craft(fixed: &[u8], options: &[u8]) -> Vec<u8> {
+pub(super) fn craft(fixed: &[u8], options: &[u8]) -> Vec<u8> {
     let mut b = vec![0x60, 0, 0, 0, 0, 0, 135, 255];
     b.extend_from_slice(&v6("2001:db8::1").octets());
     b.extend_from_slice(&v6("2001:db8::2").octets());
@@ -606,14 +629,20 @@ impl Rng {
 fn random_message(rng: &mut Rng) -> (Message, Option<Key<'static>>) {
     let addrs = address_sets();
     let (home, agent, real) = addrs[rng.below(addrs.len())];
-    let body = bodies(home)[rng.below(5)].clone();
+    let all = bodies(home);
+    let body = all[rng.below(all.len())].clone();
     let mut options = option_sets(real)[rng.below(32)].clone();
+    if matches!(body, Body::DiscoveryReply { .. }) {
+        // A reply always echoes the request's MESG-ID (and a repeated option list is then
+        // a duplicate MESG-ID, as the repeat mutation expects).
+        options.mesg_id = Some(0xe9a1_b2c3_8000_0001);
+    }
     if options.mn_id.is_some() {
         let n = 1 + rng.below(60);
         options.mn_id = Some((0..n).map(|_| (b'a' + rng.byte() % 26) as char).collect());
     }
     let key = (rng.below(2) == 0).then_some(KEY);
-    let (src, dst) = if matches!(body, Body::BindingUpdate { .. }) {
+    let (src, dst) = if matches!(body, Body::BindingUpdate { .. } | Body::DiscoveryRequest) {
         (home, agent)
     } else {
         (agent, home)

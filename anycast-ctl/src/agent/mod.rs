@@ -96,10 +96,13 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
     }
     let mut listeners = Vec::new();
     if let Some(r) = &registry {
-        for a in agent_addresses(&config) {
+        // The discovery addresses too: requests and binding updates sent to the address all
+        // agents share arrive there, and the answer leaves from it.
+        let discovery = state::discovery(&config).addresses;
+        for a in agent_addresses(&config).into_iter().chain(discovery) {
             let addr = SocketAddr::new(a, r.port());
             let sock = UdpSocket::bind(addr).await.with_context(|| {
-                format!("binding the registration socket {addr} (is agent_address an address of this host?)")
+                format!("binding the registration socket {addr} (is it an address of this host? agent_address and registration.discovery_address must be)")
             })?;
             let bytes = config
                 .registration

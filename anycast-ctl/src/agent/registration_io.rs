@@ -21,6 +21,8 @@ pub const REPLY_QUEUE: usize = 256;
 /// The owner's handle on one socket's sender task.
 pub struct ReplySender {
     pub v4: bool,
+    /// The socket's own address.
+    pub local: Option<std::net::IpAddr>,
     queue: mpsc::Sender<Reply>,
 }
 
@@ -114,6 +116,7 @@ pub fn spawn_receivers(
 /// Starts a sender task for `sock` with a queue of `capacity` replies.
 pub fn spawn_sender(local: &LocalSet, sock: Rc<UdpSocket>, capacity: usize) -> ReplySender {
     let v4 = sock.local_addr().is_ok_and(|a| a.is_ipv4());
+    let own = sock.local_addr().ok().map(|a| a.ip());
     let (queue, mut replies) = mpsc::channel::<Reply>(capacity);
     local.spawn_local(async move {
         let mut failures = 0u64;
@@ -127,7 +130,11 @@ pub fn spawn_sender(local: &LocalSet, sock: Rc<UdpSocket>, capacity: usize) -> R
             }
         }
     });
-    ReplySender { v4, queue }
+    ReplySender {
+        v4,
+        local: own,
+        queue,
+    }
 }
 
 #[cfg(test)]
@@ -159,7 +166,11 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_at_once_and_a_stopped_sender_reports_closed() {
         let (queue, replies) = mpsc::channel(2);
-        let sender = ReplySender { v4: true, queue };
+        let sender = ReplySender {
+            v4: true,
+            local: None,
+            queue,
+        };
         assert_eq!(sender.offer(reply(1)), Ok(()));
         assert_eq!(sender.offer(reply(2)), Ok(()));
         assert_eq!(sender.offer(reply(3)), Err(NotQueued::Full));

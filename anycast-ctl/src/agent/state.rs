@@ -24,7 +24,9 @@ use crate::{
     health::{CheckConfig, CheckKind, Checker, Target},
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
-    registration::agent::{read_state_file, write_state_file, Registry, Relayed, Reply},
+    registration::agent::{
+        read_state_file, write_state_file, DiscoveryConfig, Registry, Relayed, Reply,
+    },
     relay::{Body, Relay},
     routing::{Desired, PrefixWant},
 };
@@ -61,8 +63,47 @@ pub(super) fn registry(config: &Config, config_path: &Path) -> Result<Option<Reg
             config.max_services as usize,
         )
         .with_service_addresses(config.services.iter().map(|s| s.address))
-        .refusing_mesg_ids_before(wire::ntp_now()),
+        .refusing_mesg_ids_before(wire::ntp_now())
+        .with_discovery(discovery(config)),
     ))
+}
+
+/// What agent discovery answers: the discovery addresses, then this agent and its relay
+/// peers with their registration addresses (empty when `discovery_address` is not set).
+pub(super) fn discovery(config: &Config) -> DiscoveryConfig {
+    let Some(reg) = &config.registration else {
+        return DiscoveryConfig::default();
+    };
+    let Some(d) = &reg.discovery_address else {
+        return DiscoveryConfig::default();
+    };
+    // The first usable address of each family.
+    let entry = |id: &str, addresses: &[IpAddr]| {
+        let usable = |a: &&IpAddr| !a.is_unspecified() && !a.is_multicast();
+        let e = wire::AgentEntry {
+            id: id.to_string(),
+            v4: addresses.iter().filter(usable).find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+            v6: addresses.iter().filter(usable).find_map(|a| match a {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Some(*v6),
+                _ => None,
+            }),
+        };
+        (e.v4.is_some() || e.v6.is_some()).then_some(e)
+    };
+    let own_id = reg.relay.as_ref().map_or("agent", |r| r.id.as_str());
+    let mut agents: Vec<wire::AgentEntry> = entry(own_id, &agent_addresses(config))
+        .into_iter()
+        .collect();
+    for p in reg.relay.iter().flat_map(|r| &r.peers) {
+        agents.extend(entry(&p.id, &p.registration_addresses()));
+    }
+    DiscoveryConfig {
+        addresses: d.v4.into_iter().chain(d.v6).collect(),
+        agents,
+    }
 }
 
 /// The health-check targets of a service's candidate: one per configured check, at the
@@ -504,11 +545,13 @@ impl Agent {
                     c.state_directory.clone(),
                     c.pin_directory.clone(),
                 ),
-                c.registration.as_ref().map(|r| r.relay.clone()),
+                c.registration
+                    .as_ref()
+                    .map(|r| (r.relay.clone(), r.discovery_address.clone())),
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, control, routing, instance, state_directory and pin_directory only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, registration.discovery_address, control, routing, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");
@@ -620,12 +663,24 @@ impl Agent {
         })
     }
 
-    /// Hands replies to the sender tasks: by the socket the update came in on, else by one
-    /// of the destination's family. A full queue drops the reply and counts it.
+    /// Hands replies to the sender tasks: by the socket the update came in on, else by the
+    /// socket of the message's inner source (a refresh request to a server that talks to
+    /// the discovery address leaves from there), else by one of the destination's family.
+    /// A full queue drops the reply and counts it.
     pub(super) fn send(&mut self, replies: Vec<(Option<usize>, Reply)>) {
         for (via, r) in replies {
+            let inner_src = r
+                .payload
+                .get(8..24)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(|b| wire::from_mapped(b.into()));
             let sender = via
                 .and_then(|i| self.senders.get(i))
+                .or_else(|| {
+                    self.senders
+                        .iter()
+                        .find(|s| inner_src.is_some() && s.local == inner_src)
+                })
                 .or_else(|| self.senders.iter().find(|s| s.v4 == r.to.is_ipv4()));
             let Some(sender) = sender else { continue };
             match sender.offer(r) {

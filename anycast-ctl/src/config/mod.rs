@@ -118,6 +118,12 @@ pub struct Registration {
     /// message this agent accepts is relayed to them (see `crate::relay`). Absent: off.
     #[serde(default)]
     pub relay: Option<RelayConfig>,
+    /// Agent discovery: an address every agent answers on (in production routed by anycast
+    /// to the nearest agent). A server given only this address asks it for the list of
+    /// agents (itself and its relay peers) and may send its binding updates to it. Absent:
+    /// off.
+    #[serde(default)]
+    pub discovery_address: Option<AgentAddress>,
     /// Allow-list prefixes wider than this (IPv4, IPv6 prefix lengths) are warned about;
     /// `/0` is refused.
     #[serde(default = "security::default_widest_allow_v4")]

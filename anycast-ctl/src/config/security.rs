@@ -80,10 +80,19 @@ fn host_bits(field: String, p: &Prefix) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The addresses the agent answers on: its own, and the discovery addresses all agents
+    /// share (neither may be a service's, in an allow list or a real address).
     fn agent_addresses(&self) -> impl Iterator<Item = (&'static str, IpAddr)> + '_ {
+        let discovery = self
+            .registration
+            .as_ref()
+            .and_then(|r| r.discovery_address.clone())
+            .unwrap_or_default();
         [
             ("agent_address.v4", self.agent_address.v4),
             ("agent_address.v6", self.agent_address.v6),
+            ("registration.discovery_address.v4", discovery.v4),
+            ("registration.discovery_address.v6", discovery.v6),
         ]
         .into_iter()
         .filter_map(|(f, a)| a.map(|a| (f, a)))

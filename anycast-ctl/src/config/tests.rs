@@ -661,3 +661,109 @@ fn relay_errors_name_the_field_and_peer_keys_follow_the_key_rules() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn discovery_address_errors_name_the_field() {
+    let base = good().replace(
+        "\"services\": [",
+        r#""registration": {"servers": [{"id": "s1", "spi": 1, "key_file": "s1.key", "allow": ["192.0.2.10/32"], "real": ["198.51.100.0/24"]}],
+          "discovery_address": {"v4": "10.9.9.9", "v6": "fd09::9"}},
+        "services": ["#,
+    );
+    let c = Config::parse(&base).unwrap();
+    let d = c.registration.as_ref().unwrap().discovery_address.clone();
+    assert_eq!(d.unwrap().v4, Some("10.9.9.9".parse().unwrap()));
+    // Absent by default.
+    let plain = Config::parse(&with_registration(
+        r#"{"id": "s1", "spi": 1, "key_file": "k", "allow": ["192.0.2.10/32"]}"#,
+    ))
+    .unwrap();
+    assert!(plain.registration.unwrap().discovery_address.is_none());
+    let case = |from: &str, to: &str| refusal(&base.replace(from, to));
+    for (from, to, field) in [
+        (
+            r#"{"v4": "10.9.9.9", "v6": "fd09::9"}"#,
+            "{}",
+            "registration.discovery_address",
+        ),
+        (
+            "\"10.9.9.9\"",
+            "\"fd09::8\"",
+            "registration.discovery_address.v4",
+        ),
+        (
+            "\"fd09::9\"",
+            "\"10.9.9.8\"",
+            "registration.discovery_address.v6",
+        ),
+        (
+            "\"10.9.9.9\"",
+            "\"224.0.0.9\"",
+            "registration.discovery_address.v4",
+        ),
+        (
+            "\"fd09::9\"",
+            "\"::1\"",
+            "registration.discovery_address.v6",
+        ),
+        (
+            "\"10.9.9.9\"",
+            "\"10.0.0.1\"",
+            "registration.discovery_address.v4",
+        ),
+        // Shared by every agent, it is an agent address: never a service, an allowed
+        // anycast address or a real address.
+        (
+            "\"192.0.2.10\", \"protocol\"",
+            "\"10.9.9.9\", \"protocol\"",
+            "services[0].address",
+        ),
+        (
+            "\"192.0.2.10/32\"",
+            "\"10.9.9.0/24\"",
+            "registration.servers[0].allow[0]",
+        ),
+        (
+            "\"198.51.100.0/24\"",
+            "\"10.9.9.0/24\"",
+            "registration.servers[0].real[0]",
+        ),
+    ] {
+        let e = case(from, to);
+        assert_eq!(e.field, field, "{from} -> {to}: {e}");
+    }
+    let e = case("\"192.0.2.10/32\"", "\"10.9.9.0/24\"");
+    assert!(
+        e.reason.contains("registration.discovery_address.v4"),
+        "{e}"
+    );
+    // At most 15 peers: the reply lists 16 agents.
+    let peers: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                r#"{{"id": "p{i}", "address": "10.0.1.{}", "key_file": "p{i}.key"}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    let many = base.replace(
+        "\"discovery_address\"",
+        &format!(
+            r#""relay": {{"id": "a", "peers": [{}]}}, "discovery_address""#,
+            peers.join(", ")
+        ),
+    );
+    assert_eq!(refusal(&many).field, "registration.discovery_address");
+    let fifteen = base.replace(
+        "\"discovery_address\"",
+        &format!(
+            r#""relay": {{"id": "a", "peers": [{}]}}, "discovery_address""#,
+            peers[..15].join(", ")
+        ),
+    );
+    assert!(
+        Config::parse(&fifteen).is_ok(),
+        "{:?}",
+        Config::parse(&fifteen).err()
+    );
+}

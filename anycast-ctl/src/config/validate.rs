@@ -261,6 +261,9 @@ impl Config {
             if let Some(relay) = &r.relay {
                 self.validate_relay(relay, r.port)?;
             }
+            if let Some(d) = &r.discovery_address {
+                self.validate_discovery(d)?;
+            }
         }
         self.validate_security()?;
         self.validate_routing()
@@ -268,6 +271,49 @@ impl Config {
 }
 
 impl Config {
+    /// `registration.discovery_address`: unicast addresses of their fields' families, not
+    /// the agent's own (the checks against services, allow and real lists are the agent
+    /// addresses', in `security`).
+    fn validate_discovery(&self, d: &super::AgentAddress) -> Result<(), ConfigError> {
+        if d.v4.is_none() && d.v6.is_none() {
+            return Err(err(
+                "registration.discovery_address",
+                "give at least one of v4 and v6",
+            ));
+        }
+        // A reply lists this agent and every peer, in a bounded reply.
+        let peers = self
+            .registration
+            .as_ref()
+            .and_then(|r| r.relay.as_ref())
+            .map_or(0, |r| r.peers.len());
+        let most = anycast_common::wire::MAX_DISCOVERY_AGENTS - 1;
+        if peers > most {
+            return Err(err(
+                "registration.discovery_address",
+                format!("a discovery reply lists at most {most} peers beside this agent; registration.relay.peers has {peers}"),
+            ));
+        }
+        for (family, a, v4) in [("v4", d.v4, true), ("v6", d.v6, false)] {
+            let Some(a) = a else { continue };
+            let f = format!("registration.discovery_address.{family}");
+            if a.is_ipv4() != v4 {
+                return Err(err(f, format!("{a} is not an IP{family} address")));
+            }
+            let broadcast = matches!(a, IpAddr::V4(x) if x.is_broadcast());
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() || broadcast {
+                return Err(err(f, format!("{a} is not a unicast address")));
+            }
+            if Some(a) == self.agent_address.v4 || Some(a) == self.agent_address.v6 {
+                return Err(err(
+                    f,
+                    format!("{a} is this agent's own address: give the address all agents share"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_relay(
         &self,
         relay: &super::RelayConfig,

@@ -38,13 +38,18 @@ impl Registry {
             Err(wire::WireError::UnknownMhType) => return self.binding_error(payload, from, now),
             Err(e) => return none(self.count(format!("dropped_malformed_{}", e.reason()))),
         };
+        if msg.body == Body::DiscoveryRequest && via.is_none() {
+            return self.discovery_request(&msg, payload, from, now, wall);
+        }
         let Body::BindingUpdate { seq, lifetime, .. } = msg.body else {
             return none(self.count("dropped_not_binding_update"));
         };
-        // A relayed message was addressed to the agent that relays it.
+        // A relayed message was addressed to the agent that relays it: to one of its own
+        // addresses, or to the discovery address all agents share (the server sent it to
+        // the nearest agent by anycast).
         let addressed = match via {
             None => self.agent.contains(&msg.dst),
-            Some(r) => r.peer_addresses.contains(&msg.dst),
+            Some(r) => r.peer_addresses.contains(&msg.dst) || self.discovery.contains(&msg.dst),
         };
         if !addressed {
             return none(self.count("dropped_not_for_this_agent"));

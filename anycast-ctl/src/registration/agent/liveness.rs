@@ -56,9 +56,8 @@ impl Registry {
             out.extend(refresh_request(
                 &self.servers,
                 &self.agent,
-                &id.server,
-                id.anycast,
-                b.source,
+                (&id.server, id.anycast, b.source),
+                addressed_to(b),
             ));
         }
         for _ in 0..out.len() {
@@ -152,26 +151,54 @@ impl Registry {
         }
         due.into_iter()
             .filter_map(|(server, anycast, source)| {
-                refresh_request(&self.servers, &self.agent, &server, anycast, source)
+                let to = self.addressed_to(&server, anycast, source);
+                refresh_request(&self.servers, &self.agent, (&server, anycast, source), to)
             })
             .collect()
     }
+
+    /// The agent address the server's last direct update of these bindings was sent to.
+    pub(super) fn addressed_to(
+        &self,
+        server: &str,
+        anycast: IpAddr,
+        source: SocketAddr,
+    ) -> Option<Ipv6Addr> {
+        self.bindings
+            .iter()
+            .find(|(id, b)| id.server == server && id.anycast == anycast && b.source == source)
+            .and_then(|(_, b)| addressed_to(b))
+    }
 }
 
-/// A Binding Refresh Request for `server`'s bindings of `anycast`, signed with its key, from
-/// the agent address of the same family, to `to`. None if the identity is not configured
-/// (its key is gone) or the agent has no address.
+/// The inner destination of a binding's last accepted message (the agent address, or the
+/// discovery address, the server sent it to).
+fn addressed_to(b: &Binding) -> Option<Ipv6Addr> {
+    let m = b.message.as_ref()?;
+    let dst: [u8; 16] = m.payload.get(24..40)?.try_into().ok()?;
+    Some(Ipv6Addr::from(dst))
+}
+
+/// A Binding Refresh Request for `server`'s bindings of `anycast`, signed with its key, to
+/// `to`, from the address the server sends its updates to (`prefer`, when it is one of
+/// ours: a server that registers through the discovery address takes answers only from
+/// there), else from the agent address of the same family. None if the identity is not
+/// configured (its key is gone) or the agent has no address.
 pub(super) fn refresh_request(
     servers: &HashMap<String, ServerPolicy>,
     agent: &[Ipv6Addr],
-    server: &str,
-    anycast: IpAddr,
-    to: SocketAddr,
+    (server, anycast, to): (&str, IpAddr, SocketAddr),
+    prefer: Option<Ipv6Addr>,
 ) -> Option<Reply> {
     let policy = servers.get(server)?;
-    let &agent = agent
-        .iter()
-        .find(|a| a.to_ipv4_mapped().is_some() == anycast.is_ipv4())
+    let &agent = prefer
+        .as_ref()
+        .filter(|p| agent.contains(p))
+        .or_else(|| {
+            agent
+                .iter()
+                .find(|a| a.to_ipv4_mapped().is_some() == anycast.is_ipv4())
+        })
         .or(agent.first())?;
     let brr = Message {
         src: agent,

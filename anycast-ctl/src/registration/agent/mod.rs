@@ -208,6 +208,11 @@ pub struct Registry {
     dirty: bool,
     /// Prepended to counter names while a relayed message is handled (`relayed_...`).
     counter_prefix: &'static str,
+    /// Agent discovery (see `discovery`): the addresses all agents share (IPv4-mapped; also
+    /// in `agent`), the agents a reply lists, and each identity's newest request MESG-ID.
+    discovery: Vec<Ipv6Addr>,
+    discovery_agents: Vec<wire::AgentEntry>,
+    last_discovery: HashMap<String, u64>,
 }
 
 impl Registry {
@@ -252,6 +257,9 @@ impl Registry {
             reverse: BTreeMap::new(),
             dirty: false,
             counter_prefix: "",
+            discovery: Vec::new(),
+            discovery_agents: Vec::new(),
+            last_discovery: HashMap::new(),
         }
     }
 
@@ -279,12 +287,14 @@ impl Registry {
         let last = std::mem::take(&mut self.last_mesg_id);
         let counters = std::mem::take(&mut self.counters);
         let reverse = std::mem::take(&mut self.reverse);
+        let last_discovery = std::mem::take(&mut self.last_discovery);
         let started = self.started;
         let dirty = self.dirty;
         *self = new;
         self.started = started;
         self.dirty = dirty;
         self.last_mesg_id = last;
+        self.last_discovery = last_discovery;
         self.counters = counters;
         if self.reverse_tunnel.is_some() {
             self.reverse = reverse;
@@ -425,6 +435,9 @@ fn service_name(key: &ServiceKey) -> String {
     }
 }
 
+mod discovery;
+#[cfg(test)]
+mod discovery_tests;
 mod handle;
 mod liveness;
 mod persist;
@@ -441,6 +454,7 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
+pub use discovery::DiscoveryConfig;
 pub use persist::{read_state_file, write_state_file, RegistryState, RestoreReport, STATE_FORMAT};
 pub use relayed::{Relayed, SnapshotEntry, SnapshotExtra};
 pub use report::{BindingReport, BindingsReport, LoadReport, ReverseReport};

@@ -372,7 +372,9 @@ impl Registry {
             None => due
                 .into_iter()
                 .filter_map(|(server, anycast, source)| {
-                    liveness::refresh_request(&self.servers, &self.agent, &server, anycast, source)
+                    let to = self.addressed_to(&server, anycast, source);
+                    let (servers, agent) = (&self.servers, &self.agent);
+                    liveness::refresh_request(servers, agent, (&server, anycast, source), to)
                 })
                 .collect(),
         };

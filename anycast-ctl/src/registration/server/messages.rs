@@ -97,10 +97,10 @@ impl Client {
                     );
                 }
             }
-            Body::BindingUpdate { .. } => {
+            Body::BindingUpdate { .. } | Body::DiscoveryRequest | Body::DiscoveryReply { .. } => {
                 if let Some(n) = agent.strays.allow(now) {
                     tracing::warn!(
-                        "ignoring a binding update from agent {expected}{}",
+                        "ignoring a binding update or discovery message from agent {expected}{}",
                         held_back(n)
                     );
                 }

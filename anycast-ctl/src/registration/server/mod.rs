@@ -48,6 +48,9 @@ pub enum LoadSource {
 pub struct ClientConfig {
     /// agent address and port
     pub agents: Vec<SocketAddr>,
+    /// The address all agents share (agent discovery): the agents it lists are added to
+    /// `agents`, and asked again every half of the list's lifetime.
+    pub discovery: Option<SocketAddr>,
     /// MN-ID (NAI), e.g. "s1"
     pub identity: String,
     pub spi: u32,
@@ -70,6 +73,7 @@ impl std::fmt::Debug for ClientConfig {
         // Never print the key.
         f.debug_struct("ClientConfig")
             .field("agents", &self.agents)
+            .field("discovery", &self.discovery)
             .field("identity", &self.identity)
             .field("spi", &self.spi)
             .field("key", &format_args!("<{} bytes>", self.key.len()))
@@ -211,6 +215,8 @@ enum Phase {
 enum Event {
     Stop,
     Packet(usize, usize, SocketAddr),
+    /// A datagram on the discovery socket: its length and sender.
+    Discovery(usize, SocketAddr),
     RecvError(usize, io::Error),
     Timer,
 }
@@ -241,70 +247,26 @@ pub struct Client {
     load_warn: RateLimit,
     /// Where the next receive starts looking, so one busy agent cannot starve the others.
     recv_start: usize,
+    /// Agent discovery, when configured (see `discovery`).
+    discovery: Option<Discovery>,
+    /// Binding settings kept for agents added later (by discovery).
+    wanted: Vec<AnycastBinding>,
+    real_addresses: Vec<IpAddr>,
+    /// First sequence number of a new (agent, home address) group.
+    seq_start: u16,
 }
 
 impl Client {
     /// Validates `cfg` (clear errors), binds one UDP socket per agent.
     pub async fn new(cfg: ClientConfig) -> Result<Client> {
         let lifetime_units = validate(&cfg).context("invalid binding client configuration")?;
-        let now = Instant::now();
-        let mut agents = Vec::new();
-        for &addr in &cfg.agents {
-            let local = cfg
-                .real_addresses
-                .iter()
-                .copied()
-                .find(|r| r.is_ipv4() == addr.is_ipv4());
-            let sock = bind_socket(local, addr.is_ipv4())
-                .await
-                .with_context(|| format!("opening the socket toward agent {addr}"))?;
-            agents.push(Agent {
-                addr,
-                sock,
-                bad_auth: RateLimit::default(),
-                unsigned_refusal: RateLimit::default(),
-                strays: RateLimit::default(),
-                io_errors: RateLimit::default(),
-                clock_offset: 0,
-            });
-        }
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()) as u16;
-        let mut groups: Vec<(usize, Ipv6Addr)> = Vec::new();
-        let mut bindings = Vec::new();
-        for agent in 0..cfg.agents.len() {
-            for b in &cfg.bindings {
-                let home = wire::to_mapped(b.anycast);
-                let seq_group = match groups.iter().position(|&g| g == (agent, home)) {
-                    Some(g) => g,
-                    None => {
-                        groups.push((agent, home));
-                        groups.len() - 1
-                    }
-                };
-                for &real in &cfg.real_addresses {
-                    bindings.push(Binding {
-                        agent,
-                        anycast: b.anycast,
-                        home,
-                        selector: b.selector.as_ref().map(|s| (s.protocol, s.port)),
-                        real,
-                        seq_group,
-                        pending: true,
-                        lifetime: lifetime_units,
-                        sent: Vec::new(),
-                        attempts: 0,
-                        timeout: cfg.initial_timeout,
-                        next: now,
-                        registered_until: None,
-                        refused: None,
-                        out_of_window: 0,
-                        removed: false,
-                    });
-                }
-            }
-        }
+        let discovery = match cfg.discovery {
+            Some(addr) => Some(Discovery::open(addr, &cfg.real_addresses).await?),
+            None => None,
+        };
         let mut anycast: Vec<IpAddr> = cfg.bindings.iter().map(|b| b.anycast).collect();
         anycast.sort();
         anycast.dedup();
@@ -312,10 +274,10 @@ impl Client {
             LoadSource::Sockets { max_sessions } => max_sessions,
             LoadSource::Command(_) => 0,
         };
-        Ok(Client {
-            agents,
-            bindings,
-            seqs: vec![start; groups.len()],
+        let mut client = Client {
+            agents: Vec::new(),
+            bindings: Vec::new(),
+            seqs: Vec::new(),
             identity: cfg.identity,
             spi: cfg.spi,
             key: cfg.key,
@@ -336,7 +298,78 @@ impl Client {
             last_measured: None,
             load_warn: RateLimit::default(),
             recv_start: 0,
-        })
+            discovery,
+            wanted: cfg.bindings,
+            real_addresses: cfg.real_addresses,
+            seq_start: start,
+        };
+        for &addr in &cfg.agents {
+            client.add_agent(addr).await?;
+        }
+        Ok(client)
+    }
+
+    /// Opens a socket toward the agent at `addr` and starts registering every binding with
+    /// it.
+    pub(crate) async fn add_agent(&mut self, addr: SocketAddr) -> Result<()> {
+        let local = self
+            .real_addresses
+            .iter()
+            .copied()
+            .find(|r| r.is_ipv4() == addr.is_ipv4());
+        let sock = bind_socket(local, addr.is_ipv4())
+            .await
+            .with_context(|| format!("opening the socket toward agent {addr}"))?;
+        let agent = self.agents.len();
+        self.agents.push(Agent {
+            addr,
+            sock,
+            bad_auth: RateLimit::default(),
+            unsigned_refusal: RateLimit::default(),
+            strays: RateLimit::default(),
+            io_errors: RateLimit::default(),
+            clock_offset: 0,
+        });
+        let now = Instant::now();
+        let mut homes: Vec<(Ipv6Addr, usize)> = Vec::new();
+        for b in &self.wanted {
+            let home = wire::to_mapped(b.anycast);
+            // The bindings of one home address toward one agent share a sequence counter.
+            let seq_group = match homes.iter().find(|(h, _)| *h == home) {
+                Some(&(_, g)) => g,
+                None => {
+                    self.seqs.push(self.seq_start);
+                    homes.push((home, self.seqs.len() - 1));
+                    self.seqs.len() - 1
+                }
+            };
+            for &real in &self.real_addresses {
+                self.bindings.push(Binding {
+                    agent,
+                    anycast: b.anycast,
+                    home,
+                    selector: b.selector.as_ref().map(|s| (s.protocol, s.port)),
+                    real,
+                    seq_group,
+                    pending: true,
+                    lifetime: self.lifetime_units,
+                    sent: Vec::new(),
+                    attempts: 0,
+                    timeout: self.initial_timeout,
+                    next: now,
+                    registered_until: None,
+                    refused: None,
+                    out_of_window: 0,
+                    removed: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The agents registered with, in the order they were given or found.
+    pub fn agent_addrs(&self) -> Vec<SocketAddr> {
+        self.agents.iter().map(|a| a.addr).collect()
     }
 
     /// The local address of the socket toward each agent, in the configuration's order.
@@ -358,10 +391,13 @@ impl Client {
         let mut stop = std::pin::pin!(stop);
         let mut buf = vec![0u8; 65536];
         tracing::info!(
-            "registering {} binding(s) as {:?} with {} agent(s)",
+            "registering {} binding(s) as {:?} with {} agent(s){}",
             self.bindings.len(),
             self.identity,
-            self.agents.len()
+            self.agents.len(),
+            self.discovery
+                .as_ref()
+                .map_or(String::new(), |d| format!(", and those {} lists", d.addr))
         );
         loop {
             self.send_due().await;
@@ -418,7 +454,18 @@ impl Client {
         let start = self.recv_start;
         self.recv_start = self.recv_start.wrapping_add(1);
         let agents = &self.agents;
+        let discovery = self.discovery.as_ref().map(|d| &d.sock);
         let recv = std::future::poll_fn(|cx| {
+            if let Some(sock) = discovery {
+                let mut rb = tokio::io::ReadBuf::new(&mut buf[..]);
+                if let Poll::Ready(r) = sock.poll_recv_from(cx, &mut rb) {
+                    let n = rb.filled().len();
+                    return Poll::Ready(match r {
+                        Ok(from) => Event::Discovery(n, from),
+                        Err(e) => Event::RecvError(usize::MAX, e),
+                    });
+                }
+            }
             for k in 0..agents.len() {
                 let i = (start + k) % agents.len();
                 let mut rb = tokio::io::ReadBuf::new(&mut buf[..]);
@@ -450,6 +497,14 @@ impl Client {
         match event {
             Event::Stop | Event::Timer => {}
             Event::Packet(agent, n, from) => self.on_datagram(agent, &buf[..n], from),
+            Event::Discovery(n, from) => self.on_discovery_reply(&buf[..n], from),
+            Event::RecvError(usize::MAX, e) => {
+                if let Some(d) = self.discovery.as_mut() {
+                    if let Some(n) = d.io_errors.allow(Instant::now()) {
+                        tracing::warn!("receiving from {}: {e}{}", d.addr, held_back(n));
+                    }
+                }
+            }
             Event::RecvError(agent, e) => {
                 let a = &mut self.agents[agent];
                 if let Some(n) = a.io_errors.allow(Instant::now()) {
@@ -461,10 +516,16 @@ impl Client {
 
     /// When the next binding needs a send: its retransmission, retry or refresh time.
     fn next_deadline(&self) -> Option<Instant> {
+        let discovery = self
+            .discovery
+            .as_ref()
+            .filter(|_| self.phase == Phase::Run)
+            .map(|d| d.next);
         self.bindings
             .iter()
             .filter(|b| b.pending || (self.phase == Phase::Run && !b.removed))
             .map(|b| b.next)
+            .chain(discovery)
             .min()
     }
 
@@ -485,6 +546,8 @@ impl Client {
 
     /// Sends every BU that is due: first sends, retransmissions, retries and refreshes.
     async fn send_due(&mut self) {
+        self.add_discovered().await;
+        self.send_discovery_request().await;
         let now = Instant::now();
         let due: Vec<usize> = (0..self.bindings.len())
             .filter(|&i| {
@@ -618,6 +681,9 @@ impl Client {
     }
 }
 
+mod discovery;
+#[cfg(test)]
+mod discovery_tests;
 mod load;
 mod messages;
 mod sockets;
@@ -625,6 +691,7 @@ mod sockets;
 mod tests;
 mod validate;
 
+use discovery::Discovery;
 use load::command_usage;
 pub use load::{count_established, established_sessions};
 use sockets::bind_socket;

@@ -3,19 +3,19 @@ use super::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const SPI: u32 = 0x0051_5100;
-const KEY: &[u8] = b"0123456789abcdef-binding-test-key";
-const OTHER_KEY: &[u8] = b"fedcba9876543210-not-the-right-key";
+pub(super) const SPI: u32 = 0x0051_5100;
+pub(super) const KEY: &[u8] = b"0123456789abcdef-binding-test-key";
+pub(super) const OTHER_KEY: &[u8] = b"fedcba9876543210-not-the-right-key";
 
 /// The client's log lines, shown for failing tests (or with `--nocapture`).
-fn logs() {
+pub(super) fn logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("anycast_ctl=debug")
         .with_test_writer()
         .try_init();
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -23,20 +23,20 @@ fn seq_after(a: u16, b: u16) -> bool {
     (a.wrapping_sub(b) as i16) > 0
 }
 
-fn secs(s: f64) -> Duration {
+pub(super) fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
 /// An agent stand-in: a UDP socket speaking the wire format with the server's key.
-struct FakeAgent {
-    sock: UdpSocket,
+pub(super) struct FakeAgent {
+    pub(super) sock: UdpSocket,
 }
 
 /// A binding update as the fake agent received it.
-struct Bu {
+pub(super) struct Bu {
     msg: Message,
     seq: u16,
-    lifetime: u16,
+    pub(super) lifetime: u16,
     from: SocketAddr,
 }
 
@@ -47,13 +47,13 @@ impl FakeAgent {
         }
     }
 
-    fn addr(&self) -> SocketAddr {
+    pub(super) fn addr(&self) -> SocketAddr {
         self.sock.local_addr().unwrap()
     }
 
     /// The next datagram if one arrives within `within`; it must be a well-formed binding
     /// update signed with the server's key.
-    async fn next_bu(&self, within: Duration) -> Option<Bu> {
+    pub(super) async fn next_bu(&self, within: Duration) -> Option<Bu> {
         let mut buf = vec![0u8; 65536];
         let (n, from) = tokio::time::timeout(within, self.sock.recv_from(&mut buf))
             .await
@@ -96,7 +96,7 @@ impl FakeAgent {
         })
     }
 
-    async fn expect_bu(&self, within: Duration) -> Bu {
+    pub(super) async fn expect_bu(&self, within: Duration) -> Bu {
         self.next_bu(within)
             .await
             .unwrap_or_else(|| panic!("no binding update within {within:?}"))
@@ -113,7 +113,7 @@ impl FakeAgent {
         self.sock.send_to(&payload, to).await.unwrap();
     }
 
-    async fn ack(&self, bu: &Bu, code: u8, lifetime: u16, key: Option<&[u8]>) {
+    pub(super) async fn ack(&self, bu: &Bu, code: u8, lifetime: u16, key: Option<&[u8]>) {
         let body = Body::BindingAck {
             status: code,
             seq: bu.seq,
@@ -128,9 +128,10 @@ impl FakeAgent {
     }
 }
 
-fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
+pub(super) fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
     ClientConfig {
         agents: vec![agent],
+        discovery: None,
         identity: "s1".into(),
         spi: SPI,
         key: KEY.to_vec(),
@@ -150,13 +151,13 @@ fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
     }
 }
 
-struct Running {
+pub(super) struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<usize>>,
 }
 
 impl Running {
-    async fn start(cfg: ClientConfig, deregister_timeout: Duration) -> Running {
+    pub(super) async fn start(cfg: ClientConfig, deregister_timeout: Duration) -> Running {
         let client = Client::new(cfg).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let stop = async move {
@@ -168,11 +169,11 @@ impl Running {
         }
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         self.stop.take().unwrap().send(()).unwrap();
     }
 
-    async fn finish(self, within: Duration) -> usize {
+    pub(super) async fn finish(self, within: Duration) -> usize {
         tokio::time::timeout(within, self.task)
             .await
             .expect("the client returns in time")

@@ -2,8 +2,13 @@ use super::*;
 
 /// Checks the configuration; returns the requested lifetime in 4 s units.
 pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
-    if cfg.agents.is_empty() {
-        bail!("agents: at least one agent is needed");
+    if cfg.agents.is_empty() && cfg.discovery.is_none() {
+        bail!("agents: at least one agent, or a discovery address, is needed");
+    }
+    if let Some(d) = cfg.discovery {
+        if d.ip().is_unspecified() || d.ip().is_multicast() || d.port() == 0 {
+            bail!("discovery: {d} is not a unicast address and port");
+        }
     }
     for (i, a) in cfg.agents.iter().enumerate() {
         if a.ip().is_unspecified() || a.ip().is_multicast() {

@@ -132,3 +132,39 @@ pub fn send_to_b(ns: &Netns, from: &str, datagrams: Vec<Vec<u8>>) -> Result<()> 
         Ok(())
     })
 }
+
+/// Sends an envelope in A's name, from A's address, until B takes it (`taken` on B's
+/// `bindings --json`). B refuses as a replay any envelope from A not newer than the last it
+/// took from A, and A's own digests go out every interval: one may reach B between the
+/// moment the test stamps its envelope and its arrival. So each try is made afresh by
+/// `make`, and a try B counts as a replay is made again (at most five tries).
+pub fn send_as_a(
+    b: &SecondAgent,
+    a_ns: &Netns,
+    make: impl Fn() -> Vec<u8>,
+    taken: impl Fn(&serde_json::Value) -> bool,
+) -> Result<()> {
+    let replays = |v: &serde_json::Value| {
+        v["relay"]["counters"]["relay_refused_replay"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for _ in 0..5 {
+        let before = replays(&b.ctl_json("bindings")?);
+        send_to_b(a_ns, A_ADDR, vec![make()])?;
+        let mut took = false;
+        crate::wait_until(
+            "B takes the envelope or refuses it as a replay",
+            Duration::from_secs(2),
+            || {
+                let now = b.ctl_json("bindings")?;
+                took = taken(&now);
+                Ok(took || replays(&now) > before)
+            },
+        )?;
+        if took {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("B refused five fresh envelopes from A as replays")
+}

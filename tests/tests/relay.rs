@@ -19,7 +19,7 @@ use anycast_ctl::relay::{self, Envelope};
 use anycast_tests::{
     agreement::{agreed, has_server, of_server, tables, PER_SERVER},
     netns::Proc,
-    second_agent::{send_to_b, SecondAgent, A_ADDR, B_ADDR},
+    second_agent::{send_as_a, send_to_b, SecondAgent, A_ADDR, B_ADDR},
     topology::{self, ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
@@ -199,14 +199,17 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
     )?;
     // From A's address: a wrong MAC; then the right MAC around s2's update signed with
     // s1's key (a peer forging a server's message).
-    let forged_server = s2_update(&fs_key(&topo, 1)?, 2);
     send_to_b(
         &topo.agent,
         A_ADDR,
-        vec![
-            envelope(genuine.clone(), b"not the key a and b share"),
-            envelope(forged_server, &pair_key()),
-        ],
+        vec![envelope(genuine.clone(), b"not the key a and b share")],
+    )?;
+    let forged_server = s2_update(&fs_key(&topo, 1)?, 2);
+    send_as_a(
+        &b,
+        &topo.agent,
+        || envelope(forged_server.clone(), &pair_key()),
+        |now| counter(now, "relayed_refused_146") > counter(&before, "relayed_refused_146"),
     )?;
     wait_until("B counts the three", Duration::from_secs(2), || {
         let now = b.ctl_json("bindings")?;
@@ -236,15 +239,23 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
     // A valid envelope (as A would send, MAC'd with the pair's key) around s2's authentic
     // update is taken once; the same bytes again are a replay. The binding it makes exists
     // at B only: the digests differ and the alarm goes up.
-    let valid = envelope(genuine, &pair_key());
-    send_to_b(&topo.agent, A_ADDR, vec![valid.clone()])?;
-    wait_until("B binds s2 on port 8080", Duration::from_secs(2), || {
-        Ok(b.ctl_json("bindings")?["bindings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|x| x["selector"].to_string().contains("8080")))
-    })?;
+    let valid = std::cell::RefCell::new(Vec::new());
+    send_as_a(
+        &b,
+        &topo.agent,
+        || {
+            *valid.borrow_mut() = envelope(genuine.clone(), &pair_key());
+            valid.borrow().clone()
+        },
+        |now| {
+            now["bindings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["selector"].to_string().contains("8080"))
+        },
+    )?;
+    let valid = valid.into_inner();
     let before = b.ctl_json("bindings")?;
     send_to_b(&topo.agent, A_ADDR, vec![valid])?;
     wait_until("B refuses the replay", Duration::from_secs(2), || {

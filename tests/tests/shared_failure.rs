@@ -19,7 +19,7 @@ use anycast_common::wire;
 use anycast_ctl::relay::{self, Envelope, HealthEntry};
 use anycast_tests::{
     agreement::tables,
-    second_agent::{send_to_b, SecondAgent, A_ADDR, B_ADDR},
+    second_agent::{send_as_a, send_to_b, SecondAgent, A_ADDR, B_ADDR},
     topology::{ServerMode, Topology, ANYCAST_V4},
     wait_until,
 };
@@ -179,10 +179,14 @@ fn a_failure_one_agent_confirms_is_dropped_by_both_and_lapses_when_it_dies() -> 
             b"not the key a and b share",
         )],
     )?;
-    send_to_b(
+    send_as_a(
+        &b,
         &topo.agent,
-        A_ADDR,
-        vec![health_envelope(vec![stranger_entry], &pair_key())],
+        || health_envelope(vec![stranger_entry], &pair_key()),
+        |now| {
+            relay_counter(now, "relay_health_unknown")
+                > relay_counter(&before, "relay_health_unknown")
+        },
     )?;
     wait_until("B counts the three", Duration::from_secs(2), || {
         let now = b.ctl_json("bindings")?;

@@ -108,6 +108,8 @@ pub(super) struct Agent {
     /// Binding sync with peer agents, when configured, and its sockets' senders.
     pub(super) relay: Option<Relay>,
     pub(super) relay_senders: Vec<ReplySender>,
+    /// Flows that move between agents: the pins this agent relays and takes (with a relay).
+    pub(super) pins: Option<super::pins::FlowPins>,
     /// The routing task's end, when the configuration has a `routing` section.
     pub(super) routing: Option<super::routing::RoutingHandle>,
 }
@@ -232,6 +234,7 @@ impl Agent {
         match self.dataplane.apply(&forwarding) {
             // Announced only what the published tables can serve.
             Ok(()) => {
+                self.publish_pin_view();
                 let desired = desired_routes(&self.config, &forwarding);
                 if let Some(r) = &mut self.routing {
                     r.want(desired);
@@ -308,6 +311,7 @@ impl Agent {
         let wall = wire::ntp_now();
         let mut changed = false;
         let mut out = Vec::new();
+        let mut pins_in = Vec::new();
         for Datagram { payload, from, .. } in batch {
             let Ok((peer, peer_addresses, envelope)) = relay.receive(from, &payload, now, wall)
             else {
@@ -349,7 +353,11 @@ impl Agent {
                     now,
                     wall,
                 )),
+                Body::FlowPins { pins } => pins_in.push((peer, pins)),
             }
+        }
+        for (peer, pins) in pins_in {
+            self.take_pins(&peer, pins);
         }
         if changed {
             self.republish();
@@ -361,7 +369,7 @@ impl Agent {
     /// Hands envelopes to the relay sockets' senders (by the peer's family); a full queue
     /// drops the envelope and counts it (a lost delta shows in the next digests, which ask
     /// for a snapshot).
-    fn send_relay(&mut self, out: Vec<Reply>) {
+    pub(super) fn send_relay(&mut self, out: Vec<Reply>) {
         for r in out {
             let Some(sender) = self.relay_senders.iter().find(|s| s.v4 == r.to.is_ipv4()) else {
                 continue;
@@ -526,10 +534,7 @@ impl Agent {
                 pin_directory: self.instance.pin_dir.clone(),
                 adopted_flows: self.adopted_flows,
             }),
-            relay: match (&self.relay, &self.registry) {
-                (Some(x), Some(r)) => Some(x.report(r.inputs_digest(), Instant::now())),
-                _ => None,
-            },
+            relay: self.relay_report(Instant::now()),
         })
     }
 
@@ -552,10 +557,7 @@ impl Agent {
                     }
                     let now = Instant::now();
                     let mut report = r.report(now, counters.ok().as_ref());
-                    report.relay = self
-                        .relay
-                        .as_ref()
-                        .map(|x| x.report(r.inputs_digest(), now));
+                    report.relay = self.relay_report(now);
                     Response::Bindings(report)
                 }
                 None => Response::Error {

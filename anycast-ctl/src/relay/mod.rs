@@ -16,7 +16,7 @@
 //! offset  size  field
 //! 0       4     magic "ACRL"
 //! 4       1     version (1)
-//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello
+//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello, 6 flow pins
 //! 6       1     s: sender identity length (1-64)
 //! 7       1     r: receiver identity length (1-64)
 //! 8       s     sender identity (its relay.id)
@@ -33,6 +33,7 @@
 //!               4 the published weight
 //! digest (3):   4 number of bindings, 32 SHA-256 of the binding table's inputs
 //! hello (4):    nothing: "send me a snapshot"
+//! pins (6):     1 n (1-20), then n flow pins of 57 bytes each (see `pins.rs`)
 //! ```
 //!
 //! A receiver takes an envelope only if its source address is the configured address of the
@@ -82,6 +83,10 @@ pub enum Body {
         digest: [u8; 32],
     },
     Hello,
+    /// Flows the sender pinned to a server that is not their table's choice (`pins.rs`).
+    FlowPins {
+        pins: Vec<crate::dataplane::FlowPin>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +151,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
         Body::Snapshot { .. } => 2,
         Body::Digest { .. } => 3,
         Body::Hello => 4,
+        Body::FlowPins { .. } => 6,
     });
     out.push(env.sender.len() as u8);
     out.push(env.receiver.len() as u8);
@@ -171,6 +177,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
             out.extend_from_slice(digest);
         }
         Body::Hello => {}
+        Body::FlowPins { pins: p } => pins::put(&mut out, p),
     }
     let tag = mac(key, &out);
     out.extend_from_slice(&tag);
@@ -257,6 +264,11 @@ pub fn decode(bytes: &[u8], key: &[u8]) -> Result<Envelope, Refused> {
             digest: c.array()?,
         },
         4 => Body::Hello,
+        6 => {
+            let (pins, used) = pins::take(c.0)?;
+            c.take(used)?;
+            Body::FlowPins { pins }
+        }
         _ => return Err(Refused::Malformed),
     };
     // Trailing bytes: not an envelope this version writes.
@@ -383,7 +395,11 @@ impl Relay {
     }
 
     pub fn count(&mut self, what: &str) {
-        *self.counters.entry(what.to_string()).or_default() += 1;
+        self.add(what, 1);
+    }
+
+    pub fn add(&mut self, what: &str, n: u64) {
+        *self.counters.entry(what.to_string()).or_default() += n;
     }
 
     /// Takes an envelope from `from` if it passes every check (see the module's header);
@@ -407,6 +423,7 @@ impl Relay {
                     Body::Snapshot { .. } => "relay_received_snapshot",
                     Body::Digest { .. } => "relay_received_digest",
                     Body::Hello => "relay_received_hello",
+                    Body::FlowPins { .. } => "relay_received_pin_envelopes",
                 };
                 self.count(kind);
             }
@@ -475,6 +492,24 @@ impl Relay {
                 )
             })
             .collect()
+    }
+
+    /// Flow pins to every peer, [`pins::MAX_PINS_PER_ENVELOPE`] to an envelope.
+    pub fn flow_pins(&mut self, all: &[crate::dataplane::FlowPin], wall: u64) -> Vec<Reply> {
+        let mut out = Vec::new();
+        for chunk in all.chunks(pins::MAX_PINS_PER_ENVELOPE) {
+            for i in 0..self.peers.len() {
+                out.push(self.stamped_for(
+                    i,
+                    Body::FlowPins {
+                        pins: chunk.to_vec(),
+                    },
+                    wall,
+                ));
+            }
+        }
+        self.add("relay_sent_pins", all.len() as u64);
+        out
     }
 
     fn index(&self, peer: &str) -> Option<usize> {
@@ -640,5 +675,6 @@ impl Relay {
     }
 }
 
+pub mod pins;
 #[cfg(test)]
 mod tests;

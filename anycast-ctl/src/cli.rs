@@ -276,6 +276,11 @@ pub fn render_flows(flows: &[crate::dataplane::FlowReport]) -> String {
         } else {
             "active"
         };
+        let state = if f.learned {
+            format!("{state}, pinned by a peer")
+        } else {
+            state.to_string()
+        };
         let _ = writeln!(
             out,
             "{:<5} {:<46} {:<46} {:<28} {:>5}s {state}",

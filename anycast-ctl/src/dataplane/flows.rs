@@ -166,7 +166,13 @@ impl Dataplane {
     /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
     /// same server).
     pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
-        Ok(sweep(&mut self.flows_map, &self.timeouts.config(), || now, |_, _, _| {})?.1)
+        Ok(sweep(
+            &mut self.flows_map,
+            &self.timeouts.config(),
+            || now,
+            |_, _, _| {},
+        )?
+        .1)
     }
 
     /// Starts a thread that sweeps the flow table every `every` (less often when a sweep
@@ -199,9 +205,7 @@ impl Dataplane {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
         let (wake, rx, mut worker) = match pins {
-            Some(end) => {
-                (end.wake, end.rx, Some(end.worker))
-            }
+            Some(end) => (end.wake, end.rx, Some(end.worker)),
             None => {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 (tx, rx, None)
@@ -391,6 +395,7 @@ impl FlowSnapshot {
                 age: anycast_common::flow_ticks_as_secs(now.saturating_sub(value.last_seen)),
                 closing: value.flags & FLOW_CLOSING != 0,
                 expired: self.config.expired(key.proto, &value, now),
+                learned: value.flags & super::pins::FLOW_LEARNED != 0,
             });
         }
         Ok(out)

@@ -123,7 +123,10 @@ impl PinView {
                 .filter_map(|(k, t)| {
                     let area = (t.ring_base / ring.max(1) / 2)
                         .checked_sub(installed.sizes.max_services)?;
-                    let table = installed.preference_areas.get(area as usize)?.live_shared()?;
+                    let table = installed
+                        .preference_areas
+                        .get(area as usize)?
+                        .live_shared()?;
                     Some((*k, table))
                 })
                 .collect();

@@ -79,7 +79,8 @@ fn adding_a_server_makes_exactly_the_flows_it_takes_exceptions() {
     let mut inst = installed(&[web(two())]);
     let before = PinView::of(&inst);
     let keys = flows(400);
-    let entries: Vec<(FlowKey, FlowValue)> = keys.iter().map(|k| (*k, chosen(&before, k))).collect();
+    let entries: Vec<(FlowKey, FlowValue)> =
+        keys.iter().map(|k| (*k, chosen(&before, k))).collect();
     // Nothing is an exception under the table that chose them.
     assert!(entries
         .iter()
@@ -97,7 +98,10 @@ fn adding_a_server_makes_exactly_the_flows_it_takes_exceptions() {
         } else {
             moved += 1;
             // Minimal disruption: only the new server takes entries.
-            assert_eq!(address_of(&after, now_choice), "10.1.0.3".parse::<IpAddr>().unwrap());
+            assert_eq!(
+                address_of(&after, now_choice),
+                "10.1.0.3".parse::<IpAddr>().unwrap()
+            );
             let pin = pin.expect("an exception");
             assert_eq!(pin.key, *k);
             assert_eq!(pin.server, address_of(&before, v.server));
@@ -113,8 +117,10 @@ fn adding_a_server_makes_exactly_the_flows_it_takes_exceptions() {
 fn a_drained_server_s_flows_are_exceptions_a_down_server_s_are_not() {
     let mut inst = installed(&[web(two())]);
     let before = PinView::of(&inst);
-    let entries: Vec<(FlowKey, FlowValue)> =
-        flows(200).iter().map(|k| (*k, chosen(&before, k))).collect();
+    let entries: Vec<(FlowKey, FlowValue)> = flows(200)
+        .iter()
+        .map(|k| (*k, chosen(&before, k)))
+        .collect();
     let s1: IpAddr = "10.1.0.1".parse().unwrap();
     let on_s1 = entries
         .iter()
@@ -255,16 +261,15 @@ fn a_pin_takes_the_receiver_s_own_slot_or_is_refused() {
     let view = PinView::of(&inst);
     let key = flows(1)[0];
     let s2_slot = view.services.values().next().unwrap().servers[&"10.1.0.2".parse().unwrap()];
-    let v = view.pin_value(&CONFIG, NOW, &pin_to("10.1.0.2", key)).unwrap();
+    let v = view
+        .pin_value(&CONFIG, NOW, &pin_to("10.1.0.2", key))
+        .unwrap();
     assert_eq!(v.server, s2_slot);
     assert_eq!(v.generation, view.slots[&s2_slot].generation);
     assert_eq!(v.flags, FLOW_LEARNED);
     // Expires when the sender's would: 120 of 300 s left.
     let timeout = CONFIG.timeout(key.proto, 0);
-    assert_eq!(
-        NOW - v.last_seen,
-        timeout - anycast_common::flow_ticks(120)
-    );
+    assert_eq!(NOW - v.last_seen, timeout - anycast_common::flow_ticks(120));
     assert!(!CONFIG.expired(key.proto, &v, NOW));
     assert_eq!(
         view.pin_value(&CONFIG, NOW, &pin_to("10.1.0.9", key)),
@@ -305,7 +310,9 @@ fn the_receiver_s_own_live_choice_wins_a_learned_or_dead_entry_does_not() {
     let inst = installed(&[web(two())]);
     let view = PinView::of(&inst);
     let key = flows(1)[0];
-    let wanted = view.pin_value(&CONFIG, NOW, &pin_to("10.1.0.2", key)).unwrap();
+    let wanted = view
+        .pin_value(&CONFIG, NOW, &pin_to("10.1.0.2", key))
+        .unwrap();
     let s1 = view.services.values().next().unwrap().servers[&"10.1.0.1".parse().unwrap()];
     let own = |server: u32, last_seen: u32, flags: u32| FlowValue {
         server,
@@ -313,9 +320,8 @@ fn the_receiver_s_own_live_choice_wins_a_learned_or_dead_entry_does_not() {
         last_seen,
         flags,
     };
-    let decide = |existing: Option<FlowValue>| {
-        decide(&view, &CONFIG, NOW, &key, existing.as_ref(), wanted)
-    };
+    let decide =
+        |existing: Option<FlowValue>| decide(&view, &CONFIG, NOW, &key, existing.as_ref(), wanted);
     assert_eq!(decide(None), Ok(Some(wanted)));
     // Its own live entry to another server: kept.
     assert_eq!(decide(Some(own(s1, NOW, 0))), Err(PinOutcome::Local));
@@ -333,10 +339,7 @@ fn the_receiver_s_own_live_choice_wins_a_learned_or_dead_entry_does_not() {
     };
     assert_eq!(decide(Some(reused)), Ok(Some(wanted)));
     // Learned from a peer: the newer word wins.
-    assert_eq!(
-        decide(Some(own(s1, NOW, FLOW_LEARNED))),
-        Ok(Some(wanted))
-    );
+    assert_eq!(decide(Some(own(s1, NOW, FLOW_LEARNED))), Ok(Some(wanted)));
     assert_eq!(
         decide(Some(own(wanted.server, wanted.last_seen - 5, FLOW_LEARNED))),
         Ok(Some(wanted))

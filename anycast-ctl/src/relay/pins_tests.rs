@@ -54,9 +54,15 @@ fn the_pin_entry_layout_is_fixed() {
     put(&mut out, &[p]);
     assert_eq!(out.len(), 1 + PIN_LEN);
     assert_eq!(&out[..4], &[1, 4, 6, 1]);
-    assert_eq!(&out[4..20], &wire::to_mapped("192.0.2.7".parse().unwrap()).octets());
+    assert_eq!(
+        &out[4..20],
+        &wire::to_mapped("192.0.2.7".parse().unwrap()).octets()
+    );
     assert_eq!(&out[20..22], &[0x12, 0x34]);
-    assert_eq!(&out[22..38], &wire::to_mapped("10.0.0.1".parse().unwrap()).octets());
+    assert_eq!(
+        &out[22..38],
+        &wire::to_mapped("10.0.0.1".parse().unwrap()).octets()
+    );
     assert_eq!(&out[38..40], &[0, 80]);
     assert_eq!(
         &out[40..56],

@@ -219,7 +219,12 @@ impl Dataplane {
                 let mut last_error = String::new();
                 let mut next = std::time::Instant::now() + every;
                 loop {
-                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    // The next sweep, or a scan of a new view that must wait its turn.
+                    let until = worker
+                        .as_ref()
+                        .and_then(|w| w.pending_scan())
+                        .map_or(next, |t| t.min(next));
+                    let wait = until.saturating_duration_since(std::time::Instant::now());
                     let work = rx.recv_timeout(wait);
                     if stopped.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
@@ -243,24 +248,8 @@ impl Dataplane {
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                     // A new view (a table was published): its exceptions at once.
-                    if let Some(w) = &mut worker {
-                        let (number, view) = w.current();
-                        if let (true, Some(view), Ok(c)) =
-                            (number != w.scanned, view, config.get(&0, 0))
-                        {
-                            w.scanned = number;
-                            let now = flow_clock_now();
-                            let mut found = Vec::new();
-                            let read = for_each_flow(&flows, |k, v| {
-                                if found.len() < MAX_EXCEPTIONS {
-                                    found.extend(view.exception(&c, now, k, v));
-                                }
-                            });
-                            match read {
-                                Ok(()) => w.report(found, true),
-                                Err(e) => tracing::warn!("finding flow exceptions: {e:#}"),
-                            }
-                        }
+                    if let (Some(w), Ok(c)) = (&mut worker, config.get(&0, 0)) {
+                        w.scan_if_new(&flows, &c);
                     }
                     if std::time::Instant::now() < next {
                         continue;

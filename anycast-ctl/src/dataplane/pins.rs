@@ -409,11 +409,58 @@ pub(crate) struct PinsWorker {
     pub(crate) found: Box<dyn Fn(PinsFound) + Send>,
     /// The number of the view last scanned against.
     pub(crate) scanned: u64,
+    /// When the last scan after a publish started, and how long until the next may: at
+    /// most a tenth of a CPU when publishes come faster than a large table is read.
+    pub(crate) last_scan: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 impl PinsWorker {
     pub(crate) fn current(&self) -> (u64, Option<Arc<PinView>>) {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// When a scan of a new view may start, if one is waiting.
+    pub(crate) fn pending_scan(&self) -> Option<std::time::Instant> {
+        let (number, view) = self.current();
+        if number == self.scanned || view.is_none() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        Some(self.last_scan.map_or(now, |(at, pause)| at + pause))
+    }
+
+    /// Reads the flow table for the exceptions of a new view (when one is waiting and its
+    /// turn has come) and reports them.
+    pub(crate) fn scan_if_new(
+        &mut self,
+        flows: &BpfHashMap<MapData, FlowKey, FlowValue>,
+        config: &FlowConfig,
+    ) {
+        let Some(due) = self.pending_scan() else {
+            return;
+        };
+        // Read after `due`: a scan due now (the first one) is not put off.
+        let started = std::time::Instant::now();
+        if due > started {
+            return;
+        }
+        let (number, Some(view)) = self.current() else {
+            return;
+        };
+        self.scanned = number;
+        let now = super::flows::flow_clock_now();
+        let mut found = Vec::new();
+        let read = super::flows::for_each_flow(flows, |k, v| {
+            if found.len() < super::flows::MAX_EXCEPTIONS {
+                found.extend(view.exception(config, now, k, v));
+            }
+        });
+        let pause = (started.elapsed() * 9).max(std::time::Duration::from_millis(10));
+        self.last_scan = Some((started, pause));
+        match read {
+            Ok(()) => self.report(found, true),
+            Err(e) => tracing::warn!("finding flow exceptions: {e:#}"),
+        }
     }
 
     pub(crate) fn count(&self, outcomes: &[PinOutcome]) {
@@ -454,6 +501,7 @@ pub fn pins_channel(found: Box<dyn Fn(PinsFound) + Send>) -> (PinsHandle, PinsWo
                 counters,
                 found,
                 scanned: 0,
+                last_scan: None,
             },
         },
     )

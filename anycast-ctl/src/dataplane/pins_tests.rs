@@ -362,3 +362,33 @@ fn a_view_compares_tables_by_identity_and_changes_with_a_publish() {
         .unwrap();
     assert_ne!(a, PinView::of(&inst));
 }
+
+#[test]
+fn a_new_view_is_scanned_at_once_then_at_most_a_tenth_of_the_time() {
+    let (handle, end) = pins_channel(Box::new(|_| {}));
+    let mut w = end.worker;
+    assert_eq!(w.pending_scan(), None, "no view yet");
+    let inst = installed(&[web(two())]);
+    handle.publish(PinView::of(&inst));
+    let now = std::time::Instant::now();
+    assert!(w
+        .pending_scan()
+        .is_some_and(|t| t <= std::time::Instant::now()));
+    // Scanned: nothing waits until the next view.
+    w.scanned = 1;
+    w.last_scan = Some((now, std::time::Duration::from_millis(50)));
+    assert_eq!(w.pending_scan(), None);
+    // The same view again is no new view.
+    handle.publish(PinView::of(&inst));
+    assert_eq!(w.pending_scan(), None);
+    let mut changed = inst.clone();
+    changed
+        .plan(&[web(vec![server("s1", "10.1.0.1", 100, true)])])
+        .unwrap();
+    handle.publish(PinView::of(&changed));
+    assert_eq!(
+        w.pending_scan(),
+        Some(now + std::time::Duration::from_millis(50)),
+        "waits its turn"
+    );
+}

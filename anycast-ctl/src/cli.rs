@@ -87,6 +87,18 @@ pub fn render(s: &Status) -> String {
             f.entries, f.swept, f.last_sweep_ms
         );
     }
+    if let Some(relay) = &s.relay {
+        // Flows that move between agents: what this agent pins at its peers and takes.
+        let _ = write!(out, "flow pins:");
+        for (name, n) in relay
+            .counters
+            .iter()
+            .filter(|(k, _)| k.contains("pin") || *k == "flow_exceptions")
+        {
+            let _ = write!(out, " {name}={n}");
+        }
+        let _ = writeln!(out);
+    }
     if !s.dataplane.table_write_path.is_empty() {
         let _ = writeln!(
             out,
@@ -291,6 +303,11 @@ pub fn render_flows(flows: &[crate::dataplane::FlowReport]) -> String {
             "closing"
         } else {
             "active"
+        };
+        let state = if f.learned {
+            format!("{state}, pinned by a peer")
+        } else {
+            state.to_string()
         };
         let _ = writeln!(
             out,

@@ -25,11 +25,14 @@
 //!   include file, `configure`,     --- Seen (watch) ------------>|             |
 //!   liveness TUN, `show protocols`                               +-------------+
 //!
-//! flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows
+//! flow sweeper thread: its own map handles, reads FLOW_CONFIG, deletes expired flows;
+//!   with a relay also finds the flow-pin exceptions (PinsFound, bounded, to the owner,
+//!   which relays them) and installs the pins peers send (PinWork, bounded, from the owner)
 //! flow listing: a snapshot from the owner, read on a blocking thread
 //! ```
 mod control;
 mod instance;
+mod pins;
 mod registration_io;
 mod route_events;
 mod routing;
@@ -70,6 +73,9 @@ const BATCH: usize = 1024;
 /// Envelopes waiting for one relay socket: a snapshot of this many bindings goes out at
 /// once; beyond, envelopes are dropped and counted, and the digests ask again.
 const RELAY_QUEUE: usize = 4096;
+
+/// Scans of the flow table's exceptions waiting for the owner (each holds all of them).
+const PINS_FOUND_QUEUE: usize = 4;
 
 /// Control requests waiting for the owner.
 const CONTROL_QUEUE: usize = 16;
@@ -312,7 +318,20 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         dataplane.table_write_path()
     );
 
-    let sweeper = dataplane.spawn_sweeper(SWEEP_EVERY)?;
+    // Flows that move between agents: the sweeper's thread finds the exceptions and
+    // installs the peers' pins; the owner relays.
+    let (pins_tx, mut pins_rx) = mpsc::channel::<crate::dataplane::PinsFound>(PINS_FOUND_QUEUE);
+    let (pins, pins_worker) = match &relay {
+        Some(_) => {
+            let (handle, worker) = crate::dataplane::pins_channel(Box::new(move |found| {
+                // Full: the owner is behind; the next scan finds them again.
+                let _ = pins_tx.try_send(found);
+            }));
+            (Some(pins::FlowPins::new(handle)), Some(worker))
+        }
+        None => (None, None),
+    };
+    let sweeper = dataplane.spawn_sweeper_with(SWEEP_EVERY, pins_worker)?;
     let mut agent = Agent {
         config_path: config_path.to_path_buf(),
         config,
@@ -328,6 +347,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         _sweeper: sweeper,
         relay,
         relay_senders,
+        pins,
         routing,
         own_down: Default::default(),
         down_inputs: Default::default(),
@@ -382,6 +402,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                         // The connection may have gone meanwhile: nothing to do then.
                         let _ = request.answer.send(answer);
                     }
+                    Some(found) = pins_rx.recv() => agent.send_pins(found),
                     Some(_) = health_rx.recv() => {
                         // Health changed (the checker logged it): take every pending
                         // change, then rebuild once.

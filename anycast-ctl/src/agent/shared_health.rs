@@ -131,7 +131,8 @@ impl Agent {
         out
     }
 
-    /// The relay's report with the real addresses held down and by whom.
+    /// The relay's report with the real addresses held down and by whom, and the flow pins'
+    /// counters.
     pub(super) fn relay_report(&self, now: std::time::Instant) -> Option<RelayReport> {
         let (relay, registry) = (self.relay.as_ref()?, self.registry.as_ref()?);
         let mut report = relay.report(table_inputs_digest(registry, &self.down_inputs), now);
@@ -145,6 +146,10 @@ impl Agent {
                 down_by,
             })
             .collect();
+        // The flow pins' counters live on the sweeper's thread.
+        if let Some(p) = &self.pins {
+            report.counters.extend(p.handle.counters());
+        }
         Some(report)
     }
 

@@ -150,6 +150,8 @@ pub(super) struct Agent {
     /// Binding sync with peer agents, when configured, and its sockets' senders.
     pub(super) relay: Option<Relay>,
     pub(super) relay_senders: Vec<ReplySender>,
+    /// Flows that move between agents: the pins this agent relays and takes (with a relay).
+    pub(super) pins: Option<super::pins::FlowPins>,
     /// The routing task's end, when the configuration has a `routing` section.
     pub(super) routing: Option<super::routing::RoutingHandle>,
     /// Real addresses this agent holds down by its own observation (as last published).
@@ -292,6 +294,7 @@ impl Agent {
         match self.dataplane.apply(&forwarding) {
             // Announced only what the published tables can serve.
             Ok(()) => {
+                self.publish_pin_view();
                 let desired = desired_routes(&self.config, &forwarding);
                 if let Some(r) = &mut self.routing {
                     r.want(desired);
@@ -370,6 +373,7 @@ impl Agent {
         let mut out = Vec::new();
         let mut health = Vec::new();
         let digest = |r: &Registry| table_inputs_digest(r, &self.down_inputs);
+        let mut pins_in = Vec::new();
         for Datagram { payload, from, .. } in batch {
             let Ok((peer, peer_addresses, envelope)) = relay.receive(from, &payload, now, wall)
             else {
@@ -417,6 +421,7 @@ impl Agent {
                 // Taken after the batch's bindings, so a mark can name one that came with
                 // it. Never passed on: an agent tells only its own observations.
                 Body::Health { down } => health.push((peer, down)),
+                Body::FlowPins { pins } => pins_in.push((peer, pins)),
             }
         }
         if !health.is_empty() {
@@ -426,6 +431,9 @@ impl Agent {
                     changed |= relay.take_health(&peer, &down, |e| known.get(e).cloned(), now);
                 }
             }
+        }
+        for (peer, pins) in pins_in {
+            self.take_pins(&peer, pins);
         }
         if changed {
             self.republish();

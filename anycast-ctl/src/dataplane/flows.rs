@@ -1,5 +1,6 @@
 //! The flow table: idle timeouts, the flow clock, the sweeper thread and the listing.
 use super::bpf_sys::{lookup_batch, take_flow, BPF_NOEXIST, ENOTSUPP};
+use super::pins::{PinWork, PinsWorkerEnd};
 use super::*;
 
 /// Flow-table idle timeouts, in seconds. An entry idle for longer than its timeout is
@@ -41,28 +42,35 @@ pub fn flow_clock_now() -> u32 {
 
 /// The flow sweeper's thread (see [`Dataplane::spawn_sweeper`]); stops and joins on drop.
 pub struct FlowSweeper {
-    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::mpsc::SyncSender<PinWork>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for FlowSweeper {
     fn drop(&mut self) {
-        let (lock, wake) = &*self.stop;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        wake.notify_all();
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A full queue: the thread looks at the flag after each item it takes.
+        let _ = self.wake.try_send(PinWork::Wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
+/// Exceptions kept from one scan at most: a bound on the memory and on what is relayed.
+pub const MAX_EXCEPTIONS: usize = 65536;
+
 /// Deletes the flow-table entries past their timeout at `now`; see
 /// [`Dataplane::sweep_flows`].
 /// Returns how many entries it saw and how many it deleted.
+/// `live` sees every entry that is not expired (the flow-pin exceptions are found in the
+/// same pass).
 pub(crate) fn sweep(
     flows: &mut BpfHashMap<MapData, FlowKey, FlowValue>,
     config: &FlowConfig,
     clock: impl Fn() -> u32,
+    mut live: impl FnMut(&FlowKey, &FlowValue, u32),
 ) -> Result<(usize, usize)> {
     let mut candidates: Vec<FlowKey> = Vec::new();
     let mut seen = 0;
@@ -71,6 +79,8 @@ pub(crate) fn sweep(
         seen += 1;
         if config.expired(key.proto, value, now) {
             candidates.push(*key);
+        } else {
+            live(key, value, now);
         }
     })?;
     let mut removed = 0;
@@ -156,7 +166,13 @@ impl Dataplane {
     /// is re-chosen at its next packet (by the same consistent hash, so normally onto the
     /// same server).
     pub fn sweep_flows(&mut self, now: u32) -> Result<usize> {
-        Ok(sweep(&mut self.flows_map, &self.timeouts.config(), || now)?.1)
+        Ok(sweep(
+            &mut self.flows_map,
+            &self.timeouts.config(),
+            || now,
+            |_, _, _| {},
+        )?
+        .1)
     }
 
     /// Starts a thread that sweeps the flow table every `every` (less often when a sweep
@@ -165,6 +181,17 @@ impl Dataplane {
     /// sweep of a large table takes long enough that it must not hold up the agent's
     /// event loop (binding updates, health transitions). Stops when dropped.
     pub fn spawn_sweeper(&self, every: std::time::Duration) -> Result<FlowSweeper> {
+        self.spawn_sweeper_with(every, None)
+    }
+
+    /// As [`Dataplane::spawn_sweeper`], and with `pins` the same thread finds the flow-pin
+    /// exceptions (at once for each new view the owner publishes, and in each sweep's
+    /// pass) and installs the pins peers send (`pins.rs`).
+    pub fn spawn_sweeper_with(
+        &self,
+        every: std::time::Duration,
+        pins: Option<PinsWorkerEnd>,
+    ) -> Result<FlowSweeper> {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<Map> {
             let owned = fd
                 .try_clone_to_owned()
@@ -175,41 +202,86 @@ impl Dataplane {
             BpfHashMap::try_from(dup(self.flows_map.map().fd().as_fd())?)?;
         let config: Array<MapData, FlowConfig> =
             Array::try_from(dup(self.flow_config.map().fd().as_fd())?)?;
-        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
+        let (wake, rx, mut worker) = match pins {
+            Some(end) => (end.wake, end.rx, Some(end.worker)),
+            None => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                (tx, rx, None)
+            }
+        };
         let report = self.sweep_report.clone();
         let thread = std::thread::Builder::new()
             .name("flow-sweeper".into())
             .spawn(move || {
-                let (lock, wake) = &*stopped;
+                use std::sync::mpsc::RecvTimeoutError;
                 let mut last_error = String::new();
-                let mut pause = every;
+                let mut next = std::time::Instant::now() + every;
                 loop {
-                    let done = wake
-                        .wait_timeout_while(
-                            lock.lock().unwrap_or_else(|e| e.into_inner()),
-                            pause,
-                            |s| !*s,
-                        )
-                        .map(|(s, _)| *s)
-                        .unwrap_or(true);
-                    if done {
+                    // The next sweep, or a scan of a new view that must wait its turn.
+                    let until = worker
+                        .as_ref()
+                        .and_then(|w| w.pending_scan())
+                        .map_or(next, |t| t.min(next));
+                    let wait = until.saturating_duration_since(std::time::Instant::now());
+                    let work = rx.recv_timeout(wait);
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
                     }
+                    match work {
+                        Ok(PinWork::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                        Ok(PinWork::Install(pins)) => {
+                            if let (Some(w), Ok(c)) = (&worker, config.get(&0, 0)) {
+                                if let (_, Some(view)) = w.current() {
+                                    let outcomes = super::pins::install(
+                                        &view,
+                                        &mut flows,
+                                        &c,
+                                        flow_clock_now(),
+                                        &pins,
+                                    );
+                                    w.count(&outcomes);
+                                }
+                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    // A new view (a table was published): its exceptions at once.
+                    if let (Some(w), Ok(c)) = (&mut worker, config.get(&0, 0)) {
+                        w.scan_if_new(&flows, &c);
+                    }
+                    if std::time::Instant::now() < next {
+                        continue;
+                    }
                     let started = std::time::Instant::now();
+                    let view = worker.as_ref().and_then(|w| w.current().1);
+                    let mut found = Vec::new();
                     let outcome = config
                         .get(&0, 0)
                         .context("reading the flow timeouts")
-                        .and_then(|c| sweep(&mut flows, &c, flow_clock_now));
+                        .and_then(|c| {
+                            sweep(&mut flows, &c, flow_clock_now, |k, v, now| {
+                                if let Some(view) = &view {
+                                    if found.len() < MAX_EXCEPTIONS {
+                                        found.extend(view.exception(&c, now, k, v));
+                                    }
+                                }
+                            })
+                        });
                     // At most a tenth of a CPU: a huge table is swept less often (the
                     // data path re-chooses expired entries by itself meanwhile).
-                    pause = every.max(started.elapsed() * 9);
+                    next = std::time::Instant::now() + every.max(started.elapsed() * 9);
                     if let Ok((seen, removed)) = outcome {
                         let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
                         r.sweeps += 1;
                         r.entries = (seen - removed) as u64;
                         r.swept += removed as u64;
                         r.last_sweep_ms = started.elapsed().as_secs_f64() * 1e3;
+                        drop(r);
+                        if let (Some(w), Some(_)) = (&worker, &view) {
+                            w.report(found, false);
+                        }
                     }
                     match outcome {
                         Ok((_, 0)) => {}
@@ -228,6 +300,7 @@ impl Dataplane {
             .context("starting the flow sweeper")?;
         Ok(FlowSweeper {
             stop,
+            wake,
             thread: Some(thread),
         })
     }
@@ -311,6 +384,7 @@ impl FlowSnapshot {
                 age: anycast_common::flow_ticks_as_secs(now.saturating_sub(value.last_seen)),
                 closing: value.flags & FLOW_CLOSING != 0,
                 expired: self.config.expired(key.proto, &value, now),
+                learned: value.flags & super::pins::FLOW_LEARNED != 0,
             });
         }
         Ok(out)

@@ -46,6 +46,7 @@ mod bpf_sys;
 mod flows;
 mod loader;
 mod pinning;
+pub mod pins;
 mod plan;
 mod report;
 mod rings;
@@ -58,6 +59,7 @@ pub use loader::{
     attach, attach_tc_egress, load_object, spawn_ebpf_logger, xdp_mode, Sizes, EBPF_OBJECT,
 };
 pub use pinning::{check_layout, show_tag, Attached};
+pub use pins::{pins_channel, FlowPin, PinView, PinsFound, PinsHandle, FLOW_LEARNED};
 pub use plan::{Installed, InstalledRecord, MapTruth, Op};
 pub use report::{
     coarse_clock_ns, DataplaneReport, FlowReport, ReverseCounters, ServerReport, ServiceReport,

@@ -75,7 +75,7 @@ pub(crate) struct InstalledService {
     /// servers able to take new flows.
     preference_tables: Vec<Option<u32>>,
     /// The service's entries in `PREFERENCES`.
-    preference_keys: HashMap<PreferenceKey, PreferenceTable>,
+    pub(crate) preference_keys: HashMap<PreferenceKey, PreferenceTable>,
     /// What its `SERVICES` entry holds, if written.
     published: Option<ServiceInfo>,
 }
@@ -105,7 +105,7 @@ pub(crate) struct InstalledServer {
 /// kept only if it succeeds.
 #[derive(Clone)]
 pub struct Installed {
-    sizes: Sizes,
+    pub(crate) sizes: Sizes,
     pub(crate) services: HashMap<ServiceKey, InstalledService>,
     free_service_ids: Vec<u32>,
     /// Server slots not in use, oldest freed first, so a slot is reused as late as possible.
@@ -116,7 +116,7 @@ pub struct Installed {
     /// Preference table areas, by table index (after the services' areas in `RINGS`). An
     /// area keeps its state across owners, so a new owner writes the half the previous one
     /// was not reading.
-    preference_areas: Vec<TableArea>,
+    pub(crate) preference_areas: Vec<TableArea>,
     /// Preference tables not in use, oldest freed first.
     free_preference_tables: VecDeque<u32>,
     /// What each `ADDRESS_FILTER` word holds (`None`: unknown, written at the next plan).

@@ -190,6 +190,9 @@ pub struct FlowReport {
     pub closing: bool,
     /// Past its timeout: the next packet re-chooses, the next sweep deletes it.
     pub expired: bool,
+    /// Installed from a peer agent's pin (the flow was pinned there; see `pins.rs`).
+    #[serde(default)]
+    pub learned: bool,
 }
 
 /// The digest of a live table (see [`ServiceReport::table_digest`]).

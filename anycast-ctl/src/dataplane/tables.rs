@@ -1,6 +1,6 @@
 //! Consistent-hash tables as the controller tracks them, without touching a map: what a table
 //! is built from, and its two halves in `RINGS` (one live, one written, then switched).
-use std::{net::IpAddr, rc::Rc};
+use std::{net::IpAddr, sync::Arc};
 
 use anycast_common::{table, NO_SERVER};
 
@@ -71,7 +71,8 @@ pub(crate) struct TableArea {
     /// Which half the data path reads.
     pub(crate) live_half: u32,
     /// What each half holds, if known (a half never written is unknown and written whole).
-    halves: [Option<Rc<Vec<u32>>>; 2],
+    /// Shared (not copied) with the flow-pin thread's view of the live tables.
+    halves: [Option<Arc<Vec<u32>>>; 2],
     /// What the live half was built from, if known.
     live_inputs: Option<TableInputs>,
 }
@@ -100,6 +101,11 @@ impl TableArea {
         self.halves[self.live_half as usize]
             .as_deref()
             .map(Vec::as_slice)
+    }
+
+    /// The live table, shared.
+    pub(crate) fn live_shared(&self) -> Option<Arc<Vec<u32>>> {
+        self.halves[self.live_half as usize].clone()
     }
 
     /// Makes the live half hold the table of `inputs`. When the live half was built from the
@@ -132,7 +138,7 @@ impl TableArea {
             write.indices.push(start + i as u32);
             write.values.push(e);
         }
-        self.halves[half as usize] = Some(Rc::new(entries));
+        self.halves[half as usize] = Some(Arc::new(entries));
         self.live_half = half;
         self.live_inputs = Some(inputs);
         Some(write)

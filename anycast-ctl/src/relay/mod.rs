@@ -16,7 +16,7 @@
 //! offset  size  field
 //! 0       4     magic "ACRL"
 //! 4       1     version (1)
-//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello, 5 health
+//! 5       1     kind: 1 relay, 2 snapshot entry, 3 digest, 4 hello, 5 health, 6 flow pins
 //! 6       1     s: sender identity length (1-64)
 //! 7       1     r: receiver identity length (1-64)
 //! 8       s     sender identity (its relay.id)
@@ -35,6 +35,7 @@
 //! hello (4):    nothing: "send me a snapshot"
 //! health (5):   2 n, then n entries of 35 bytes: 16 anycast address, 1 protocol, 2 port,
 //!               16 real address: every real address the sender holds down (see `health`)
+//! pins (6):     1 n (1-20), then n flow pins of 57 bytes each (see `pins.rs`)
 //! ```
 //!
 //! A receiver takes an envelope only if its source address is the configured address of the
@@ -90,6 +91,10 @@ pub enum Body {
     /// Every real address the sender holds down by its own observation.
     Health {
         down: Vec<HealthEntry>,
+    },
+    /// Flows the sender pinned to a server that is not their table's choice (`pins.rs`).
+    FlowPins {
+        pins: Vec<crate::dataplane::FlowPin>,
     },
 }
 
@@ -156,6 +161,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
         Body::Digest { .. } => 3,
         Body::Hello => 4,
         Body::Health { .. } => 5,
+        Body::FlowPins { .. } => 6,
     });
     out.push(env.sender.len() as u8);
     out.push(env.receiver.len() as u8);
@@ -182,6 +188,7 @@ pub fn encode(env: &Envelope, key: &[u8]) -> Vec<u8> {
         }
         Body::Hello => {}
         Body::Health { down } => health::put_health(&mut out, down),
+        Body::FlowPins { pins: p } => pins::put(&mut out, p),
     }
     let tag = mac(key, &out);
     out.extend_from_slice(&tag);
@@ -271,6 +278,11 @@ pub fn decode(bytes: &[u8], key: &[u8]) -> Result<Envelope, Refused> {
         5 => Body::Health {
             down: health::take_health(&mut c)?,
         },
+        6 => {
+            let (pins, used) = pins::take(c.0)?;
+            c.take(used)?;
+            Body::FlowPins { pins }
+        }
         _ => return Err(Refused::Malformed),
     };
     // Trailing bytes: not an envelope this version writes.
@@ -406,7 +418,11 @@ impl Relay {
     }
 
     pub fn count(&mut self, what: &str) {
-        *self.counters.entry(what.to_string()).or_default() += 1;
+        self.add(what, 1);
+    }
+
+    pub fn add(&mut self, what: &str, n: u64) {
+        *self.counters.entry(what.to_string()).or_default() += n;
     }
 
     /// Takes an envelope from `from` if it passes every check (see the module's header);
@@ -431,6 +447,7 @@ impl Relay {
                     Body::Digest { .. } => "relay_received_digest",
                     Body::Hello => "relay_received_hello",
                     Body::Health { .. } => "relay_received_health",
+                    Body::FlowPins { .. } => "relay_received_pin_envelopes",
                 };
                 self.count(kind);
             }
@@ -499,6 +516,24 @@ impl Relay {
                 )
             })
             .collect()
+    }
+
+    /// Flow pins to every peer, [`pins::MAX_PINS_PER_ENVELOPE`] to an envelope.
+    pub fn flow_pins(&mut self, all: &[crate::dataplane::FlowPin], wall: u64) -> Vec<Reply> {
+        let mut out = Vec::new();
+        for chunk in all.chunks(pins::MAX_PINS_PER_ENVELOPE) {
+            for i in 0..self.peers.len() {
+                out.push(self.stamped_for(
+                    i,
+                    Body::FlowPins {
+                        pins: chunk.to_vec(),
+                    },
+                    wall,
+                ));
+            }
+        }
+        self.add("relay_sent_pins", all.len() as u64);
+        out
     }
 
     fn index(&self, peer: &str) -> Option<usize> {
@@ -671,5 +706,6 @@ impl Relay {
 
 #[cfg(test)]
 mod health_tests;
+pub mod pins;
 #[cfg(test)]
 mod tests;

@@ -243,10 +243,11 @@ pub const AGENT_HAS_V6: u32 = 2;
 /// decapsulate a server's reverse-tunnelled packets. Clear: it never does.
 pub const AGENT_REVERSE_TUNNEL: u32 = 4;
 /// The agent answers ICMP echo requests to anycast service addresses (`answer_ping`).
-pub const AGENT_ANSWER_PING: u32 = 8;
+/// (8 is left to the answers to too-big client packets.)
+pub const AGENT_ANSWER_PING: u32 = 16;
 /// The agent tunnels ICMP errors about services' replies to the server that owns the quoted
 /// flow (`forward_icmp_errors`). Clear: they pass to the agent's kernel, as other packets.
-pub const AGENT_FORWARD_ICMP_ERRORS: u32 = 16;
+pub const AGENT_FORWARD_ICMP_ERRORS: u32 = 32;
 
 /// Packets and bytes, per CPU.
 #[repr(C)]

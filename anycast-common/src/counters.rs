@@ -77,6 +77,22 @@ counters! {
         /// than the one the FIB names for reaching that address (or the FIB has no route to
         /// it): a spoofed source, not decapsulated, passed untouched.
         PASS_REVERSE_WRONG_IFACE = "pass_reverse_wrong_iface",
+        /// An ICMP error about a service's reply (ICMPv4 destination unreachable, e.g.
+        /// fragmentation needed; ICMPv6 packet too big or destination unreachable) to an
+        /// anycast address: tunnelled whole to the server that owns the quoted flow (its
+        /// flow-table entry, else the consistent-hash choice; no entry is made) and sent.
+        ICMP_TO_SERVER = "icmp_to_server",
+        /// An ICMP error to an anycast address whose quote is too short (less than the
+        /// quoted IP header and 8 bytes of its transport header) or inconsistent (another IP
+        /// version than the error's, bad lengths, a later fragment): passed untouched.
+        PASS_ICMP_MALFORMED = "pass_icmp_malformed",
+        /// An ICMP error to an anycast address whose quoted packet is not from a service
+        /// (quoted source not that address, protocol or source port not a service's):
+        /// passed untouched.
+        PASS_ICMP_NOT_SERVICE = "pass_icmp_not_service",
+        /// An ICMP echo request (ICMPv6 too) to an anycast service address, answered by the
+        /// agent: addresses and MACs swapped, echo reply, sent back out (`XDP_TX`).
+        ECHO_REPLY = "echo_reply",
     }
 }
 
@@ -128,7 +144,7 @@ mod tests {
 
     #[test]
     fn indexes_follow_the_tables() {
-        assert_eq!(verdict::COUNT, 19);
+        assert_eq!(verdict::COUNT, 23);
         assert_eq!(verdict::TX, 0);
         assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
         assert_eq!(
@@ -139,6 +155,7 @@ mod tests {
             verdict::NAMES[verdict::PASS_REVERSE_WRONG_IFACE as usize],
             "pass_reverse_wrong_iface"
         );
+        assert_eq!(verdict::NAMES[verdict::ECHO_REPLY as usize], "echo_reply");
         assert_eq!(syn_ack_tunnel::COUNT, 9);
         assert_eq!(
             syn_ack_tunnel::NAMES[syn_ack_tunnel::DROP_WRITE_FAILED as usize],

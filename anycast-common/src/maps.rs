@@ -43,6 +43,10 @@ pub const SERVER_STATS: &str = "SERVER_STATS";
 /// for each ([`ReverseStats`]), per CPU. Written (keys) by the controller; the data path
 /// only counts into existing entries.
 pub const REVERSE: &str = "REVERSE";
+/// Agent: every anycast address of a service ([`AddressKey`] -> 1), written by the
+/// controller after each apply: the addresses whose ICMP echo requests the agent answers.
+/// (`SERVICES` is keyed by protocol and port too, and `ADDRESS_FILTER` only says "maybe".)
+pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
 /// Server side: anycast addresses this server answers for ([`AddressKey`] -> 1); read by
 /// the decapsulator and the SYN-ACK tunnel.
 pub const SERVED: &str = "SERVED";
@@ -72,6 +76,7 @@ pub const AGENT_PINNED: &[&str] = &[
     SERVICE_STATS,
     SERVER_STATS,
     REVERSE,
+    SERVICE_ADDRS,
 ];
 
 /// The version of what the agent's pinned maps' bytes mean. A build adopts pinned maps
@@ -237,6 +242,12 @@ pub const AGENT_HAS_V6: u32 = 2;
 /// Reverse tunnelling is configured (`registration.reverse_tunnel`): the data path may
 /// decapsulate a server's reverse-tunnelled packets. Clear: it never does.
 pub const AGENT_REVERSE_TUNNEL: u32 = 4;
+/// The agent answers ICMP echo requests to anycast service addresses (`answer_ping`).
+/// (8 is left to the answers to too-big client packets.)
+pub const AGENT_ANSWER_PING: u32 = 16;
+/// The agent tunnels ICMP errors about services' replies to the server that owns the quoted
+/// flow (`forward_icmp_errors`). Clear: they pass to the agent's kernel, as other packets.
+pub const AGENT_FORWARD_ICMP_ERRORS: u32 = 32;
 
 /// Packets and bytes, per CPU.
 #[repr(C)]

@@ -13,6 +13,22 @@ pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 /// IPv6 Fragment extension header (RFC 8200 section 4.5).
 pub const PROTO_IPV6_FRAGMENT: u8 = 44;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// ICMP and ICMPv6 types the agent handles (RFC 792, RFC 4443), and the fixed part of their
+/// headers: type, code, checksum and 4 bytes (identifier and sequence number of an echo;
+/// unused, next-hop MTU or MTU of an error), after which an error quotes the packet.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMP_LEN: usize = 8;
+/// Hop limit / TTL of the echo replies the agent sends (what Linux sends by default).
+pub const ECHO_REPLY_TTL: u8 = 64;
 
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
@@ -57,6 +73,17 @@ pub fn ipv4_checksum(words: &[u32; IPV4_LEN / 4]) -> u16 {
         sum += (x >> 16) + (x & 0xffff);
         i += 1;
     }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// A ones' complement checksum (IPv4 header, ICMP, ICMPv6) after one 16-bit field it
+/// covers changed from `old` to `new`, without summing the data again: RFC 1624, equation
+/// 3, `HC' = ~(~HC + ~m + m')`. All values in host order (the fields' big-endian values).
+#[inline(always)]
+pub fn checksum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
@@ -117,6 +144,47 @@ mod tests {
         assert_eq!(ipv4_checksum(&words(h)), 0xb861);
         [h[10], h[11]] = 0xb861u16.to_be_bytes();
         assert_eq!(ipv4_checksum(&words(h)), 0);
+    }
+
+    /// An incremental update gives the checksum a full recomputation gives, for random
+    /// headers and every field position.
+    #[test]
+    fn checksum_replace_matches_recomputation() {
+        fn full(h: &[u8; IPV4_LEN]) -> u16 {
+            let mut sum = 0u32;
+            for pair in h.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            !(sum as u16)
+        }
+        let mut seed = 0x8765_4321u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 16) as u16
+        };
+        for round in 0..2000 {
+            let mut h = [0u8; IPV4_LEN];
+            for pair in h.chunks_mut(2) {
+                pair.copy_from_slice(&next().to_be_bytes());
+            }
+            [h[10], h[11]] = [0, 0];
+            let check = full(&h);
+            let field = [0usize, 2, 4, 6, 8, 12, 14, 16, 18][round % 9];
+            let old = u16::from_be_bytes([h[field], h[field + 1]]);
+            let new = if round % 7 == 0 { 0 } else { next() };
+            [h[field], h[field + 1]] = new.to_be_bytes();
+            let want = full(&h);
+            let got = checksum_replace(check, old, new);
+            // 0x0000 and 0xffff are the same number in ones' complement; a receiver's sum
+            // over the header is all ones with either.
+            assert!(
+                got == want || (got | want == 0xffff && got & want == 0),
+                "{h:02x?}: field {field} {old:#06x} -> {new:#06x}: {got:#06x}, want {want:#06x}"
+            );
+        }
     }
 
     /// Against a plain RFC 1071 sum over 16-bit big-endian fields, for headers whose sums

@@ -573,6 +573,8 @@ impl Agent {
             .set_flow_timeouts(self.config.flow_timeouts)?;
         self.dataplane
             .set_reverse_tunnel(super::reverse_tunnel_configured(&self.config))?;
+        self.dataplane
+            .set_icmp(self.config.answer_ping, self.config.forward_icmp_errors)?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);

@@ -49,6 +49,16 @@ pub struct Config {
     /// the client's FIN or RST.
     #[serde(default)]
     pub flow_timeouts: crate::dataplane::FlowTimeouts,
+    /// The data path answers ICMP echo requests (ping) to the services' anycast addresses
+    /// itself. Off: they go to the agent's kernel, as before.
+    #[serde(default = "default_true")]
+    pub answer_ping: bool,
+    /// ICMP errors about services' replies (fragmentation needed and other destination
+    /// unreachables, packet too big), which routers send to the anycast address, are
+    /// tunnelled to the server that sent the reply, so its path MTU discovery works. Off:
+    /// they go to the agent's kernel, which has no use for them.
+    #[serde(default = "default_true")]
+    pub forward_icmp_errors: bool,
     /// Topology preference, for every service: clients in these prefixes go to these servers
     /// (by name) first, while any of them can take new flows.
     #[serde(default)]
@@ -354,6 +364,9 @@ fn default_ring_size() -> u32 {
 }
 fn default_max_services() -> u32 {
     DEFAULT_MAX_SERVICES
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_flows() -> u32 {
     DEFAULT_MAX_FLOWS

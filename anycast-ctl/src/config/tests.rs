@@ -21,6 +21,20 @@ fn good_config_parses_with_defaults() {
     assert_eq!(c.xdp_mode, XdpModeName::Native);
     assert_eq!(c.services[0].servers[0].weight, 1);
     assert_eq!(c.services[1].port, 0);
+    assert!(
+        c.answer_ping,
+        "ping of the anycast addresses is answered by default"
+    );
+    assert!(
+        c.forward_icmp_errors,
+        "ICMP errors reach the servers by default"
+    );
+    let off = good().replace(
+        "\"interfaces\"",
+        "\"answer_ping\": false, \"forward_icmp_errors\": false, \"interfaces\"",
+    );
+    let c = Config::parse(&off).unwrap();
+    assert!(!c.answer_ping && !c.forward_icmp_errors);
 }
 
 fn field_of(text: &str) -> String {

@@ -16,6 +16,7 @@ impl Dataplane {
         }
         self.installed = next;
         done?;
+        self.sync_service_addresses(desired)?;
         for key in std::mem::take(&mut self.stray_services) {
             match self.services_map.remove(&key) {
                 Err(e) if !is_enoent(&e) => {

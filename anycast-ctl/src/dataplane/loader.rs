@@ -69,7 +69,8 @@ pub(super) fn load_object_pinned(
         .map_max_entries(maps::RINGS, ring_entries)
         .map_max_entries(maps::FLOWS, sizes.max_flows)
         .map_max_entries(maps::SERVICES, sizes.max_services)
-        .map_max_entries(maps::SERVICE_STATS, sizes.max_services);
+        .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
+        .map_max_entries(maps::SERVICE_ADDRS, sizes.max_services);
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
     }

@@ -24,10 +24,11 @@ use crate::config::XdpModeName;
 use anycast_common::{
     address_filter_bit, maps, programs, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
     FlowValue, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
-    ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_HAS_V4, AGENT_HAS_V6,
-    AGENT_REVERSE_TUNNEL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES,
-    DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4,
-    FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_ANSWER_PING,
+    AGENT_FORWARD_ICMP_ERRORS, AGENT_HAS_V4, AGENT_HAS_V6, AGENT_REVERSE_TUNNEL, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
+    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
+    MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -44,6 +45,7 @@ use serde::Serialize;
 mod apply;
 mod bpf_sys;
 mod flows;
+mod icmp;
 mod loader;
 mod pinning;
 pub mod pins;
@@ -88,6 +90,8 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, Traffic>,
     server_stats: PerCpuArray<MapData, ServerTraffic>,
     reverse_map: PerCpuHashMap<MapData, AddressKey, ReverseStats>,
+    /// Every service's anycast address (see `icmp.rs`).
+    service_addrs: BpfHashMap<MapData, AddressKey, u32>,
     /// What the maps hold, as far as the controller knows.
     installed: Installed,
     timeouts: FlowTimeouts,
@@ -125,6 +129,7 @@ impl Dataplane {
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             server_stats: take(&mut ebpf, maps::SERVER_STATS)?,
             reverse_map: take(&mut ebpf, maps::REVERSE)?,
+            service_addrs: take(&mut ebpf, maps::SERVICE_ADDRS)?,
             ebpf,
             sizes,
             installed: Installed::new(sizes),
@@ -157,7 +162,8 @@ impl Dataplane {
     pub fn set_agent_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
         let mut info = AgentInfo {
             fib_generation: self.agent_info.fib_generation,
-            flags: self.agent_info.flags & AGENT_REVERSE_TUNNEL,
+            flags: self.agent_info.flags
+                & (AGENT_REVERSE_TUNNEL | AGENT_ANSWER_PING | AGENT_FORWARD_ICMP_ERRORS),
             ..AgentInfo::default()
         };
         if let Some(a) = v4 {

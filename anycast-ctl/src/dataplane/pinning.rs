@@ -34,7 +34,9 @@ fn sized_entries(name: &str, sizes: Sizes) -> Option<u32> {
     match name {
         n if n == maps::RINGS => sizes.ring_entries(),
         n if n == maps::FLOWS => Some(sizes.max_flows),
-        n if n == maps::SERVICES || n == maps::SERVICE_STATS => Some(sizes.max_services),
+        n if n == maps::SERVICES || n == maps::SERVICE_STATS || n == maps::SERVICE_ADDRS => {
+            Some(sizes.max_services)
+        }
         _ => None,
     }
 }

@@ -75,6 +75,12 @@ pub(super) static REVERSE: PerCpuHashMap<AddressKey, ReverseStats> =
     PerCpuHashMap::with_max_entries(MAX_SERVERS, 0);
 map_name!(REVERSE, names::REVERSE);
 
+/// Every anycast address of a service: the addresses whose echo requests are answered.
+#[map]
+pub(super) static SERVICE_ADDRS: HashMap<AddressKey, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+map_name!(SERVICE_ADDRS, names::SERVICE_ADDRS);
+
 /// Counts a verdict (or a flow-table event) in `VERDICTS`.
 #[inline(always)]
 pub(super) fn count(reason: u32) {

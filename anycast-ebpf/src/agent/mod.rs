@@ -3,8 +3,11 @@
 //! The forward pipeline, one stage per file:
 //!
 //! ```text
-//! parse.rs        Ethernet / 802.1Q, IPv4 / IPv6, TCP / UDP; address filter
+//! parse.rs        Ethernet / 802.1Q, IPv4 / IPv6, TCP / UDP / ICMP; address filter
 //!   |  \__ IP-in-IP ______________________ syn_ack_relay.rs: a server's SYN-ACK -> the client
+//!   |  \__ ICMP _________________________ icmp.rs: an error about a service's reply ->
+//!   |                                      encap.rs, next_hop.rs to the flow's server;
+//!   |                                      echo.rs: an echo request -> its reply (XDP_TX)
 //! select.rs       flow table, else service lookup and consistent-hash table (the client's
 //!   |             preferred one, for a service with topology preferences); pin the flow
 //! encap.rs        outer IPv4 / IPv6 header to the server's real address
@@ -15,7 +18,9 @@
 //!
 //! `maps.rs` holds the maps and the counters; every packet is counted in `VERDICTS` by the
 //! reason of what was done with it.
+mod echo;
 mod encap;
+mod icmp;
 mod maps;
 mod next_hop;
 mod parse;
@@ -54,6 +59,7 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     let p = match parse(ctx) {
         Ok(Parsed::Flow(p)) => p,
         Ok(Parsed::Tunnel(t)) => return syn_ack_relay::relay(ctx, &t),
+        Ok(Parsed::Icmp(m)) => return icmp::handle(ctx, &m),
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
     let now = flow_clock_now();

@@ -1,11 +1,12 @@
 //! First stage: what the packet is. A TCP or UDP packet to an address that may be a service
-//! (its `ADDRESS_FILTER` bit is set) is a [`Flow`]; an IP-in-IP packet (outer protocol 4 or
-//! 41) is a [`Tunnel`], which may be a server's SYN-ACK to relay; anything else passes, with
-//! the verdict that says why.
+//! (its `ADDRESS_FILTER` bit is set) is a [`Flow`]; an ICMP (ICMPv6) packet to such an address
+//! is an [`Icmp`], which may be an echo request or an error about a service's reply; an
+//! IP-in-IP packet (outer protocol 4 or 41) is a [`Tunnel`], which may be a server's SYN-ACK
+//! to relay; anything else passes, with the verdict that says why.
 use anycast_common::{
-    address_filter_bit, verdict, FlowKey, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6,
-    IPV4_FRAGMENT_MASK, IPV4_LEN, IPV6_LEN, PROTO_IPIP, PROTO_IPV6, PROTO_IPV6_FRAGMENT, PROTO_TCP,
-    PROTO_UDP, TCP_FLAGS_OFF, TCP_LEN, UDP_LEN,
+    address_filter_bit, verdict, FlowKey, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, ICMP_LEN,
+    IPV4_FRAGMENT_MASK, IPV4_LEN, IPV6_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6,
+    PROTO_IPV6_FRAGMENT, PROTO_TCP, PROTO_UDP, TCP_FLAGS_OFF, TCP_LEN, UDP_LEN,
 };
 use aya_ebpf::programs::XdpContext;
 
@@ -18,6 +19,24 @@ pub(super) enum Parsed {
     Flow(Flow),
     /// IP-in-IP or IPv6-in-IP.
     Tunnel(Tunnel),
+    /// ICMP (ICMPv6) to an address that may be a service.
+    Icmp(Icmp),
+}
+
+/// An ICMP (IPv4) or ICMPv6 (IPv6) packet to an address that may be a service, whose fixed
+/// 8-byte ICMP header lies inside the IP packet.
+pub(super) struct Icmp {
+    pub l3: usize,
+    pub vlan: bool,
+    /// Where the ICMP header starts.
+    pub l4: usize,
+    /// Where the IP packet ends (by its header's length; Ethernet padding excluded).
+    pub end: usize,
+    pub family: u8,
+    /// DSCP/ECN byte, copied to the outer header when the packet is tunnelled.
+    pub tos: u8,
+    /// The destination address (network-order words; IPv4 in word 0).
+    pub dst: [u32; 4],
 }
 
 /// A TCP or UDP packet that may belong to a service.
@@ -104,6 +123,29 @@ pub(super) fn parse(ctx: &XdpContext) -> Result<Parsed, u32> {
                 src: key.src,
                 dst: key.dst,
             }))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            // ICMP in IPv4, ICMPv6 in IPv6; nothing else is ICMP to the agent.
+            let own = if key.family == FAMILY_V4 {
+                PROTO_ICMP
+            } else {
+                PROTO_ICMPV6
+            };
+            if proto != own || !maybe_service(key.family, &key.dst) {
+                return Err(verdict::PASS_NOT_SERVICE);
+            }
+            if l4 + ICMP_LEN > l3 + inner_len {
+                return Err(verdict::PASS_MALFORMED);
+            }
+            return Ok(Parsed::Icmp(Icmp {
+                l3,
+                vlan: l2.vlan(),
+                l4,
+                end: l3 + inner_len,
+                family: key.family,
+                tos,
+                dst: key.dst,
+            }));
         }
         _ => return Err(verdict::PASS_NOT_SERVICE),
     };

@@ -1,5 +1,6 @@
 //! A tiny service for tests and the demo, bound to the anycast address on a server:
-//! TCP: `GET ...` gets an HTTP/1.0 answer `server=NAME`; any other line gets `NAME` back,
+//! TCP: `GET ...` gets an HTTP/1.0 answer `server=NAME`; `GET /bytes/N` gets N bytes (at
+//! most 64 MiB) of the pattern [`body_byte`], with `X-Server: NAME`; any other line gets `NAME` back,
 //! line by line, for as long as the client keeps the connection (a long-lived flow).
 //! UDP: every datagram gets `server=NAME` back, sent from the anycast address.
 use std::{
@@ -28,6 +29,10 @@ fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
                 break;
             }
         }
+        let path = line.split_whitespace().nth(1).unwrap_or("/");
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            return send_bytes(out, n, name);
+        }
         let body = format!("server={name}\n");
         write!(
             out,
@@ -43,6 +48,36 @@ fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// The answer to `GET /bytes/N`: N bytes of [`body_byte`] (400 for N not a number or above
+/// 64 MiB).
+fn send_bytes(mut out: TcpStream, n: &str, name: &str) -> std::io::Result<()> {
+    let n: usize = match n.parse() {
+        Ok(n) if n <= 64 << 20 => n,
+        _ => {
+            write!(out, "HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")?;
+            return Ok(());
+        }
+    };
+    write!(
+        out,
+        "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {n}\r\nX-Server: {name}\r\n\r\n"
+    )?;
+    let chunk: Vec<u8> = (0..65536).map(body_byte).collect();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(chunk.len());
+        out.write_all(&chunk[..k])?;
+        sent += k;
+    }
+    Ok(())
+}
+
+/// Byte `i` of a `/bytes/N` body (65536 is a multiple of 256, so chunks repeat it).
+fn body_byte(i: usize) -> u8 {
+    (i % 256) as u8 ^ 0x5a
 }
 
 fn main() {

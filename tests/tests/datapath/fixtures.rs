@@ -247,6 +247,12 @@ fn looks_up_flow(reason: u32) -> bool {
             | verdict::PASS_REVERSE_OFF
             | verdict::PASS_REVERSE_STRANGER
             | verdict::PASS_REVERSE_WRONG_IFACE
+            // ICMP is no flow's packet: an error reads the quoted flow's entry without
+            // counting it, an echo request none.
+            | verdict::ICMP_TO_SERVER
+            | verdict::PASS_ICMP_MALFORMED
+            | verdict::PASS_ICMP_NOT_SERVICE
+            | verdict::ECHO_REPLY
     )
 }
 

@@ -22,6 +22,8 @@ mod aging;
 mod counters;
 mod decap;
 mod forward;
+mod icmp;
+mod icmp_flows;
 mod malformed;
 mod next_hop;
 mod preferences;

@@ -565,6 +565,10 @@ impl Agent {
             .set_flow_timeouts(self.config.flow_timeouts)?;
         self.dataplane
             .set_reverse_tunnel(super::reverse_tunnel_configured(&self.config))?;
+        self.dataplane.set_too_big_answers(
+            self.config.answer_too_big,
+            self.config.too_big_answers_per_second,
+        )?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);

@@ -49,6 +49,14 @@ pub struct Config {
     /// the client's FIN or RST.
     #[serde(default)]
     pub flow_timeouts: crate::dataplane::FlowTimeouts,
+    /// Client packets too big for the tunnel (longer than the egress MTU less the outer
+    /// header) are answered with ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6
+    /// "packet too big" from the anycast address. Off: dropped silently.
+    #[serde(default = "default_true")]
+    pub answer_too_big: bool,
+    /// At most this many of those answers per second from each CPU (a burst of as many).
+    #[serde(default = "default_too_big_answers_per_second")]
+    pub too_big_answers_per_second: u32,
     /// Topology preference, for every service: clients in these prefixes go to these servers
     /// (by name) first, while any of them can take new flows.
     #[serde(default)]
@@ -364,6 +372,12 @@ fn default_max_preference_tables() -> u32 {
 fn default_weight() -> u32 {
     1
 }
+fn default_true() -> bool {
+    true
+}
+fn default_too_big_answers_per_second() -> u32 {
+    crate::dataplane::DEFAULT_TOO_BIG_ANSWERS_PER_SECOND
+}
 
 /// A configuration error: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -538,6 +552,8 @@ mod routing;
 mod security;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod too_big_tests;
 mod validate;
 pub use validate::valid_instance_name;
 

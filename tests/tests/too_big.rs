@@ -44,9 +44,9 @@ fn upload(addr: SocketAddr, bytes: usize, within: Duration) -> Result<(String, u
     while sent < bytes {
         // One write at a time, each bounded by what is left of the deadline (a write that
         // times out after a partial write returns that, and the next one waits again).
-        s.set_write_timeout(Some(left().with_context(|| {
-            format!("sending, {sent} of {bytes} bytes written")
-        })?))?;
+        s.set_write_timeout(Some(
+            left().with_context(|| format!("sending, {sent} of {bytes} bytes written"))?,
+        ))?;
         let n = chunk.len().min(bytes - sent);
         sent += s
             .write(&chunk[..n])
@@ -124,10 +124,17 @@ fn uploads_without_tunnel_headroom_complete_once_too_big_packets_are_answered() 
                 started.elapsed()
             ),
         }
-        assert_eq!(learnt_mtu(&topo, v6)?, None, "no path MTU learnt for {addr}");
+        assert_eq!(
+            learnt_mtu(&topo, v6)?,
+            None,
+            "no path MTU learnt for {addr}"
+        );
     }
     let dropped = counter(&topo, "drop_too_big")? - dropped_before;
-    assert!(dropped >= 2, "full-size packets dropped and counted: {dropped}");
+    assert!(
+        dropped >= 2,
+        "full-size packets dropped and counted: {dropped}"
+    );
     assert_eq!(counter(&topo, "too_big_answered")?, 0);
 
     // Answers on (a reload).

@@ -3,8 +3,8 @@
 //! needed and DF set" (type 3 code 4, RFC 792; next-hop MTU field, RFC 1191 section 4) for
 //! IPv4 with DF, ICMPv6 "packet too big" (type 2, RFC 4443 section 3.2) for IPv6. The MTU
 //! given is the egress MTU less the outer header (20 or 40 bytes); the source is the anycast
-//! address the client sent to, so its stack takes the error for that connection (RFC 4443
-//! section 2.2; RFC 1812 section 4.3.2.4).
+//! address the client sent to (the peer of its connection; for IPv6, RFC 4443 section 2.2
+//! (a): an error about a packet to one of the node's unicast addresses comes from it).
 //!
 //! The answer is built in place from the frame as encapsulation left it, and sent back out
 //! of the ingress port with the MACs swapped (the client's 802.1Q tag kept: the answer goes

@@ -54,7 +54,9 @@ counters! {
         DROP_ENCAP = "drop_encap",
         /// The agent has no address of the family the server's real address needs.
         DROP_NO_AGENT_ADDR = "drop_no_agent_addr",
-        /// The tunnelled packet exceeds the egress MTU.
+        /// The tunnelled packet exceeds the egress MTU and is not answered (answers turned
+        /// off, IPv4 without DF, a source no error may be sent to, or a path too small for the
+        /// family's minimum MTU): dropped.
         DROP_TOO_BIG = "drop_too_big",
         /// A flow table hit (not a verdict; counted beside them).
         FLOW_HIT = "flow_hit",
@@ -93,6 +95,14 @@ counters! {
         /// An ICMP echo request (ICMPv6 too) to an anycast service address, answered by the
         /// agent: addresses and MACs swapped, echo reply, sent back out (`XDP_TX`).
         ECHO_REPLY = "echo_reply",
+        /// A client packet too big for the tunnel (as `drop_too_big`), answered: ICMP
+        /// "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big", from the anycast
+        /// address, with the MTU left for the client's packet; sent back out of the ingress
+        /// port (`XDP_TX`).
+        TOO_BIG_ANSWERED = "too_big_answered",
+        /// A client packet too big for the tunnel that would have been answered, but this
+        /// CPU's answers for the last second are used up: dropped.
+        TOO_BIG_RATE_LIMITED = "too_big_rate_limited",
     }
 }
 
@@ -144,7 +154,7 @@ mod tests {
 
     #[test]
     fn indexes_follow_the_tables() {
-        assert_eq!(verdict::COUNT, 23);
+        assert_eq!(verdict::COUNT, 25);
         assert_eq!(verdict::TX, 0);
         assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
         assert_eq!(
@@ -156,6 +166,10 @@ mod tests {
             "pass_reverse_wrong_iface"
         );
         assert_eq!(verdict::NAMES[verdict::ECHO_REPLY as usize], "echo_reply");
+        assert_eq!(
+            verdict::NAMES[verdict::TOO_BIG_RATE_LIMITED as usize],
+            "too_big_rate_limited"
+        );
         assert_eq!(syn_ack_tunnel::COUNT, 9);
         assert_eq!(
             syn_ack_tunnel::NAMES[syn_ack_tunnel::DROP_WRITE_FAILED as usize],

@@ -47,6 +47,9 @@ pub const REVERSE: &str = "REVERSE";
 /// controller after each apply: the addresses whose ICMP echo requests the agent answers.
 /// (`SERVICES` is keyed by protocol and port too, and `ADDRESS_FILTER` only says "maybe".)
 pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
+/// Agent: per CPU, the token bucket of answers to packets too big for the tunnel
+/// ([`TooBigBucket`]), one entry. Not pinned: a new program starts with a full bucket.
+pub const TOO_BIG_BUCKET: &str = "TOO_BIG_BUCKET";
 /// Server side: anycast addresses this server answers for ([`AddressKey`] -> 1); read by
 /// the decapsulator and the SYN-ACK tunnel.
 pub const SERVED: &str = "SERVED";
@@ -236,6 +239,10 @@ pub struct AgentInfo {
     /// Bumped by the controller whenever the kernel reports a route, neighbour, address or
     /// link change: cached next hops ([`NextHop`]) of an older generation are not used.
     pub fib_generation: u32,
+    /// With [`AGENT_ANSWER_TOO_BIG`]: what one answer to a packet too big for the tunnel
+    /// costs from a CPU's bucket ([`TooBigBucket`]), in nanoseconds of credit: 10^9 / the
+    /// answers allowed per second and CPU. 0: no limit.
+    pub too_big_cost_ns: u32,
 }
 pub const AGENT_HAS_V4: u32 = 1;
 pub const AGENT_HAS_V6: u32 = 2;
@@ -248,6 +255,25 @@ pub const AGENT_ANSWER_PING: u32 = 16;
 /// The agent tunnels ICMP errors about services' replies to the server that owns the quoted
 /// flow (`forward_icmp_errors`). Clear: they pass to the agent's kernel, as other packets.
 pub const AGENT_FORWARD_ICMP_ERRORS: u32 = 32;
+/// Client packets too big for the tunnel are answered (ICMP "fragmentation needed" for IPv4
+/// with DF, ICMPv6 "packet too big"), rate-limited by [`AgentInfo::too_big_cost_ns`].
+/// Clear: they are dropped silently (`drop_too_big`).
+pub const AGENT_ANSWER_TOO_BIG: u32 = 8;
+
+/// Credit a CPU's [`TooBigBucket`] holds at most, in nanoseconds: one second's worth of
+/// answers may go out in a burst.
+pub const TOO_BIG_BURST_NS: u64 = 1_000_000_000;
+
+/// A CPU's token bucket of answers to packets too big for the tunnel (`TOO_BIG_BUCKET`):
+/// credit in nanoseconds, refilled by the time elapsed since `last_ns` (up to
+/// [`TOO_BIG_BURST_NS`]); an answer takes [`AgentInfo::too_big_cost_ns`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TooBigBucket {
+    pub credit_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last refill; 0: never (the first packet finds it full).
+    pub last_ns: u64,
+}
 
 /// Packets and bytes, per CPU.
 #[repr(C)]
@@ -370,6 +396,7 @@ mod pod {
     unsafe impl aya::Pod for PreferenceKey {}
     unsafe impl aya::Pod for PreferenceTable {}
     unsafe impl aya::Pod for AgentInfo {}
+    unsafe impl aya::Pod for TooBigBucket {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for ServerTraffic {}
     unsafe impl aya::Pod for AddressKey {}
@@ -513,7 +540,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(PreferenceKey, addr), 8);
         assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
         assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
-        assert_eq!(core::mem::size_of::<AgentInfo>(), 28);
+        assert_eq!(core::mem::size_of::<AgentInfo>(), 32);
+        assert_eq!(core::mem::size_of::<TooBigBucket>(), 16);
         assert_eq!(core::mem::size_of::<NextHop>(), 36);
         assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
         assert_eq!(core::mem::size_of::<AddressKey>(), 20);

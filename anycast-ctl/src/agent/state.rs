@@ -575,6 +575,10 @@ impl Agent {
             .set_reverse_tunnel(super::reverse_tunnel_configured(&self.config))?;
         self.dataplane
             .set_icmp(self.config.answer_ping, self.config.forward_icmp_errors)?;
+        self.dataplane.set_too_big_answers(
+            self.config.answer_too_big,
+            self.config.too_big_answers_per_second,
+        )?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);

@@ -59,6 +59,14 @@ pub struct Config {
     /// they go to the agent's kernel, which has no use for them.
     #[serde(default = "default_true")]
     pub forward_icmp_errors: bool,
+    /// Client packets too big for the tunnel (longer than the egress MTU less the outer
+    /// header) are answered with ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6
+    /// "packet too big" from the anycast address. Off: dropped silently.
+    #[serde(default = "default_true")]
+    pub answer_too_big: bool,
+    /// At most this many of those answers per second from each CPU (a burst of as many).
+    #[serde(default = "default_too_big_answers_per_second")]
+    pub too_big_answers_per_second: u32,
     /// Topology preference, for every service: clients in these prefixes go to these servers
     /// (by name) first, while any of them can take new flows.
     #[serde(default)]
@@ -377,6 +385,9 @@ fn default_max_preference_tables() -> u32 {
 fn default_weight() -> u32 {
     1
 }
+fn default_too_big_answers_per_second() -> u32 {
+    crate::dataplane::DEFAULT_TOO_BIG_ANSWERS_PER_SECOND
+}
 
 /// A configuration error: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -551,6 +562,8 @@ mod routing;
 mod security;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod too_big_tests;
 mod validate;
 pub use validate::valid_instance_name;
 

@@ -102,6 +102,13 @@ impl Config {
         if self.max_flows == 0 {
             return Err(err("max_flows", "must be at least 1"));
         }
+        let most = crate::dataplane::MAX_TOO_BIG_ANSWERS_PER_SECOND;
+        if !(1..=most).contains(&self.too_big_answers_per_second) {
+            return Err(err(
+                "too_big_answers_per_second",
+                format!("must be 1 to {most} (set answer_too_big to false for none)"),
+            ));
+        }
         if self.services.len() > self.max_services as usize {
             return Err(err(
                 "services",

@@ -25,10 +25,10 @@ use anycast_common::{
     address_filter_bit, maps, programs, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey,
     FlowValue, PreferenceKey, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic,
     ServiceInfo, ServiceKey, Traffic, ADDRESS_FILTER_WORDS, AGENT_ANSWER_PING,
-    AGENT_FORWARD_ICMP_ERRORS, AGENT_HAS_V4, AGENT_HAS_V6, AGENT_REVERSE_TUNNEL, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING,
-    DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4, FLOW_CLOSING, MAX_PREFERENCE_PREFIXES,
-    MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
+    AGENT_ANSWER_TOO_BIG, AGENT_FORWARD_ICMP_ERRORS, AGENT_HAS_V4, AGENT_HAS_V6,
+    AGENT_REVERSE_TUNNEL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES,
+    DEFAULT_RING_SIZE, DEFAULT_TCP_CLOSING, DEFAULT_TCP_IDLE, DEFAULT_UDP_IDLE, FAMILY_V4,
+    FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -53,6 +53,7 @@ mod plan;
 mod report;
 mod rings;
 mod tables;
+mod too_big;
 
 pub use crate::model::{DesiredServer, DesiredService, Preference};
 pub use flows::{flow_clock_now, FlowSnapshot, FlowSweeper, FlowTimeouts};
@@ -69,6 +70,7 @@ pub use report::{
 };
 use rings::Rings;
 pub use tables::TableWrite;
+pub use too_big::{DEFAULT_TOO_BIG_ANSWERS_PER_SECOND, MAX_TOO_BIG_ANSWERS_PER_SECOND};
 
 pub struct Dataplane {
     pub ebpf: Ebpf,
@@ -119,7 +121,12 @@ impl Dataplane {
             rings: Rings::new(take(&mut ebpf, maps::RINGS)?),
             servers_map: take(&mut ebpf, maps::SERVERS)?,
             agent_map: take(&mut ebpf, maps::AGENT)?,
-            agent_info: AgentInfo::default(),
+            // Published with the addresses: too-big answers are on unless turned off.
+            agent_info: AgentInfo {
+                flags: AGENT_ANSWER_TOO_BIG,
+                too_big_cost_ns: too_big::cost_ns(DEFAULT_TOO_BIG_ANSWERS_PER_SECOND),
+                ..AgentInfo::default()
+            },
             sweep_report: Default::default(),
             flows_map: take(&mut ebpf, maps::FLOWS)?,
             flow_config: take(&mut ebpf, maps::FLOW_CONFIG)?,
@@ -163,7 +170,11 @@ impl Dataplane {
         let mut info = AgentInfo {
             fib_generation: self.agent_info.fib_generation,
             flags: self.agent_info.flags
-                & (AGENT_REVERSE_TUNNEL | AGENT_ANSWER_PING | AGENT_FORWARD_ICMP_ERRORS),
+                & (AGENT_REVERSE_TUNNEL
+                    | AGENT_ANSWER_PING
+                    | AGENT_FORWARD_ICMP_ERRORS
+                    | AGENT_ANSWER_TOO_BIG),
+            too_big_cost_ns: self.agent_info.too_big_cost_ns,
             ..AgentInfo::default()
         };
         if let Some(a) = v4 {

@@ -2,9 +2,9 @@
 //! it writes into them.
 use anycast_common::{
     maps as names, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey, FlowValue, NextHop,
-    PreferenceTable, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey, Traffic,
-    ADDRESS_FILTER_WORDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES,
-    DEFAULT_RING_SIZE, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
+    PreferenceTable, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
+    TooBigBucket, Traffic, ADDRESS_FILTER_WORDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -74,6 +74,10 @@ map_name!(SERVER_STATS, names::SERVER_STATS);
 pub(super) static REVERSE: PerCpuHashMap<AddressKey, ReverseStats> =
     PerCpuHashMap::with_max_entries(MAX_SERVERS, 0);
 map_name!(REVERSE, names::REVERSE);
+/// Per CPU, the token bucket of answers to packets too big for the tunnel (`too_big.rs`).
+#[map]
+pub(super) static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket> = PerCpuArray::with_max_entries(1, 0);
+map_name!(TOO_BIG_BUCKET, names::TOO_BIG_BUCKET);
 
 /// Every anycast address of a service: the addresses whose echo requests are answered.
 #[map]

@@ -13,7 +13,9 @@
 //! encap.rs        outer IPv4 / IPv6 header to the server's real address
 //!   |
 //! next_hop.rs     next hop (cached FIB answer) -> XDP_TX / XDP_REDIRECT (or hand to the
-//!                 kernel when the neighbour is unknown)
+//!   |             kernel when the neighbour is unknown)
+//!    \__ too big for the egress MTU ______ too_big.rs: ICMP frag-needed / ICMPv6 packet
+//!                                         too big back to the client, or drop
 //! ```
 //!
 //! `maps.rs` holds the maps and the counters; every packet is counted in `VERDICTS` by the
@@ -26,6 +28,7 @@ mod next_hop;
 mod parse;
 mod select;
 mod syn_ack_relay;
+mod too_big;
 
 use anycast_common::{flow_hash, verdict, TCP_ACK, TCP_SYN};
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -189,7 +189,8 @@ pub(super) fn reaches_via(
 }
 
 /// The FIB's egress interface and MACs for the tunnelled packet, or what to do with the
-/// packet when there is none (no neighbour yet: the kernel resolves it; too big; no route).
+/// packet when there is none (no neighbour yet: the kernel resolves it; too big: answered
+/// or dropped, see `too_big.rs`; no route).
 #[inline(always)]
 fn fib_next_hop(
     ctx: &XdpContext,
@@ -234,7 +235,13 @@ fn fib_next_hop(
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok((fib.ifindex, fib_macs(fib))),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err((xdp_action::XDP_PASS, verdict::PASS_NO_NEIGH)),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err((xdp_action::XDP_DROP, verdict::DROP_TOO_BIG)),
+        // The kernel reports the egress MTU in place of the length asked about.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Err(super::too_big::answer(ctx, p, agent, server.family, {
+                // SAFETY: a u16 either way.
+                unsafe { fib.__bindgen_anon_1.mtu_result }
+            }))
+        }
         _ => Err((xdp_action::XDP_PASS, verdict::PASS_NO_ROUTE)),
     }
 }

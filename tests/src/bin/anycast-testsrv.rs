@@ -1,10 +1,12 @@
 //! A tiny service for tests and the demo, bound to the anycast address on a server:
 //! TCP: `GET ...` gets an HTTP/1.0 answer `server=NAME`; `GET /bytes/N` gets N bytes (at
-//! most 64 MiB) of the pattern [`body_byte`], with `X-Server: NAME`; any other line gets `NAME` back,
-//! line by line, for as long as the client keeps the connection (a long-lived flow).
+//! most 64 MiB) of the pattern [`body_byte`], with `X-Server: NAME`; `POST ...` with a
+//! `Content-Length` (an upload) has its body read whole and gets `server=NAME` and
+//! `received=BYTES`; any other line gets `NAME` back, line by line, for as long as the
+//! client keeps the connection (a long-lived flow).
 //! UDP: every datagram gets `server=NAME` back, sent from the anycast address.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read as _, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
 };
@@ -21,19 +23,29 @@ fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
     if reader.read_line(&mut line)? == 0 {
         return Ok(());
     }
-    if line.starts_with("GET ") {
+    if line.starts_with("GET ") || line.starts_with("POST ") {
         // Read the rest of the request head.
+        let mut length = 0u64;
         loop {
             let mut l = String::new();
             if reader.read_line(&mut l)? == 0 || l == "\r\n" || l == "\n" {
                 break;
             }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = format!("server={name}\n");
+        if line.starts_with("POST ") {
+            let received = std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink())?;
+            body.push_str(&format!("received={received}\n"));
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/");
-        if let Some(n) = path.strip_prefix("/bytes/") {
+        if let (true, Some(n)) = (line.starts_with("GET "), path.strip_prefix("/bytes/")) {
             return send_bytes(out, n, name);
         }
-        let body = format!("server={name}\n");
         write!(
             out,
             "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",

@@ -384,10 +384,12 @@ fn table() -> Vec<AgentFixture> {
         verdict::TX,
         tx_to("10.9.2.11", None, &f_mtu, &ip_1480),
     ));
+    // With DF the client is answered (too_big.rs); without, the packet is dropped.
     v.push(Fixture {
-        description: "IPv4 TCP of 1481 bytes -> IPv4-in-IPv4 of 1501 > MTU, XDP_DROP".into(),
+        description: "IPv4 TCP of 1481 bytes without DF -> IPv4-in-IPv4 of 1501 > MTU, XDP_DROP"
+            .into(),
         setup: web_and_dns(),
-        input: client_frame(None, &big(&f_mtu, 1481)),
+        input: client_frame(None, &big_packet_no_df(&f_mtu, 1481)),
         action: XDP_DROP,
         counted: verdict::DROP_TOO_BIG,
         output: None,
@@ -412,9 +414,10 @@ fn table() -> Vec<AgentFixture> {
         tx_to("fd09:2::11", None, &f_mtu6, &ip_1460),
     ));
     v.push(Fixture {
-        description: "IPv4 TCP of 1461 bytes -> IPv4-in-IPv6 of 1501 > MTU, XDP_DROP".into(),
+        description: "IPv4 TCP of 1461 bytes without DF -> IPv4-in-IPv6 of 1501 > MTU, XDP_DROP"
+            .into(),
         setup: services_46(),
-        input: client_frame(None, &big(&f_mtu6, 1461)),
+        input: client_frame(None, &big_packet_no_df(&f_mtu6, 1461)),
         action: XDP_DROP,
         counted: verdict::DROP_TOO_BIG,
         output: None,

@@ -486,6 +486,15 @@ pub fn big_packet(flow: &Flow, total: usize) -> Vec<u8> {
     ))
 }
 
+/// An IPv4 TCP packet of `total` bytes without DF (the agent does not answer those when
+/// they are too big for the tunnel: it drops them).
+pub fn big_packet_no_df(flow: &Flow, total: usize) -> Vec<u8> {
+    let mut ip = big_packet(flow, total);
+    ip[6] &= !0x40;
+    packet::fix_ipv4_checksum(&mut ip);
+    ip
+}
+
 /// A frame from the client to the agent's fx0.
 pub fn client_frame(vlan: Option<u16>, ip: &[u8]) -> Vec<u8> {
     ethernet(FX0_MAC, CLIENT_MAC, vlan, ip)

@@ -31,3 +31,4 @@ mod reverse_tunnel;
 mod sweep;
 mod sweep_under_traffic;
 mod syn_ack_tunnel;
+mod too_big;

@@ -103,6 +103,13 @@ counters! {
         /// A client packet too big for the tunnel that would have been answered, but this
         /// CPU's answers for the last second are used up: dropped.
         TOO_BIG_RATE_LIMITED = "too_big_rate_limited",
+        /// Part of `FLOW_MISS`: a TCP SYN without ACK of a flow the flow table does not
+        /// hold, sent by the consistent-hash choice and remembered in `EMBRYOS` (its slot
+        /// overwritten), not pinned: a flood of SYNs cannot evict pinned flows.
+        FLOW_EMBRYO = "flow_embryo",
+        /// Part of `FLOW_MISS`: the first packet after a SYN pinned to the server the SYN
+        /// went to, found in `EMBRYOS` (the table may have changed in between).
+        FLOW_PROMOTED = "flow_promoted",
     }
 }
 
@@ -154,7 +161,7 @@ mod tests {
 
     #[test]
     fn indexes_follow_the_tables() {
-        assert_eq!(verdict::COUNT, 25);
+        assert_eq!(verdict::COUNT, 27);
         assert_eq!(verdict::TX, 0);
         assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
         assert_eq!(
@@ -166,6 +173,10 @@ mod tests {
             "pass_reverse_wrong_iface"
         );
         assert_eq!(verdict::NAMES[verdict::ECHO_REPLY as usize], "echo_reply");
+        assert_eq!(
+            verdict::NAMES[verdict::FLOW_PROMOTED as usize],
+            "flow_promoted"
+        );
         assert_eq!(
             verdict::NAMES[verdict::TOO_BIG_RATE_LIMITED as usize],
             "too_big_rate_limited"

@@ -17,6 +17,10 @@ pub const RINGS: &str = "RINGS";
 pub const SERVERS: &str = "SERVERS";
 /// Agent: flows pinned to a server ([`FlowKey`] -> [`FlowValue`]).
 pub const FLOWS: &str = "FLOWS";
+/// Agent: the servers of TCP handshakes in progress ([`EmbryoSlot`]), an array of
+/// [`EMBRYO_SLOTS`] indexed by the flow hash: a SYN overwrites its slot, the first packet
+/// after it pins the flow in `FLOWS` to the slot's server.
+pub const EMBRYOS: &str = "EMBRYOS";
 /// Agent: its own addresses ([`AgentInfo`]), one entry.
 pub const AGENT: &str = "AGENT";
 /// Agent: flow idle timeouts ([`FlowConfig`](crate::FlowConfig)), one entry.
@@ -229,6 +233,30 @@ pub struct FlowValue {
 /// `tcp_closing` seconds after the last packet, and a SYN (without ACK) starts a new flow.
 pub const FLOW_CLOSING: u32 = 1;
 
+/// Slots of `EMBRYOS`: a power of two (the slot is `flow_hash & (EMBRYO_SLOTS - 1)`). 56 bytes
+/// each: 7.3 MB. Under a flood of F random SYNs per second, a handshake's slot survives a
+/// round trip of r seconds with probability exp(-F r / EMBRYO_SLOTS); losing it matters only
+/// when the table moved that flow between its SYN and its ACK.
+pub const EMBRYO_SLOTS: u32 = 1 << 17;
+
+/// How long (flow-clock ticks, about 1.07 s each) a SYN's slot names the server of the
+/// first packet after it: covers the server's SYN-ACK retransmissions (Linux: 1+2+4+8+16+32
+/// s by default).
+pub const EMBRYO_TICKS: u32 = 64;
+
+/// A TCP handshake in progress: the SYN's flow and the server it was sent to. The key is
+/// stored whole (not a short tag of the public flow hash, which an attacker could collide).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EmbryoSlot {
+    pub key: FlowKey,
+    pub server: u32,
+    pub generation: u32,
+    /// Flow-clock tick of the SYN.
+    pub seen: u32,
+    pub _pad: u32,
+}
+
 /// The agent's own addresses: outer source of the tunnels it builds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -393,6 +421,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for EmbryoSlot {}
     unsafe impl aya::Pod for PreferenceKey {}
     unsafe impl aya::Pod for PreferenceTable {}
     unsafe impl aya::Pod for AgentInfo {}

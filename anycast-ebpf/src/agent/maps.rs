@@ -1,10 +1,11 @@
 //! The agent's maps (names, keys and values from `anycast_common::maps`), and the counters
 //! it writes into them.
 use anycast_common::{
-    maps as names, verdict, AddressKey, AgentInfo, FlowConfig, FlowKey, FlowValue, NextHop,
-    PreferenceTable, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
+    maps as names, verdict, AddressKey, AgentInfo, EmbryoSlot, FlowConfig, FlowKey, FlowValue,
+    NextHop, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
     TooBigBucket, Traffic, ADDRESS_FILTER_WORDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, EMBRYO_SLOTS, MAX_PREFERENCE_PREFIXES, MAX_SERVERS,
+    MAX_TX_PORTS,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -48,6 +49,13 @@ map_name!(NEXT_HOPS, names::NEXT_HOPS);
 pub(super) static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 map_name!(FLOWS, names::FLOWS);
+/// TCP handshakes in progress: a SYN writes its flow and server into the slot its flow
+/// hash names, without touching `FLOWS`; the first packet after it is pinned to that server
+/// (`select.rs`). A flood of SYNs only overwrites slots here. Not pinned in bpffs: a restart
+/// forgets handshakes in progress, whose ACKs then take the table's choice.
+#[map]
+pub(super) static EMBRYOS: Array<EmbryoSlot> = Array::with_max_entries(EMBRYO_SLOTS, 0);
+map_name!(EMBRYOS, names::EMBRYOS);
 #[map]
 pub(super) static AGENT: Array<AgentInfo> = Array::with_max_entries(1, 0);
 map_name!(AGENT, names::AGENT);

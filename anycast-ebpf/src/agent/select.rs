@@ -1,14 +1,21 @@
 //! Choosing the server: the flow table first (a hit names its server, and the server slot
 //! its service: no service lookup), else the service's consistent-hash table (the client's
 //! preferred one, for a service with topology preferences), and the new choice is pinned.
+//!
+//! A TCP SYN (without ACK) is not pinned: it goes by the table and its server is written
+//! into its `EMBRYOS` slot. The first packet after it that misses the flow table is pinned
+//! to the slot's server when the slot holds this flow (still up, same slot generation,
+//! recent), else to the table's choice. So a flood of SYNs from random sources evicts no
+//! pinned flow, and a handshake keeps its server when the table changes between its SYN
+//! and its ACK.
 use anycast_common::{
-    flow_tick, verdict, FlowKey, FlowValue, PreferenceKey, ServerInfo, ServiceInfo, ServiceKey,
-    ANY_PORT, FLOW_CLOSING, PREFERENCE_KEY_BITS, SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    flow_tick, verdict, EmbryoSlot, FlowKey, FlowValue, PreferenceKey, ServerInfo, ServiceInfo,
+    ServiceKey, ANY_PORT, EMBRYO_SLOTS, EMBRYO_TICKS, FLOW_CLOSING, PREFERENCE_KEY_BITS, PROTO_TCP,
+    SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 
-use super::maps::{count, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS, SERVICES};
+use super::maps::{count, EMBRYOS, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS, SERVICES};
 use super::parse::Flow;
 
 #[inline(always)]
@@ -53,8 +60,14 @@ pub(super) fn pinned_server(p: &Flow, now: u32) -> Option<(u32, ServerInfo)> {
         return None;
     }
     let config = FLOW_CONFIG.get(0)?;
-    let opens = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if config.expired(key.proto, &v, now) | (opens & (v.flags & FLOW_CLOSING != 0)) {
+    if opens(p) & (v.flags & FLOW_CLOSING != 0) {
+        // A new connection on a closed one's 5-tuple. SYNs are not pinned, so the entry
+        // goes now, or the ACK after this SYN would find it open and follow the old server.
+        let _ = FLOWS.remove(key);
+        count(verdict::FLOW_EXPIRED);
+        return None;
+    }
+    if config.expired(key.proto, &v, now) {
         count(verdict::FLOW_EXPIRED);
         return None;
     }
@@ -71,14 +84,21 @@ pub(super) fn pinned_server(p: &Flow, now: u32) -> Option<(u32, ServerInfo)> {
     Some((v.server, *s))
 }
 
+/// A TCP SYN without ACK: a client opening a connection.
+#[inline(always)]
+fn opens(p: &Flow) -> bool {
+    p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// `FLOW_CLOSING` for a client's FIN or RST, else 0.
 #[inline(always)]
 fn closes(p: &Flow) -> u32 {
     (p.tcp_flags & (TCP_FIN | TCP_RST) != 0) as u32 * FLOW_CLOSING
 }
 
-/// A new choice for the flow: the consistent-hash table's (the client's preferred table, if
-/// its service has preferences and the client is in one of their prefixes), pinned.
+/// A new choice for the flow. A SYN: the consistent-hash table's, remembered in its
+/// `EMBRYOS` slot, not pinned. Any other packet: the server of the SYN before it (its slot),
+/// else the table's; pinned.
 #[inline(always)]
 pub(super) fn choose_server(
     p: &Flow,
@@ -86,6 +106,68 @@ pub(super) fn choose_server(
     hash: u32,
     now: u32,
 ) -> Option<(u32, ServerInfo)> {
+    let key = &p.key;
+    let slot = EMBRYOS.get_ptr_mut(hash & (EMBRYO_SLOTS - 1))?;
+    let syn = opens(p);
+    if key.proto == PROTO_TCP && !syn {
+        if let Some(chosen) = handshake_server(key, slot, now) {
+            count(verdict::FLOW_PROMOTED);
+            pin(p, chosen.0, &chosen.1, now);
+            return Some(chosen);
+        }
+    }
+    let (server_id, s) = hashed_server(p, service, hash)?;
+    if syn {
+        // SAFETY: a valid map value. A racing SYN of another flow hashed into the same
+        // slot may tear it; the key is compared whole and the server checked before use.
+        unsafe {
+            *slot = EmbryoSlot {
+                key: *key,
+                server: server_id,
+                generation: s.generation,
+                seen: now,
+                _pad: 0,
+            };
+        }
+        count(verdict::FLOW_EMBRYO);
+    } else {
+        pin(p, server_id, &s, now);
+    }
+    Some((server_id, s))
+}
+
+/// The server the SYN of this flow went to, from its `EMBRYOS` slot: if the slot holds this
+/// flow, the SYN is recent, and that server is still up and the same server.
+#[inline(always)]
+fn handshake_server(key: &FlowKey, slot: *mut EmbryoSlot, now: u32) -> Option<(u32, ServerInfo)> {
+    // SAFETY: a valid map value; copied out at once.
+    let e = unsafe { *slot };
+    if e.key != *key || now.wrapping_sub(e.seen) > EMBRYO_TICKS {
+        return None;
+    }
+    let s = *SERVERS.get(e.server)?;
+    if s.flags & SERVER_UP == 0 || s.generation != e.generation {
+        return None;
+    }
+    Some((e.server, s))
+}
+
+/// Pins the flow to the server.
+#[inline(always)]
+fn pin(p: &Flow, server_id: u32, s: &ServerInfo, now: u32) {
+    let pin = FlowValue {
+        server: server_id,
+        generation: s.generation,
+        last_seen: now,
+        flags: closes(p),
+    };
+    let _ = FLOWS.insert(&p.key, &pin, 0);
+}
+
+/// The consistent-hash table's choice (the client's preferred table, if its service has
+/// preferences and the client is in one of their prefixes), if that server is up.
+#[inline(always)]
+fn hashed_server(p: &Flow, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
     let key = &p.key;
     let (mut base, mut size) = (service.ring_base, service.ring_size);
     if service.flags & SERVICE_HAS_PREFERENCES != 0 {
@@ -107,12 +189,5 @@ pub(super) fn choose_server(
     if s.flags & SERVER_UP == 0 {
         return None;
     }
-    let pin = FlowValue {
-        server: server_id,
-        generation: s.generation,
-        last_seen: now,
-        flags: closes(p),
-    };
-    let _ = FLOWS.insert(key, &pin, 0);
     Some((server_id, s))
 }

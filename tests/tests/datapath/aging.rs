@@ -205,8 +205,13 @@ fn fin_and_rst_close_a_flow_and_a_syn_on_a_closed_flow_starts_a_new_one() -> Res
         120,
         "SYNs of new flows are misses"
     );
+    // SYNs are not pinned (a SYN flood must not evict pinned flows): the first ACK pins
+    // each flow to its SYN's server.
     let (second, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_ACK))?;
     assert_eq!(second, first);
+    assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 120);
+    let (third, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_ACK))?;
+    assert_eq!(third, first);
     assert_eq!(delta[verdict::FLOW_HIT as usize], 120);
     let table = flow_table(&h.dataplane)?;
     assert!(
@@ -290,6 +295,17 @@ fn fin_and_rst_close_a_flow_and_a_syn_on_a_closed_flow_starts_a_new_one() -> Res
         "control: the new table moves some open flows"
     );
     drop(fresh);
+    // The SYNs removed the closed entries and pinned nothing; the ACKs pin the new flows.
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        fin.iter().chain(&rst).all(|f| entry(&table, f).is_none()),
+        "a SYN on a closed entry removes it"
+    );
+    assert_eq!(
+        send_all(&h, &all, TCP_ACK)?,
+        reopened,
+        "the handshakes complete on their SYNs' servers"
+    );
     let table = flow_table(&h.dataplane)?;
     assert!(
         all.iter()

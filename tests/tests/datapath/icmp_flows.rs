@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use anycast_common::{maps, verdict, FlowKey, FlowValue, PROTO_TCP};
-use anycast_tests::packet::{hex, TCP_SYN};
+use anycast_tests::packet::{hex, TCP_ACK, TCP_SYN};
 use anyhow::{bail, Result};
 use aya::maps::HashMap as BpfHashMap;
 
@@ -71,6 +71,12 @@ fn an_error_follows_the_pin_else_the_hash_and_makes_no_entry() -> Result<()> {
             send(&h, f, TCP_SYN)?,
             server,
             "{f:?}: the error went to another server than the flow's first packet"
+        );
+        // A SYN is not pinned; the ACK after it pins the flow (to the SYN's server).
+        assert_eq!(
+            send(&h, f, TCP_ACK)?,
+            server,
+            "{f:?}: the ACK follows the SYN"
         );
         by_hash.push(server);
     }

@@ -31,4 +31,5 @@ mod reverse_tunnel;
 mod sweep;
 mod sweep_under_traffic;
 mod syn_ack_tunnel;
+mod syn_flood;
 mod too_big;

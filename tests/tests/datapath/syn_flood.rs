@@ -1,0 +1,226 @@
+//! SYN floods and handshakes: a SYN (without ACK) is sent by the consistent-hash table and
+//! remembered in its `EMBRYOS` slot, not pinned in the flow table; the first packet after it
+//! is pinned to the SYN's server. So a flood of SYNs from random sources evicts no pinned
+//! flow, and a handshake keeps its server when the table changes between SYN and ACK.
+use std::net::{IpAddr, Ipv4Addr};
+
+use anycast_common::{flow_hash, verdict, FlowKey, EMBRYO_SLOTS, PROTO_TCP};
+use anycast_ctl::dataplane::DesiredService;
+use anycast_tests::packet::{TCP_ACK, TCP_PSH, TCP_SYN};
+use anyhow::{ensure, Result};
+
+use crate::harness::*;
+
+const FLOOD_ADDR: &str = "192.0.2.70";
+
+fn flood_service(servers: &[(&str, u32, bool)]) -> Vec<DesiredService> {
+    let weights: Vec<(&str, u32)> = servers.iter().map(|(a, w, _)| (*a, *w)).collect();
+    let mut svc = service("flooded", FLOOD_ADDR, PROTO_TCP, 80, &weights);
+    for (s, (_, _, up)) in svc.servers.iter_mut().zip(servers) {
+        s.up = *up;
+    }
+    vec![svc]
+}
+
+fn clients(first_port: u16, n: u16) -> Vec<Flow> {
+    (0..n)
+        .map(|i| Flow::v4(FLOOD_ADDR, PROTO_TCP, first_port + i, 80))
+        .collect()
+}
+
+/// `n` flows from pseudo-random IPv4 sources and ports (xorshift, fixed seed), as a
+/// spoofing flood sends them.
+fn random_sources(seed: u64, n: usize) -> Vec<Flow> {
+    random_flows(seed).take(n).collect()
+}
+
+fn random_flows(seed: u64) -> impl Iterator<Item = Flow> {
+    let mut x = seed;
+    std::iter::repeat(()).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        Flow {
+            src: IpAddr::V4(Ipv4Addr::from((x >> 16) as u32)),
+            dst: FLOOD_ADDR.parse().unwrap(),
+            proto: PROTO_TCP,
+            sport: (x >> 48) as u16 | 1024,
+            dport: 80,
+        }
+    })
+}
+
+fn pinned(h: &Harness, flows: &[Flow]) -> Result<usize> {
+    let table = flow_table(&h.dataplane)?;
+    Ok(flows.iter().filter(|f| entry(&table, f).is_some()).count())
+}
+
+/// The flow table (4096 entries here) three quarters full of established flows; then
+/// 20 000 SYNs from random sources, five times the table: every established entry is still
+/// there, the SYNs pinned nothing, and each established flow's next packet is a hit on its
+/// server. Control: the same flood as ACKs (pinned, like any first packet without a SYN
+/// before it) evicts established entries, so the table was small enough to show eviction.
+#[test]
+fn a_syn_flood_from_random_sources_evicts_no_pinned_flow() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.dataplane.apply(&flood_service(&[
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, true),
+        (SERVER_C, 1, true),
+    ]))?;
+    let established = clients(30000, 3000);
+    let servers = send_all(&h, &established, TCP_ACK)?;
+    ensure!(
+        pinned(&h, &established)? == established.len(),
+        "all established flows are pinned before the flood"
+    );
+
+    let flood = random_sources(0x5eed_1234_abcd_0001, 20_000);
+    let (_, delta) = counting(&h.dataplane, || send_all(&h, &flood, TCP_SYN))?;
+    assert_eq!(
+        delta[verdict::FLOW_MISS as usize],
+        20_000,
+        "every SYN misses"
+    );
+    assert_eq!(
+        delta[verdict::FLOW_EMBRYO as usize],
+        20_000,
+        "every SYN is remembered as a handshake, not pinned"
+    );
+    let survived = pinned(&h, &established)?;
+    let table_len = flow_table(&h.dataplane)?.len();
+    eprintln!(
+        "after 20000 random-source SYNs: {survived} of {} established entries survive; the flow table holds {table_len}",
+        established.len()
+    );
+    assert_eq!(survived, established.len(), "no established entry evicted");
+    assert_eq!(table_len, established.len(), "the SYNs pinned nothing");
+
+    let (after, delta) = counting(&h.dataplane, || {
+        send_all(&h, &established, TCP_PSH | TCP_ACK)
+    })?;
+    assert_eq!(after, servers, "established flows keep their servers");
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 3000, "all hits");
+
+    // Control: first packets that are not SYNs are pinned; as many of them evict.
+    send_all(&h, &random_sources(0x5eed_1234_abcd_0002, 20_000), TCP_ACK)?;
+    let left = pinned(&h, &established)?;
+    eprintln!("control: after 20000 random-source ACKs, {left} of 3000 survive");
+    assert!(
+        left < established.len(),
+        "control: an ACK flood of five times the table should evict established entries"
+    );
+    Ok(())
+}
+
+/// SYNs under three servers; the table changes (a fourth server, a draining one, a server
+/// down); the ACKs after the SYNs: each follows its SYN's server while that server is up
+/// (draining included), and is pinned there. A server that went down loses its handshakes
+/// to the table's choice.
+#[test]
+fn a_handshake_keeps_its_server_across_a_table_change() -> Result<()> {
+    let mut h = Harness::new()?;
+    let three = [
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, true),
+        (SERVER_D, 1, true),
+    ];
+    let four = [
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, true),
+        (SERVER_D, 1, true),
+        (SERVER_C, 1, true),
+    ];
+    h.dataplane.apply(&flood_service(&three))?;
+    let flows = clients(31000, 200);
+    let syn_servers = send_all(&h, &flows, TCP_SYN)?;
+    assert_eq!(pinned(&h, &flows)?, 0, "a SYN pins nothing");
+
+    h.dataplane.apply(&flood_service(&four))?;
+    // Control: without the SYNs, the four-server table sends some of these flows elsewhere.
+    let mut fresh = Harness::new()?;
+    fresh.dataplane.apply(&flood_service(&four))?;
+    let unpinned = send_all(&fresh, &flows, TCP_ACK)?;
+    drop(fresh);
+    let differ = unpinned
+        .iter()
+        .zip(&syn_servers)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(differ > 0, "control: the new table moves some of the flows");
+    eprintln!("control: the new table alone would move {differ} of 200 handshakes");
+
+    let (acks, delta) = counting(&h.dataplane, || send_all(&h, &flows, TCP_ACK))?;
+    assert_eq!(acks, syn_servers, "every ACK follows its SYN's server");
+    assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 200);
+    assert_eq!(pinned(&h, &flows)?, 200, "the ACKs pinned their flows");
+    let data = send_all(&h, &flows, TCP_PSH | TCP_ACK)?;
+    assert_eq!(data, syn_servers, "and the flows stay there");
+
+    // Draining (weight 0) keeps handshakes; down loses them.
+    let b: IpAddr = SERVER_B.parse()?;
+    let draining = clients(31200, 200);
+    let before = send_all(&h, &draining, TCP_SYN)?;
+    assert!(before.contains(&b), "some handshakes start on {b}");
+    h.dataplane.apply(&flood_service(&[
+        (SERVER_A, 1, true),
+        (SERVER_B, 0, true),
+        (SERVER_D, 1, true),
+        (SERVER_C, 1, true),
+    ]))?;
+    assert_eq!(
+        send_all(&h, &draining, TCP_ACK)?,
+        before,
+        "a draining server keeps its handshakes"
+    );
+    let downed = clients(31400, 200);
+    let before = send_all(&h, &downed, TCP_SYN)?;
+    h.dataplane.apply(&flood_service(&[
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, false),
+        (SERVER_D, 1, true),
+        (SERVER_C, 1, true),
+    ]))?;
+    let after = send_all(&h, &downed, TCP_ACK)?;
+    for (i, (s, a)) in before.iter().zip(&after).enumerate() {
+        if *s == b {
+            assert_ne!(*a, b, "flow {i}: its SYN's server is down");
+        } else {
+            assert_eq!(a, s, "flow {i}: its SYN's server is up");
+        }
+    }
+    Ok(())
+}
+
+/// A later SYN of another flow in the same `EMBRYOS` slot replaces the first one's entry:
+/// the first flow's ACK then takes the table's choice (the same server while the table has
+/// not changed). A retransmitted SYN rewrites its own slot.
+#[test]
+fn a_handshake_whose_slot_was_taken_follows_the_table() -> Result<()> {
+    let mut h = Harness::new()?;
+    h.dataplane.apply(&flood_service(&[
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, true),
+        (SERVER_D, 1, true),
+    ]))?;
+    let key = |f: &Flow| FlowKey::new(f.src, f.dst, f.proto, f.sport, f.dport);
+    let slot = |f: &Flow| flow_hash(&key(f)) & (EMBRYO_SLOTS - 1);
+    let first = Flow::v4(FLOOD_ADDR, PROTO_TCP, 32000, 80);
+    let rival = random_flows(0x5107)
+        .take(5_000_000)
+        .find(|f| slot(f) == slot(&first))
+        .expect("a flow in the same slot among 5 M");
+    send(&h, &first, TCP_SYN)?;
+    send(&h, &first, TCP_SYN)?; // retransmitted
+    send(&h, &rival, TCP_SYN)?;
+    let (_, delta) = counting(&h.dataplane, || send(&h, &first, TCP_ACK))?;
+    assert_eq!(delta[verdict::FLOW_MISS as usize], 1);
+    assert_eq!(
+        delta[verdict::FLOW_PROMOTED as usize],
+        0,
+        "the slot holds the rival's handshake"
+    );
+    let (_, delta) = counting(&h.dataplane, || send(&h, &rival, TCP_ACK))?;
+    assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 1, "the rival's own");
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! A SYN flood from random sources while established connections exchange data, end to
+//! end: the demo topology (one client, two servers, static services), the agent's flow
+//! table sized small (16 384 entries) so that, were SYNs pinned, the flood would evict every
+//! established flow many times over. 10 000 long-lived connections through the anycast
+//! address exchange a line each, round after round, while a namespace-local packet socket
+//! writes up to 1 M SYN frames from random IPv4 sources at the service. Asserts: at least
+//! 99% of the connections' flow-table entries survive, no connection resets or stalls, and
+//! the agent counted the flood's SYNs as handshakes (`flow_embryo`). Runs as root.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anycast_tests::{
+    floods::flood,
+    packet::{ethernet, tcp, Ip, TCP_SYN},
+    topology::{ServerMode, Topology, ANYCAST_V4, HTTP_PORT},
+};
+use anyhow::{bail, Context as _, Result};
+
+const CONNECTIONS: usize = 10_000;
+const FLOOD_FRAMES: usize = 65_536;
+const FLOOD_RATE: u64 = 60_000;
+const FLOOD_FOR: Duration = Duration::from_secs(17);
+const PROTO_TCP: u8 = 6;
+
+/// Allows this process `n` file descriptors (the soft limit raised, up to the hard one).
+fn raise_nofile(n: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        if lim.rlim_max < n {
+            bail!("{n} file descriptors needed, the hard limit is {}", lim.rlim_max);
+        }
+        lim.rlim_cur = lim.rlim_cur.max(n);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    Ok(())
+}
+
+/// `n` SYN frames from pseudo-random IPv4 sources and ports (xorshift, fixed seed) to the
+/// anycast HTTP port.
+fn syn_frames(dst_mac: [u8; 6], src_mac: [u8; 6], n: usize) -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x5eed_0f_f100d;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let src = Ipv4Addr::from((x >> 16) as u32);
+            let sport = (x >> 48) as u16 | 1024;
+            let ip = Ip::new(IpAddr::V4(src), IpAddr::V4(ANYCAST_V4), PROTO_TCP)
+                .packet(&tcp(sport, HTTP_PORT, TCP_SYN, b""));
+            ethernet(dst_mac, src_mac, None, &ip)
+        })
+        .collect()
+}
+
+/// One line out, the server's name back, on every connection; the number that failed
+/// (reset, closed or timed out), with the first error.
+fn exchange(conns: &mut [BufReader<TcpStream>]) -> (usize, Option<String>) {
+    let mut failed = 0;
+    let mut first = None;
+    let mut line = String::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        line.clear();
+        let r = c
+            .get_mut()
+            .write_all(b"ping\n")
+            .and_then(|_| c.read_line(&mut line));
+        match r {
+            Ok(n) if n > 0 => {}
+            Ok(_) => {
+                failed += 1;
+                first.get_or_insert(format!("connection {i}: closed"));
+            }
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(format!("connection {i}: {e}"));
+            }
+        }
+    }
+    (failed, first)
+}
+
+/// The client ports of the flow-table entries from `client`.
+fn pinned_ports(topo: &Topology, client: IpAddr) -> Result<BTreeSet<u16>> {
+    let flows: serde_json::Value = serde_json::from_str(&topo.ctl(&["flows", "--json"])?)?;
+    let Some(list) = flows.as_array() else {
+        bail!("flows --json is not a list: {flows}");
+    };
+    Ok(list
+        .iter()
+        .filter(|f| f["client"].as_str() == Some(&client.to_string()))
+        .filter_map(|f| f["client_port"].as_u64().map(|p| p as u16))
+        .collect())
+}
+
+#[test]
+fn a_syn_flood_disturbs_no_established_connection() -> Result<()> {
+    raise_nofile(CONNECTIONS as u64 + 1000)?;
+    let mut topo = Topology::build("acsy", 1, 2, ServerMode::Static)?;
+    topo.config_extra = serde_json::json!({"max_flows": 16384});
+    topo.start_agent(2)?;
+
+    let streams: Vec<TcpStream> = topo.clients[0].in_ns(|| {
+        let addr = Topology::anycast(false, HTTP_PORT);
+        (0..CONNECTIONS)
+            .map(|i| {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .with_context(|| format!("connection {i}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .collect()
+    })?;
+    let client = streams[0].local_addr()?.ip();
+    let ports: BTreeSet<u16> = streams
+        .iter()
+        .map(|s| s.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?;
+    let mut conns: Vec<BufReader<TcpStream>> = streams.into_iter().map(BufReader::new).collect();
+    let (failed, first) = exchange(&mut conns);
+    assert_eq!(failed, 0, "before the flood: {first:?}");
+    let before = pinned_ports(&topo, client)?;
+    let established = ports.intersection(&before).count();
+    assert_eq!(
+        established, CONNECTIONS,
+        "every connection is pinned before the flood"
+    );
+    let embryos = topo.verdict("flow_embryo")?;
+
+    let frames = syn_frames(
+        topo.agent.mac("eth0")?,
+        topo.clients[0].mac("eth0")?,
+        FLOOD_FRAMES,
+    );
+    // The connections exchange on a thread of their own while this one floods.
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut rounds = 0;
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < FLOOD_FOR * 3 {
+                let (failed, first) = exchange(&mut conns);
+                if failed > 0 {
+                    failures.push(format!("round {rounds}: {failed} failed, first {first:?}"));
+                }
+                rounds += 1;
+            }
+            (rounds, failures, conns)
+        })
+    };
+    let sent = flood(&topo.clients[0], "eth0", frames, FLOOD_RATE, FLOOD_FOR);
+    stop.store(true, Ordering::Relaxed);
+    let (rounds, failures, mut conns) = exchanger
+        .join()
+        .map_err(|_| anyhow::anyhow!("the exchange thread panicked"))?;
+    let sent = sent?;
+    assert!(failures.is_empty(), "during the flood: {failures:?}");
+    let (failed, first) = exchange(&mut conns);
+    assert_eq!(failed, 0, "after the flood: {first:?}");
+
+    let after = pinned_ports(&topo, client)?;
+    let survived = ports.intersection(&after).count();
+    let counted = topo.verdict("flow_embryo")? - embryos;
+    println!(
+        "{sent} SYN frames sent, {counted} counted flow_embryo; {rounds} rounds of {CONNECTIONS} exchanges during the flood; {survived} of {CONNECTIONS} entries survive"
+    );
+    assert!(
+        survived * 100 >= CONNECTIONS * 99,
+        "only {survived} of {CONNECTIONS} flow entries survived"
+    );
+    assert!(
+        counted * 2 >= sent,
+        "the agent saw fewer than half the flood's SYNs ({counted} of {sent})"
+    );
+    assert!(rounds > 0, "no exchange ran during the flood");
+    Ok(())
+}

@@ -46,7 +46,10 @@ fn raise_nofile(n: u64) -> Result<()> {
             return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
         }
         if lim.rlim_max < n {
-            bail!("{n} file descriptors needed, the hard limit is {}", lim.rlim_max);
+            bail!(
+                "{n} file descriptors needed, the hard limit is {}",
+                lim.rlim_max
+            );
         }
         lim.rlim_cur = lim.rlim_cur.max(n);
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
@@ -59,7 +62,7 @@ fn raise_nofile(n: u64) -> Result<()> {
 /// `n` SYN frames from pseudo-random IPv4 sources and ports (xorshift, fixed seed) to the
 /// anycast HTTP port.
 fn syn_frames(dst_mac: [u8; 6], src_mac: [u8; 6], n: usize) -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x5eed_0f_f100d;
+    let mut x: u64 = 0x05ee_d0ff_100d;
     (0..n)
         .map(|_| {
             x ^= x << 13;

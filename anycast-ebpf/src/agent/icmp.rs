@@ -19,16 +19,16 @@
 //! and source port are a service's. Anything else passes to the kernel, counted.
 use anycast_common::{
     flow_hash, verdict, AgentInfo, FlowKey, PreferenceKey, ServerInfo, ServiceInfo,
-    AGENT_ANSWER_PING, AGENT_FORWARD_ICMP_ERRORS, FAMILY_V4, ICMPV6_DEST_UNREACHABLE,
+    AGENT_ANSWER_PING, AGENT_FORWARD_ICMP_ERRORS, EMBRYO_SLOTS, FAMILY_V4, ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REQUEST, ICMP_LEN,
     IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PREFERENCE_KEY_BITS, PROTO_TCP, PROTO_UDP, SERVER_UP,
     SERVICE_HAS_PREFERENCES,
 };
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key, programs::XdpContext};
 
-use super::maps::{AGENT, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS};
+use super::maps::{AGENT, EMBRYOS, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS};
 use super::parse::{Flow, Icmp};
-use super::select::{flow_clock_now, lookup_service};
+use super::select::{flow_clock_now, handshake_server, lookup_service};
 use super::{echo, encap, next_hop};
 use crate::packet::{load, ptr_at, read_be16, Ipv4, Ipv6};
 
@@ -141,7 +141,10 @@ fn to_server(ctx: &XdpContext, m: &Icmp, agent: &AgentInfo) -> (u32, u32) {
         return NOT_FROM_SERVICE;
     };
     let now = flow_clock_now();
-    let Some((server_id, server)) = pinned(&key, now).or_else(|| hashed(&key, &service)) else {
+    let Some((server_id, server)) = pinned(&key, now)
+        .or_else(|| handshake(&key, now))
+        .or_else(|| hashed(&key, &service))
+    else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
     };
     let p = Flow {
@@ -175,6 +178,14 @@ fn pinned(key: &FlowKey, now: u32) -> Option<(u32, ServerInfo)> {
         return None;
     }
     Some((v.server, *s))
+}
+
+/// The server of the flow's SYN, if its handshake is in progress (its `EMBRYOS` slot, as
+/// `select::choose_server` reads it for the first packet after the SYN).
+#[inline(always)]
+fn handshake(key: &FlowKey, now: u32) -> Option<(u32, ServerInfo)> {
+    let slot = EMBRYOS.get_ptr_mut(flow_hash(key) & (EMBRYO_SLOTS - 1))?;
+    handshake_server(key, slot, now)
 }
 
 /// The consistent-hash choice for the flow (the client's preferred table, if any), as

@@ -139,7 +139,11 @@ pub(super) fn choose_server(
 /// The server the SYN of this flow went to, from its `EMBRYOS` slot: if the slot holds this
 /// flow, the SYN is recent, and that server is still up and the same server.
 #[inline(always)]
-fn handshake_server(key: &FlowKey, slot: *mut EmbryoSlot, now: u32) -> Option<(u32, ServerInfo)> {
+pub(super) fn handshake_server(
+    key: &FlowKey,
+    slot: *mut EmbryoSlot,
+    now: u32,
+) -> Option<(u32, ServerInfo)> {
     // SAFETY: a valid map value; copied out at once.
     let e = unsafe { *slot };
     if e.key != *key || now.wrapping_sub(e.seen) > EMBRYO_TICKS {

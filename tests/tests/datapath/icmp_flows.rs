@@ -186,3 +186,56 @@ fn echo_replies_follow_the_service_addresses() -> Result<()> {
     );
     Ok(())
 }
+
+/// An error about a SYN-ACK (the flow's handshake in progress, not pinned yet) goes to the
+/// server the SYN went to, also when the table changed since; it pins nothing.
+#[test]
+fn an_error_during_a_handshake_follows_the_syn() -> Result<()> {
+    let mut h = icmp_harness()?;
+    h.dataplane.apply(&two_servers())?;
+    let flows: Vec<Flow> = (0..64)
+        .map(|i| Flow::v4("192.0.2.10", PROTO_TCP, 41200 + i, 80))
+        .collect();
+    let syn_servers = send_all(&h, &flows, TCP_SYN)?;
+    // A third server: some handshakes would now hash elsewhere.
+    h.dataplane.apply(&vec![service(
+        "web",
+        "192.0.2.10",
+        PROTO_TCP,
+        80,
+        &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1)],
+    )])?;
+    for (f, syn_server) in flows.iter().zip(&syn_servers) {
+        assert_eq!(
+            send_error(&h, f)?,
+            *syn_server,
+            "{f:?}: the error follows the SYN"
+        );
+        assert!(
+            entry(&flow_table(&h.dataplane)?, f).is_none(),
+            "{f:?}: the error pinned the flow"
+        );
+    }
+    drop(h);
+    // Control: without the handshakes, the new table sends some of the errors elsewhere.
+    let mut fresh = icmp_harness()?;
+    fresh.dataplane.apply(&vec![service(
+        "web",
+        "192.0.2.10",
+        PROTO_TCP,
+        80,
+        &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1)],
+    )])?;
+    let mut moved = 0;
+    for (f, syn_server) in flows.iter().zip(&syn_servers) {
+        if send_error(&fresh, f)? != *syn_server {
+            moved += 1;
+        }
+    }
+    assert!(
+        moved > 0,
+        "control: the new table moves some of the 64 flows"
+    );
+    eprintln!("control: without the handshakes, {moved} of 64 errors would go elsewhere");
+    Ok(())
+}

@@ -198,7 +198,7 @@ fn an_error_during_a_handshake_follows_the_syn() -> Result<()> {
         .collect();
     let syn_servers = send_all(&h, &flows, TCP_SYN)?;
     // A third server: some handshakes would now hash elsewhere.
-    h.dataplane.apply(&vec![service(
+    h.dataplane.apply(&[service(
         "web",
         "192.0.2.10",
         PROTO_TCP,
@@ -219,7 +219,7 @@ fn an_error_during_a_handshake_follows_the_syn() -> Result<()> {
     drop(h);
     // Control: without the handshakes, the new table sends some of the errors elsewhere.
     let mut fresh = icmp_harness()?;
-    fresh.dataplane.apply(&vec![service(
+    fresh.dataplane.apply(&[service(
         "web",
         "192.0.2.10",
         PROTO_TCP,

@@ -22,6 +22,16 @@ use std::{
 
 use anyhow::{bail, Result};
 
+/// The bytes of a hex string (key files, oracles' output).
+pub fn unhex(hex: &str) -> anyhow::Result<Vec<u8>> {
+    let hex = hex.trim();
+    anyhow::ensure!(hex.len().is_multiple_of(2), "odd hex length {}", hex.len());
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| Ok(u8::from_str_radix(&hex[i..i + 2], 16)?))
+        .collect()
+}
+
 /// Polls `check` until it returns true, or fails after `timeout` naming `what`.
 pub fn wait_until(
     what: &str,

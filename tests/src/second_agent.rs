@@ -31,6 +31,17 @@ impl SecondAgent {
     /// B in namespace `name` (also its pins' name), with A's configuration but for its
     /// addresses and `relay` (`registration.relay`), started and ready.
     pub fn start(topo: &Topology, name: &str, relay: serde_json::Value) -> Result<SecondAgent> {
+        Self::start_with(topo, name, relay, |_, _| Ok(()))
+    }
+
+    /// As [`SecondAgent::start`], with `prepare` given B's namespace (its link up and
+    /// addressed) and configuration before B starts.
+    pub fn start_with(
+        topo: &Topology,
+        name: &str,
+        relay: serde_json::Value,
+        prepare: impl FnOnce(&Netns, &mut serde_json::Value) -> Result<()>,
+    ) -> Result<SecondAgent> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/anycast-tests/{name}-anycast"));
         remove_pins(&pins);
         let ns = Netns::new(name)?;
@@ -56,6 +67,7 @@ impl SecondAgent {
         config["state_directory"] = serde_json::json!(state);
         config["pin_directory"] = serde_json::json!(pins);
         config["registration"]["relay"] = relay;
+        prepare(&ns, &mut config)?;
         let path = topo.dir.join(format!("{name}.json"));
         fs::write(&path, serde_json::to_string_pretty(&config)?)?;
         let mut b = SecondAgent {

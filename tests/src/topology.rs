@@ -416,6 +416,11 @@ impl Topology {
         self.dir.join(format!("s{i}.key"))
     }
 
+    /// Server `i`'s key, as bytes.
+    pub fn server_key(&self, i: usize) -> Result<Vec<u8>> {
+        crate::unhex(&fs::read_to_string(self.key_file(i))?)
+    }
+
     /// Writes the agent's configuration: static mode lists the first `count` servers; in
     /// registering mode no server is configured, only who may register for what.
     /// The agent's state files, inside the topology's directory (removed when it is built),

@@ -9,14 +9,14 @@ use std::{
     fs,
     net::{IpAddr, SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anycast_common::wire::{self, AgentEntry, Body, Key, Message, Options};
 use anycast_tests::{
-    netns::{veth, Netns, Proc},
-    topology::{self, remove_pins, ServerMode, Topology, ANYCAST_V4, ANYCAST_V6},
+    netns::Netns,
+    second_agent::SecondAgent,
+    topology::{self, ServerMode, Topology, ANYCAST_V4, ANYCAST_V6},
     wait_until, workspace_bin,
 };
 use anyhow::{Context as _, Result};
@@ -34,32 +34,6 @@ const PAIR_KEY_HEX: &str = "8a8b8c8d8e8f909192939495969798999a9b9c9d9e9fa0a1a2a3
 /// Each server binds both anycast addresses through both its real addresses.
 const PER_SERVER: usize = 4;
 
-struct AgentB {
-    ns: Netns,
-    proc: Option<Proc>,
-    socket: PathBuf,
-    pins: PathBuf,
-}
-
-impl AgentB {
-    fn bindings(&self) -> Result<serde_json::Value> {
-        let ctl = workspace_bin("anycast-ctl")?;
-        let socket = self.socket.to_string_lossy().into_owned();
-        let out = self.ns.exec(
-            &ctl.to_string_lossy(),
-            &["bindings", "--json", "--socket", &socket],
-        )?;
-        serde_json::from_str(&out).context("B: bindings --json")
-    }
-}
-
-impl Drop for AgentB {
-    fn drop(&mut self) {
-        drop(self.proc.take());
-        remove_pins(&self.pins);
-    }
-}
-
 /// The discovery address on an agent's `lo`: each agent answers on it.
 fn hold_discovery_address(ns: &Netns) -> Result<()> {
     ns.ip(&["addr", "add", &format!("{DISCOVERY}/32"), "dev", "lo"])?;
@@ -69,68 +43,18 @@ fn hold_discovery_address(ns: &Netns) -> Result<()> {
 
 /// Agent B on the servers' bridge: A's policy, its own addresses, A as its peer, the same
 /// discovery address.
-fn start_b(topo: &Topology) -> Result<AgentB> {
-    let pins = PathBuf::from("/sys/fs/bpf/anycast-tests/acdib-anycast");
-    remove_pins(&pins);
-    let ns = Netns::new("acdib")?;
-    veth(&ns, "eth0", &topo.net, "agb", 1600)?;
-    topo.net.ip(&["link", "set", "agb", "master", "brs"])?;
-    ns.ip(&["addr", "add", &format!("{B_ADDR}/24"), "dev", "eth0"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{B_ADDR6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    hold_discovery_address(&ns)?;
-    ns.ip(&["route", "add", "default", "via", "10.71.2.1"])?;
-    ns.ip(&["-6", "route", "add", "default", "via", "fd71:2::1"])?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(&topo.config_path)?)?;
-    config["interfaces"] = serde_json::json!(["eth0"]);
-    config["xdp_mode"] = serde_json::json!("generic");
-    config["agent_address"] = serde_json::json!({"v4": B_ADDR, "v6": B_ADDR6});
-    config["state_directory"] = serde_json::json!(topo.dir.join("agent-b-state"));
-    config["pin_directory"] = serde_json::json!(pins);
-    config["registration"]["relay"] = serde_json::json!({
-        "id": "b",
-        "digest_interval_ms": 200,
-        "peers": [{"id": "a", "address": A_ADDR, "key_file": "ab.key",
-                   "agent_addresses": [A_ADDR, A_ADDR6]}],
-    });
-    let path = topo.dir.join("agent-b.json");
-    fs::write(&path, serde_json::to_string_pretty(&config)?)?;
-    let socket = topo.dir.join("agent-b.sock");
-    let ctl = workspace_bin("anycast-ctl")?;
-    let mut proc = ns.spawn(
-        "agent b",
-        &ctl,
-        &[
-            "agent",
-            "--config",
-            &path.to_string_lossy(),
-            "--socket",
-            &socket.to_string_lossy(),
-        ],
-    )?;
-    proc.wait_for_line("agent ready", Duration::from_secs(30))?;
-    Ok(AgentB {
-        ns,
-        proc: Some(proc),
-        socket,
-        pins,
-    })
-}
-
-fn key_of(topo: &Topology, i: usize) -> Result<Vec<u8>> {
-    let hex = fs::read_to_string(topo.key_file(i))?;
-    let hex = hex.trim();
-    Ok((0..hex.len())
-        .step_by(2)
-        .map(|k| u8::from_str_radix(&hex[k..k + 2], 16))
-        .collect::<Result<_, _>>()?)
+fn start_b(topo: &Topology) -> Result<SecondAgent> {
+    SecondAgent::start_with(
+        topo,
+        "acdib",
+        serde_json::json!({
+            "id": "b",
+            "digest_interval_ms": 200,
+            "peers": [{"id": "a", "address": A_ADDR, "key_file": "ab.key",
+                       "agent_addresses": [A_ADDR, A_ADDR6]}],
+        }),
+        |ns, _| hold_discovery_address(ns),
+    )
 }
 
 /// Starts `anycast-ctl server` for server `i` (0-based) with `how` (its agent arguments).
@@ -280,7 +204,7 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
         "s1 registered at A and at B",
         Duration::from_secs(10),
         || {
-            let (x, y) = (topo.bindings()?, b.bindings()?);
+            let (x, y) = (topo.bindings()?, b.ctl_json("bindings")?);
             // B's direct counters count only s1's updates: s2 is not running yet.
             Ok(of_server(&x, "s1").count() == PER_SERVER
                 && of_server(&y, "s1").count() == PER_SERVER
@@ -291,7 +215,7 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
         "s1 bound at both agents {:.0} ms after it started",
         start.elapsed().as_secs_f64() * 1e3
     );
-    let (x, y) = (topo.bindings()?, b.bindings()?);
+    let (x, y) = (topo.bindings()?, b.ctl_json("bindings")?);
     assert!(counter(&x, "discovery_answered") >= 1, "{x:#}");
     assert_eq!(
         counter(&y, "discovery_answered"),
@@ -313,12 +237,12 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
         "s2 bound at A and, relayed, at B",
         Duration::from_secs(10),
         || {
-            let (x, y) = (topo.bindings()?, b.bindings()?);
+            let (x, y) = (topo.bindings()?, b.ctl_json("bindings")?);
             Ok(of_server(&x, "s2").count() == PER_SERVER
                 && of_server(&y, "s2").count() == PER_SERVER)
         },
     )?;
-    let y = b.bindings()?;
+    let y = b.ctl_json("bindings")?;
     assert!(
         of_server(&y, "s2").all(|b| b["relayed_by"] == "a"),
         "B holds s2's bindings by A's relay: {y:#}"
@@ -348,7 +272,7 @@ fn a_server_given_only_the_discovery_address_registers_with_every_agent() -> Res
     // Discovery requests that must learn nothing: signed with another server's key, from
     // another server's address (the answer would go there), unsigned; then a genuine one
     // (answered, the list signed with s2's key) and the same bytes again (a replay).
-    let (k1, k2) = (key_of(&topo, 1)?, key_of(&topo, 2)?);
+    let (k1, k2) = (topo.server_key(1)?, topo.server_key(2)?);
     let (spi1, spi2) = (topology::spi_of("s1"), topology::spi_of("s2"));
     let before = topo.bindings()?;
     let genuine = request("s2", &k2, spi2, "10.71.2.12", true);

@@ -35,10 +35,7 @@ const PAIR_KEY_HEX: &str = "a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbe
 const CONNECTIONS: usize = 40;
 
 fn pair_key() -> Vec<u8> {
-    (0..PAIR_KEY_HEX.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&PAIR_KEY_HEX[i..i + 2], 16).unwrap())
-        .collect()
+    anycast_tests::unhex(PAIR_KEY_HEX).expect("a hex key")
 }
 
 /// Agent B on the servers' bridge, with A as its relay peer.

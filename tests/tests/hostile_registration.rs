@@ -82,12 +82,7 @@ impl Scapy<'_> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let text = String::from_utf8(out.stdout)?;
-        let text = text.trim();
-        (0..text.len())
-            .step_by(2)
-            .map(|i| Ok(u8::from_str_radix(&text[i..i + 2], 16)?))
-            .collect()
+        anycast_tests::unhex(&String::from_utf8(out.stdout)?)
     }
 }
 

@@ -29,10 +29,7 @@ use anyhow::{Context as _, Result};
 const PAIR_KEY_HEX: &str = "5a5b5c5d5e5f606162636465666768696a6b6c6d6e6f70717273747576777879";
 
 fn pair_key() -> Vec<u8> {
-    (0..PAIR_KEY_HEX.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&PAIR_KEY_HEX[i..i + 2], 16).unwrap())
-        .collect()
+    anycast_tests::unhex(PAIR_KEY_HEX).expect("a hex key")
 }
 
 /// Agent B on the servers' bridge, with A as its relay peer.
@@ -187,7 +184,7 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
     assert_eq!(ta, tb, "the same consistent-hash tables");
 
     // Refused: from a host that is no peer (s2's address, the pair's key and A's name).
-    let genuine = s2_update(&fs_key(&topo, 2)?, 1);
+    let genuine = s2_update(&topo.server_key(2)?, 1);
     let before = b.ctl_json("bindings")?;
     send_to_b(
         &topo.servers[1].ns,
@@ -201,7 +198,7 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
         A_ADDR,
         vec![envelope(genuine.clone(), b"not the key a and b share")],
     )?;
-    let forged_server = s2_update(&fs_key(&topo, 1)?, 2);
+    let forged_server = s2_update(&topo.server_key(1)?, 2);
     send_as_a(
         &b,
         &topo.agent,
@@ -336,14 +333,4 @@ fn two_agents_hold_the_same_bindings_and_tables_and_refuse_forged_relays() -> Re
         || Ok(tables(&topo.status()?) == tables(&b.ctl_json("status")?)),
     )?;
     Ok(())
-}
-
-/// Server `i`'s key (1-based), from the topology's key file.
-fn fs_key(topo: &Topology, i: usize) -> Result<Vec<u8>> {
-    let hex = fs::read_to_string(topo.key_file(i))?;
-    let hex = hex.trim();
-    Ok((0..hex.len())
-        .step_by(2)
-        .map(|j| u8::from_str_radix(&hex[j..j + 2], 16))
-        .collect::<Result<_, _>>()?)
 }

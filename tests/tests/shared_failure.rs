@@ -31,10 +31,7 @@ const S1_REAL: &str = "10.71.2.11";
 const DIGEST_INTERVAL_MS: u64 = 200;
 
 fn pair_key() -> Vec<u8> {
-    (0..PAIR_KEY_HEX.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&PAIR_KEY_HEX[i..i + 2], 16).unwrap())
-        .collect()
+    anycast_tests::unhex(PAIR_KEY_HEX).expect("a hex key")
 }
 
 /// Who holds `real` down, per `relay.held_down` (the union over its services).

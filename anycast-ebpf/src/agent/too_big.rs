@@ -42,7 +42,7 @@ use aya_ebpf::{
 
 use super::maps::TOO_BIG_BUCKET;
 use super::parse::Flow;
-use crate::packet::{load, ptr_at, read_be16, store};
+use crate::packet::{load, ptr_at, read, read_be16, store};
 
 const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
@@ -93,6 +93,14 @@ pub(super) fn answer(
     }
     let room = mtu.saturating_sub(outer);
     let v4 = p.key.family == FAMILY_V4;
+    // Never an error about an error (RFC 1812 section 4.3.2.7, RFC 4443 section 2.4 (e)):
+    // the only ICMP tunnelled is an error about a service's reply (icmp.rs), and one that
+    // does not fit is dropped. Its protocol byte is behind the outer header.
+    let inner_proto = p.l3 + outer + if v4 { 9 } else { 6 };
+    match read::<u8>(ctx, inner_proto) {
+        Some(PROTO_ICMP | PROTO_ICMPV6) | None => return NOT_ANSWERED,
+        Some(_) => {}
+    }
     if v4 {
         // The client's flags, behind the outer header.
         let Some(frag) = read_be16(ctx, p.l3 + outer + 6) else {

@@ -225,7 +225,8 @@ fn oversized_client_packets_get_frag_needed_or_packet_too_big() -> Result<()> {
 /// client less than IPv6's minimum MTU (1280) is not answered, as no valid answer exists.
 #[test]
 fn the_answer_carries_the_fibs_mtu_and_ipv6_never_gets_less_than_1280() -> Result<()> {
-    let mut h = Harness::new()?;
+    // ICMP errors forwarded to their servers, as the agent's configuration has by default.
+    let mut h = crate::icmp::icmp_harness()?;
     ip(&["link", "set", "fx0", "mtu", "1300"])?;
     let f44 = Flow::v4("192.0.2.10", PROTO_TCP, 42010, 80);
     let f66 = Flow::v6("2001:db8::10", PROTO_TCP, 42011, 443);
@@ -256,6 +257,17 @@ fn the_answer_carries_the_fibs_mtu_and_ipv6_never_gets_less_than_1280() -> Resul
             "egress MTU 1300: IPv6 of 1261 bytes in IPv6 (1260 left < 1280) -> dropped",
             services.clone(),
             client_frame(None, &big_packet_v6(&f66, 1261)),
+        ),
+        // An ICMP error about a service's reply is tunnelled to its server (icmp.rs); one
+        // too big for the tunnel gets no error about it (RFC 1812 section 4.3.2.7), even
+        // with DF set.
+        not_answered(
+            "egress MTU 1300: a frag-needed error of 1298 bytes with DF, tunnelled -> dropped",
+            services.clone(),
+            client_frame(
+                None,
+                &crate::icmp::too_big_error(&f44, &crate::icmp::reply_of(&f44)[..1270]),
+            ),
         ),
         fixture(
             "egress MTU 1300: IPv6 of 1260 bytes in IPv6 -> tunnelled (it fits)",

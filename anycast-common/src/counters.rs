@@ -110,6 +110,11 @@ counters! {
         /// Part of `FLOW_MISS`: the first packet after a SYN pinned to the server the SYN
         /// went to, found in `EMBRYOS` (the table may have changed in between).
         FLOW_PROMOTED = "flow_promoted",
+        /// Part of `FLOW_MISS`: a flow not seen opening (a TCP packet other than a SYN with
+        /// no handshake in `EMBRYOS`, or a UDP flow's first packet) sent by the table's
+        /// choice without being pinned: this CPU's budget of such pins for the last second
+        /// (`unseen_pins_per_second`) is used up. Its next packet tries again.
+        FLOW_UNPINNED = "flow_unpinned",
     }
 }
 
@@ -161,7 +166,7 @@ mod tests {
 
     #[test]
     fn indexes_follow_the_tables() {
-        assert_eq!(verdict::COUNT, 27);
+        assert_eq!(verdict::COUNT, 28);
         assert_eq!(verdict::TX, 0);
         assert_eq!(verdict::NAMES[verdict::FLOW_HIT as usize], "flow_hit");
         assert_eq!(

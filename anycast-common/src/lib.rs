@@ -34,7 +34,10 @@ pub use maps::{
     PREFERENCE_KEY_BITS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
 pub use maps::{EmbryoSlot, EMBRYO_SLOTS, EMBRYO_TICKS};
-pub use maps::{TooBigBucket, AGENT_ANSWER_TOO_BIG, TOO_BIG_BURST_NS};
+pub use maps::{
+    TokenBucket, AGENT_ANSWER_TOO_BIG, BUCKET_BURST_NS, BUCKET_TOO_BIG, BUCKET_UNSEEN_PINS,
+    RATE_BUCKET_COUNT,
+};
 pub use net::*;
 
 /// Program names, as they appear in the eBPF object.

@@ -51,9 +51,10 @@ pub const REVERSE: &str = "REVERSE";
 /// controller after each apply: the addresses whose ICMP echo requests the agent answers.
 /// (`SERVICES` is keyed by protocol and port too, and `ADDRESS_FILTER` only says "maybe".)
 pub const SERVICE_ADDRS: &str = "SERVICE_ADDRS";
-/// Agent: per CPU, the token bucket of answers to packets too big for the tunnel
-/// ([`TooBigBucket`]), one entry. Not pinned: a new program starts with a full bucket.
-pub const TOO_BIG_BUCKET: &str = "TOO_BIG_BUCKET";
+/// Agent: per CPU, the token buckets ([`TokenBucket`]) of the data path's rate limits,
+/// indexed by [`BUCKET_TOO_BIG`] and [`BUCKET_UNSEEN_PINS`]. Not pinned: a new program
+/// starts with full buckets.
+pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
 /// Server side: anycast addresses this server answers for ([`AddressKey`] -> 1); read by
 /// the decapsulator and the SYN-ACK tunnel.
 pub const SERVED: &str = "SERVED";
@@ -271,6 +272,13 @@ pub struct AgentInfo {
     /// costs from a CPU's bucket ([`TooBigBucket`]), in nanoseconds of credit: 10^9 / the
     /// answers allowed per second and CPU. 0: no limit.
     pub too_big_cost_ns: u32,
+    /// What pinning a flow not seen opening costs from a CPU's [`BUCKET_UNSEEN_PINS`]
+    /// bucket, in nanoseconds of credit: 10^9 / the pins allowed per second and CPU. A flow
+    /// not seen opening is a TCP packet other than a SYN that misses the flow table with no
+    /// handshake in `EMBRYOS` (a connection first seen mid-stream), or a UDP flow's first
+    /// packet. Beyond the budget such a packet goes by the table without being pinned, so
+    /// a flood of them from random sources cannot evict pinned flows faster than this.
+    pub unseen_pin_cost_ns: u32,
 }
 pub const AGENT_HAS_V4: u32 = 1;
 pub const AGENT_HAS_V6: u32 = 2;
@@ -288,16 +296,25 @@ pub const AGENT_FORWARD_ICMP_ERRORS: u32 = 32;
 /// Clear: they are dropped silently (`drop_too_big`).
 pub const AGENT_ANSWER_TOO_BIG: u32 = 8;
 
-/// Credit a CPU's [`TooBigBucket`] holds at most, in nanoseconds: one second's worth of
-/// answers may go out in a burst.
-pub const TOO_BIG_BURST_NS: u64 = 1_000_000_000;
+/// Credit a CPU's [`TokenBucket`] holds at most, in nanoseconds: one second's worth of
+/// tokens may go in a burst.
+pub const BUCKET_BURST_NS: u64 = 1_000_000_000;
 
-/// A CPU's token bucket of answers to packets too big for the tunnel (`TOO_BIG_BUCKET`):
-/// credit in nanoseconds, refilled by the time elapsed since `last_ns` (up to
-/// [`TOO_BIG_BURST_NS`]); an answer takes [`AgentInfo::too_big_cost_ns`].
+/// `RATE_BUCKETS`: answers to packets too big for the tunnel (each costs
+/// [`AgentInfo::too_big_cost_ns`]).
+pub const BUCKET_TOO_BIG: u32 = 0;
+/// `RATE_BUCKETS`: pins of flows not seen opening (each costs
+/// [`AgentInfo::unseen_pin_cost_ns`]).
+pub const BUCKET_UNSEEN_PINS: u32 = 1;
+/// Entries of `RATE_BUCKETS`.
+pub const RATE_BUCKET_COUNT: u32 = 2;
+
+/// A CPU's token bucket for one of the data path's rate limits (`RATE_BUCKETS`): credit in
+/// nanoseconds, refilled by the time elapsed since `last_ns` (up to [`BUCKET_BURST_NS`]);
+/// a token costs the limit's share of a second.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct TooBigBucket {
+pub struct TokenBucket {
     pub credit_ns: u64,
     /// `bpf_ktime_get_ns()` of the last refill; 0: never (the first packet finds it full).
     pub last_ns: u64,
@@ -425,7 +442,7 @@ mod pod {
     unsafe impl aya::Pod for PreferenceKey {}
     unsafe impl aya::Pod for PreferenceTable {}
     unsafe impl aya::Pod for AgentInfo {}
-    unsafe impl aya::Pod for TooBigBucket {}
+    unsafe impl aya::Pod for TokenBucket {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for ServerTraffic {}
     unsafe impl aya::Pod for AddressKey {}
@@ -569,8 +586,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(PreferenceKey, addr), 8);
         assert_eq!(core::mem::size_of::<PreferenceTable>(), 8);
         assert_eq!(core::mem::size_of::<ServerInfo>(), 24);
-        assert_eq!(core::mem::size_of::<AgentInfo>(), 32);
-        assert_eq!(core::mem::size_of::<TooBigBucket>(), 16);
+        assert_eq!(core::mem::size_of::<AgentInfo>(), 36);
+        assert_eq!(core::mem::size_of::<TokenBucket>(), 16);
         assert_eq!(core::mem::size_of::<NextHop>(), 36);
         assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
         assert_eq!(core::mem::size_of::<AddressKey>(), 20);

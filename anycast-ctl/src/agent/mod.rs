@@ -222,6 +222,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         dataplane.set_reverse_tunnel(reverse_tunnel_configured(&config))?;
         dataplane.set_icmp(config.answer_ping, config.forward_icmp_errors)?;
         dataplane.set_too_big_answers(config.answer_too_big, config.too_big_answers_per_second)?;
+        dataplane.set_unseen_pins(config.unseen_pins_per_second)?;
         dataplane.set_flow_timeouts(config.flow_timeouts)?;
         for &ifindex in &ifindexes {
             dataplane.add_tx_port(ifindex)?;

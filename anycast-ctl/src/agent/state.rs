@@ -579,6 +579,8 @@ impl Agent {
             self.config.answer_too_big,
             self.config.too_big_answers_per_second,
         )?;
+        self.dataplane
+            .set_unseen_pins(self.config.unseen_pins_per_second)?;
         self.registry = match (self.registry.take(), new_registry) {
             (Some(mut old), Some(new)) => {
                 old.update_policy(new);

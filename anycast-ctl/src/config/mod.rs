@@ -67,6 +67,12 @@ pub struct Config {
     /// At most this many of those answers per second from each CPU (a burst of as many).
     #[serde(default = "default_too_big_answers_per_second")]
     pub too_big_answers_per_second: u32,
+    /// At most this many flows not seen opening (TCP packets other than a SYN with no
+    /// handshake before them, UDP flows' first packets) are pinned per second by each CPU
+    /// (a burst of as many); beyond it they go by the table unpinned, so a flood of them
+    /// cannot evict pinned flows faster. SYNs are never pinned, their handshakes always.
+    #[serde(default = "default_unseen_pins_per_second")]
+    pub unseen_pins_per_second: u32,
     /// Topology preference, for every service: clients in these prefixes go to these servers
     /// (by name) first, while any of them can take new flows.
     #[serde(default)]
@@ -387,6 +393,9 @@ fn default_weight() -> u32 {
 }
 fn default_too_big_answers_per_second() -> u32 {
     crate::dataplane::DEFAULT_TOO_BIG_ANSWERS_PER_SECOND
+}
+fn default_unseen_pins_per_second() -> u32 {
+    crate::dataplane::DEFAULT_UNSEEN_PINS_PER_SECOND
 }
 
 /// A configuration error: which field, and why.

@@ -109,6 +109,13 @@ impl Config {
                 format!("must be 1 to {most} (set answer_too_big to false for none)"),
             ));
         }
+        let most = crate::dataplane::MAX_UNSEEN_PINS_PER_SECOND;
+        if !(1..=most).contains(&self.unseen_pins_per_second) {
+            return Err(err(
+                "unseen_pins_per_second",
+                format!("must be 1 to {most}"),
+            ));
+        }
         if self.services.len() > self.max_services as usize {
             return Err(err(
                 "services",

@@ -54,6 +54,7 @@ mod report;
 mod rings;
 mod tables;
 mod too_big;
+mod unseen_pins;
 
 pub use crate::model::{DesiredServer, DesiredService, Preference};
 pub use flows::{flow_clock_now, FlowSnapshot, FlowSweeper, FlowTimeouts};
@@ -71,6 +72,7 @@ pub use report::{
 use rings::Rings;
 pub use tables::TableWrite;
 pub use too_big::{DEFAULT_TOO_BIG_ANSWERS_PER_SECOND, MAX_TOO_BIG_ANSWERS_PER_SECOND};
+pub use unseen_pins::{DEFAULT_UNSEEN_PINS_PER_SECOND, MAX_UNSEEN_PINS_PER_SECOND};
 
 pub struct Dataplane {
     pub ebpf: Ebpf,
@@ -125,6 +127,7 @@ impl Dataplane {
             agent_info: AgentInfo {
                 flags: AGENT_ANSWER_TOO_BIG,
                 too_big_cost_ns: too_big::cost_ns(DEFAULT_TOO_BIG_ANSWERS_PER_SECOND),
+                unseen_pin_cost_ns: unseen_pins::cost_ns(DEFAULT_UNSEEN_PINS_PER_SECOND),
                 ..AgentInfo::default()
             },
             sweep_report: Default::default(),
@@ -175,6 +178,7 @@ impl Dataplane {
                     | AGENT_FORWARD_ICMP_ERRORS
                     | AGENT_ANSWER_TOO_BIG),
             too_big_cost_ns: self.agent_info.too_big_cost_ns,
+            unseen_pin_cost_ns: self.agent_info.unseen_pin_cost_ns,
             ..AgentInfo::default()
         };
         if let Some(a) = v4 {

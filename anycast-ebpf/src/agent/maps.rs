@@ -3,10 +3,11 @@
 use anycast_common::{
     maps as names, verdict, AddressKey, AgentInfo, EmbryoSlot, FlowConfig, FlowKey, FlowValue,
     NextHop, PreferenceTable, ReverseStats, ServerInfo, ServerTraffic, ServiceInfo, ServiceKey,
-    TooBigBucket, Traffic, ADDRESS_FILTER_WORDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_PREFERENCE_TABLES,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, EMBRYO_SLOTS, MAX_PREFERENCE_PREFIXES, MAX_SERVERS,
-    MAX_TX_PORTS,
+    TokenBucket, Traffic, ADDRESS_FILTER_WORDS, BUCKET_BURST_NS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_PREFERENCE_TABLES, DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, EMBRYO_SLOTS,
+    MAX_PREFERENCE_PREFIXES, MAX_SERVERS, MAX_TX_PORTS, RATE_BUCKET_COUNT,
 };
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
@@ -82,10 +83,11 @@ map_name!(SERVER_STATS, names::SERVER_STATS);
 pub(super) static REVERSE: PerCpuHashMap<AddressKey, ReverseStats> =
     PerCpuHashMap::with_max_entries(MAX_SERVERS, 0);
 map_name!(REVERSE, names::REVERSE);
-/// Per CPU, the token bucket of answers to packets too big for the tunnel (`too_big.rs`).
+/// Per CPU, the token buckets of the rate limits: answers to packets too big for the tunnel
+/// (`too_big.rs`), pins of flows not seen opening (`select.rs`).
 #[map]
-pub(super) static TOO_BIG_BUCKET: PerCpuArray<TooBigBucket> = PerCpuArray::with_max_entries(1, 0);
-map_name!(TOO_BIG_BUCKET, names::TOO_BIG_BUCKET);
+static RATE_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(RATE_BUCKET_COUNT, 0);
+map_name!(RATE_BUCKETS, names::RATE_BUCKETS);
 
 /// Every anycast address of a service: the addresses whose echo requests are answered.
 #[map]
@@ -126,4 +128,28 @@ pub(super) fn add_server_traffic(index: u32, bytes: u64, syn: bool) {
             (*t).syns += syn as u64;
         }
     }
+}
+
+/// Takes one token from this CPU's bucket `bucket` of `RATE_BUCKETS`: credit in
+/// nanoseconds, refilled by the time elapsed (up to one second's worth, the burst), `cost_ns`
+/// a token (0: no limit).
+#[inline(always)]
+pub(super) fn take_token(bucket: u32, cost_ns: u32) -> bool {
+    let Some(bucket) = RATE_BUCKETS.get_ptr_mut(bucket) else {
+        return false;
+    };
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot; no concurrent writer.
+    let b = unsafe { &mut *bucket };
+    let elapsed = now.wrapping_sub(b.last_ns).min(BUCKET_BURST_NS);
+    let credit = (b.credit_ns + elapsed).min(BUCKET_BURST_NS);
+    b.last_ns = now;
+    let cost = cost_ns as u64;
+    if credit < cost {
+        b.credit_ns = credit;
+        return false;
+    }
+    b.credit_ns = credit - cost;
+    true
 }

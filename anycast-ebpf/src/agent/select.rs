@@ -8,14 +8,23 @@
 //! recent), else to the table's choice. So a flood of SYNs from random sources evicts no
 //! pinned flow, and a handshake keeps its server when the table changes between its SYN
 //! and its ACK.
+//!
+//! A flow not seen opening (a TCP packet other than a SYN without a handshake in
+//! `EMBRYOS`: a connection first seen mid-stream, moved from another agent or forged; or a
+//! UDP flow's first packet) is pinned only within a per-CPU budget (`unseen_pins_per_second`):
+//! beyond it the packet goes by the table unpinned, so a flood of ACKs or UDP from random
+//! sources cannot evict pinned flows faster than the budget.
 use anycast_common::{
     flow_tick, verdict, EmbryoSlot, FlowKey, FlowValue, PreferenceKey, ServerInfo, ServiceInfo,
-    ServiceKey, ANY_PORT, EMBRYO_SLOTS, EMBRYO_TICKS, FLOW_CLOSING, PREFERENCE_KEY_BITS, PROTO_TCP,
-    SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    ServiceKey, ANY_PORT, BUCKET_UNSEEN_PINS, EMBRYO_SLOTS, EMBRYO_TICKS, FLOW_CLOSING,
+    PREFERENCE_KEY_BITS, PROTO_TCP, SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 
-use super::maps::{count, EMBRYOS, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS, SERVICES};
+use super::maps::{
+    count, take_token, AGENT, EMBRYOS, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS, SERVICES,
+};
 use super::parse::Flow;
 
 #[inline(always)]
@@ -98,7 +107,7 @@ fn closes(p: &Flow) -> u32 {
 
 /// A new choice for the flow. A SYN: the consistent-hash table's, remembered in its
 /// `EMBRYOS` slot, not pinned. Any other packet: the server of the SYN before it (its slot),
-/// else the table's; pinned.
+/// pinned; else the table's, pinned within this CPU's budget of flows not seen opening.
 #[inline(always)]
 pub(super) fn choose_server(
     p: &Flow,
@@ -130,8 +139,13 @@ pub(super) fn choose_server(
             };
         }
         count(verdict::FLOW_EMBRYO);
-    } else {
+    } else if AGENT
+        .get(0)
+        .is_some_and(|a| take_token(BUCKET_UNSEEN_PINS, a.unseen_pin_cost_ns))
+    {
         pin(p, server_id, &s, now);
+    } else {
+        count(verdict::FLOW_UNPINNED);
     }
     Some((server_id, s))
 }

@@ -31,16 +31,16 @@
 //! packets, which this one cannot, so no valid answer exists: the path to that server is
 //! misconfigured). Answers are rate-limited per CPU ([`take_token`]).
 use anycast_common::{
-    ipv4_checksum, verdict, AgentInfo, AGENT_ANSWER_TOO_BIG, ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4,
-    IPV4_DF, IPV4_LEN, IPV6_LEN, TOO_BIG_BURST_NS,
+    ipv4_checksum, verdict, AgentInfo, AGENT_ANSWER_TOO_BIG, BUCKET_TOO_BIG, ETH_P_IPV4,
+    ETH_P_IPV6, FAMILY_V4, IPV4_DF, IPV4_LEN, IPV6_LEN,
 };
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 
-use super::maps::TOO_BIG_BUCKET;
+use super::maps::take_token;
 use super::parse::Flow;
 use crate::packet::{load, ptr_at, read, read_be16, store};
 
@@ -122,7 +122,7 @@ pub(super) fn answer(
     if unsafe { load::<u8>(dst_mac as *const u8, 0) } & 1 != 0 {
         return NOT_ANSWERED;
     }
-    if !take_token(agent.too_big_cost_ns) {
+    if !take_token(BUCKET_TOO_BIG, agent.too_big_cost_ns) {
         return (xdp_action::XDP_DROP, verdict::TOO_BIG_RATE_LIMITED);
     }
     let built = if v4 {
@@ -150,29 +150,6 @@ fn unicast_v6(src: &[u32; 4]) -> bool {
     let high_zero = src[0] == 0 && src[1] == 0 && src[2] == 0;
     let low = u32::from_be(src[3]);
     src[0].to_ne_bytes()[0] != 0xff && !(high_zero && low <= 1)
-}
-
-/// Takes one answer from this CPU's bucket: credit in nanoseconds, refilled by the time
-/// elapsed (up to one second's worth, the burst), `cost_ns` an answer (0: no limit).
-#[inline(always)]
-fn take_token(cost_ns: u32) -> bool {
-    let Some(bucket) = TOO_BIG_BUCKET.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: this CPU's slot; no concurrent writer.
-    let b = unsafe { &mut *bucket };
-    let elapsed = now.wrapping_sub(b.last_ns).min(TOO_BIG_BURST_NS);
-    let credit = (b.credit_ns + elapsed).min(TOO_BIG_BURST_NS);
-    b.last_ns = now;
-    let cost = cost_ns as u64;
-    if credit < cost {
-        b.credit_ns = credit;
-        return false;
-    }
-    b.credit_ns = credit - cost;
-    true
 }
 
 /// The IPv4 answer: [IPv4 20][ICMP 8][quote 68].

@@ -4,7 +4,9 @@
 //! flow, and a handshake keeps its server when the table changes between SYN and ACK.
 use std::net::{IpAddr, Ipv4Addr};
 
-use anycast_common::{flow_hash, verdict, FlowKey, EMBRYO_SLOTS, PROTO_TCP};
+use std::time::Instant;
+
+use anycast_common::{flow_hash, verdict, FlowKey, EMBRYO_SLOTS, PROTO_TCP, PROTO_UDP};
 use anycast_ctl::dataplane::DesiredService;
 use anycast_tests::packet::{TCP_ACK, TCP_PSH, TCP_SYN};
 use anyhow::{ensure, Result};
@@ -222,5 +224,103 @@ fn a_handshake_whose_slot_was_taken_follows_the_table() -> Result<()> {
     );
     let (_, delta) = counting(&h.dataplane, || send(&h, &rival, TCP_ACK))?;
     assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 1, "the rival's own");
+    Ok(())
+}
+
+/// Flows not seen opening (ACKs without a SYN before them, UDP first packets) are pinned
+/// only within each CPU's budget (`unseen_pins_per_second`, 500 here): an ACK flood and a
+/// UDP flood from random sources, 20 000 packets each, are all forwarded by the table, but
+/// at most the budget (its one-second burst plus the refill over the run) pin, so all
+/// 3000 established entries survive in a table of 4096. Handshakes seen from their SYN
+/// are pinned whatever the budget: 3000 flows open after it is spent.
+/// Control: the ACK flood with the default budget (20 000/s) evicts established entries
+/// (the first test of this file). The thread stays on one CPU: the budget is per CPU.
+#[test]
+fn floods_of_flows_not_seen_opening_pin_no_more_than_the_budget() -> Result<()> {
+    const BUDGET: u32 = 500;
+    let _cpu = OnOneCpu::new();
+    let mut h = Harness::new()?;
+    let mut services = flood_service(&[
+        (SERVER_A, 1, true),
+        (SERVER_B, 1, true),
+        (SERVER_C, 1, true),
+    ]);
+    services.push(service(
+        "flooded-udp",
+        FLOOD_ADDR,
+        PROTO_UDP,
+        53,
+        &[(SERVER_A, 1), (SERVER_B, 1), (SERVER_C, 1)],
+    ));
+    h.dataplane.apply(&services)?;
+    h.dataplane.set_unseen_pins(BUDGET)?;
+    let start = Instant::now();
+    // Spend the burst first, so that the handshakes below open with an empty budget.
+    let early = random_sources(0x5eed_0b0d_0000_0001, BUDGET as usize);
+    let (_, delta) = counting(&h.dataplane, || send_all(&h, &early, TCP_ACK))?;
+    assert_eq!(delta[verdict::FLOW_UNPINNED as usize], 0, "the burst pins");
+
+    let opened = clients(33000, 3000);
+    send_all(&h, &opened, TCP_SYN)?;
+    let (_, delta) = counting(&h.dataplane, || send_all(&h, &opened, TCP_ACK))?;
+    // Two handshakes of these 3000 in one `EMBRYOS` slot (about 3000^2 / 2^18 = 34 pairs):
+    // the later SYN took it, the earlier one's ACK is a flow not seen opening, pinned only
+    // if the budget refilled meanwhile.
+    let promoted = delta[verdict::FLOW_PROMOTED as usize];
+    assert!(
+        promoted >= 2900,
+        "handshakes pin beyond the budget: {promoted} of 3000"
+    );
+    let table = flow_table(&h.dataplane)?;
+    let established: Vec<Flow> = opened
+        .into_iter()
+        .filter(|f| entry(&table, f).is_some())
+        .collect();
+    assert!(established.len() as u64 >= promoted);
+    let servers = send_all(&h, &established, TCP_ACK)?;
+
+    let acks = random_sources(0x5eed_0b0d_0000_0002, 20_000);
+    let udp: Vec<Flow> = random_sources(0x5eed_0b0d_0000_0003, 20_000)
+        .into_iter()
+        .map(|f| Flow {
+            proto: PROTO_UDP,
+            dport: 53,
+            ..f
+        })
+        .collect();
+    let (_, delta) = counting(&h.dataplane, || {
+        send_all(&h, &acks, TCP_ACK)?;
+        send_all(&h, &udp, 0)
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let misses = delta[verdict::FLOW_MISS as usize];
+    let unpinned = delta[verdict::FLOW_UNPINNED as usize];
+    let pins = misses - unpinned;
+    // The burst was spent; the refill over the run is all the flood may pin (one token of
+    // slack for the clock's rounding).
+    let most = (BUDGET as f64 * secs).ceil() as u64 + 1;
+    eprintln!(
+        "40000 ACK and UDP first packets from random sources in {secs:.2} s: {pins} pinned (at most {most}), {unpinned} forwarded unpinned"
+    );
+    assert_eq!(
+        misses, 40_000,
+        "every flood packet misses (and was forwarded: send checks)"
+    );
+    assert!(pins <= most, "{pins} pins, budget {most}");
+    assert_eq!(
+        pinned(&h, &established)?,
+        established.len(),
+        "no established entry evicted"
+    );
+    let table = flow_table(&h.dataplane)?.len() as u64;
+    assert!(
+        table <= established.len() as u64 + BUDGET as u64 + most,
+        "the table holds {table}: the floods pinned more than the budget"
+    );
+    let (after, delta) = counting(&h.dataplane, || {
+        send_all(&h, &established, TCP_PSH | TCP_ACK)
+    })?;
+    assert_eq!(after, servers, "established flows keep their servers");
+    assert_eq!(delta[verdict::FLOW_HIT as usize], established.len() as u64);
     Ok(())
 }

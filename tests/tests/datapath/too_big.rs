@@ -302,35 +302,6 @@ fn with_answers_off_oversized_packets_are_dropped() -> Result<()> {
     Ok(())
 }
 
-/// Keeps this thread on the CPU it runs on until dropped: `BPF_PROG_TEST_RUN` runs the
-/// program on the calling thread's CPU, and the bucket is per CPU.
-struct OnOneCpu(libc::cpu_set_t);
-
-impl OnOneCpu {
-    fn new() -> Self {
-        // SAFETY: plain syscalls on this thread with sets we own.
-        unsafe {
-            let mut old: libc::cpu_set_t = std::mem::zeroed();
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut one);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one),
-                0,
-                "pinning the test thread to its CPU"
-            );
-            OnOneCpu(old)
-        }
-    }
-}
-
-impl Drop for OnOneCpu {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
-    }
-}
-
 /// At 2 answers per second and CPU: a burst of 2 is answered, the third packet is dropped
 /// and counted; half a second later the bucket holds one answer again, not two.
 #[test]

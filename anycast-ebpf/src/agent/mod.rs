@@ -30,12 +30,12 @@ mod select;
 mod syn_ack_relay;
 mod too_big;
 
-use anycast_common::{flow_hash, verdict, TCP_ACK, TCP_SYN};
+use anycast_common::{flow_hash, verdict};
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 use maps::{add_server_traffic, add_service_traffic, count, AGENT};
 use parse::{parse, Parsed};
-use select::{choose_server, flow_clock_now, lookup_service, pinned_server};
+use select::{choose_server, flow_clock_now, lookup_service, opens, pinned_server, Pinned};
 
 #[xdp]
 pub fn anycast_agent(ctx: XdpContext) -> u32 {
@@ -66,15 +66,25 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
         Err(reason) => return (xdp_action::XDP_PASS, reason),
     };
     let now = flow_clock_now();
+    let syn = opens(&p);
     // A flow-table hit names its server, and the server slot its service: no service lookup.
-    let (server_id, server) = match pinned_server(&p, now) {
-        Some(pinned) => pinned,
-        None => {
+    // A SYN never reads the flow table: SYNs are not pinned, and the table's bucket is a
+    // cache miss in a table of a million flows, the largest part of a new flow's cost. (A
+    // SYN on a closing entry's 5-tuple is found by the ACK after it, from `EMBRYOS`.)
+    let pinned = if syn {
+        Pinned::Miss
+    } else {
+        pinned_server(&p, now)
+    };
+    let (server_id, server) = match pinned {
+        Pinned::Hit(id, server) => (id, server),
+        pinned => {
             let Some(service) = lookup_service(&p.key) else {
                 return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
             };
             count(verdict::FLOW_MISS);
-            let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now) else {
+            let ended = matches!(pinned, Pinned::Ended);
+            let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now, ended) else {
                 return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
             };
             chosen
@@ -82,7 +92,6 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     add_service_traffic(server.service as u32, frame_len);
-    let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     add_server_traffic(server_id, frame_len, syn);
     let Some(agent) = AGENT.get(0) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);

@@ -15,10 +15,10 @@
 //! beyond it the packet goes by the table unpinned, so a flood of ACKs or UDP from random
 //! sources cannot evict pinned flows faster than the budget.
 use anycast_common::{
-    flow_tick, verdict, EmbryoSlot, FlowKey, FlowValue, PreferenceKey, ServerInfo, ServiceInfo,
-    ServiceKey, ANY_PORT, BUCKET_UNSEEN_PINS, EMBRYO_SLOTS, EMBRYO_TICKS, FLOW_CLOSING,
-    PREFERENCE_KEY_BITS, PROTO_TCP, SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN,
+    flow_hash, flow_tick, verdict, EmbryoSlot, FlowKey, FlowValue, PreferenceKey, ServerInfo,
+    ServiceInfo, ServiceKey, ANY_PORT, BUCKET_UNSEEN_PINS, EMBRYO_SLOTS, EMBRYO_TICKS,
+    FLOW_CLOSING, PREFERENCE_KEY_BITS, PROTO_TCP, SERVER_UP, SERVICE_HAS_PREFERENCES, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 
@@ -51,34 +51,50 @@ pub(super) fn flow_clock_now() -> u32 {
     flow_tick(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
+/// What the flow table says of a flow.
+pub(super) enum Pinned {
+    /// Its server (still up, the same server, not a later holder of its slot).
+    Hit(u32, ServerInfo),
+    /// An entry that has ended, or whose server went: the flow was seen before, and its new
+    /// choice is pinned whatever the budget of flows not seen opening.
+    Ended,
+    /// No entry.
+    Miss,
+}
+
 /// The server the flow is pinned to, if that server is still up (and is the same server,
 /// not a later holder of its slot) and the entry has not ended.
 ///
 /// An entry ends when it has been idle longer than its protocol's timeout (closing entries:
-/// the closing timeout), or when it is closing and a SYN without ACK reuses its 5-tuple.
+/// the closing timeout), or when it is closing and a new handshake on its 5-tuple is in
+/// `EMBRYOS` (a SYN since the entry was pinned: promotion consumes the slot).
+/// SYNs do not come here: they never read the flow table (see `forward`).
 /// A client's FIN or RST marks the entry closing. `last_seen` is written only when the
 /// tick changed (or the entry starts closing), not on every packet.
 #[inline(always)]
-pub(super) fn pinned_server(p: &Flow, now: u32) -> Option<(u32, ServerInfo)> {
+pub(super) fn pinned_server(p: &Flow, now: u32) -> Pinned {
     let key = &p.key;
-    let pin = FLOWS.get_ptr_mut(key)?;
+    let Some(pin) = FLOWS.get_ptr_mut(key) else {
+        return Pinned::Miss;
+    };
     // SAFETY: a valid map value; copied out at once.
     let v = unsafe { *pin };
-    let s = SERVERS.get(v.server)?;
+    let (Some(s), Some(config)) = (SERVERS.get(v.server), FLOW_CONFIG.get(0)) else {
+        return Pinned::Ended;
+    };
     if s.flags & SERVER_UP == 0 || s.generation != v.generation {
-        return None;
+        return Pinned::Ended;
     }
-    let config = FLOW_CONFIG.get(0)?;
-    if opens(p) & (v.flags & FLOW_CLOSING != 0) {
-        // A new connection on a closed one's 5-tuple. SYNs are not pinned, so the entry
-        // goes now, or the ACK after this SYN would find it open and follow the old server.
+    if v.flags & FLOW_CLOSING != 0 && new_handshake(key, now) {
+        // A new connection on a closed one's 5-tuple: its first packet after the SYN goes
+        // where the SYN went, and is pinned there.
         let _ = FLOWS.remove(key);
         count(verdict::FLOW_EXPIRED);
-        return None;
+        return Pinned::Ended;
     }
     if config.expired(key.proto, &v, now) {
         count(verdict::FLOW_EXPIRED);
-        return None;
+        return Pinned::Ended;
     }
     count(verdict::FLOW_HIT);
     let flags = v.flags | closes(p);
@@ -90,12 +106,22 @@ pub(super) fn pinned_server(p: &Flow, now: u32) -> Option<(u32, ServerInfo)> {
             (*pin).flags = flags;
         }
     }
-    Some((v.server, *s))
+    Pinned::Hit(v.server, *s)
+}
+
+/// Whether this flow's `EMBRYOS` slot holds a recent SYN of it. Only for closing entries,
+/// so the flow hash is computed again here rather than passed down for every packet.
+#[inline(always)]
+fn new_handshake(key: &FlowKey, now: u32) -> bool {
+    let Some(slot) = EMBRYOS.get(flow_hash(key) & (EMBRYO_SLOTS - 1)) else {
+        return false;
+    };
+    slot.key == *key && now.wrapping_sub(slot.seen) <= EMBRYO_TICKS
 }
 
 /// A TCP SYN without ACK: a client opening a connection.
 #[inline(always)]
-fn opens(p: &Flow) -> bool {
+pub(super) fn opens(p: &Flow) -> bool {
     p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
@@ -107,21 +133,31 @@ fn closes(p: &Flow) -> u32 {
 
 /// A new choice for the flow. A SYN: the consistent-hash table's, remembered in its
 /// `EMBRYOS` slot, not pinned. Any other packet: the server of the SYN before it (its slot),
-/// pinned; else the table's, pinned within this CPU's budget of flows not seen opening.
+/// pinned; else the table's, pinned if the flow had an entry that `ended`, else within this
+/// CPU's budget of flows not seen opening.
 #[inline(always)]
 pub(super) fn choose_server(
     p: &Flow,
     service: &ServiceInfo,
     hash: u32,
     now: u32,
+    ended: bool,
 ) -> Option<(u32, ServerInfo)> {
     let key = &p.key;
     let slot = EMBRYOS.get_ptr_mut(hash & (EMBRYO_SLOTS - 1))?;
     let syn = opens(p);
-    if key.proto == PROTO_TCP && !syn {
+    if key.proto == PROTO_TCP {
         if let Some(chosen) = handshake_server(key, slot, now) {
-            count(verdict::FLOW_PROMOTED);
-            pin(p, chosen.0, &chosen.1, now);
+            if syn {
+                // A retransmitted SYN: the server that may already have answered the first.
+                count(verdict::FLOW_EMBRYO);
+            } else {
+                count(verdict::FLOW_PROMOTED);
+                pin(p, chosen.0, &chosen.1, now);
+                // Consumed: a SYN found here later is a new connection on this 5-tuple.
+                // SAFETY: a valid map value; one whole field.
+                unsafe { (*slot).seen = now.wrapping_sub(EMBRYO_TICKS + 1) };
+            }
             return Some(chosen);
         }
     }
@@ -139,9 +175,10 @@ pub(super) fn choose_server(
             };
         }
         count(verdict::FLOW_EMBRYO);
-    } else if AGENT
-        .get(0)
-        .is_some_and(|a| take_token(BUCKET_UNSEEN_PINS, a.unseen_pin_cost_ns))
+    } else if ended
+        || AGENT
+            .get(0)
+            .is_some_and(|a| take_token(BUCKET_UNSEEN_PINS, a.unseen_pin_cost_ns))
     {
         pin(p, server_id, &s, now);
     } else {

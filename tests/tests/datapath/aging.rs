@@ -262,22 +262,13 @@ fn fin_and_rst_close_a_flow_and_a_syn_on_a_closed_flow_starts_a_new_one() -> Res
         "closing is kept until the entry ends"
     );
 
-    // A new table, then a SYN on every flow: the closed ones start new flows, chosen by the
-    // new table; the open ones keep their servers.
+    // A new table, then a SYN on every flow. SYNs never read the flow table: all go by the
+    // new table and are remembered in `EMBRYOS`; the closing entries are still there.
     h.dataplane.apply(&aging_services(&four))?;
     let (reopened, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_SYN))?;
-    assert_eq!(
-        delta[verdict::FLOW_EXPIRED as usize],
-        80,
-        "the closed entries ended"
-    );
-    assert_eq!(delta[verdict::FLOW_MISS as usize], 80);
-    assert_eq!(
-        delta[verdict::FLOW_HIT as usize],
-        40,
-        "a SYN on an open entry is a hit"
-    );
-    assert_eq!(reopened[80..], first[80..], "open flows keep their servers");
+    assert_eq!(delta[verdict::FLOW_MISS as usize], 120);
+    assert_eq!(delta[verdict::FLOW_EMBRYO as usize], 120);
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 0, "a SYN reads no entry");
     let moved = check_rechosen(
         "SYN on closed flows",
         &first[..80],
@@ -285,33 +276,53 @@ fn fin_and_rst_close_a_flow_and_a_syn_on_a_closed_flow_starts_a_new_one() -> Res
         SERVER_C,
     );
     eprintln!("{moved} of 80 reused 5-tuples went to the new server");
-    // Control: with the new table some of the open flows would move too.
+    let table = flow_table(&h.dataplane)?;
+    assert!(
+        fin.iter()
+            .chain(&rst)
+            .all(|f| entry(&table, f).is_some_and(|e| e.closing)),
+        "the SYNs left the closing entries alone"
+    );
+
+    // The ACKs: on a closing entry with a new handshake in its slot, the entry ends and the
+    // flow is pinned to its SYN's server; open entries are hits on their old servers.
+    let (acked, delta) = counting(&h.dataplane, || send_all(&h, &all, TCP_ACK))?;
+    assert_eq!(
+        acked[..80],
+        reopened[..80],
+        "the handshakes complete on their SYNs' servers"
+    );
+    assert_eq!(acked[80..], first[80..], "open flows keep their servers");
+    assert_eq!(
+        delta[verdict::FLOW_EXPIRED as usize],
+        80,
+        "the closed entries ended"
+    );
+    assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 80);
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 40);
+    // Control: with the new table some of the open flows would move.
     let mut fresh = Harness::new()?;
     fresh.dataplane.apply(&aging_services(&four))?;
-    let unpinned = send_all(&fresh, &open, TCP_SYN)?;
+    let unpinned = send_all(&fresh, &open, TCP_ACK)?;
     assert_ne!(
         unpinned,
         first[80..],
         "control: the new table moves some open flows"
     );
     drop(fresh);
-    // The SYNs removed the closed entries and pinned nothing; the ACKs pin the new flows.
-    let table = flow_table(&h.dataplane)?;
-    assert!(
-        fin.iter().chain(&rst).all(|f| entry(&table, f).is_none()),
-        "a SYN on a closed entry removes it"
-    );
-    assert_eq!(
-        send_all(&h, &all, TCP_ACK)?,
-        reopened,
-        "the handshakes complete on their SYNs' servers"
-    );
     let table = flow_table(&h.dataplane)?;
     assert!(
         all.iter()
             .all(|f| entry(&table, f).is_some_and(|e| !e.closing)),
         "new flows start open"
     );
+    // The promotion consumed the slots: the next FIN closes the new flows, and their last
+    // ACKs stay on their servers (no stale handshake ends the entries again).
+    send_all(&h, &fin, TCP_FIN | TCP_ACK)?;
+    let (last, delta) = counting(&h.dataplane, || send_all(&h, &fin, TCP_ACK))?;
+    assert_eq!(last, reopened[..40]);
+    assert_eq!(delta[verdict::FLOW_EXPIRED as usize], 0);
+    assert_eq!(delta[verdict::FLOW_HIT as usize], 40);
 
     // A FIN of a flow the table does not know starts its entry closing.
     let stray = Flow::v4(AGING_ADDR, PROTO_TCP, 24300, 80);

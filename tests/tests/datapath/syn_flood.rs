@@ -116,8 +116,8 @@ fn a_syn_flood_from_random_sources_evicts_no_pinned_flow() -> Result<()> {
 }
 
 /// SYNs under three servers; the table changes (a fourth server, a draining one, a server
-/// down); the ACKs after the SYNs: each follows its SYN's server while that server is up
-/// (draining included), and is pinned there. A server that went down loses its handshakes
+/// down); retransmitted SYNs and the ACKs after the SYNs: each follows its SYN's server
+/// while that server is up (draining included), and the ACK is pinned there. A server that went down loses its handshakes
 /// to the table's choice.
 #[test]
 fn a_handshake_keeps_its_server_across_a_table_change() -> Result<()> {
@@ -152,6 +152,13 @@ fn a_handshake_keeps_its_server_across_a_table_change() -> Result<()> {
     assert!(differ > 0, "control: the new table moves some of the flows");
     eprintln!("control: the new table alone would move {differ} of 200 handshakes");
 
+    // A retransmitted SYN goes where the first went (that server may have answered it).
+    let (again, delta) = counting(&h.dataplane, || send_all(&h, &flows, TCP_SYN))?;
+    assert_eq!(
+        again, syn_servers,
+        "retransmitted SYNs follow the first ones"
+    );
+    assert_eq!(delta[verdict::FLOW_EMBRYO as usize], 200);
     let (acks, delta) = counting(&h.dataplane, || send_all(&h, &flows, TCP_ACK))?;
     assert_eq!(acks, syn_servers, "every ACK follows its SYN's server");
     assert_eq!(delta[verdict::FLOW_PROMOTED as usize], 200);

@@ -1,7 +1,7 @@
 //! The Debian package: `xtask package --prebuilt` (what `cargo xtask package` runs after its
 //! build) makes it from the release anycast-ctl; it holds what it should, installs with
-//! `dpkg -i`, its units pass `systemd-analyze verify`, its example configuration passes
-//! `anycast-ctl check`, its bash completion completes, and `dpkg -r` then `dpkg --purge`
+//! `dpkg -i`, its units pass `systemd-analyze verify` and their command lines parse, its
+//! example configuration passes `anycast-ctl check`, its bash completion completes, and `dpkg -r` then `dpkg --purge`
 //! leave nothing of it behind. Needs root (dpkg); refuses to run where anycast-ctl is
 //! installed or any of its paths exists, and purges the package whatever happens.
 use std::{
@@ -226,6 +226,30 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
         .context("no ANYCAST_SERVER_ARGS= in server.env.example")?;
     let args: Vec<&str> = args.trim_matches('"').split_whitespace().collect();
     ok(Command::new(ctl).arg("server").args(&args).arg("--help"))?;
+    // And so are the units' command lines (the server's with the example's arguments).
+    for unit in ["anycast-agent.service", "anycast-server@.service"] {
+        let text = std::fs::read_to_string(Path::new("/lib/systemd/system").join(unit))?;
+        let commands: Vec<&str> = text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("ExecStart=")
+                    .or(l.strip_prefix("ExecReload="))
+            })
+            .collect();
+        ensure!(!commands.is_empty(), "{unit} has no ExecStart=");
+        for command in commands {
+            let words: Vec<&str> = command
+                .split_whitespace()
+                .flat_map(|w| match w {
+                    "$ANYCAST_SERVER_ARGS" => args.clone(),
+                    w => vec![w],
+                })
+                .collect();
+            ensure!(words[0] == ctl, "{unit}: {command}");
+            ok(Command::new(ctl).args(&words[1..]).arg("--help"))
+                .with_context(|| format!("{unit}: {command}"))?;
+        }
+    }
 
     // The units.
     verify("/lib/systemd/system/anycast-agent.service")?;

@@ -6,8 +6,11 @@
 //! (its group changed: CAP_CHOWN), runs ICMP health checks (CAP_NET_RAW), forwards to
 //! servers that registered and reverse-tunnel (their TC programs), re-reads its
 //! configuration, hands off and is adopted by the next agent (reading the pinned link's
-//! program tag needs CAP_SYS_ADMIN), and stops fully. Namespaces `acuc*`. Runs as root.
+//! program tag needs CAP_SYS_ADMIN), and stops fully. Each tells the service manager
+//! (`Type=notify`) when it is ready and when it stops, through `$NOTIFY_SOCKET` (here a
+//! socket of the test's). Namespaces `acuc*`. Runs as root.
 use std::{
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -90,6 +93,24 @@ fn capped(dir: &Path, name: &str, caps: &[String]) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The next message to the test's notification socket.
+fn notified(socket: &UnixDatagram) -> Result<String> {
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .context("no message to NOTIFY_SOCKET within 10 s")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn expect_notified(socket: &UnixDatagram, start: &str) -> Result<()> {
+    let message = notified(socket)?;
+    ensure!(
+        message.starts_with(start),
+        "notified {message:?}, not {start:?}..."
+    );
+    Ok(())
+}
+
 /// Every server answers over IPv4 and IPv6 through the agent.
 fn answered_by_both(topo: &Topology) -> Result<()> {
     wait_until("both servers answering", Duration::from_secs(10), || {
@@ -119,7 +140,14 @@ fn agent_and_servers_run_with_only_their_units_capabilities() -> Result<()> {
         ]
     });
 
+    // The processes started from here on inherit it.
+    let notify_path = topo.dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(10)))?;
+    std::env::set_var("NOTIFY_SOCKET", &notify_path);
+
     topo.start_agent_with(0, &agent_ctl)?;
+    expect_notified(&notify, "READY=1\nSTATUS=agent ready: ")?;
     let pid = topo
         .agent_proc
         .as_ref()
@@ -132,6 +160,7 @@ fn agent_and_servers_run_with_only_their_units_capabilities() -> Result<()> {
     );
     for i in 0..2 {
         topo.start_server(i)?;
+        expect_notified(&notify, "READY=1\nSTATUS=server ready")?;
         let pid = topo.servers[i]
             .decap
             .as_ref()
@@ -181,8 +210,10 @@ fn agent_and_servers_run_with_only_their_units_capabilities() -> Result<()> {
         .context("agent runs")?
         .stop_with(libc::SIGUSR2, Duration::from_secs(10))?;
     ensure!(handed.success(), "the hand-off ended with {handed}");
+    expect_notified(&notify, "STOPPING=1\nSTATUS=SIGUSR2: handing off")?;
     topo.agent_proc = None;
     topo.start_agent_with(0, &agent_ctl)?;
+    expect_notified(&notify, "READY=1")?;
     let log = topo.agent_proc.as_mut().context("agent runs")?.output();
     ensure!(
         log.contains("replaced the program of the pinned link"),
@@ -202,6 +233,7 @@ fn agent_and_servers_run_with_only_their_units_capabilities() -> Result<()> {
         .stop_with(libc::SIGTERM, Duration::from_secs(10))?;
     topo.agent_proc = None;
     ensure!(stopped.success(), "the full stop ended with {stopped}");
+    expect_notified(&notify, "STOPPING=1\nSTATUS=SIGTERM: detaching")?;
     ensure!(
         !topo.agent.ip(&["link", "show", "eth0"])?.contains("xdp"),
         "still attached after a full stop"

@@ -5,7 +5,9 @@
 //! - `health/`: active health checks of the servers;
 //! - `dataplane/`: the BPF maps: loading, writing tables, the flow sweeper, reports;
 //! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
-//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side.
+//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
+//!   `manual.rs`: the agent's signals, files and systemd use, for `--help` and the man page;
+//!   `service_manager.rs`: readiness for systemd (`Type=notify`).
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -14,9 +16,11 @@ pub mod dataplane;
 pub mod files;
 pub mod health;
 pub mod host;
+pub mod manual;
 pub mod model;
 pub mod registration;
 pub mod relay;
 pub mod routing;
 pub mod selection;
 pub mod server;
+pub mod service_manager;

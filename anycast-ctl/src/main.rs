@@ -41,7 +41,9 @@ impl From<Mode> for XdpModeName {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: attach the XDP forwarder and serve the configured services.
+    #[command(after_long_help = anycast_ctl::manual::agent_help())]
     Agent {
+        /// The configuration file (JSON with `//` comments).
         #[arg(long)]
         config: PathBuf,
         /// Control socket for `status` and `reload`.
@@ -54,6 +56,7 @@ enum Command {
     },
     /// Check a configuration file without touching the system.
     Check {
+        /// The configuration file (JSON with `//` comments).
         #[arg(long)]
         config: PathBuf,
     },
@@ -151,7 +154,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "native")]
         xdp_mode: Mode,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    #[command(after_long_help = COMPLETIONS_HELP)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (anycast-ctl.1 and one per command) into DIR.
+    ManPages { dir: PathBuf },
 }
+
+const COMPLETIONS_HELP: &str = "\
+The Debian package installs them for bash, zsh and fish. By hand, e.g.:
+  anycast-ctl completions bash > /etc/bash_completion.d/anycast-ctl
+  anycast-ctl completions zsh > /usr/local/share/zsh/site-functions/_anycast-ctl
+  anycast-ctl completions fish > ~/.config/fish/completions/anycast-ctl.fish";
 
 // Public for anycast-ctl-variant, which is this file with another eBPF object.
 pub fn main() -> ExitCode {
@@ -183,6 +200,16 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Completions { shell } => {
+            let cli = <Cli as clap::CommandFactory>::command();
+            print!("{}", anycast_ctl::manual::completions(shell, cli));
+            Ok(())
+        }
+        Command::ManPages { dir } => {
+            let cli = <Cli as clap::CommandFactory>::command();
+            anycast_ctl::manual::write_pages(cli, &dir)
+                .map_err(|e| anyhow::anyhow!("writing man pages into {}: {e}", dir.display()))
+        }
         Command::Agent {
             config,
             socket,

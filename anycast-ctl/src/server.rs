@@ -227,9 +227,14 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
     }
     let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     tracing::info!("server ready: answering for {}", list.join(", "));
+    crate::service_manager::notify("READY=1\nSTATUS=server ready");
 
     let why = match opts.registration {
-        None => sys::shutdown_signal().await?,
+        None => {
+            let why = sys::shutdown_signal().await?;
+            crate::service_manager::notify("STOPPING=1");
+            why
+        }
         Some(reg) => {
             let client = Client::new(ClientConfig {
                 agents: reg.agents.clone(),
@@ -256,6 +261,8 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let signal = tokio::spawn(async move {
                 let why = sys::shutdown_signal().await;
+                // Deregistering and draining take a while: systemd shows it stopping.
+                crate::service_manager::notify("STOPPING=1");
                 let _ = tx.send(());
                 why
             });

@@ -85,6 +85,9 @@ pub struct Topology {
     pub registration_extra: serde_json::Value,
     /// Extra arguments for every `anycast-ctl server`.
     pub server_args: Vec<String>,
+    /// What runs `anycast-ctl server` instead of the workspace's build (e.g. a wrapper that
+    /// limits its capabilities).
+    pub server_ctl: Option<PathBuf>,
     /// Whether `start_agent` ran: its instance may have left state pinned in bpffs.
     agent_started: bool,
 }
@@ -218,6 +221,7 @@ impl Topology {
             config_extra: serde_json::json!({}),
             registration_extra: serde_json::json!({}),
             server_args: Vec::new(),
+            server_ctl: None,
             agent_started: false,
         };
         for i in 1..=servers {
@@ -305,7 +309,10 @@ impl Topology {
 
     /// Starts the server side (decapsulation, anycast addresses on lo) and the test service.
     pub fn start_server(&mut self, i: usize) -> Result<()> {
-        let ctl = workspace_bin("anycast-ctl")?;
+        let ctl = match &self.server_ctl {
+            Some(ctl) => ctl.clone(),
+            None => workspace_bin("anycast-ctl")?,
+        };
         let app = workspace_bin("anycast-testsrv")?;
         let s = &mut self.servers[i];
         let v4 = ANYCAST_V4.to_string();

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Developer tasks: `cargo xtask setup | build | test | demo | bench | package`.
 //!
 //! The recipe behind `setup` is /work/shared/TOOLCHAIN.md: Debian's rustc 1.96 (which ships the
 //! standard-library source) linked as a rustup toolchain for the eBPF build, and bpf-linker
@@ -10,12 +10,15 @@ use std::process::{Command, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod package;
+
 /// Name of the rustup toolchain (linked to /usr) that builds the eBPF object.
 /// anycast-ctl/build.rs builds the eBPF programs with the same name.
 pub const BPF_TOOLCHAIN: &str = "anycast-bpf";
 
 const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev \
-    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark bird2";
+    zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark bird2 \
+    systemd man-db";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -48,6 +51,16 @@ enum Cmd {
     /// Set up, build release (and anycast-ctl-variant), then run target/release/anycast-bench
     /// with the given args.
     Bench(Extra),
+    /// Set up, build anycast-ctl (release), then the Debian package anycast-ctl_VERSION_ARCH.deb
+    /// (binary, systemd units, examples in /etc/anycast, man pages, shell completions).
+    Package {
+        /// Package target/release/anycast-ctl as it is: no setup, no build (the package test).
+        #[arg(long)]
+        prebuilt: bool,
+        /// Where the .deb goes (default: target/debian).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -61,7 +74,9 @@ fn main() -> Result<()> {
     put_cargo_bin_on_path();
     // The workspace root is the parent of this crate's directory.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    setup()?;
+    if !matches!(cli.cmd, Cmd::Package { prebuilt: true, .. }) {
+        setup()?;
+    }
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Build { release } => cargo_build(root, release, release),
@@ -69,6 +84,21 @@ fn main() -> Result<()> {
         Cmd::Demo(extra) => run_binary(root, "anycast-demo", false, &extra.args),
         // The bench's restart part upgrades to the variant.
         Cmd::Bench(extra) => run_binary(root, "anycast-bench", true, &extra.args),
+        Cmd::Package { prebuilt, out } => {
+            if !prebuilt {
+                run(&mut cargo(
+                    root,
+                    "build --release -p anycast-ctl --bin anycast-ctl",
+                ))?;
+            }
+            let release = target_dir(root).join("release");
+            let out = out.unwrap_or_else(|| target_dir(root).join("debian"));
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let deb = package::build(root, &release.join("anycast-ctl"), &out)?;
+            // The last line: the package's path (the package test reads it).
+            println!("{}", deb.display());
+            Ok(())
+        }
     }
 }
 
@@ -360,9 +390,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 
 fn run_binary(root: &Path, name: &str, variant: bool, args: &[String]) -> Result<()> {
     cargo_build(root, true, variant)?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), |dir| root.join(dir));
-    let bin = target_dir.join("release").join(name);
+    let bin = target_dir(root).join("release").join(name);
     if !bin.is_file() {
         bail!("{} was not built", bin.display());
     }
@@ -377,4 +405,9 @@ fn run_binary(root: &Path, name: &str, variant: bool, args: &[String]) -> Result
         128 + status.signal().unwrap_or(0)
     });
     std::process::exit(code)
+}
+
+/// Cargo's target directory ($CARGO_TARGET_DIR, relative to the workspace, or target/).
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }

@@ -320,6 +320,10 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         socket.display(),
         dataplane.table_write_path()
     );
+    crate::service_manager::notify(&format!(
+        "READY=1\nSTATUS=agent ready: {} services",
+        config.services.len()
+    ));
 
     // Flows that move between agents: the sweeper's thread finds the exceptions and
     // installs the peers' pins; the owner relays.
@@ -428,6 +432,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         .await?;
     let (signal, stop) = why;
     tracing::info!("{signal}: {}", stop.describe());
+    crate::service_manager::notify(&format!("STOPPING=1\nSTATUS={signal}: {}", stop.describe()));
     if let Some(r) = agent.routing.take() {
         // Withdrawn while the data path still forwards what is in flight.
         let withdraw = match stop {

@@ -1,4 +1,4 @@
-//! The agent's configuration file: JSON, read whole and validated before anything changes.
+//! The agent's configuration file: JSON (with `//` comments), read whole and validated before anything changes.
 //! Errors name the field (`services[1].servers[0].address`) and the reason.
 use std::{
     collections::HashSet,
@@ -430,9 +430,10 @@ impl Config {
         Self::parse(&text)
     }
 
+    /// JSON with `//` comments (see comments.rs).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_json::from_str(text).map_err(|e| err("config", e.to_string()))?;
+        let config: Config = serde_json::from_str(&comments::strip(text))
+            .map_err(|e| err("config", e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -566,6 +567,7 @@ impl Config {
     }
 }
 
+mod comments;
 mod prefix;
 mod routing;
 mod security;

@@ -5,7 +5,8 @@
 //! - `health/`: active health checks of the servers;
 //! - `dataplane/`: the BPF maps: loading, writing tables, the flow sweeper, reports;
 //! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
-//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side.
+//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
+//!   `top/`: `anycast-ctl top`, the live view.
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod relay;
 pub mod routing;
 pub mod selection;
 pub mod server;
+pub mod top;

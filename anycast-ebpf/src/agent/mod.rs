@@ -67,8 +67,8 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     };
     let now = flow_clock_now();
     // A flow-table hit names its server, and the server slot its service: no service lookup.
-    let (server_id, server) = match pinned_server(&p, now) {
-        Some(pinned) => pinned,
+    let ((server_id, server), new_flow) = match pinned_server(&p, now) {
+        Some(pinned) => (pinned, false),
         None => {
             let Some(service) = lookup_service(&p.key) else {
                 return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
@@ -77,13 +77,13 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
             let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now) else {
                 return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
             };
-            chosen
+            (chosen, true)
         }
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     add_service_traffic(server.service as u32, frame_len);
     let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    add_server_traffic(server_id, frame_len, syn);
+    add_server_traffic(server_id, frame_len, syn, new_flow);
     let Some(agent) = AGENT.get(0) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
     };

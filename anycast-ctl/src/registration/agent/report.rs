@@ -111,3 +111,19 @@ impl Registry {
         }
     }
 }
+
+impl Registry {
+    /// How many bindings are in each (state, condition), for the metrics.
+    pub fn binding_counts(&self) -> BTreeMap<(BindingState, Condition), u64> {
+        let mut out = BTreeMap::new();
+        for (id, b) in &self.bindings {
+            *out.entry((b.state, self.condition(id, b))).or_default() += 1;
+        }
+        out
+    }
+
+    /// The registration counters (names as `anycast-ctl bindings` shows them).
+    pub fn counters(&self) -> &BTreeMap<String, u64> {
+        &self.counters
+    }
+}

@@ -29,6 +29,8 @@
 //!   with a relay also finds the flow-pin exceptions (PinsFound, bounded, to the owner,
 //!   which relays them) and installs the pins peers send (PinWork, bounded, from the owner)
 //! flow listing: a snapshot from the owner, read on a blocking thread
+//! metrics thread (its own runtime; HTTP): reads the snapshot the owner publishes once a
+//!   second (from the 50 ms tick) and the live metrics (atomics); never sends the owner anything
 //! ```
 mod control;
 mod instance;

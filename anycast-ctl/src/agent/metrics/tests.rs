@@ -358,3 +358,31 @@ fn a_bad_listen_address_is_refused_with_the_field() {
     .address()
     .is_ok());
 }
+
+/// The agent and `check` refuse a bad `metrics.listen` before anything starts, and warn
+/// about one that listens everywhere.
+#[test]
+fn the_configuration_checks_metrics_listen() {
+    let config = |listen: &str| {
+        format!(
+            r#"{{"interfaces": ["eth0"], "agent_address": {{"v4": "10.0.0.1"}},
+                "metrics": {{"listen": "{listen}"}}}}"#
+        )
+    };
+    let e = crate::config::Config::parse(&config("127.0.0.1:http")).unwrap_err();
+    assert_eq!(e.field, "metrics.listen");
+    let e = crate::config::Config::parse(
+        r#"{"interfaces": ["eth0"], "agent_address": {"v4": "10.0.0.1"},
+            "metrics": {"listen": "127.0.0.1:9464", "port": 1}}"#,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown field"), "{e}");
+    let ok = crate::config::Config::parse(&config("127.0.0.1:9464")).unwrap();
+    assert!(ok.warnings().iter().all(|w| w.field != "metrics.listen"));
+    let wide = crate::config::Config::parse(&config("0.0.0.0:9464")).unwrap();
+    assert!(
+        wide.warnings().iter().any(|w| w.field == "metrics.listen"),
+        "{:?}",
+        wide.warnings()
+    );
+}

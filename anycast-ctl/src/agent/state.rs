@@ -550,6 +550,11 @@ impl Agent {
     pub(super) fn publish_metrics(&mut self) {
         let due = self.metrics.as_ref().is_some_and(|m| m.due(Instant::now()));
         if due {
+            if let (Some(r), Some(m)) = (self.registry.as_mut(), &self.metrics) {
+                // Refresh-request probes are a health method of their own.
+                let (outcomes, timeout) = r.take_probe_outcomes();
+                m.live.probes_done(&outcomes, timeout.unwrap_or_default());
+            }
             let snapshot = self.metrics_snapshot();
             if let Some(m) = &mut self.metrics {
                 m.publish(snapshot);

@@ -31,6 +31,12 @@ use prometheus_client::{
 pub(super) use self::http::spawn;
 pub use self::snapshot::Snapshot;
 
+/// The health method label of refresh-request probes.
+const PROBE_METHOD: &str = "refresh_request";
+
+/// Misses observed one by one into the histogram (more are only counted).
+const MAX_OBSERVED_MISSES: u64 = 4096;
+
 /// How often the owner publishes a new snapshot.
 pub(super) const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
@@ -109,6 +115,35 @@ impl Live {
                 method: method.into(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Refresh-request probes (`registration.probe`) answered and missed: method
+    /// `refresh_request`, a miss counted with the probes' timeout as its duration.
+    pub fn probes_done(
+        &self,
+        outcomes: &crate::registration::agent::ProbeOutcomes,
+        timeout: Duration,
+    ) {
+        for rtt in &outcomes.round_trips {
+            self.check_done(PROBE_METHOD, true, *rtt);
+        }
+        self.health_checks
+            .get_or_create(&CheckResultLabels {
+                method: PROBE_METHOD.into(),
+                result: "success".into(),
+            })
+            .inc_by(outcomes.answered_unkept);
+        for _ in 0..outcomes.missed.min(MAX_OBSERVED_MISSES) {
+            self.check_done(PROBE_METHOD, false, timeout);
+        }
+        if outcomes.missed > MAX_OBSERVED_MISSES {
+            self.health_checks
+                .get_or_create(&CheckResultLabels {
+                    method: PROBE_METHOD.into(),
+                    result: "failure".into(),
+                })
+                .inc_by(outcomes.missed - MAX_OBSERVED_MISSES);
+        }
     }
 
     /// A target's health changed to `to` (`up`, `suspect`, `down`).

@@ -72,6 +72,14 @@ fn encoded(publisher: &mut Publisher, registry: &prometheus_client::registry::Re
         .live
         .check_done("tcp", true, Duration::from_millis(3));
     publisher.live.health_transition("tcp", "down");
+    publisher.live.probes_done(
+        &crate::registration::agent::ProbeOutcomes {
+            round_trips: vec![Duration::from_millis(2)],
+            answered_unkept: 4,
+            missed: 1,
+        },
+        Duration::from_millis(500),
+    );
     publisher.live.table_built(Duration::from_micros(300));
     publisher.live.table_published(Duration::from_micros(800));
     let mut out = String::new();
@@ -152,6 +160,9 @@ fn the_text_has_every_family_with_conventional_names() {
         "anycast_health_checks_total{method=\"tcp\",result=\"success\"} 1",
         "anycast_health_check_duration_seconds_bucket{method=\"tcp\",le=\"0.005\"} 1",
         "anycast_health_transitions_total{method=\"tcp\",to=\"down\"} 1",
+        "anycast_health_checks_total{method=\"refresh_request\",result=\"success\"} 5",
+        "anycast_health_checks_total{method=\"refresh_request\",result=\"failure\"} 1",
+        "anycast_health_check_duration_seconds_count{method=\"refresh_request\"} 2",
         "anycast_table_build_duration_seconds_count 1",
         "anycast_table_publish_duration_seconds_bucket{le=\"0.001\"} 1",
         "anycast_bgp_prefix_announced{prefix=\"10.9.0.1/32\"} 1",

@@ -122,6 +122,14 @@ impl Registry {
         out
     }
 
+    /// The probes answered and missed since the last call, and the probes' timeout.
+    pub fn take_probe_outcomes(&mut self) -> (ProbeOutcomes, Option<Duration>) {
+        (
+            std::mem::take(&mut self.probe_outcomes),
+            self.probe.map(|p| Duration::from_millis(p.timeout_ms)),
+        )
+    }
+
     /// The registration counters (names as `anycast-ctl bindings` shows them).
     pub fn counters(&self) -> &BTreeMap<String, u64> {
         &self.counters

@@ -277,10 +277,37 @@ fn metrics_answer_under_a_binding_update_flood() -> Result<()> {
     );
     assert!(max_age < 3.0, "the owner kept publishing: ages {ages:?}");
     // The flood is counted in the metrics.
+    let mut after = BTreeMap::new();
     wait_until("the flood counted", Duration::from_secs(10), || {
-        let after = samples(&scrape(&agent.topo.agent, Duration::from_secs(2))?.1);
+        after = samples(&scrape(&agent.topo.agent, Duration::from_secs(2))?.1);
         Ok(refused_or_dropped(&after) - refused_or_dropped(&before) >= sent as f64 * 0.99)
     })?;
+    // The refresh-request probes (every 500 ms to each server) went on, as a health method.
+    let probes = |result: &str| {
+        let key = format!(
+            "anycast_health_checks_total{{method=\"refresh_request\",result=\"{result}\"}}"
+        );
+        get(&after, &key) - get(&before, &key)
+    };
+    println!(
+        "refresh-request probes during the flood: {} answered, {} missed",
+        probes("success"),
+        probes("failure")
+    );
+    assert!(
+        probes("success") >= 10.0,
+        "probes answered: {}",
+        probes("success")
+    );
+    assert_eq!(
+        get(
+            &after,
+            "anycast_bindings{state=\"active\",condition=\"up\"}"
+        ),
+        agent.states.len() as f64,
+        "every binding active and up: {:?}",
+        agent.states
+    );
     Ok(())
 }
 

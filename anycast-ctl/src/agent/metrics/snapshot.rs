@@ -164,7 +164,7 @@ fn binding_state(s: BindingState) -> &'static str {
 #[derive(Debug)]
 pub(super) struct Collect(pub(super) Arc<Mutex<Arc<Snapshot>>>);
 
-type Labels<'a> = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, String)>;
 
 /// One metric family: its descriptor, then each label set's value.
 fn family(
@@ -173,7 +173,7 @@ fn family(
     help: &str,
     unit: Option<Unit>,
     kind: MetricType,
-    rows: &[(Labels<'_>, f64)],
+    rows: &[(Labels, f64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = encoder.encode_descriptor(name, help, unit.as_ref(), kind)?;
     for (labels, v) in rows {
@@ -190,7 +190,7 @@ fn family(
     Ok(())
 }
 
-fn l(pairs: &[(&'static str, &str)]) -> Labels<'static> {
+fn l(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 

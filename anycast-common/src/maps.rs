@@ -91,7 +91,8 @@ pub const AGENT_PINNED: &[&str] = &[
 /// only when their version (recorded beside them) and their kernel definitions (type, key
 /// and value sizes, entries) are its own. Bump it whenever the meaning of an agent map's
 /// key or value changes, even when its size does not.
-pub const AGENT_LAYOUT_VERSION: u32 = 1;
+pub const AGENT_LAYOUT_VERSION: u32 = 2;
+// 2: `ServerTraffic` gained `flows` (24 -> 32 bytes).
 
 /// Default and compiled-in upper bounds. The ring and flow maps are sized at load time
 /// from the agent's configuration; these are the defaults.
@@ -331,13 +332,16 @@ pub struct Traffic {
 /// A server slot's traffic (`SERVER_STATS`), per CPU: packets and bytes forwarded to it, and
 /// how many of those packets were TCP SYNs without ACK (new connections, or a client's
 /// retransmission of one). The reverse-tunnel monitor compares `syns` with the SYN-ACKs
-/// the server sends back through the agent.
+/// the server sends back through the agent. `flows`: packets that found no live flow-table
+/// entry and were given this server (new flows of any protocol; the same slot entry is
+/// written, so counting them costs no lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServerTraffic {
     pub packets: u64,
     pub bytes: u64,
     pub syns: u64,
+    pub flows: u64,
 }
 
 /// An address as a map key: a server's real address (`REVERSE`) or an anycast address this
@@ -589,7 +593,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AgentInfo>(), 36);
         assert_eq!(core::mem::size_of::<TokenBucket>(), 16);
         assert_eq!(core::mem::size_of::<NextHop>(), 36);
-        assert_eq!(core::mem::size_of::<ServerTraffic>(), 24);
+        assert_eq!(core::mem::size_of::<ServerTraffic>(), 32);
         assert_eq!(core::mem::size_of::<AddressKey>(), 20);
         assert_eq!(core::mem::size_of::<ReverseStats>(), 16);
         assert_eq!(core::mem::size_of::<SynAckTunnelConfig>(), 36);

@@ -8,6 +8,7 @@
 //! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
 //!   `manual.rs`: the agent's signals, files and systemd use, for `--help` and the man page;
 //!   `service_manager.rs`: readiness for systemd (`Type=notify`).
+//!   `top/`: `anycast-ctl top`, the live view.
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -24,3 +25,4 @@ pub mod routing;
 pub mod selection;
 pub mod server;
 pub mod service_manager;
+pub mod top;

@@ -82,6 +82,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view: per service and server packets/s, bytes/s, new flows/s, state and
+    /// weight, and the verdicts' rates, refreshed every second; `q` quits. Plain lines when
+    /// stdout is not a terminal.
+    Top {
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Refresh interval in milliseconds (100-60000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60000))]
+        interval_ms: u64,
+        /// Stop after this many refreshes (default: until `q`, or forever without a terminal).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Drain a server (by name): no new flows, its open flows stay. `--undo` ends the drain.
     Drain {
         server: String,
@@ -252,6 +265,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Response::Error { message } => anyhow::bail!("{message}"),
             other => anyhow::bail!("unexpected answer {other:?}"),
         },
+        Command::Top {
+            socket,
+            interval_ms,
+            count,
+        } => {
+            anycast_ctl::top::run(
+                &socket,
+                std::time::Duration::from_millis(interval_ms),
+                count,
+            )
+            .await
+        }
         Command::Bindings { socket, json } => match api::call(&socket, &Request::Bindings).await? {
             Response::Bindings(b) => {
                 if json {

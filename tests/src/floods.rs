@@ -359,7 +359,13 @@ impl FloodedAgent {
     /// Builds the topology in namespaces named `{prefix}*`, with refresh requests every
     /// 500 ms (two missed mean down), and waits for s1, s2 and s3 to be registered.
     pub fn start(prefix: &str) -> Result<FloodedAgent> {
+        FloodedAgent::start_with(prefix, serde_json::json!({}))
+    }
+
+    /// `start`, with `config_extra` merged into the agent's configuration (e.g. `metrics`).
+    pub fn start_with(prefix: &str, config_extra: serde_json::Value) -> Result<FloodedAgent> {
         let mut topo = Topology::build(prefix, 1, 3, ServerMode::Registering { lifetime_secs: 8 })?;
+        topo.config_extra = config_extra;
         topo.registration_extra =
             serde_json::json!({"probe": {"interval_ms": 500, "timeout_ms": 400, "misses": 2}});
         topo.start_agent(0)?;

@@ -18,7 +18,7 @@ pub const BPF_TOOLCHAIN: &str = "anycast-bpf";
 
 const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src llvm-22-dev libpolly-22-dev \
     zlib1g-dev libzstd-dev iproute2 iperf3 bpftool tcpdump ethtool tshark bird2 \
-    systemd man-db";
+    systemd man-db prometheus tmux";
 const RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -162,7 +162,7 @@ fn setup() -> Result<()> {
     setup_toolchain()?;
     setup_bpf_linker()?;
     setup_scapy()?;
-    setup_bird_service()?;
+    setup_services()?;
     setup_bpffs()
 }
 
@@ -292,25 +292,32 @@ fn setup_scapy() -> Result<()> {
 }
 
 /// The routing tests run their own `bird` in namespaces they create. Debian's `bird2`
-/// starts and enables a system-wide `bird.service` on install: stopped and disabled here, so
-/// no routing daemon runs outside the tests' namespaces.
-fn setup_bird_service() -> Result<()> {
-    let active = Command::new("systemctl")
-        .args(["is-active", "--quiet", "bird.service"])
-        .status()
-        .is_ok_and(|s| s.success());
-    let enabled = Command::new("systemctl")
-        .args(["is-enabled", "--quiet", "bird.service"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !active && !enabled {
-        println!("ok: bird.service neither running nor enabled");
-        return Ok(());
+/// starts and enables a system-wide `bird.service` on install, and `prometheus` (installed for
+/// its `promtool`, which checks the metrics tests' scrapes) a `prometheus.service`: both are
+/// stopped and disabled here, so no daemon of theirs runs outside the tests.
+fn setup_services() -> Result<()> {
+    for (unit, why) in [
+        ("bird.service", "the tests run their own bird"),
+        ("prometheus.service", "only promtool is used"),
+    ] {
+        let active = Command::new("systemctl")
+            .args(["is-active", "--quiet", unit])
+            .status()
+            .is_ok_and(|s| s.success());
+        let enabled = Command::new("systemctl")
+            .args(["is-enabled", "--quiet", unit])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !active && !enabled {
+            println!("ok: {unit} neither running nor enabled");
+            continue;
+        }
+        println!("stopping and disabling: {unit} ({why})");
+        // Without systemd as init (a container), `--now` cannot stop anything; disabling works.
+        run(Command::new("systemctl").args(["disable", "--now", unit]))
+            .or_else(|_| run(Command::new("systemctl").args(["disable", unit])))?;
     }
-    println!("stopping and disabling: bird.service (the tests run their own bird)");
-    // Without systemd as init (a container), `--now` cannot stop anything; disabling works.
-    run(Command::new("systemctl").args(["disable", "--now", "bird.service"]))
-        .or_else(|_| run(Command::new("systemctl").args(["disable", "bird.service"])))
+    Ok(())
 }
 
 fn setup_bpffs() -> Result<()> {

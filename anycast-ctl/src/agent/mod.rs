@@ -29,9 +29,12 @@
 //!   with a relay also finds the flow-pin exceptions (PinsFound, bounded, to the owner,
 //!   which relays them) and installs the pins peers send (PinWork, bounded, from the owner)
 //! flow listing: a snapshot from the owner, read on a blocking thread
+//! metrics thread (its own runtime; HTTP): reads the snapshot the owner publishes once a
+//!   second (from the 50 ms tick) and the live metrics (atomics); never sends the owner anything
 //! ```
 mod control;
 mod instance;
+mod metrics;
 mod pins;
 mod registration_io;
 mod route_events;
@@ -144,6 +147,20 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             anycast_common::wire::ntp_now(),
         ));
     }
+    // The metrics endpoint: bound now, so a taken or foreign address fails the start before
+    // the host changes; it serves an empty snapshot until the owner publishes one.
+    let metrics = match &config.metrics {
+        Some(m) => {
+            let addr = m
+                .address()
+                .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+            let (registry, publisher) = metrics::registry();
+            let bound = metrics::spawn(addr, registry, publisher.live.clone())?;
+            tracing::info!("serving metrics at http://{bound}/metrics");
+            Some(publisher)
+        }
+        None => None,
+    };
     if socket.exists() {
         if UnixStream::connect(socket).await.is_ok() {
             bail!("another agent is already answering on {}", socket.display());
@@ -358,11 +375,21 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         routing,
         own_down: Default::default(),
         down_inputs: Default::default(),
+        metrics,
     };
     agent
         .checker
         .borrow_mut()
         .set_checks(agent.config.all_checks());
+    if let Some(m) = &agent.metrics {
+        let live = m.live.clone();
+        agent.checker.borrow_mut().observer = Some(Box::new(move |o| match o {
+            health::Observed::Result { method, ok, took } => live.check_done(method, ok, took),
+            health::Observed::Transition { method, to } => {
+                live.health_transition(method, &to.to_string())
+            }
+        }));
+    }
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
     let why = local
         .run_until(async {
@@ -425,6 +452,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
                     _ = tick.tick() => {
                         let replies = agent.housekeeping();
                         agent.send(replies);
+                        agent.publish_metrics();
                     }
                 }
             }

@@ -159,6 +159,8 @@ pub(super) struct Agent {
     /// Real addresses of bindings down in the published tables (here or by a peer's mark):
     /// part of the digest the agents compare.
     pub(super) down_inputs: std::collections::BTreeSet<crate::relay::HealthEntry>,
+    /// The metrics endpoint's snapshots and live metrics (with `metrics`).
+    pub(super) metrics: Option<super::metrics::Publisher>,
 }
 
 pub(super) fn log_services(config: &Config) {
@@ -285,13 +287,20 @@ impl Agent {
     }
 
     pub(super) fn republish(&mut self) {
+        let started = Instant::now();
         self.update_targets();
         let mut plans = self.own_plans();
         let own = super::shared_health::down_in(&plans);
         self.apply_peer_marks(&mut plans);
         let forwarding: Vec<DesiredService> = plans.iter().map(ServicePlan::select).collect();
         self.share_health(own, &plans);
-        match self.dataplane.apply(&forwarding) {
+        let built = Instant::now();
+        let applied = self.dataplane.apply(&forwarding);
+        if let Some(m) = &self.metrics {
+            m.live.table_built(built - started);
+            m.live.table_published(built.elapsed());
+        }
+        match applied {
             // Announced only what the published tables can serve.
             Ok(()) => {
                 self.publish_pin_view();
@@ -537,6 +546,22 @@ impl Agent {
         requests.into_iter().map(|r| (None, r)).collect()
     }
 
+    /// Publishes a metrics snapshot when one is due (once a second).
+    pub(super) fn publish_metrics(&mut self) {
+        let due = self.metrics.as_ref().is_some_and(|m| m.due(Instant::now()));
+        if due {
+            if let (Some(r), Some(m)) = (self.registry.as_mut(), &self.metrics) {
+                // Refresh-request probes are a health method of their own.
+                let (outcomes, timeout) = r.take_probe_outcomes();
+                m.live.probes_done(&outcomes, timeout.unwrap_or_default());
+            }
+            let snapshot = self.metrics_snapshot();
+            if let Some(m) = &mut self.metrics {
+                m.publish(snapshot);
+            }
+        }
+    }
+
     pub(super) fn reload(&mut self) -> Result<()> {
         let new = Config::load(&self.config_path).map_err(|e| anyhow!("{e}"))?;
         let fixed = |c: &Config| {
@@ -547,7 +572,7 @@ impl Agent {
                 sizes(c),
                 c.registration.as_ref().map(|r| r.port),
                 c.control.clone(),
-                c.routing.clone(),
+                (c.routing.clone(), c.metrics.clone()),
                 (
                     c.instance.clone(),
                     c.state_directory.clone(),
@@ -559,7 +584,7 @@ impl Agent {
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, registration.discovery_address, control, routing, instance, state_directory and pin_directory only change on restart");
+            bail!("interfaces, xdp_mode, agent_address, ring_size, max_services, max_flows, registration.port, registration.relay, registration.discovery_address, control, routing, metrics, instance, state_directory and pin_directory only change on restart");
         }
         for w in new.warnings() {
             tracing::warn!("configuration: {w}");
@@ -595,7 +620,7 @@ impl Agent {
         Ok(())
     }
 
-    fn status(&self) -> Result<Status> {
+    pub(super) fn status(&self) -> Result<Status> {
         Ok(Status {
             config: self.config_path.clone(),
             interfaces: self.interfaces.clone(),

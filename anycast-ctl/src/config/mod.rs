@@ -97,6 +97,36 @@ pub struct Config {
     /// Absent: the agent announces nothing (routes are the operator's business).
     #[serde(default)]
     pub routing: Option<Routing>,
+    /// The Prometheus endpoint. Absent: no metrics are served.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `metrics`: where `/metrics` is served (Prometheus text format).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ADDRESS:PORT` to listen on, e.g. `127.0.0.1:9464` (`[::1]:9464` for IPv6).
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The listen address, checked: an address and a non-zero port.
+    pub fn address(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        let a: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            err(
+                "metrics.listen",
+                format!(
+                    "'{}' is not ADDRESS:PORT (e.g. 127.0.0.1:9464, [::1]:9464)",
+                    self.listen
+                ),
+            )
+        })?;
+        if a.port() == 0 {
+            return Err(err("metrics.listen", "port 0: give the port to listen on"));
+        }
+        Ok(a)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -238,6 +238,18 @@ impl Config {
     /// agent logs them.
     pub fn warnings(&self) -> Vec<ConfigError> {
         let mut out = self.routing_warnings();
+        if let Some(a) = self.metrics.as_ref().and_then(|m| m.address().ok()) {
+            // The endpoint has no authentication: every interface is likely more than meant.
+            if a.ip().is_unspecified() {
+                out.push(err(
+                    "metrics.listen",
+                    format!(
+                        "{a} serves the metrics on every address of the host, without \
+                         authentication; give a loopback or management address"
+                    ),
+                ));
+            }
+        }
         let Some(r) = &self.registration else {
             return out;
         };

@@ -9,6 +9,9 @@ impl Config {
         if self.interfaces.is_empty() {
             return Err(err("interfaces", "at least one interface is needed"));
         }
+        if let Some(m) = &self.metrics {
+            m.address()?;
+        }
         if let Some(name) = &self.instance {
             if !valid_instance_name(name) {
                 return Err(err(

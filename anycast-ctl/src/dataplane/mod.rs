@@ -269,6 +269,7 @@ fn sum_server(values: &PerCpuValues<ServerTraffic>) -> ServerTraffic {
             packets: a.packets + t.packets,
             bytes: a.bytes + t.bytes,
             syns: a.syns + t.syns,
+            flows: a.flows + t.flows,
         })
 }
 

@@ -50,11 +50,14 @@ impl Dataplane {
                     packets: t.packets,
                     bytes: t.bytes,
                     syns: t.syns,
+                    flows: t.flows,
                 });
             }
             servers.sort_by(|a, b| a.name.cmp(&b.name));
             let t = sum(&self.service_stats.get(&svc.id, 0)?);
             let table_digest = table_digest(live, &svc.servers);
+            let syns = servers.iter().map(|s| s.syns).sum();
+            let flows = servers.iter().map(|s| s.flows).sum();
             services.push(ServiceReport {
                 name: svc.name.clone(),
                 address: key.ip(),
@@ -65,6 +68,8 @@ impl Dataplane {
                 table_digest,
                 packets: t.packets,
                 bytes: t.bytes,
+                syns,
+                flows,
                 servers,
             });
         }
@@ -124,6 +129,12 @@ pub struct ServiceReport {
     pub table_digest: String,
     pub packets: u64,
     pub bytes: u64,
+    /// TCP SYNs (without ACK) forwarded, over its servers.
+    #[serde(default)]
+    pub syns: u64,
+    /// New flows (flow-table misses given a server), over its servers.
+    #[serde(default)]
+    pub flows: u64,
     pub servers: Vec<ServerReport>,
 }
 
@@ -141,6 +152,10 @@ pub struct ServerReport {
     /// TCP SYNs (without ACK) among `packets`.
     #[serde(default)]
     pub syns: u64,
+    /// New flows given this server (flow-table misses: a first packet, or one whose entry
+    /// had ended or whose server went).
+    #[serde(default)]
+    pub flows: u64,
 }
 
 /// What the reverse-tunnel monitor reads for one server real address.

@@ -28,6 +28,18 @@ pub(crate) fn default_rise() -> u32 {
     DEFAULT_RISE
 }
 
+impl CheckKind {
+    /// The method's name, as configured (`type`) and as metrics label it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Icmp => "icmp",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Http { .. } => "http",
+            CheckKind::Command { .. } => "command",
+        }
+    }
+}
+
 /// One way to check a server; configured per service.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", from = "RawKind")]

@@ -30,6 +30,8 @@ pub struct Checker {
     pub(crate) cookie: u64,
     pub(crate) generation: u64,
     pub(crate) jitter: RandomState,
+    /// Told of every result and transition (the metrics), on the checker's task.
+    pub observer: Option<Box<dyn Fn(Observed)>>,
 }
 
 impl Checker {
@@ -46,6 +48,7 @@ impl Checker {
             cookie: RandomState::new().hash_one(random),
             generation: 0,
             jitter,
+            observer: None,
         }
     }
 
@@ -219,21 +222,24 @@ pub async fn run(checker: Rc<RefCell<Checker>>, tx: UnboundedSender<Transition>)
         v6: None,
         readers: JoinSet::new(),
     };
-    let mut running: JoinSet<(bool, String)> = JoinSet::new();
-    let mut owners: HashMap<Id, (Target, u64)> = HashMap::new();
+    let mut running: JoinSet<(bool, String, Duration)> = JoinSet::new();
+    let mut owners: HashMap<Id, (Target, u64, &'static str)> = HashMap::new();
     loop {
         let (starts, next) = checker.borrow_mut().take_due(Instant::now());
         for start in starts {
             let probe = probes.probe(&start.target, &start.check.kind);
             let limit = start.check.timeout();
             let task = running.spawn_local(async move {
-                match tokio::time::timeout(limit, probe).await {
+                let began = Instant::now();
+                let (ok, detail) = match tokio::time::timeout(limit, probe).await {
                     Ok(Ok(detail)) => (true, detail),
                     Ok(Err(detail)) => (false, detail),
                     Err(_) => (false, format!("timeout {}ms", limit.as_millis())),
-                }
+                };
+                (ok, detail, began.elapsed())
             });
-            owners.insert(task.id(), (start.target, start.generation));
+            let method = start.check.kind.name();
+            owners.insert(task.id(), (start.target, start.generation, method));
         }
         let sleep = async {
             match next {
@@ -245,13 +251,21 @@ pub async fn run(checker: Rc<RefCell<Checker>>, tx: UnboundedSender<Transition>)
             () = sleep => {}
             () = wake.notified() => {}
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                let (id, ok, detail) = match done {
-                    Ok((id, (ok, detail))) => (id, ok, detail),
-                    Err(e) => (e.id(), false, format!("check failed: {e}")),
+                let (id, ok, detail, took) = match done {
+                    Ok((id, (ok, detail, took))) => (id, ok, detail, took),
+                    Err(e) => (e.id(), false, format!("check failed: {e}"), Duration::ZERO),
                 };
-                if let Some((target, generation)) = owners.remove(&id) {
+                if let Some((target, generation, method)) = owners.remove(&id) {
                     let now = Instant::now();
-                    let change = checker.borrow_mut().record(&target, generation, ok, detail, now);
+                    let mut c = checker.borrow_mut();
+                    let change = c.record(&target, generation, ok, detail, now);
+                    if let Some(observe) = &c.observer {
+                        observe(Observed::Result { method, ok, took });
+                        if let Some(t) = &change {
+                            observe(Observed::Transition { method, to: t.to });
+                        }
+                    }
+                    drop(c);
                     if let Some(t) = change {
                         log_transition(&t);
                         let _ = tx.send(t);

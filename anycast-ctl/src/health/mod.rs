@@ -56,6 +56,20 @@ pub use check_config::*;
 pub use checker::{run, spawn, Checker};
 use probes::Probes;
 
+/// What the checker tells its observer (the metrics): each check's result and duration, and
+/// each transition, by method.
+pub enum Observed {
+    Result {
+        method: &'static str,
+        ok: bool,
+        took: Duration,
+    },
+    Transition {
+        method: &'static str,
+        to: Condition,
+    },
+}
+
 /// A target's health is the agent-wide condition: up, suspect or down.
 pub use crate::model::Condition;
 

@@ -117,15 +117,16 @@ pub(super) fn add_service_traffic(index: u32, bytes: u64) {
 }
 
 /// Counts a forwarded packet of `bytes` for its server slot (and whether it opened a
-/// connection: a SYN without ACK).
+/// connection: a SYN without ACK; and whether it was a flow-table miss: a new flow).
 #[inline(always)]
-pub(super) fn add_server_traffic(index: u32, bytes: u64, syn: bool) {
+pub(super) fn add_server_traffic(index: u32, bytes: u64, syn: bool, new_flow: bool) {
     if let Some(t) = SERVER_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe {
             (*t).packets += 1;
             (*t).bytes += bytes;
             (*t).syns += syn as u64;
+            (*t).flows += new_flow as u64;
         }
     }
 }

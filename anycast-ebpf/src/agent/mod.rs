@@ -76,23 +76,27 @@ fn forward(ctx: &XdpContext) -> (u32, u32) {
     } else {
         pinned_server(&p, now)
     };
-    let (server_id, server) = match pinned {
-        Pinned::Hit(id, server) => (id, server),
+    // `new_flow`: this packet pinned its flow (a SYN does not: its handshake's next packet
+    // does), counted per server.
+    let ((server_id, server), new_flow) = match pinned {
+        Pinned::Hit(id, server) => ((id, server), false),
         pinned => {
             let Some(service) = lookup_service(&p.key) else {
                 return (xdp_action::XDP_PASS, verdict::PASS_NOT_SERVICE);
             };
             count(verdict::FLOW_MISS);
             let ended = matches!(pinned, Pinned::Ended);
-            let Some(chosen) = choose_server(&p, &service, flow_hash(&p.key), now, ended) else {
+            let Some((id, server, pinned)) =
+                choose_server(&p, &service, flow_hash(&p.key), now, ended)
+            else {
                 return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
             };
-            chosen
+            ((id, server), pinned)
         }
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     add_service_traffic(server.service as u32, frame_len);
-    add_server_traffic(server_id, frame_len, syn);
+    add_server_traffic(server_id, frame_len, syn, new_flow);
     let Some(agent) = AGENT.get(0) else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_AGENT_ADDR);
     };

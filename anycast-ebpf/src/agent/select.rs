@@ -134,7 +134,7 @@ fn closes(p: &Flow) -> u32 {
 /// A new choice for the flow. A SYN: the consistent-hash table's, remembered in its
 /// `EMBRYOS` slot, not pinned. Any other packet: the server of the SYN before it (its slot),
 /// pinned; else the table's, pinned if the flow had an entry that `ended`, else within this
-/// CPU's budget of flows not seen opening.
+/// CPU's budget of flows not seen opening. With the server: whether the flow was pinned.
 #[inline(always)]
 pub(super) fn choose_server(
     p: &Flow,
@@ -142,26 +142,27 @@ pub(super) fn choose_server(
     hash: u32,
     now: u32,
     ended: bool,
-) -> Option<(u32, ServerInfo)> {
+) -> Option<(u32, ServerInfo, bool)> {
     let key = &p.key;
     let slot = EMBRYOS.get_ptr_mut(hash & (EMBRYO_SLOTS - 1))?;
     let syn = opens(p);
     if key.proto == PROTO_TCP {
-        if let Some(chosen) = handshake_server(key, slot, now) {
+        if let Some((server_id, s)) = handshake_server(key, slot, now) {
             if syn {
                 // A retransmitted SYN: the server that may already have answered the first.
                 count(verdict::FLOW_EMBRYO);
             } else {
                 count(verdict::FLOW_PROMOTED);
-                pin(p, chosen.0, &chosen.1, now);
+                pin(p, server_id, &s, now);
                 // Consumed: a SYN found here later is a new connection on this 5-tuple.
                 // SAFETY: a valid map value; one whole field.
                 unsafe { (*slot).seen = now.wrapping_sub(EMBRYO_TICKS + 1) };
             }
-            return Some(chosen);
+            return Some((server_id, s, !syn));
         }
     }
     let (server_id, s) = hashed_server(p, service, hash)?;
+    let mut pinned = false;
     if syn {
         // SAFETY: a valid map value. A racing SYN of another flow hashed into the same
         // slot may tear it; the key is compared whole and the server checked before use.
@@ -181,10 +182,11 @@ pub(super) fn choose_server(
             .is_some_and(|a| take_token(BUCKET_UNSEEN_PINS, a.unseen_pin_cost_ns))
     {
         pin(p, server_id, &s, now);
+        pinned = true;
     } else {
         count(verdict::FLOW_UNPINNED);
     }
-    Some((server_id, s))
+    Some((server_id, s, pinned))
 }
 
 /// The server the SYN of this flow went to, from its `EMBRYOS` slot: if the slot holds this

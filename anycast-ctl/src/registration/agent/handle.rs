@@ -247,7 +247,10 @@ impl Registry {
                 changed |= b.smoother.update(load.as_ref());
                 changed |= b.load.map(|l| l.priority) != load.map(|l| l.priority);
                 // Any update answers an outstanding probe.
-                b.probe_sent = None;
+                if let Some(sent) = b.probe_sent.take() {
+                    self.probe_outcomes
+                        .answered(now.saturating_duration_since(sent));
+                }
                 b.probe_misses = 0;
                 b.probe_urgent = false;
                 if was != Condition::Up {

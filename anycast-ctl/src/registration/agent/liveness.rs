@@ -128,6 +128,7 @@ impl Registry {
         let out = self.send_probes(due, now, interval);
         *self.counters.entry("probes_sent".into()).or_default() += out.len() as u64;
         *self.counters.entry("probes_missed".into()).or_default() += misses;
+        self.probe_outcomes.missed += misses;
         (out, changed)
     }
 

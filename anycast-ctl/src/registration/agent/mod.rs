@@ -53,7 +53,30 @@ pub struct BindingId {
     pub real: IpAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What the refresh-request probes came to, for the metrics: each answered probe's round
+/// trip (at most [`ProbeOutcomes::KEPT`] between two takes; more are counted, not kept) and
+/// the probes missed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProbeOutcomes {
+    pub round_trips: Vec<Duration>,
+    /// Answered beyond `KEPT` (no round trip kept).
+    pub answered_unkept: u64,
+    pub missed: u64,
+}
+
+impl ProbeOutcomes {
+    pub const KEPT: usize = 4096;
+
+    fn answered(&mut self, round_trip: Duration) {
+        if self.round_trips.len() < Self::KEPT {
+            self.round_trips.push(round_trip);
+        } else {
+            self.answered_unkept += 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BindingState {
     /// Takes new flows.
@@ -201,6 +224,9 @@ pub struct Registry {
     logs: BTreeMap<&'static str, LogWindow>,
     counters: BTreeMap<String, u64>,
     probe: Option<RefreshProbe>,
+    /// Refresh-request probes answered (round trips) and missed since the metrics last took
+    /// them.
+    probe_outcomes: ProbeOutcomes,
     reverse_tunnel: Option<ReverseTunnel>,
     /// Reverse-tunnel monitoring, per server identity.
     reverse: BTreeMap<String, ReverseWatch>,
@@ -253,6 +279,7 @@ impl Registry {
             logs: BTreeMap::new(),
             counters: BTreeMap::new(),
             probe: reg.probe,
+            probe_outcomes: ProbeOutcomes::default(),
             reverse_tunnel: reg.reverse_tunnel,
             reverse: BTreeMap::new(),
             dirty: false,

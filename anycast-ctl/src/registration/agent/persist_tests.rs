@@ -464,6 +464,19 @@ fn refresh_all_asks_every_active_binding_at_once_and_answers_count_as_probe_answ
     assert!(sent.is_empty(), "the next probes are an interval away");
     assert!(changed);
     assert_eq!(r.report(t, None).counters["probes_missed"], 1, "s2's only");
+    // The metrics' account: s1's answers with their round trips, s2's miss.
+    let (outcomes, timeout) = r.take_probe_outcomes();
+    assert_eq!(outcomes.missed, 1);
+    assert!(!outcomes.round_trips.is_empty());
+    assert!(
+        outcomes
+            .round_trips
+            .iter()
+            .all(|d| *d == Duration::from_millis(499)),
+        "{outcomes:?}"
+    );
+    assert_eq!(timeout, Some(Duration::from_millis(500)));
+    assert_eq!(r.take_probe_outcomes().0, Default::default(), "taken once");
     let conditions: Vec<(String, Condition)> = r
         .report(t, None)
         .bindings

@@ -111,3 +111,27 @@ impl Registry {
         }
     }
 }
+
+impl Registry {
+    /// How many bindings are in each (state, condition), for the metrics.
+    pub fn binding_counts(&self) -> BTreeMap<(BindingState, Condition), u64> {
+        let mut out = BTreeMap::new();
+        for (id, b) in &self.bindings {
+            *out.entry((b.state, self.condition(id, b))).or_default() += 1;
+        }
+        out
+    }
+
+    /// The probes answered and missed since the last call, and the probes' timeout.
+    pub fn take_probe_outcomes(&mut self) -> (ProbeOutcomes, Option<Duration>) {
+        (
+            std::mem::take(&mut self.probe_outcomes),
+            self.probe.map(|p| Duration::from_millis(p.timeout_ms)),
+        )
+    }
+
+    /// The registration counters (names as `anycast-ctl bindings` shows them).
+    pub fn counters(&self) -> &BTreeMap<String, u64> {
+        &self.counters
+    }
+}

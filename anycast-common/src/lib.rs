@@ -6,8 +6,9 @@
 //! - [`counters`]: the counter indexes and their names ([`verdict`], [`decap`],
 //!   [`syn_ack_tunnel`]);
 //! - [`flow`]: the flow hash, the flow clock and the idle timeouts;
-//! - with the `user` feature: [`table`] (the consistent-hash table builder) and [`wire`]
-//!   (the binding protocol between servers and agents).
+//! - with the `user` feature: [`table`] (the consistent-hash table builder), [`wire`]
+//!   (the binding protocol between servers, agents and clients) and [`pki`] (the operator's
+//!   certificates and revocation list, which clients check).
 //!
 //! The items of `net`, `maps`, `counters` and `flow` are re-exported here, so
 //! `anycast_common::ServiceKey` and `anycast_common::maps::ServiceKey` are the same.
@@ -17,6 +18,8 @@ pub mod counters;
 pub mod flow;
 pub mod maps;
 pub mod net;
+#[cfg(feature = "user")]
+pub mod pki;
 #[cfg(feature = "user")]
 pub mod table;
 #[cfg(feature = "user")]

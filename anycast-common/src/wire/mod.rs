@@ -139,19 +139,26 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 mod auth;
+#[cfg(test)]
+mod client_tests;
 mod decode;
 #[cfg(test)]
 mod discovery_tests;
 mod encode;
+mod signature;
 #[cfg(test)]
 mod tests;
 
 pub use auth::verify;
 pub use decode::decode;
 pub use encode::{encode, try_encode};
+pub use signature::{encode_signed, verify_signed};
 
 /// The agent's UDP port for binding messages.
 pub const DEFAULT_PORT: u16 = 4191;
+/// The client's UDP port for the bindings servers send it (route optimization; 4192 is the
+/// agents' relay port).
+pub const CLIENT_PORT: u16 = 4193;
 
 /// Binding Acknowledgement status codes (IANA registry; 144-146 are RFC 4285's, 174 is
 /// RFC 6275's).
@@ -221,6 +228,17 @@ pub const VENDOR_SERVICE: u8 = 1;
 /// Sub-type of our vendor-specific option that carries one agent of a discovery reply
 /// ([`AgentEntry`]).
 pub const VENDOR_AGENT: u8 = 2;
+/// Sub-type of our vendor-specific option that carries (a part of) the server's certificate
+/// in a client binding; the parts, in order, are the certificate's bytes.
+pub const VENDOR_CERTIFICATE: u8 = 3;
+/// Sub-type of our vendor-specific option that carries the server's signature of a client
+/// binding; the last option.
+pub const VENDOR_SIGNATURE: u8 = 4;
+/// The signature option's algorithm byte: Ed25519 (RFC 8032).
+pub const SIGNATURE_ED25519: u8 = 1;
+/// Most certificate bytes one vendor option carries (its length byte counts vendor id and
+/// sub-type too).
+pub const CERT_PART_MAX: usize = 255 - 5;
 /// Most agents a discovery reply lists: bounds the reply's size (at most about 1.8 KB with
 /// 64-byte identities, inside the 2048 bytes an MH can have).
 pub const MAX_DISCOVERY_AGENTS: usize = 16;
@@ -249,6 +267,8 @@ const VENDOR_SERVICE_LEN: usize = 8;
 const VENDOR_AGENT_FIXED: usize = 37;
 /// Subtype (1) + SPI (4) + authenticator.
 const AUTH_LEN: usize = 5 + AUTHENTICATOR_LEN;
+/// Vendor id (4) + sub-type (1) + algorithm (1) + reserved (6) + Ed25519 signature (64).
+const VENDOR_SIGNATURE_LEN: usize = signature::SIGNED_PREFIX + crate::pki::SIGNATURE_LEN;
 
 /// A binding message: the inner IPv6 source and destination, the MH body and its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,6 +286,14 @@ pub enum Body {
     BindingUpdate {
         seq: u16,
         ack: bool,
+        lifetime: u16,
+    },
+    /// A server's binding for a client (route optimization: a correspondent registration,
+    /// MH type 5 with H clear): the inner source is the anycast address, the destination the
+    /// client; `lifetime` in 4-second units, 0 withdraws. Carries the server's certificate
+    /// and is closed by its signature option instead of AUTH.
+    ClientBindingUpdate {
+        seq: u16,
         lifetime: u16,
     },
     /// `lifetime` is in 4-second units.
@@ -305,7 +333,9 @@ impl Body {
     pub fn mh_type(&self) -> u8 {
         match self {
             Body::BindingRefreshRequest => mh_type::BINDING_REFRESH_REQUEST,
-            Body::BindingUpdate { .. } => mh_type::BINDING_UPDATE,
+            Body::BindingUpdate { .. } | Body::ClientBindingUpdate { .. } => {
+                mh_type::BINDING_UPDATE
+            }
             Body::BindingAck { .. } => mh_type::BINDING_ACK,
             Body::BindingError { .. } => mh_type::BINDING_ERROR,
             Body::DiscoveryRequest | Body::DiscoveryReply { .. } => mh_type::EXPERIMENTAL,
@@ -325,6 +355,11 @@ pub struct Options {
     pub service: Option<ServiceSelector>,
     /// Set by decode; ignored by encode (encode computes it from the key).
     pub auth: Option<Auth>,
+    /// The server's certificate (`crate::pki`), as bytes: the wire only carries it.
+    pub certificate: Option<Vec<u8>>,
+    /// The signature option's Ed25519 signature. Set by decode; ignored by encode
+    /// ([`encode_signed`] computes it).
+    pub signature: Option<[u8; 64]>,
 }
 
 /// The Load Information option (RFC 6463).
@@ -378,6 +413,8 @@ pub enum EncodeError {
     /// identity empty or longer than [`MAX_AGENT_ID_LEN`], an agent without an address, or
     /// an address of the wrong family in its field.
     BadAgent,
+    /// A certificate empty or longer than `pki::MAX_CERT_LEN` (its length).
+    BadCertificate(usize),
 }
 
 impl fmt::Display for EncodeError {
@@ -392,6 +429,11 @@ impl fmt::Display for EncodeError {
                 f,
                 "a discovery reply lists at most {MAX_DISCOVERY_AGENTS} agents, each with an \
                  identity of 1 to {MAX_AGENT_ID_LEN} bytes and at least one address"
+            ),
+            EncodeError::BadCertificate(n) => write!(
+                f,
+                "a certificate of {n} bytes: it has 1 to {} bytes",
+                crate::pki::MAX_CERT_LEN
             ),
         }
     }
@@ -437,11 +479,18 @@ pub enum WireError {
     /// no address, an address of the wrong family), or the reply lists more than
     /// [`MAX_DISCOVERY_AGENTS`] agents.
     BadAgentOption,
+    /// A certificate part is empty, or the parts add up to more than `pki::MAX_CERT_LEN`.
+    BadCertificateOption,
+    /// The signature option has another algorithm than Ed25519, reserved bytes not zero, or
+    /// another length.
+    BadSignatureOption,
+    /// Something follows the signature option.
+    SignatureNotLast,
 }
 
 impl WireError {
     /// Every variant, in declaration order.
-    pub const ALL: [WireError; 17] = [
+    pub const ALL: [WireError; 20] = [
         WireError::Truncated,
         WireError::BadIpVersion,
         WireError::BadNextHeader,
@@ -459,6 +508,9 @@ impl WireError {
         WireError::BadMnId,
         WireError::BadAuthSubtype,
         WireError::BadAgentOption,
+        WireError::BadCertificateOption,
+        WireError::BadSignatureOption,
+        WireError::SignatureNotLast,
     ];
 
     /// A stable snake_case name, for counters and logs.
@@ -481,6 +533,9 @@ impl WireError {
             WireError::BadMnId => "bad_mn_id",
             WireError::BadAuthSubtype => "bad_auth_subtype",
             WireError::BadAgentOption => "bad_agent_option",
+            WireError::BadCertificateOption => "bad_certificate_option",
+            WireError::BadSignatureOption => "bad_signature_option",
+            WireError::SignatureNotLast => "signature_not_last",
         }
     }
 }
@@ -505,6 +560,9 @@ impl fmt::Display for WireError {
             WireError::BadMnId => "the mobile node identifier is not a UTF-8 NAI",
             WireError::BadAuthSubtype => "the authentication option is not MN-HA",
             WireError::BadAgentOption => "a discovery reply's agent option is malformed",
+            WireError::BadCertificateOption => "a certificate option is empty or too long",
+            WireError::BadSignatureOption => "the signature option is malformed",
+            WireError::SignatureNotLast => "the signature option is not the last option",
         };
         write!(f, "{text} ({})", self.reason())
     }

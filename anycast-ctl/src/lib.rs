@@ -5,9 +5,12 @@
 //! - `health/`: active health checks of the servers;
 //! - `dataplane/`: the BPF maps: loading, writing tables, the flow sweeper, reports;
 //! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
-//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side.
+//! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
+//! - `pki/`: the operator's trust anchor (keys, server certificates, revocation lists);
+//! - `client/`: route optimization's client side (checking the servers' bindings).
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control_socket;
 pub mod dataplane;
@@ -15,6 +18,7 @@ pub mod files;
 pub mod health;
 pub mod host;
 pub mod model;
+pub mod pki;
 pub mod registration;
 pub mod relay;
 pub mod routing;

@@ -44,6 +44,7 @@
 //! | --- | --- | --- |
 //! | 0 | Binding Refresh Request | reserved (2) |
 //! | 5 | Binding Update | sequence (2), flags A H L K M R P F T + reserved (2), lifetime (2, in 4 s units) |
+//! | 5, H clear | client binding ([`Body::ClientBindingUpdate`]) | sequence (2), flags all clear (2), lifetime (2) |
 //! | 6 | Binding Acknowledgement | status (1), K R P flags + reserved (1), sequence (2), lifetime (2) |
 //! | 7 | Binding Error | status (1), reserved (1), home address (16) |
 //! | 11 | Experimental MH (RFC 5096): agent discovery request | kind 1 (1), reserved (1) |
@@ -90,8 +91,13 @@
 //! (2) is one agent of a discovery reply ([`AgentEntry`]): its IPv4 address as IPv4-mapped
 //! (16, all zeros: none), its IPv6 address (16, all zeros: none) and its identity (1 to
 //! [`MAX_AGENT_ID_LEN`] bytes of UTF-8, the rest of the option); outside a reply it is
-//! skipped. Vendor options with another vendor id or sub-type are skipped, as are unknown
-//! option types (RFC 6275 6.2.1).
+//! skipped. Sub-type [`VENDOR_CERTIFICATE`] (3) carries a part (1 to [`CERT_PART_MAX`]
+//! bytes) of the server's certificate in a client binding: the parts, in order, are the
+//! certificate's bytes (at most `pki::MAX_CERT_LEN`). Sub-type [`VENDOR_SIGNATURE`] (4) is
+//! the server's signature of a client binding: algorithm (1, [`SIGNATURE_ED25519`]),
+//! reserved zeros (6), the Ed25519 signature (64); it is the last option, at 8n+2, and ends
+//! the MH (see *Client bindings* below). Vendor options with another vendor id or sub-type
+//! are skipped, as are unknown option types (RFC 6275 6.2.1).
 //!
 //! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor (service, then the
 //! agents), AUTH. The AUTH option
@@ -113,6 +119,17 @@
 //! inside the authenticated MH as the Alternate Care-of Address anyway. The header length
 //! field is final before the HMAC is computed, and the checksum is computed last, over the
 //! complete MH. [`verify`] compares in constant time.
+//!
+//! # Client bindings (route optimization)
+//!
+//! A server's binding for a client is a BU with H clear (a correspondent registration,
+//! RFC 6275 9.5.1) from the anycast address to the client, to the client's port
+//! [`CLIENT_PORT`]: Alt-CoA, MESG-ID, the service selector, the certificate parts, and the
+//! signature option last instead of AUTH (a client shares no secret with the server; it
+//! holds the operator's public key and checks the certificate, `crate::pki`). The
+//! signature covers `pki::BINDING_CONTEXT`, the inner source and destination, and the MH
+//! from its first byte through the signature option's reserved bytes, checksum as zero;
+//! [`encode_signed`] and [`verify_signed`].
 //!
 //! # Validation
 //!

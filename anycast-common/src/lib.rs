@@ -25,7 +25,7 @@ pub mod table;
 #[cfg(feature = "user")]
 pub mod wire;
 
-pub use counters::{decap, syn_ack_tunnel, verdict};
+pub use counters::{client_tunnel, decap, syn_ack_tunnel, verdict};
 pub use flow::*;
 pub use maps::{
     address_filter_bit, AddressKey, AgentInfo, FlowKey, FlowValue, NextHop, PreferenceKey,
@@ -36,6 +36,7 @@ pub use maps::{
     FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVED, MAX_SERVERS, MAX_TX_PORTS, NO_SERVER,
     PREFERENCE_KEY_BITS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
+pub use maps::{ClientBinding, MAX_CLIENT_BINDINGS};
 pub use maps::{TooBigBucket, AGENT_ANSWER_TOO_BIG, TOO_BIG_BURST_NS};
 pub use net::*;
 
@@ -49,6 +50,9 @@ pub mod programs {
     /// IP-in-IP to the agent). The object's name predates the program's; `tc filter show`
     /// lists it.
     pub const SERVER_REVERSE: &str = "anycast_reverse";
+    /// Client side (route optimization), TC egress: packets for bound services, IP-in-IP
+    /// to their server's real address.
+    pub const CLIENT_TUNNEL: &str = "anycast_client";
     /// Lets frames through (for veth peers of native-mode XDP).
     pub const PASS: &str = "xdp_pass";
     /// Benchmark baseline: swaps the MAC addresses and sends the frame back (XDP_TX).

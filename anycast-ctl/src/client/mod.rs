@@ -383,6 +383,27 @@ impl Verifier {
     }
 }
 
+/// The client's tunnel map entry (`CLIENT_BINDINGS`) for a binding: the service as the data
+/// path's key, the server's real address as outer destination and the client's own address
+/// of the real address's family as outer source. `None` when the client has no address of
+/// that family: the service then stays on the agent's path.
+pub fn datapath_entry(
+    key: &ServiceKey,
+    binding: &Binding,
+    own: &[IpAddr],
+) -> Option<(anycast_common::ServiceKey, anycast_common::ClientBinding)> {
+    let source = *own.iter().find(|a| a.is_ipv4() == binding.real.is_ipv4())?;
+    let (real, family) = anycast_common::addr_words(binding.real);
+    let map_key = anycast_common::ServiceKey::new(key.anycast, key.protocol, key.port);
+    let value = anycast_common::ClientBinding {
+        real,
+        source: anycast_common::addr_words(source).0,
+        family,
+        _pad: [0; 3],
+    };
+    Some((map_key, value))
+}
+
 /// An IPv4-mapped source (a dual-stack socket's view of an IPv4 sender) as IPv4.
 fn unmap(a: IpAddr) -> IpAddr {
     match a {

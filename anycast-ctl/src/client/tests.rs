@@ -499,3 +499,43 @@ fn ipv6_bindings_and_mapped_sources_are_checked_alike() {
     b4.anycast = "fd71:100::1";
     assert!(v.check(&b4.bytes(), ip("::ffff:10.71.2.11"), NOW).is_ok());
 }
+
+#[test]
+fn a_binding_becomes_the_tunnel_maps_entry_with_a_source_of_the_real_addresss_family() {
+    let b = |real: &str| Binding {
+        server: "s1".into(),
+        serial: 1,
+        real: ip(real),
+        seq: 1,
+        expires: NOW,
+    };
+    let own = [ip("fd71::21"), ip(CLIENT)];
+    let (k, v) = datapath_entry(&key(), &b(S1_REAL), &own).unwrap();
+    assert_eq!(k, anycast_common::ServiceKey::new(ip(ANYCAST), 6, 80));
+    assert_eq!(
+        (v.real, v.source, v.family),
+        (
+            anycast_common::addr_words(ip(S1_REAL)).0,
+            anycast_common::addr_words(ip(CLIENT)).0,
+            anycast_common::FAMILY_V4
+        )
+    );
+    // An IPv4 service bound to an IPv6 real address: the client's IPv6 address is the
+    // outer source.
+    let (_, v6) = datapath_entry(&key(), &b("fd71:2::11"), &own).unwrap();
+    assert_eq!(v6.source, anycast_common::addr_words(ip("fd71::21")).0);
+    assert_eq!(v6.family, anycast_common::FAMILY_V6);
+    // No address of that family: no entry (the agent's path).
+    assert_eq!(
+        datapath_entry(&key(), &b("fd71:2::11"), &[ip(CLIENT)]),
+        None
+    );
+    // A binding of the whole address: protocol 0, any port.
+    let whole = ServiceKey {
+        anycast: ip(ANYCAST),
+        protocol: 0,
+        port: 0,
+    };
+    let (k, _) = datapath_entry(&whole, &b(S1_REAL), &own).unwrap();
+    assert_eq!((k.proto, k.port), (0, anycast_common::ANY_PORT));
+}

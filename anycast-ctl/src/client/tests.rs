@@ -539,3 +539,28 @@ fn a_binding_becomes_the_tunnel_maps_entry_with_a_source_of_the_real_addresss_fa
     let (k, _) = datapath_entry(&whole, &b(S1_REAL), &own).unwrap();
     assert_eq!((k.proto, k.port), (0, anycast_common::ANY_PORT));
 }
+
+/// What a check costs (two Ed25519 verifications and the rest), printed for the README; it
+/// asserts only that every one of the bindings was taken in order.
+#[test]
+fn checks_cost_is_measured() {
+    const N: u32 = 500;
+    let msgs: Vec<Vec<u8>> = (0..N)
+        .map(|i| {
+            let mut b = bu(&s1_cert(), S1_REAL, 1 + i as u16);
+            b.frac = i;
+            b.bytes()
+        })
+        .collect();
+    let mut v = verifier();
+    let start = std::time::Instant::now();
+    for m in &msgs {
+        v.check(m, ip(S1_REAL), NOW).unwrap();
+    }
+    let per = start.elapsed() / N;
+    eprintln!("client binding check (accepted): {per:?} each over {N}");
+    assert_eq!(
+        v.counters()["bound"] + v.counters()["refreshed"],
+        u64::from(N)
+    );
+}

@@ -146,6 +146,33 @@ counters! {
 }
 
 counters! {
+    /// Client side (route optimization): what the client's tunnel (TC egress) did with a
+    /// packet; the index into `CLIENT_STATS`.
+    pub mod client_tunnel {
+        /// A packet for a bound service encapsulated to the server's real address and
+        /// redirected to the egress the FIB chose.
+        TUNNELLED = "tunnelled",
+        /// Encapsulated, the next hop's MAC is not known yet: handed to
+        /// `bpf_redirect_neigh`, which resolves it.
+        TUNNELLED_RESOLVING = "tunnelled_resolving",
+        /// TCP or UDP to no bound service: untouched, through the agent as without a client
+        /// daemon.
+        PASS_NOT_BOUND = "pass_not_bound",
+        /// No route to the server's real address: untouched, through the agent.
+        PASS_NO_ROUTE = "pass_no_route",
+        /// The tunnel packet would exceed the egress MTU: untouched, through the agent.
+        PASS_TOO_BIG = "pass_too_big",
+        /// The packet could not be grown for the outer header: untouched.
+        PASS_ENCAP_FAILED = "pass_encap_failed",
+        /// Everything else (not TCP or UDP over IP, a fragment, truncated): untouched.
+        PASS_OTHER = "pass_other",
+        /// Grown, but the outer header could not be written: dropped rather than sent half
+        /// rewritten.
+        DROP_WRITE_FAILED = "drop_write_failed",
+    }
+}
+
+counters! {
     /// Server side: what the decapsulator (XDP) did with a packet; the index into
     /// `DECAP_STATS`.
     pub mod decap {
@@ -201,7 +228,12 @@ mod tests {
     /// Names are distinct snake_case within a set (they become JSON keys and metric labels).
     #[test]
     fn names_are_distinct_snake_case() {
-        for names in [&verdict::NAMES[..], &syn_ack_tunnel::NAMES, &decap::NAMES] {
+        for names in [
+            &verdict::NAMES[..],
+            &syn_ack_tunnel::NAMES,
+            &decap::NAMES,
+            &client_tunnel::NAMES,
+        ] {
             for (i, n) in names.iter().enumerate() {
                 assert!(
                     n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),

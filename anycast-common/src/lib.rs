@@ -6,8 +6,9 @@
 //! - [`counters`]: the counter indexes and their names ([`verdict`], [`decap`],
 //!   [`syn_ack_tunnel`]);
 //! - [`flow`]: the flow hash, the flow clock and the idle timeouts;
-//! - with the `user` feature: [`table`] (the consistent-hash table builder) and [`wire`]
-//!   (the binding protocol between servers and agents).
+//! - with the `user` feature: [`table`] (the consistent-hash table builder), [`wire`]
+//!   (the binding protocol between servers, agents and clients) and [`pki`] (the operator's
+//!   certificates and revocation list, which clients check).
 //!
 //! The items of `net`, `maps`, `counters` and `flow` are re-exported here, so
 //! `anycast_common::ServiceKey` and `anycast_common::maps::ServiceKey` are the same.
@@ -18,11 +19,13 @@ pub mod flow;
 pub mod maps;
 pub mod net;
 #[cfg(feature = "user")]
+pub mod pki;
+#[cfg(feature = "user")]
 pub mod table;
 #[cfg(feature = "user")]
 pub mod wire;
 
-pub use counters::{decap, syn_ack_tunnel, verdict};
+pub use counters::{client_tunnel, decap, syn_ack_tunnel, verdict};
 pub use flow::*;
 pub use maps::{
     address_filter_bit, AddressKey, AgentInfo, FlowKey, FlowValue, NextHop, PreferenceKey,
@@ -33,6 +36,7 @@ pub use maps::{
     FLOW_CLOSING, MAX_PREFERENCE_PREFIXES, MAX_SERVED, MAX_SERVERS, MAX_TX_PORTS, NO_SERVER,
     PREFERENCE_KEY_BITS, SERVER_UP, SERVICE_HAS_PREFERENCES,
 };
+pub use maps::{ClientBinding, MAX_CLIENT_BINDINGS};
 pub use maps::{EmbryoSlot, EMBRYO_SLOTS, EMBRYO_TICKS};
 pub use maps::{
     TokenBucket, AGENT_ANSWER_TOO_BIG, BUCKET_BURST_NS, BUCKET_TOO_BIG, BUCKET_UNSEEN_PINS,
@@ -50,6 +54,9 @@ pub mod programs {
     /// IP-in-IP to the agent). The object's name predates the program's; `tc filter show`
     /// lists it.
     pub const SERVER_REVERSE: &str = "anycast_reverse";
+    /// Client side (route optimization), TC egress: packets for bound services, IP-in-IP
+    /// to their server's real address.
+    pub const CLIENT_TUNNEL: &str = "anycast_client";
     /// Lets frames through (for veth peers of native-mode XDP).
     pub const PASS: &str = "xdp_pass";
     /// Benchmark baseline: swaps the MAC addresses and sends the frame back (XDP_TX).

@@ -66,6 +66,14 @@ pub const REVERSE_CONFIG: &str = "REVERSE_CONFIG";
 /// Server side: per-CPU counters of the SYN-ACK tunnel, indexed by
 /// [`syn_ack_tunnel`](crate::syn_ack_tunnel).
 pub const REVERSE_STATS: &str = "REVERSE_STATS";
+/// Client side (route optimization): the bindings a client took, by service
+/// ([`ServiceKey`] -> [`ClientBinding`]), at most [`MAX_CLIENT_BINDINGS`].
+pub const CLIENT_BINDINGS: &str = "CLIENT_BINDINGS";
+/// Client side: per-CPU counters of the client's tunnel, indexed by
+/// [`client_tunnel`](crate::client_tunnel).
+pub const CLIENT_STATS: &str = "CLIENT_STATS";
+/// Entries of `CLIENT_BINDINGS`.
+pub const MAX_CLIENT_BINDINGS: u32 = 1024;
 
 /// The agent's maps, pinned in bpffs so the data path outlives its controller and a new
 /// controller (a restart or another build) adopts them with their contents.
@@ -379,6 +387,22 @@ pub struct SynAckTunnelConfig {
     pub _pad: [u8; 3],
 }
 
+/// Client side (`CLIENT_BINDINGS`): where a bound service's packets go, IP-in-IP. The key
+/// is the service ([`ServiceKey`]: the anycast address, protocol and port, port
+/// [`ANY_PORT`] and protocol 0 for the whole address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClientBinding {
+    /// The server's real address: outer destination.
+    pub real: [u32; 4],
+    /// The client's own address of the same family: outer source.
+    pub source: [u32; 4],
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6) (of both
+    /// addresses).
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Words of 64 bits in `ADDRESS_FILTER`: 65536 bits, so a few thousand anycast addresses
 /// still leave almost every other address's bit clear.
 pub const ADDRESS_FILTER_WORDS: u32 = 1024;
@@ -452,6 +476,7 @@ mod pod {
     unsafe impl aya::Pod for AddressKey {}
     unsafe impl aya::Pod for ReverseStats {}
     unsafe impl aya::Pod for SynAckTunnelConfig {}
+    unsafe impl aya::Pod for ClientBinding {}
     unsafe impl aya::Pod for GenFrame {}
 }
 
@@ -597,5 +622,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<AddressKey>(), 20);
         assert_eq!(core::mem::size_of::<ReverseStats>(), 16);
         assert_eq!(core::mem::size_of::<SynAckTunnelConfig>(), 36);
+        assert_eq!(core::mem::size_of::<ClientBinding>(), 36);
     }
 }

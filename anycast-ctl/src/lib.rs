@@ -7,10 +7,13 @@
 //! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
 //! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
 //!   `manual.rs`: the agent's signals, files and systemd use, for `--help` and the man page;
-//!   `service_manager.rs`: readiness for systemd (`Type=notify`).
+//!   `service_manager.rs`: readiness for systemd (`Type=notify`);
 //!   `top/`: `anycast-ctl top`, the live view.
+//! - `pki/`: the operator's trust anchor (keys, server certificates, revocation lists);
+//! - `client/`: route optimization's client side (checking the servers' bindings).
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control_socket;
 pub mod dataplane;
@@ -19,6 +22,7 @@ pub mod health;
 pub mod host;
 pub mod manual;
 pub mod model;
+pub mod pki;
 pub mod registration;
 pub mod relay;
 pub mod routing;

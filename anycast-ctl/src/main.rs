@@ -160,6 +160,11 @@ enum Command {
         #[arg(long, requires = "agents")]
         reverse_tunnel: bool,
     },
+    /// The operator's trust anchor: key pairs, server certificates, the revocation list.
+    Pki {
+        #[command(subcommand)]
+        command: anycast_ctl::pki::PkiCommand,
+    },
     /// Attach an XDP program that passes every frame (for veth peers of an agent in native mode).
     Passthrough {
         #[arg(long = "iface", required = true)]
@@ -386,6 +391,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Pki { command } => anycast_ctl::pki::run(command),
         Command::Passthrough {
             interfaces,
             xdp_mode,

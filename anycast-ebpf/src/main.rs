@@ -1,6 +1,7 @@
 //! The anycast data path: the agent's XDP forwarder (`agent/`), the server's decapsulator
-//! (XDP) and SYN-ACK tunnel (TC egress) (`server/`), the header views they share
-//! (`packet.rs`), and the trivial programs (`trivial.rs`: a pass-through for veth peers, a
+//! (XDP) and SYN-ACK tunnel (TC egress) (`server/`), the client's tunnel for route
+//! optimization (TC egress, `client/`), IP-in-IP from TC egress (`tc_tunnel.rs`, shared by
+//! both TC programs), the header views they share (`packet.rs`), and the trivial programs (`trivial.rs`: a pass-through for veth peers, a
 //! MAC-swapping baseline, and the benchmark's traffic generator and sink).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -41,9 +42,13 @@ const fn same_str(a: &str, b: &str) -> bool {
 #[cfg(target_arch = "bpf")]
 mod agent;
 #[cfg(target_arch = "bpf")]
+mod client;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod server;
+#[cfg(target_arch = "bpf")]
+mod tc_tunnel;
 
 #[cfg(target_arch = "bpf")]
 mod trivial;

@@ -99,7 +99,7 @@ pub fn update(identity: &str, real: Ipv4Addr, seq: u16, secret: &[u8], service: 
                 protocol: 17,
                 port: 9999,
             }),
-            auth: None,
+            ..Options::default()
         },
     };
     wire::encode(

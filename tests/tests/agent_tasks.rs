@@ -59,7 +59,7 @@ fn binding_update(
             mesg_id: Some(wire::ntp_now()),
             load: Some(LoadInfo::default()),
             service: None,
-            auth: None,
+            ..Options::default()
         },
     };
     wire::encode(

@@ -94,7 +94,7 @@ fn bu(
             mesg_id: Some(wire::ntp_now()),
             load: Some(LoadInfo::default()),
             service: selector,
-            auth: None,
+            ..Options::default()
         },
     };
     wire::encode(

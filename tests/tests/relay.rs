@@ -73,7 +73,7 @@ fn s2_update(key: &[u8], seq: u16) -> Vec<u8> {
                 protocol: 6,
                 port: 8080,
             }),
-            auth: None,
+            ..Options::default()
         },
     };
     wire::encode(

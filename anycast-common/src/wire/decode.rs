@@ -65,9 +65,15 @@ pub(super) fn parse(payload: &[u8]) -> Result<(Message, Option<usize>), WireErro
     }
     let body = match mh[2] {
         mh_type::BINDING_REFRESH_REQUEST => Body::BindingRefreshRequest,
-        mh_type::BINDING_UPDATE => Body::BindingUpdate {
+        // H set: a home registration with an agent; H clear: a correspondent
+        // registration, the server's binding for a client (RFC 6275 9.5.1).
+        mh_type::BINDING_UPDATE if be16(mh, 8) & BU_FLAG_H != 0 => Body::BindingUpdate {
             seq: be16(mh, 6),
             ack: be16(mh, 8) & BU_FLAG_A != 0,
+            lifetime: be16(mh, 10),
+        },
+        mh_type::BINDING_UPDATE => Body::ClientBindingUpdate {
+            seq: be16(mh, 6),
             lifetime: be16(mh, 10),
         },
         mh_type::BINDING_ACK => Body::BindingAck {
@@ -108,6 +114,7 @@ fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
     let mut o = Options::default();
     let mut agents = Vec::new();
     let mut auth_at = None;
+    let mut signature_seen = false;
     let mut i = start;
     let aligned = |at: usize, x: usize, y: usize| {
         if at % x == y {
@@ -132,6 +139,9 @@ fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
     while i < end {
         if auth_at.is_some() {
             return Err(WireError::AuthNotLast);
+        }
+        if signature_seen {
+            return Err(WireError::SignatureNotLast);
         }
         let kind = mh[i];
         if kind == option::PAD1 {
@@ -202,6 +212,29 @@ fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
                         return Err(WireError::BadAgentOption);
                     }
                     agents.push(agent_option(data)?);
+                } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_CERTIFICATE {
+                    let part = &data[5..];
+                    let cert = o.certificate.get_or_insert_with(Vec::new);
+                    if part.is_empty() || cert.len() + part.len() > crate::pki::MAX_CERT_LEN {
+                        return Err(WireError::BadCertificateOption);
+                    }
+                    cert.extend_from_slice(part);
+                } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_SIGNATURE {
+                    // Last, and the MH ends with its signature: what it covers is then
+                    // everything before the last 64 bytes.
+                    if next != end {
+                        return Err(WireError::SignatureNotLast);
+                    }
+                    if len != VENDOR_SIGNATURE_LEN
+                        || data[5] != SIGNATURE_ED25519
+                        || data[6..signature::SIGNED_PREFIX].iter().any(|&b| b != 0)
+                    {
+                        return Err(WireError::BadSignatureOption);
+                    }
+                    let mut sig = [0u8; crate::pki::SIGNATURE_LEN];
+                    sig.copy_from_slice(&data[signature::SIGNED_PREFIX..]);
+                    o.signature = Some(sig);
+                    signature_seen = true;
                 }
             }
             option::AUTH => {

@@ -18,6 +18,18 @@ pub fn encode(msg: &Message, key: Option<Key>) -> Vec<u8> {
 
 /// [`encode`], with an error for an MN-ID that does not fit.
 pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeError> {
+    encode_sealed(msg, key.map_or(Seal::None, Seal::Hmac))
+}
+
+/// How the MH is closed: nothing, an AUTH option (HMAC, a key shared with the agent), or a
+/// signature option (the server's Ed25519 key, for a client that holds only a trust anchor).
+pub(super) enum Seal<'a> {
+    None,
+    Hmac(Key<'a>),
+    Ed25519(&'a crate::pki::SigningKey),
+}
+
+pub(super) fn encode_sealed(msg: &Message, seal: Seal) -> Result<Vec<u8>, EncodeError> {
     let mut mh = Vec::with_capacity(128);
     // Payload proto, header length (set below), MH type, reserved, checksum (set last).
     mh.extend_from_slice(&[IPPROTO_NONE, 0, msg.body.mh_type(), 0, 0, 0]);
@@ -28,6 +40,12 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
             let flags = BU_FLAG_H | if ack { BU_FLAG_A } else { 0 };
             mh.extend_from_slice(&seq.to_be_bytes());
             mh.extend_from_slice(&flags.to_be_bytes());
+            mh.extend_from_slice(&lifetime.to_be_bytes());
+        }
+        &Body::ClientBindingUpdate { seq, lifetime } => {
+            // H clear: a correspondent registration (RFC 6275 9.5.1), not a home one.
+            mh.extend_from_slice(&seq.to_be_bytes());
+            mh.extend_from_slice(&[0, 0]);
             mh.extend_from_slice(&lifetime.to_be_bytes());
         }
         &Body::BindingAck {
@@ -107,8 +125,32 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
         mh.extend_from_slice(&a.v6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets());
         mh.extend_from_slice(a.id.as_bytes());
     }
-    match key {
-        Some(key) => {
+    if let Some(cert) = &o.certificate {
+        if cert.is_empty() || cert.len() > crate::pki::MAX_CERT_LEN {
+            return Err(EncodeError::BadCertificate(cert.len()));
+        }
+        for part in cert.chunks(CERT_PART_MAX) {
+            pad_to(&mut mh, 4, 2);
+            mh.extend_from_slice(&[option::VENDOR, (5 + part.len()) as u8]);
+            mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
+            mh.push(VENDOR_CERTIFICATE);
+            mh.extend_from_slice(part);
+        }
+    }
+    match seal {
+        Seal::Ed25519(signer) => {
+            // At 8n+2 (RFC 5094's 4n+2), so the option (78 bytes) ends the MH on a
+            // multiple of 8 and nothing follows it.
+            pad_to(&mut mh, 8, 2);
+            mh.extend_from_slice(&[option::VENDOR, VENDOR_SIGNATURE_LEN as u8]);
+            mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
+            mh.extend_from_slice(&[VENDOR_SIGNATURE, SIGNATURE_ED25519, 0, 0, 0, 0, 0, 0]);
+            let total = mh.len() + crate::pki::SIGNATURE_LEN;
+            set_header_len(&mut mh, total);
+            let sig = super::signature::sign(&msg.src, &msg.dst, &mh, signer);
+            mh.extend_from_slice(&sig);
+        }
+        Seal::Hmac(key) => {
             // At 8n+1, so the option (2 + AUTH_LEN = 23 bytes) ends the MH on a multiple of 8.
             pad_to(&mut mh, 8, 1);
             mh.extend_from_slice(&[option::AUTH, AUTH_LEN as u8, AUTH_MN_HA]);
@@ -118,7 +160,7 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
             let tag = authenticator(&msg.src, &msg.dst, &mh, key.secret);
             mh.extend_from_slice(&tag);
         }
-        None => {
+        Seal::None => {
             pad_to(&mut mh, 8, 0);
             let total = mh.len();
             set_header_len(&mut mh, total);
@@ -162,8 +204,8 @@ fn pad_to(mh: &mut Vec<u8>, x: usize, y: usize) {
 }
 
 /// Sets the header length field for an MH of `total` bytes (a multiple of 8, at most 2048;
-/// our largest message, a discovery reply of 16 agents with 64-byte identities, is under
-/// 1800).
+/// our largest messages, a discovery reply of 16 agents with 64-byte identities and a
+/// client binding with the largest certificate, are under 1800).
 fn set_header_len(mh: &mut [u8], total: usize) {
     debug_assert!(total.is_multiple_of(8) && total <= 2048);
     mh[1] = (total / 8 - 1) as u8;

@@ -44,6 +44,7 @@
 //! | --- | --- | --- |
 //! | 0 | Binding Refresh Request | reserved (2) |
 //! | 5 | Binding Update | sequence (2), flags A H L K M R P F T + reserved (2), lifetime (2, in 4 s units) |
+//! | 5, H clear | client binding ([`Body::ClientBindingUpdate`]) | sequence (2), flags all clear (2), lifetime (2) |
 //! | 6 | Binding Acknowledgement | status (1), K R P flags + reserved (1), sequence (2), lifetime (2) |
 //! | 7 | Binding Error | status (1), reserved (1), home address (16) |
 //! | 11 | Experimental MH (RFC 5096): agent discovery request | kind 1 (1), reserved (1) |
@@ -90,8 +91,13 @@
 //! (2) is one agent of a discovery reply ([`AgentEntry`]): its IPv4 address as IPv4-mapped
 //! (16, all zeros: none), its IPv6 address (16, all zeros: none) and its identity (1 to
 //! [`MAX_AGENT_ID_LEN`] bytes of UTF-8, the rest of the option); outside a reply it is
-//! skipped. Vendor options with another vendor id or sub-type are skipped, as are unknown
-//! option types (RFC 6275 6.2.1).
+//! skipped. Sub-type [`VENDOR_CERTIFICATE`] (3) carries a part (1 to [`CERT_PART_MAX`]
+//! bytes) of the server's certificate in a client binding: the parts, in order, are the
+//! certificate's bytes (at most `pki::MAX_CERT_LEN`). Sub-type [`VENDOR_SIGNATURE`] (4) is
+//! the server's signature of a client binding: algorithm (1, [`SIGNATURE_ED25519`]),
+//! reserved zeros (6), the Ed25519 signature (64); it is the last option, at 8n+2, and ends
+//! the MH (see *Client bindings* below). Vendor options with another vendor id or sub-type
+//! are skipped, as are unknown option types (RFC 6275 6.2.1).
 //!
 //! Encoding order: Alt-CoA, MN-ID, MESG-ID, Load Information, vendor (service, then the
 //! agents), AUTH. The AUTH option
@@ -113,6 +119,17 @@
 //! inside the authenticated MH as the Alternate Care-of Address anyway. The header length
 //! field is final before the HMAC is computed, and the checksum is computed last, over the
 //! complete MH. [`verify`] compares in constant time.
+//!
+//! # Client bindings (route optimization)
+//!
+//! A server's binding for a client is a BU with H clear (a correspondent registration,
+//! RFC 6275 9.5.1) from the anycast address to the client, to the client's port
+//! [`CLIENT_PORT`]: Alt-CoA, MESG-ID, the service selector, the certificate parts, and the
+//! signature option last instead of AUTH (a client shares no secret with the server; it
+//! holds the operator's public key and checks the certificate, `crate::pki`). The
+//! signature covers `pki::BINDING_CONTEXT`, the inner source and destination, and the MH
+//! from its first byte through the signature option's reserved bytes, checksum as zero;
+//! [`encode_signed`] and [`verify_signed`].
 //!
 //! # Validation
 //!
@@ -139,19 +156,26 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 mod auth;
+#[cfg(test)]
+mod client_tests;
 mod decode;
 #[cfg(test)]
 mod discovery_tests;
 mod encode;
+mod signature;
 #[cfg(test)]
 mod tests;
 
 pub use auth::verify;
 pub use decode::decode;
 pub use encode::{encode, try_encode};
+pub use signature::{encode_signed, verify_signed};
 
 /// The agent's UDP port for binding messages.
 pub const DEFAULT_PORT: u16 = 4191;
+/// The client's UDP port for the bindings servers send it (route optimization; 4192 is the
+/// agents' relay port).
+pub const CLIENT_PORT: u16 = 4193;
 
 /// Binding Acknowledgement status codes (IANA registry; 144-146 are RFC 4285's, 174 is
 /// RFC 6275's).
@@ -221,6 +245,17 @@ pub const VENDOR_SERVICE: u8 = 1;
 /// Sub-type of our vendor-specific option that carries one agent of a discovery reply
 /// ([`AgentEntry`]).
 pub const VENDOR_AGENT: u8 = 2;
+/// Sub-type of our vendor-specific option that carries (a part of) the server's certificate
+/// in a client binding; the parts, in order, are the certificate's bytes.
+pub const VENDOR_CERTIFICATE: u8 = 3;
+/// Sub-type of our vendor-specific option that carries the server's signature of a client
+/// binding; the last option.
+pub const VENDOR_SIGNATURE: u8 = 4;
+/// The signature option's algorithm byte: Ed25519 (RFC 8032).
+pub const SIGNATURE_ED25519: u8 = 1;
+/// Most certificate bytes one vendor option carries (its length byte counts vendor id and
+/// sub-type too).
+pub const CERT_PART_MAX: usize = 255 - 5;
 /// Most agents a discovery reply lists: bounds the reply's size (at most about 1.8 KB with
 /// 64-byte identities, inside the 2048 bytes an MH can have).
 pub const MAX_DISCOVERY_AGENTS: usize = 16;
@@ -249,6 +284,8 @@ const VENDOR_SERVICE_LEN: usize = 8;
 const VENDOR_AGENT_FIXED: usize = 37;
 /// Subtype (1) + SPI (4) + authenticator.
 const AUTH_LEN: usize = 5 + AUTHENTICATOR_LEN;
+/// Vendor id (4) + sub-type (1) + algorithm (1) + reserved (6) + Ed25519 signature (64).
+const VENDOR_SIGNATURE_LEN: usize = signature::SIGNED_PREFIX + crate::pki::SIGNATURE_LEN;
 
 /// A binding message: the inner IPv6 source and destination, the MH body and its options.
 #[derive(Clone, Debug, PartialEq)]
@@ -266,6 +303,14 @@ pub enum Body {
     BindingUpdate {
         seq: u16,
         ack: bool,
+        lifetime: u16,
+    },
+    /// A server's binding for a client (route optimization: a correspondent registration,
+    /// MH type 5 with H clear): the inner source is the anycast address, the destination the
+    /// client; `lifetime` in 4-second units, 0 withdraws. Carries the server's certificate
+    /// and is closed by its signature option instead of AUTH.
+    ClientBindingUpdate {
+        seq: u16,
         lifetime: u16,
     },
     /// `lifetime` is in 4-second units.
@@ -305,7 +350,9 @@ impl Body {
     pub fn mh_type(&self) -> u8 {
         match self {
             Body::BindingRefreshRequest => mh_type::BINDING_REFRESH_REQUEST,
-            Body::BindingUpdate { .. } => mh_type::BINDING_UPDATE,
+            Body::BindingUpdate { .. } | Body::ClientBindingUpdate { .. } => {
+                mh_type::BINDING_UPDATE
+            }
             Body::BindingAck { .. } => mh_type::BINDING_ACK,
             Body::BindingError { .. } => mh_type::BINDING_ERROR,
             Body::DiscoveryRequest | Body::DiscoveryReply { .. } => mh_type::EXPERIMENTAL,
@@ -325,6 +372,11 @@ pub struct Options {
     pub service: Option<ServiceSelector>,
     /// Set by decode; ignored by encode (encode computes it from the key).
     pub auth: Option<Auth>,
+    /// The server's certificate (`crate::pki`), as bytes: the wire only carries it.
+    pub certificate: Option<Vec<u8>>,
+    /// The signature option's Ed25519 signature. Set by decode; ignored by encode
+    /// ([`encode_signed`] computes it).
+    pub signature: Option<[u8; 64]>,
 }
 
 /// The Load Information option (RFC 6463).
@@ -378,6 +430,8 @@ pub enum EncodeError {
     /// identity empty or longer than [`MAX_AGENT_ID_LEN`], an agent without an address, or
     /// an address of the wrong family in its field.
     BadAgent,
+    /// A certificate empty or longer than `pki::MAX_CERT_LEN` (its length).
+    BadCertificate(usize),
 }
 
 impl fmt::Display for EncodeError {
@@ -392,6 +446,11 @@ impl fmt::Display for EncodeError {
                 f,
                 "a discovery reply lists at most {MAX_DISCOVERY_AGENTS} agents, each with an \
                  identity of 1 to {MAX_AGENT_ID_LEN} bytes and at least one address"
+            ),
+            EncodeError::BadCertificate(n) => write!(
+                f,
+                "a certificate of {n} bytes: it has 1 to {} bytes",
+                crate::pki::MAX_CERT_LEN
             ),
         }
     }
@@ -437,11 +496,18 @@ pub enum WireError {
     /// no address, an address of the wrong family), or the reply lists more than
     /// [`MAX_DISCOVERY_AGENTS`] agents.
     BadAgentOption,
+    /// A certificate part is empty, or the parts add up to more than `pki::MAX_CERT_LEN`.
+    BadCertificateOption,
+    /// The signature option has another algorithm than Ed25519, reserved bytes not zero, or
+    /// another length.
+    BadSignatureOption,
+    /// Something follows the signature option.
+    SignatureNotLast,
 }
 
 impl WireError {
     /// Every variant, in declaration order.
-    pub const ALL: [WireError; 17] = [
+    pub const ALL: [WireError; 20] = [
         WireError::Truncated,
         WireError::BadIpVersion,
         WireError::BadNextHeader,
@@ -459,6 +525,9 @@ impl WireError {
         WireError::BadMnId,
         WireError::BadAuthSubtype,
         WireError::BadAgentOption,
+        WireError::BadCertificateOption,
+        WireError::BadSignatureOption,
+        WireError::SignatureNotLast,
     ];
 
     /// A stable snake_case name, for counters and logs.
@@ -481,6 +550,9 @@ impl WireError {
             WireError::BadMnId => "bad_mn_id",
             WireError::BadAuthSubtype => "bad_auth_subtype",
             WireError::BadAgentOption => "bad_agent_option",
+            WireError::BadCertificateOption => "bad_certificate_option",
+            WireError::BadSignatureOption => "bad_signature_option",
+            WireError::SignatureNotLast => "signature_not_last",
         }
     }
 }
@@ -505,6 +577,9 @@ impl fmt::Display for WireError {
             WireError::BadMnId => "the mobile node identifier is not a UTF-8 NAI",
             WireError::BadAuthSubtype => "the authentication option is not MN-HA",
             WireError::BadAgentOption => "a discovery reply's agent option is malformed",
+            WireError::BadCertificateOption => "a certificate option is empty or too long",
+            WireError::BadSignatureOption => "the signature option is malformed",
+            WireError::SignatureNotLast => "the signature option is not the last option",
         };
         write!(f, "{text} ({})", self.reason())
     }

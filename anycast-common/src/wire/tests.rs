@@ -80,7 +80,7 @@ fn option_sets(coa: Ipv6Addr) -> Vec<Options> {
                 protocol: 6,
                 port: 443,
             }),
-            auth: None,
+            ..Options::default()
         })
         .collect()
 }

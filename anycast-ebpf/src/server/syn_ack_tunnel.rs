@@ -7,22 +7,15 @@
 //!
 //! Outer source: the server's real address (`REVERSE_CONFIG`), outer destination: the
 //! agent. The FIB is asked for the route to the agent (not the client's), and the packet is
-//! redirected to that egress with `bpf_redirect`, or with `bpf_redirect_neigh` when the
-//! next hop's MAC is not known yet. The lookup is made as for a packet entering on `lo`
-//! (as the kernel's own output routing does), so the controller enables forwarding on `lo`
-//! (the helper refuses lookups for interfaces without it); no other interface forwards.
+//! redirected to that egress (`crate::tc_tunnel`, which the client's tunnel shares); no
+//! interface but `lo` forwards.
 use anycast_common::{
     maps as names, syn_ack_tunnel as counter, AddressKey, SynAckTunnelConfig, ETH_LEN, ETH_P_IPV4,
     ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PROTO_IPIP, PROTO_IPV6,
     PROTO_TCP, TCP_ACK, TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{
-    bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, TC_ACT_OK, TC_ACT_SHOT,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map},
     maps::{Array, PerCpuArray},
     programs::TcContext,
@@ -30,7 +23,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 
 use super::decap::SERVED;
-use crate::packet::{ipv4_tunnel_header, ipv6_tunnel_header_start, read_be16, Ipv4, Ipv6};
+use crate::packet::{read_be16, Ipv4, Ipv6};
+use crate::tc_tunnel::{encapsulate_and_redirect, Outcome, Tunnel};
 
 /// Where SYN-ACKs go. (The map's name predates the program's; userspace and operators see
 /// it.)
@@ -41,9 +35,6 @@ map_name!(REVERSE_CONFIG, names::REVERSE_CONFIG);
 #[map]
 static REVERSE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 map_name!(REVERSE_STATS, names::REVERSE_STATS);
-
-/// `lo`: the FIB lookup is made as for a locally sent packet.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The SYN-ACK tunnel. (Its name in the object, `anycast_reverse`, predates this one: `tc
 /// filter show` lists it.)
@@ -139,92 +130,30 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
         return (TC_ACT_OK, counter::PASS_DISABLED);
     };
     let config = *config;
-    let outer_len: u16 = match config.family {
-        FAMILY_V4 => IPV4_LEN as u16,
-        FAMILY_V6 => IPV6_LEN as u16,
-        _ => return (TC_ACT_OK, counter::PASS_DISABLED),
-    };
-    // The whole tunnel packet.
-    let outer_total = syn_ack.inner_len + outer_len;
-
-    // The route to the agent, before anything changes.
-    // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = config.family;
-    fib.l4_protocol = syn_ack.inner_proto;
-    fib.__bindgen_anon_1.tot_len = outer_total;
-    fib.ifindex = LOOPBACK_IFINDEX;
-    if config.family == FAMILY_V4 {
-        fib.__bindgen_anon_3.ipv4_src = config.source[0];
-        fib.__bindgen_anon_4.ipv4_dst = config.agent[0];
-    } else {
-        fib.__bindgen_anon_3.ipv6_src = config.source;
-        fib.__bindgen_anon_4.ipv6_dst = config.agent;
+    if config.family != FAMILY_V4 && config.family != FAMILY_V6 {
+        return (TC_ACT_OK, counter::PASS_DISABLED);
     }
-    // SAFETY: fib is a valid, fully sized parameter block.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    } as u32;
-    let resolved = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => true,
-        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex != LOOPBACK_IFINDEX => false,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return (TC_ACT_OK, counter::PASS_TOO_BIG),
-        _ => return (TC_ACT_OK, counter::PASS_NO_ROUTE),
+    let t = Tunnel {
+        family: config.family,
+        source: config.source,
+        dest: config.agent,
+        inner_proto: syn_ack.inner_proto,
+        inner_len: syn_ack.inner_len,
+        tos: syn_ack.tos,
     };
-
-    // Room for the outer header between the Ethernet header and the IP packet; the kernel
-    // records the encapsulation (inner headers, GSO type) and the outer protocol.
-    let encap = if config.family == FAMILY_V4 {
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-    } else {
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
-    } as u64;
-    if ctx
-        .skb
-        .adjust_room(outer_len as i32, BPF_ADJ_ROOM_MAC, encap)
-        .is_err()
-    {
-        return (TC_ACT_OK, counter::PASS_ENCAP_FAILED);
-    }
-    let written = if config.family == FAMILY_V4 {
-        let h = ipv4_tunnel_header(
-            syn_ack.tos,
-            outer_total,
-            syn_ack.inner_proto,
-            config.source[0],
-            config.agent[0],
-        );
-        ctx.skb.store(l3, &h, 0).is_ok() && ctx.skb.store(12, &ETH_P_IPV4.to_be_bytes(), 0).is_ok()
-    } else {
-        let [w0, w1] =
-            ipv6_tunnel_header_start(syn_ack.tos, 0, syn_ack.inner_len, syn_ack.inner_proto);
-        let (s, a) = (config.source, config.agent);
-        let h = [w0, w1, s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3]];
-        ctx.skb.store(l3, &h, 0).is_ok() && ctx.skb.store(12, &ETH_P_IPV6.to_be_bytes(), 0).is_ok()
-    };
-    // Half rewritten: never let it out. The client retransmits its SYN.
-    if !written {
-        return (TC_ACT_SHOT, counter::DROP_WRITE_FAILED);
-    }
-    if resolved {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        if ctx.skb.store(0, &macs, 0).is_err() {
-            return (TC_ACT_SHOT, counter::DROP_WRITE_FAILED);
-        }
-        // SAFETY: plain helper call.
-        let action = unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
-        (action, counter::TUNNELLED)
-    } else {
-        // The kernel routes the outer packet itself and resolves the neighbour.
-        // SAFETY: no parameters: the helper looks the route up from the packet.
-        let action = unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-        (action, counter::TUNNELLED_RESOLVING)
+    match encapsulate_and_redirect(ctx, &t) {
+        Outcome::Sent {
+            action,
+            resolving: false,
+        } => (action, counter::TUNNELLED),
+        Outcome::Sent {
+            action,
+            resolving: true,
+        } => (action, counter::TUNNELLED_RESOLVING),
+        Outcome::NoRoute => (TC_ACT_OK, counter::PASS_NO_ROUTE),
+        Outcome::TooBig => (TC_ACT_OK, counter::PASS_TOO_BIG),
+        Outcome::EncapFailed => (TC_ACT_OK, counter::PASS_ENCAP_FAILED),
+        // Half rewritten: never let it out. The client retransmits its SYN.
+        Outcome::WriteFailed => (TC_ACT_SHOT, counter::DROP_WRITE_FAILED),
     }
 }

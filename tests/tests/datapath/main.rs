@@ -19,6 +19,7 @@ mod harness;
 mod address_filter;
 mod affinity;
 mod aging;
+mod client_tunnel;
 mod counters;
 mod decap;
 mod forward;

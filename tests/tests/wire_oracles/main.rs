@@ -116,7 +116,7 @@ fn full_options(coa: Ipv6Addr, id: &str) -> Options {
             protocol: 6,
             port: 443,
         }),
-        auth: None,
+        ..Options::default()
     }
 }
 
@@ -325,12 +325,17 @@ impl Capture {
                 }
             })
             .collect();
+        Capture::from_packets(&packets)
+    }
+
+    /// A capture of IPv4/UDP packets built by the caller.
+    fn from_packets(packets: &[Vec<u8>]) -> Capture {
         let path = std::env::temp_dir().join(format!(
             "anycast-wire-oracle-{}-{:?}.pcap",
             std::process::id(),
             std::thread::current().id()
         ));
-        write_pcap(&path, &packets);
+        write_pcap(&path, packets);
         Capture(path)
     }
 
@@ -339,6 +344,7 @@ impl Capture {
         cmd.arg("-r")
             .arg(&self.0)
             .args(["-d", &format!("udp.port=={DEFAULT_PORT},ipv6")])
+            .args(["-d", &format!("udp.port=={},ipv6", wire::CLIENT_PORT)])
             .args([
                 "-o",
                 "ip.check_checksum:TRUE",
@@ -360,5 +366,6 @@ impl Drop for Capture {
     }
 }
 
+mod client_binding;
 mod scapy;
 mod tshark;

@@ -137,6 +137,9 @@ fn tshark_decodes_our_messages() {
             Body::DiscoveryRequest | Body::DiscoveryReply { .. } => {
                 unreachable!("see tshark_shows_discovery_messages")
             }
+            Body::ClientBindingUpdate { .. } => {
+                unreachable!("see tshark_decodes_client_bindings")
+            }
         }
 
         // The length byte of every option but Pad1, as tshark read them, in order.

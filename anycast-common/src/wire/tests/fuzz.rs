@@ -18,7 +18,28 @@ impl Rng {
     }
 }
 
-fn random_message(rng: &mut Rng) -> (Message, Option<Key<'static>>) {
+/// How a random message is closed: by AUTH (or nothing), or by the signature option.
+enum Sealing {
+    Hmac(Option<Key<'static>>),
+    Signed,
+}
+
+fn seal(msg: &Message, sealing: &Sealing) -> Vec<u8> {
+    match sealing {
+        Sealing::Hmac(key) => encode(msg, *key),
+        Sealing::Signed => encode_signed(msg, &super::super::client_tests::signer()).unwrap(),
+    }
+}
+
+fn random_message(rng: &mut Rng) -> (Message, Sealing) {
+    if rng.below(4) == 0 {
+        // A client binding, its certificate of any size (in one part or several).
+        let mut msg = super::super::client_tests::client_binding(1 + rng.below(700));
+        if rng.below(2) == 0 {
+            msg.options.certificate = None;
+        }
+        return (msg, Sealing::Signed);
+    }
     let addrs = address_sets();
     let (home, agent, real) = addrs[rng.below(addrs.len())];
     let all = bodies(home);
@@ -45,7 +66,7 @@ fn random_message(rng: &mut Rng) -> (Message, Option<Key<'static>>) {
         body,
         options,
     };
-    (msg, key)
+    (msg, Sealing::Hmac(key))
 }
 
 /// What a mutation did, and (for some) the only acceptable outcome.
@@ -163,6 +184,9 @@ fn mutate(rng: &mut Rng, b: &mut Vec<u8>) -> (&'static str, Option<Result<(), Wi
                 .iter()
                 .any(|(_, t)| *t != option::PAD1 && *t != option::PADN);
             let has_auth = walk_options(b).iter().any(|(_, t)| *t == option::AUTH);
+            let has_signature = walk_options(b)
+                .iter()
+                .any(|&(at, t)| t == option::VENDOR && b[40 + at + 6] == VENDOR_SIGNATURE);
             let copy = b[start..].to_vec();
             if (start - 40) % 8 == 4 {
                 b.extend_from_slice(&[option::PADN, 2, 0, 0]);
@@ -171,6 +195,8 @@ fn mutate(rng: &mut Rng, b: &mut Vec<u8>) -> (&'static str, Option<Result<(), Wi
             fix_up(b);
             let want = if has_auth {
                 Err(WireError::AuthNotLast)
+            } else if has_signature {
+                Err(WireError::SignatureNotLast)
             } else if has_option {
                 Err(WireError::DuplicateOption)
             } else {
@@ -211,8 +237,8 @@ fn fuzz_decode_never_panics_and_rejections_have_reasons() {
     // Valid messages, mutated.
     const MUTATED: usize = 200_000;
     for _ in 0..MUTATED {
-        let (msg, key) = random_message(&mut rng);
-        let mut b = encode(&msg, key);
+        let (msg, sealing) = random_message(&mut rng);
+        let mut b = seal(&msg, &sealing);
         let (what, expected) = mutate(&mut rng, &mut b);
         *by_mutation.entry(what).or_default() += 1;
         let got = decode(&b);
@@ -225,20 +251,46 @@ fn fuzz_decode_never_panics_and_rejections_have_reasons() {
                 let again = decode(&encode(decoded, None)).expect("re-encoded decodes");
                 let mut want = decoded.clone();
                 want.options.auth = None;
+                want.options.signature = None;
                 assert_eq!(again, want);
                 *outcomes.entry("ok").or_default() += 1;
             }
             Err(e) => {
                 assert!(!verify(&b, KEY));
+                assert!(!verify_signed(&b, &signer_key()));
                 *outcomes.entry(e.reason()).or_default() += 1;
             }
         }
         total += 1;
     }
 
+    // Certificate parts whose length byte is edited to a small value (an empty part, a part
+    // cut short, a misparse of what follows), in client bindings of every size.
+    const CERT_EDITS: usize = 5_000;
+    for _ in 0..CERT_EDITS {
+        let msg = super::super::client_tests::client_binding(1 + rng.below(700));
+        let mut b = seal(&msg, &Sealing::Signed);
+        let parts: Vec<usize> = walk_options(&b)
+            .iter()
+            .filter(|&&(at, t)| t == option::VENDOR && b[40 + at + 6] == VENDOR_CERTIFICATE)
+            .map(|&(at, _)| 40 + at + 1)
+            .collect();
+        let at = parts[rng.below(parts.len())];
+        let old = b[at];
+        b[at] = rng.below(8) as u8;
+        fix_up(&mut b);
+        let key = match decode(&b) {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        assert!(b[at] == old || !verify_signed(&b, &signer_key()));
+        *outcomes.entry(key).or_default() += 1;
+        total += 1;
+    }
+
     eprintln!("mutations: {by_mutation:?}");
     eprintln!("outcomes: {outcomes:?}");
-    assert_eq!(total, RANDOM + MUTATED);
+    assert_eq!(total, RANDOM + MUTATED + CERT_EDITS);
     assert_eq!(
         outcomes.values().sum::<usize>(),
         total,
@@ -260,4 +312,8 @@ fn fuzz_decode_never_panics_and_rejections_have_reasons() {
         );
     }
     assert!(outcomes["ok"] > 1000);
+}
+
+fn signer_key() -> crate::pki::VerifyingKey {
+    super::super::client_tests::signer().verifying_key()
 }

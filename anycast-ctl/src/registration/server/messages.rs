@@ -97,7 +97,10 @@ impl Client {
                     );
                 }
             }
-            Body::BindingUpdate { .. } | Body::DiscoveryRequest | Body::DiscoveryReply { .. } => {
+            Body::BindingUpdate { .. }
+            | Body::ClientBindingUpdate { .. }
+            | Body::DiscoveryRequest
+            | Body::DiscoveryReply { .. } => {
                 if let Some(n) = agent.strays.allow(now) {
                     tracing::warn!(
                         "ignoring a binding update or discovery message from agent {expected}{}",

@@ -657,7 +657,7 @@ impl Client {
                 service: b
                     .selector
                     .map(|(protocol, port)| ServiceSelector { protocol, port }),
-                auth: None,
+                ..Options::default()
             },
         };
         let payload = wire::encode(

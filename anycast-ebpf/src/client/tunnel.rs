@@ -1,0 +1,145 @@
+//! The client's tunnel (TC egress, clsact): a TCP or UDP packet to a service the client
+//! holds a binding for (`CLIENT_BINDINGS`, written by the client daemon after it checked
+//! the server's signed binding) is IP-in-IP encapsulated to the server's real address, the
+//! inner packet untouched (its destination stays the anycast address, which the server's
+//! decapsulator serves), and redirected to the egress the FIB chose for the real address
+//! (`crate::tc_tunnel`). Everything else, and a bound packet that cannot be tunnelled (no
+//! route, too big, no room), leaves untouched: through the agent, as without a binding.
+//!
+//! The service is looked up as the agent looks services up: (address, protocol, port),
+//! then (address, protocol, any port), then the whole address (protocol 0, any port).
+use anycast_common::{
+    client_tunnel as counter, maps as names, ClientBinding, ServiceKey, ANY_PORT, ETH_LEN,
+    ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPV4_LEN, IPV6_LEN, MAX_CLIENT_BINDINGS,
+    PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
+};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuArray},
+    programs::TcContext,
+};
+
+use crate::packet::{read_be16, Ipv4, Ipv6};
+use crate::tc_tunnel::{encapsulate_and_redirect, Outcome, Tunnel};
+
+/// The bindings the client took: service -> the server's real address.
+#[map]
+static CLIENT_BINDINGS: HashMap<ServiceKey, ClientBinding> =
+    HashMap::with_max_entries(MAX_CLIENT_BINDINGS, 0);
+map_name!(CLIENT_BINDINGS, names::CLIENT_BINDINGS);
+/// What the program did, by [`counter`].
+#[map]
+static CLIENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+map_name!(CLIENT_STATS, names::CLIENT_STATS);
+
+/// IPv4 flags and fragment offset: more fragments, and the offset.
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
+
+#[classifier]
+pub fn anycast_client(ctx: TcContext) -> i32 {
+    let (action, reason) = tunnel(&ctx);
+    if let Some(c) = CLIENT_STATS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+    action
+}
+
+#[inline(always)]
+fn lookup(mut key: ServiceKey) -> Option<ClientBinding> {
+    // SAFETY: each value is copied out at once.
+    unsafe {
+        if let Some(b) = CLIENT_BINDINGS.get(&key) {
+            return Some(*b);
+        }
+        key.port = ANY_PORT;
+        if let Some(b) = CLIENT_BINDINGS.get(&key) {
+            return Some(*b);
+        }
+        key.proto = 0;
+        CLIENT_BINDINGS.get(&key).copied()
+    }
+}
+
+#[inline(always)]
+fn tunnel(ctx: &TcContext) -> (i32, u32) {
+    const OTHER: (i32, u32) = (TC_ACT_OK, counter::PASS_OTHER);
+    // Frames leave without an 802.1Q tag here: the Ethernet header alone.
+    let Some(ether_type) = read_be16(ctx, 12) else {
+        return OTHER;
+    };
+    let l3 = ETH_LEN;
+    let mut key = ServiceKey::default();
+    let (l4, inner_proto, inner_len, tos) = match ether_type {
+        ETH_P_IPV4 => {
+            let Some(h) = Ipv4::at(ctx, l3) else {
+                return OTHER;
+            };
+            let ihl = h.header_len();
+            if h.version() != 4 || ihl < IPV4_LEN {
+                return OTHER;
+            }
+            // Only whole packets: a fragment's later pieces carry no ports, and all pieces
+            // of a packet take one path.
+            if h.frag_off() & IPV4_MF_AND_OFFSET != 0 {
+                return OTHER;
+            }
+            key.family = FAMILY_V4;
+            key.proto = h.proto();
+            key.addr[0] = h.dst();
+            (l3 + ihl, PROTO_IPIP, h.total_len(), h.tos())
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = Ipv6::at(ctx, l3) else {
+                return OTHER;
+            };
+            if h.version() != 6 {
+                return OTHER;
+            }
+            key.family = FAMILY_V6;
+            key.proto = h.next_header();
+            key.addr = h.dst();
+            let len = IPV6_LEN as u16 + h.payload_len();
+            (l3 + IPV6_LEN, PROTO_IPV6, len, h.traffic_class())
+        }
+        _ => return OTHER,
+    };
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return OTHER;
+    }
+    // The destination port, at a variable offset (IPv4 options): bpf_skb_load_bytes.
+    let Ok(port) = ctx.load::<u16>(l4 + 2) else {
+        return OTHER;
+    };
+    key.port = u16::from_be(port);
+    let Some(binding) = lookup(key) else {
+        return (TC_ACT_OK, counter::PASS_NOT_BOUND);
+    };
+    if binding.family != FAMILY_V4 && binding.family != FAMILY_V6 {
+        return (TC_ACT_OK, counter::PASS_NOT_BOUND);
+    }
+    let t = Tunnel {
+        family: binding.family,
+        source: binding.source,
+        dest: binding.real,
+        inner_proto,
+        inner_len,
+        tos,
+    };
+    match encapsulate_and_redirect(ctx, &t) {
+        Outcome::Sent {
+            action,
+            resolving: false,
+        } => (action, counter::TUNNELLED),
+        Outcome::Sent {
+            action,
+            resolving: true,
+        } => (action, counter::TUNNELLED_RESOLVING),
+        Outcome::NoRoute => (TC_ACT_OK, counter::PASS_NO_ROUTE),
+        Outcome::TooBig => (TC_ACT_OK, counter::PASS_TOO_BIG),
+        Outcome::EncapFailed => (TC_ACT_OK, counter::PASS_ENCAP_FAILED),
+        // Half rewritten: never let it out (TCP retransmits).
+        Outcome::WriteFailed => (TC_ACT_SHOT, counter::DROP_WRITE_FAILED),
+    }
+}

@@ -13,7 +13,7 @@
 //! - removals come last: leaving servers' slots after the switch away from them, services
 //!   no longer wanted after every other service, reverse-tunnel entries of addresses no
 //!   longer installed at the very end.
-use super::tables::{TableArea, TableInputs, TableWrite};
+use super::tables::{TableArea, TableInputs, TableMemo, TableWrite};
 use super::*;
 pub use record::{InstalledRecord, MapTruth};
 
@@ -238,8 +238,9 @@ impl Installed {
             .copied()
             .collect();
         self.write_address_filter(&mut ops, &passing);
+        let mut memo = TableMemo::default();
         for want in order {
-            self.plan_service(&mut ops, want)?;
+            self.plan_service(&mut ops, want, &mut memo)?;
         }
         // Services no longer wanted.
         for key in gone {
@@ -258,7 +259,12 @@ impl Installed {
 
     /// One desired service: its servers' slots, its table, its preferences, the switch, then
     /// what it no longer uses.
-    fn plan_service(&mut self, ops: &mut Vec<Op>, want: &DesiredService) -> Result<()> {
+    fn plan_service(
+        &mut self,
+        ops: &mut Vec<Op>,
+        want: &DesiredService,
+        memo: &mut TableMemo,
+    ) -> Result<()> {
         let ring = self.sizes.ring_size;
         let mut svc = match self.services.remove(&want.key) {
             Some(s) => s,
@@ -300,11 +306,14 @@ impl Installed {
         // The table, into the half the data path is not reading (unless unchanged).
         let inputs = TableInputs::new(&svc.servers, |_| true, ring);
         let id = svc.id;
-        if let Some(w) = svc.area.publish(|half| (id * 2 + half) * ring, inputs) {
+        if let Some(w) = svc
+            .area
+            .publish(|half| (id * 2 + half) * ring, inputs, memo)
+        {
             ops.push(Op::WriteTable(w));
         }
         // Preference tables and their prefixes, before the switch that may start using them.
-        let (tables, keys, spare) = self.plan_preferences(ops, &svc, want)?;
+        let (tables, keys, spare) = self.plan_preferences(ops, &svc, want, memo)?;
         let old_keys = std::mem::replace(&mut svc.preference_keys, keys);
         svc.preference_tables = tables;
         let flags = if svc.preference_keys.is_empty() {
@@ -375,6 +384,7 @@ impl Installed {
         ops: &mut Vec<Op>,
         svc: &InstalledService,
         want: &DesiredService,
+        memo: &mut TableMemo,
     ) -> Result<(
         Vec<Option<u32>>,
         HashMap<PreferenceKey, PreferenceTable>,
@@ -433,7 +443,7 @@ impl Installed {
             let inputs = TableInputs::new(&svc.servers, |s| able(s, pref), ring);
             let area_index = self.sizes.max_services + t;
             let area = &mut self.preference_areas[t as usize];
-            if let Some(w) = area.publish(|half| (area_index * 2 + half) * ring, inputs) {
+            if let Some(w) = area.publish(|half| (area_index * 2 + half) * ring, inputs, memo) {
                 ops.push(Op::WriteTable(w));
             }
             let value = PreferenceTable {

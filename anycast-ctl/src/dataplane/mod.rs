@@ -149,7 +149,9 @@ impl Dataplane {
         }
         // The logarithms every table build of this size uses, computed now rather than in
         // the first publish (a server's first binding update waits for that publish).
-        anycast_common::table::prepare(sizes.ring_size);
+        if anycast_common::table::is_prime(sizes.ring_size) {
+            anycast_common::table::prepare(sizes.ring_size);
+        }
         Ok(dp)
     }
 

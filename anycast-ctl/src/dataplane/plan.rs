@@ -183,8 +183,10 @@ impl Installed {
             let Some(svc) = self.services.get(&want.key) else {
                 continue;
             };
+            let installed = first_by_address(&svc.servers);
             for w in &want.servers {
-                if let Some(s) = svc.servers.iter().find(|s| s.address == w.address) {
+                if let Some(&i) = installed.get(&w.address) {
+                    let s = &svc.servers[i];
                     if s.up != w.up {
                         changed.push((s.slot, svc.id, w.address, w.up));
                     }
@@ -286,11 +288,23 @@ impl Installed {
             }
         };
         svc.name = want.name.clone();
-        // Servers: keep the slots of those that stay, take new slots for new ones.
+        // Servers: keep the slots of those that stay, take new slots for new ones. (Each
+        // one that stays is swap-removed from the installed list, found through an index of
+        // it kept up to date: what is left, in that order, leaves.)
         let mut servers = Vec::with_capacity(want.servers.len());
+        let mut installed = first_by_address(&svc.servers);
         for w in &want.servers {
-            let slot = match svc.servers.iter().position(|s| s.address == w.address) {
-                Some(i) => svc.servers.swap_remove(i).slot,
+            let slot = match installed.remove(&w.address) {
+                Some(i) => {
+                    let last = svc.servers.len() - 1;
+                    if i != last {
+                        let moved = svc.servers[last].address;
+                        if installed.get(&moved) == Some(&last) {
+                            installed.insert(moved, i);
+                        }
+                    }
+                    svc.servers.swap_remove(i).slot
+                }
                 None => self.take_slot(ops),
             };
             self.write_server(ops, slot, svc.id, w.address, w.up)?;
@@ -361,11 +375,13 @@ impl Installed {
             .iter()
             .map(|d| match self.services.get(&d.key) {
                 None => d.servers.len(),
-                Some(svc) => d
-                    .servers
-                    .iter()
-                    .filter(|w| !svc.servers.iter().any(|s| s.address == w.address))
-                    .count(),
+                Some(svc) => {
+                    let installed = first_by_address(&svc.servers);
+                    d.servers
+                        .iter()
+                        .filter(|w| !installed.contains_key(&w.address))
+                        .count()
+                }
             })
             .sum();
         if new_servers > self.free_slots.len() {
@@ -615,5 +631,17 @@ fn preference_tables_needed(want: &DesiredService) -> usize {
 }
 
 mod record;
+
+/// Each address's first position in `servers`: lookups in constant time, where a search of
+/// the list for every wanted server made a plan quadratic in the servers of a service
+/// (about a millisecond for 1000).
+fn first_by_address(servers: &[InstalledServer]) -> HashMap<IpAddr, usize> {
+    let mut index = HashMap::with_capacity(servers.len());
+    for (i, s) in servers.iter().enumerate() {
+        index.entry(s.address).or_insert(i);
+    }
+    index
+}
+
 #[cfg(test)]
 mod tests;

@@ -62,59 +62,91 @@ pub fn build(members: &[Member], size: u32) -> Vec<u32> {
     );
 
     let m = size as usize;
-    let mut table = vec![NO_SERVER; m];
-
     let order = canonical_order(members);
     if order.is_empty() {
-        return table;
+        return vec![NO_SERVER; m];
+    }
+    if let [only] = order[..] {
+        // Every entry is its own.
+        return vec![only; m];
     }
     let ln = ln_table(size);
     let modulus = Modulus::new(size);
-    let lists: Vec<List> = order
+    let mut lists: Vec<List> = order
         .iter()
-        .map(|&i| List::new(members[i as usize], size, &modulus))
+        .map(|&i| List::new(members[i as usize], size))
         .collect();
+    invert_skips(&mut lists, &modulus);
 
     // 1. Every member walks its list while its score is below `threshold`, and each entry
     //    keeps the smallest (score, rank) seen. An entry reached this way has its final
     //    owner: every position not walked scores `threshold` or more (scores only grow
     //    along a list). The scores of one entry are exponential with rates w_s, so an entry
     //    stays unreached with probability exp(-threshold * sum(w)); with threshold
-    //    ln(n) / sum(w) that leaves about 1/n of the entries, after about m * ln(n) steps.
+    //    (ln(n) + c) / sum(w) that leaves about e^-c / n of the entries, after about
+    //    m * (ln(n) + c) steps. An unreached entry costs n direct computations (step 2),
+    //    each a few times a step of the walk (a random read of the logarithms), so c is
+    //    the logarithm of that ratio. The threshold decides only the work, never the table.
     let total_weight: f64 = lists.iter().map(|l| l.weight).sum();
-    let threshold = ((lists.len().max(2) as f64).ln() / total_weight) as f32;
-    // Each entry's best as one integer, `score bits << 32 | rank` (the bits of non-negative
-    // floats order like the floats), so keeping the best is a branch-free `min`: whether a
-    // step improves its entry is a coin toss for a branch predictor.
-    let mut best: Vec<u64> = vec![u64::MAX; m];
-    for (rank, list) in lists.iter().enumerate() {
-        let steps = ln.partition_point(|&ln_i| list.score(ln_i) < threshold);
-        let mut pos = list.offset as usize;
-        for &ln_i in &ln[..steps] {
-            let candidate = pack(list.score(ln_i), rank);
-            best[pos] = best[pos].min(candidate);
-            pos += list.skip as usize;
-            if pos >= m {
-                pos -= m;
+    let threshold = (((lists.len().max(2) as f64).ln() + TAIL_COST_LN) / total_weight) as f32;
+    let classes = walk::classes(&lists, &ln, threshold);
+    let mut ranks = walk::walk(&lists, &ln, &classes, m);
+
+    // 2. The entries nobody reached: each member's position in them, directly (the position
+    //    of entry j in a list is `(j - offset) / skip` modulo m), member by member over all
+    //    of them, so that the computations of different entries overlap. Within a class
+    //    (one weight) the score grows with the position, so only the nearest position
+    //    needs a score, and the positions just after it if rounding gave them the same.
+    let unreached: Vec<u32> = (0..size)
+        .filter(|&e| ranks[e as usize] == NO_SERVER)
+        .collect();
+    let mut best = vec![u64::MAX; unreached.len()];
+    let mut nearest = vec![u64::MAX; unreached.len()];
+    for class in &classes {
+        nearest.fill(u64::MAX);
+        for &rank in &class.ranks {
+            let list = &lists[rank as usize];
+            for (near, &entry) in nearest.iter_mut().zip(&unreached) {
+                let i = list.position(entry, &modulus);
+                *near = (*near).min(u64::from(i) << 32 | u64::from(rank));
             }
         }
-    }
-    // 2. The entries nobody reached: each member's score for it, directly (its position in
-    //    the member's list is `(entry - offset) / skip` modulo m).
-    for (entry, owner) in best.iter_mut().enumerate() {
-        if *owner != u64::MAX {
-            continue;
+        let first = &lists[class.ranks[0] as usize];
+        for ((owner, &near), &entry) in best.iter_mut().zip(&nearest).zip(&unreached) {
+            let (i, mut rank) = ((near >> 32) as usize, near as u32);
+            let score = first.score(ln[i]);
+            if ln
+                .get(i + 1)
+                .is_some_and(|&next| first.score(next) == score)
+            {
+                // Positions i..=last share the score: the lowest rank among them wins.
+                // (Single-precision rounding merges neighbouring positions only in tables
+                // far larger than the agent accepts, but the heap merge's result is the
+                // definition.)
+                let last = i + ln[i..].partition_point(|&ln_i| first.score(ln_i) == score) - 1;
+                rank = class
+                    .ranks
+                    .iter()
+                    .copied()
+                    .filter(|&r| lists[r as usize].position(entry, &modulus) as usize <= last)
+                    .min()
+                    .unwrap_or(rank);
+            }
+            *owner = (*owner).min(pack(score, rank as usize));
         }
-        for (rank, list) in lists.iter().enumerate() {
-            let i = list.position(entry as u32, &modulus);
-            *owner = (*owner).min(pack(list.score(ln[i as usize]), rank));
-        }
     }
-    for (entry, &owner) in table.iter_mut().zip(&best) {
-        *entry = order[owner as u32 as usize];
+    for (&entry, &owner) in unreached.iter().zip(&best) {
+        ranks[entry as usize] = owner as u32;
     }
-    table
+    for entry in ranks.iter_mut() {
+        *entry = order[*entry as usize];
+    }
+    ranks
 }
+
+/// `c` of the walk's threshold `(ln(n) + c) / sum(w)`: the logarithm of what an unreached
+/// entry's direct computation costs against a step of the walk (about 4x, measured).
+const TAIL_COST_LN: f64 = 1.0;
 
 /// The members taking part (weight above 0), as caller indexes in a canonical order (by key,
 /// then weight, then caller index for exact duplicates): a member's rank in it breaks ties
@@ -137,22 +169,22 @@ fn pack(score: f32, rank: usize) -> u64 {
 /// direct position computation is a multiply, not a 64-bit division.
 struct Modulus {
     m: u64,
-    /// floor(2^64 / m).
-    mu: u128,
+    /// floor(2^64 / m), below 2^64 for every m >= 2: one 64x64-bit multiplication.
+    mu: u64,
 }
 
 impl Modulus {
     fn new(m: u32) -> Self {
         Modulus {
             m: u64::from(m),
-            mu: (1u128 << 64) / u128::from(m),
+            mu: ((1u128 << 64) / u128::from(m)) as u64,
         }
     }
 
     /// `x mod m` for any `x < 2^64`.
     #[inline]
     fn reduce(&self, x: u64) -> u64 {
-        let q = ((u128::from(x) * self.mu) >> 64) as u64;
+        let q = ((u128::from(x) * u128::from(self.mu)) >> 64) as u64;
         let r = x - q * self.m;
         // The estimate is low by at most one.
         if r >= self.m {
@@ -195,12 +227,13 @@ struct List {
 }
 
 impl List {
-    fn new(member: Member, size: u32, modulus: &Modulus) -> Self {
+    /// The list, with `inverse_skip` still to be filled in by [`invert_skips`].
+    fn new(member: Member, size: u32) -> Self {
         let (offset, skip) = permutation(member.key, size);
         List {
             offset,
             skip,
-            inverse_skip: modulus.inverse(skip),
+            inverse_skip: 0,
             weight: f64::from(member.weight),
             inverse_weight: 1.0 / f64::from(member.weight),
         }
@@ -217,21 +250,60 @@ impl List {
     /// The position of `entry` in this list.
     #[inline]
     fn position(&self, entry: u32, modulus: &Modulus) -> u32 {
-        let m = modulus.m as u32;
-        let delta = if entry >= self.offset {
-            entry - self.offset
-        } else {
-            entry + (m - self.offset)
-        };
-        modulus.mul(delta, self.inverse_skip)
+        // Branch-free: whether the entry lies before the offset is a coin toss.
+        let m = modulus.m;
+        let delta = u64::from(entry) + (m - u64::from(self.offset));
+        let delta = delta - m * u64::from(delta >= m);
+        modulus.mul(delta as u32, self.inverse_skip)
+    }
+}
+
+/// Fills in every list's `skip^-1 mod m` with a single modular inversion (Montgomery's
+/// trick: invert the product of all the skips, then take each factor off with two
+/// multiplications), instead of an exponentiation per member.
+fn invert_skips(lists: &mut [List], modulus: &Modulus) {
+    // before[k] = skip_0 * ... * skip_(k-1)
+    let mut before = Vec::with_capacity(lists.len());
+    let mut product = 1u32;
+    for list in lists.iter() {
+        before.push(product);
+        product = modulus.mul(product, list.skip);
+    }
+    // The inverse of the product of the skips of lists[..=k], from k = last down to 0.
+    let mut inverse = modulus.inverse(product);
+    for (list, &before) in lists.iter_mut().zip(&before).rev() {
+        list.inverse_skip = modulus.mul(inverse, before);
+        inverse = modulus.mul(inverse, list.skip);
     }
 }
 
 /// Stable key for a server identity string (e.g. "10.0.2.11" or a server name): FNV-1a 64.
 pub fn member_key(identity: &str) -> u64 {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a(FNV_OFFSET, identity)
+}
+
+/// [`member_key`] of a value's `Display` form (an address), without building the string.
+pub fn member_key_of(identity: impl std::fmt::Display) -> u64 {
+    use std::fmt::Write as _;
+    struct Hasher(u64);
+    impl std::fmt::Write for Hasher {
+        fn write_str(&mut self, part: &str) -> std::fmt::Result {
+            self.0 = fnv1a(self.0, part);
+            Ok(())
+        }
+    }
+    let mut hasher = Hasher(FNV_OFFSET);
+    // Writing into the hasher cannot fail.
+    let _ = write!(hasher, "{identity}");
+    hasher.0
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 from `hash` on over `bytes`.
+fn fnv1a(hash: u64, bytes: &str) -> u64 {
     const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    identity.bytes().fold(FNV_OFFSET, |hash, byte| {
+    bytes.bytes().fold(hash, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
     })
 }
@@ -290,6 +362,20 @@ fn permutation(key: u64, m: u32) -> (u32, u32) {
     (offset as u32, skip as u32)
 }
 
+/// Computes what every build of tables of `size` entries shares (a table of logarithms,
+/// kept for the last size used), so that the first build does not pay for it. Optional.
+///
+/// # Panics
+///
+/// If `size` is not a prime.
+pub fn prepare(size: u32) {
+    assert!(
+        is_prime(size),
+        "consistent-hash table size {size} is not a prime >= 2"
+    );
+    ln_table(size);
+}
+
 /// The last table of logarithms built, shared by every build with the same size.
 static LN_CACHE: Mutex<Option<(u32, Arc<[f64]>)>> = Mutex::new(None);
 
@@ -343,6 +429,8 @@ fn ln_ratio(a: u64, b: u64) -> f64 {
     }
     e as f64 * std::f64::consts::LN_2 + z * series
 }
+
+mod walk;
 
 #[cfg(test)]
 mod tests;

@@ -381,6 +381,22 @@ fn member_key_is_fnv1a() {
 }
 
 #[test]
+fn member_key_of_an_address_is_that_of_its_text() {
+    use std::net::IpAddr;
+    for text in [
+        "10.0.2.11",
+        "0.0.0.0",
+        "fd00::1",
+        "2001:db8::a:b:c:d",
+        "::ffff:10.1.2.3",
+    ] {
+        let address: IpAddr = text.parse().unwrap();
+        assert_eq!(member_key_of(address), member_key(&address.to_string()));
+    }
+    assert_eq!(member_key_of("s1"), member_key("s1"));
+}
+
+#[test]
 fn primes() {
     let small: Vec<u32> = (0..50).filter(|&n| is_prime(n)).collect();
     assert_eq!(
@@ -414,6 +430,10 @@ fn build_equals_the_merge_reference() {
         cases.push((members(&[1, 2, 3, 4, 5]), size));
         cases.push((members(&mixed_weights(40)), size));
     }
+    // More weights than the walk's 32-bit keys take (its 64-bit keys).
+    let many: Vec<u32> = (1..=40).map(|w| w * 3).collect();
+    cases.push((members(&many), M));
+    cases.push((members(&many), 4099));
     let mut dup = members(&[4, 4, 9]);
     dup[1].key = dup[0].key;
     cases.push((dup.clone(), M));
@@ -426,6 +446,39 @@ fn build_equals_the_merge_reference() {
             "{} members, size {size}",
             ms.len()
         );
+    }
+}
+
+/// The walk's two key widths give the same owners: 32-bit keys (score indexes, few weights)
+/// and 64-bit keys (score bits).
+#[test]
+fn compact_and_wide_walks_agree() {
+    let cases = [
+        (members(&vec![100; 1000]), M),
+        (members(&mixed_weights(300)), M),
+        (members(&[1, 1_000_000]), M),
+        (members(&[u32::MAX, 1, 7]), 4099),
+        (members(&[5]), 13),
+    ];
+    for (ms, size) in &cases {
+        let modulus = Modulus::new(*size);
+        let ln = ln_table(*size);
+        let mut lists: Vec<List> = canonical_order(ms)
+            .iter()
+            .map(|&i| List::new(ms[i as usize], *size))
+            .collect();
+        invert_skips(&mut lists, &modulus);
+        let total: f64 = lists.iter().map(|l| l.weight).sum();
+        for threshold in [0.5 / total, 3.0 / total, 12.0 / total] {
+            let classes = walk::classes(&lists, &ln, threshold as f32);
+            let compact = walk::walk(&lists, &ln, &classes, *size as usize);
+            let wide = walk::walk_wide(&lists, &ln, &classes, *size as usize);
+            assert_eq!(compact, wide, "{} members, size {size}", ms.len());
+            assert!(compact.contains(&NO_SERVER) || threshold > 1.0 / total);
+        }
+        for (k, list) in lists.iter().enumerate() {
+            assert_eq!(modulus.mul(list.skip, list.inverse_skip), 1, "list {k}");
+        }
     }
 }
 

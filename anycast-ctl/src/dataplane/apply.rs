@@ -58,7 +58,7 @@ impl Dataplane {
                     .context("writing the address filter")?,
                 Op::WriteTable(w) => self
                     .rings
-                    .write(&w.indices, &w.values)
+                    .write_table(&w)
                     .context("writing a consistent-hash table")?,
                 Op::PublishService { key, info } => self
                     .services_map

@@ -150,6 +150,11 @@ impl Dataplane {
         if pins.is_empty() {
             dp.set_flow_timeouts(FlowTimeouts::default())?;
         }
+        // The logarithms every table build of this size uses, computed now rather than in
+        // the first publish (a server's first binding update waits for that publish).
+        if anycast_common::table::is_prime(sizes.ring_size) {
+            anycast_common::table::prepare(sizes.ring_size);
+        }
         Ok(dp)
     }
 

@@ -51,8 +51,8 @@ impl MappedArray {
         })
     }
 
-    pub(crate) fn write(&self, indices: &[u32], values: &[u32]) -> Result<(), MapError> {
-        for (&i, &v) in indices.iter().zip(values) {
+    pub(crate) fn write(&self, entries: impl Iterator<Item = (u32, u32)>) -> Result<(), MapError> {
+        for (i, v) in entries {
             if i >= self.entries {
                 return Err(MapError::OutOfBounds {
                     index: i,
@@ -97,11 +97,20 @@ impl Rings {
         }
     }
 
+    /// Writes a table's entries.
+    pub(crate) fn write_table(&mut self, w: &TableWrite) -> Result<(), MapError> {
+        if let Some(m) = &self.mapped {
+            return m.write(w.entries());
+        }
+        let (indices, values): (Vec<u32>, Vec<u32>) = w.entries().unzip();
+        self.write(&indices, &values)
+    }
+
     /// Sets `map[indices[i]] = values[i]` for every i.
     pub(crate) fn write(&mut self, indices: &[u32], values: &[u32]) -> Result<(), MapError> {
         debug_assert_eq!(indices.len(), values.len());
         if let Some(m) = &self.mapped {
-            return m.write(indices, values);
+            return m.write(indices.iter().copied().zip(values.iter().copied()));
         }
         for (keys, vals) in indices.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
             if self.batch {

@@ -6,11 +6,35 @@ use anycast_common::{table, NO_SERVER};
 
 use super::plan::InstalledServer;
 
-/// Entries of `RINGS` to write: `values[i]` at index `indices[i]`.
+/// Entries of `RINGS` to write: entry `i` of `table` at index `base + i`, for every `i` in
+/// `changed` (all of them when `None`). The table is shared with what the controller keeps
+/// of it, not copied: a whole table is 65537 entries by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableWrite {
-    pub indices: Vec<u32>,
-    pub values: Vec<u32>,
+    pub base: u32,
+    pub table: Arc<Vec<u32>>,
+    pub changed: Option<Vec<u32>>,
+}
+
+impl TableWrite {
+    /// The `(RINGS index, value)` pairs to write, in increasing index order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let whole = self.changed.is_none().then(|| 0..self.table.len() as u32);
+        let offsets = whole
+            .into_iter()
+            .flatten()
+            .chain(self.changed.iter().flatten().copied());
+        offsets.map(|i| (self.base + i, self.table[i as usize]))
+    }
+
+    /// How many entries are written.
+    pub fn len(&self) -> usize {
+        self.changed.as_ref().map_or(self.table.len(), Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What a consistent-hash table is a function of: the ring size and, in order, each
@@ -42,18 +66,18 @@ impl TableInputs {
     }
 
     /// The consistent-hash table, as server slots.
-    pub(crate) fn build(&self) -> Vec<u32> {
+    pub(crate) fn build(&self, memo: &mut TableMemo) -> Vec<u32> {
         let members: Vec<table::Member> = self
             .members
             .iter()
             .map(|&(address, weight, _)| table::Member {
-                key: table::member_key(&address.to_string()),
+                key: table::member_key_of(address),
                 weight,
             })
             .collect();
-        table::build(&members, self.ring)
-            .into_iter()
-            .map(|i| {
+        memo.build(&members, self.ring)
+            .iter()
+            .map(|&i| {
                 if i == NO_SERVER {
                     NO_SERVER
                 } else {
@@ -61,6 +85,30 @@ impl TableInputs {
                 }
             })
             .collect()
+    }
+}
+
+/// The tables built during one plan, by what a table is a function of (the ring size and
+/// the members' keys and weights, in order): services with the same servers (a registered
+/// address's TCP and UDP services, say) share one build. Entries are member indexes, so
+/// each service maps them to its own slots.
+#[derive(Default)]
+pub(crate) struct TableMemo {
+    built: Vec<(u32, Vec<table::Member>, Arc<Vec<u32>>)>,
+}
+
+impl TableMemo {
+    fn build(&mut self, members: &[table::Member], ring: u32) -> Arc<Vec<u32>> {
+        if let Some((_, _, t)) = self
+            .built
+            .iter()
+            .find(|(r, m, _)| *r == ring && m.as_slice() == members)
+        {
+            return Arc::clone(t);
+        }
+        let t = Arc::new(table::build(members, ring));
+        self.built.push((ring, members.to_vec(), Arc::clone(&t)));
+        t
     }
 }
 
@@ -118,30 +166,32 @@ impl TableArea {
         &mut self,
         base: impl Fn(u32) -> u32,
         inputs: TableInputs,
+        memo: &mut TableMemo,
     ) -> Option<TableWrite> {
         if self.live().is_some() && self.live_inputs.as_ref() == Some(&inputs) {
             return None;
         }
-        let entries = inputs.build();
+        let entries = inputs.build(memo);
         if self.live() == Some(&entries[..]) {
             self.live_inputs = Some(inputs);
             return None;
         }
         let half = 1 - self.live_half;
-        let start = base(half);
         let known = self.halves[half as usize].take();
-        let mut write = TableWrite::default();
-        for (i, &e) in entries.iter().enumerate() {
-            if known.as_ref().is_some_and(|k| k[i] == e) {
-                continue;
-            }
-            write.indices.push(start + i as u32);
-            write.values.push(e);
-        }
-        self.halves[half as usize] = Some(Arc::new(entries));
+        let table = Arc::new(entries);
+        let changed = known.map(|k| {
+            (0..table.len() as u32)
+                .filter(|&i| k[i as usize] != table[i as usize])
+                .collect()
+        });
+        self.halves[half as usize] = Some(Arc::clone(&table));
         self.live_half = half;
         self.live_inputs = Some(inputs);
-        Some(write)
+        Some(TableWrite {
+            base: base(half),
+            table,
+            changed,
+        })
     }
 
     /// Forgets what the halves hold (after a failed write): the next table is written whole.

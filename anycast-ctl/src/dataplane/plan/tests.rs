@@ -223,9 +223,8 @@ fn a_leaving_server_keeps_its_slot_until_the_switch_away_from_it() {
         unreachable!()
     };
     assert!(w
-        .indices
-        .iter()
-        .all(|&i| i >= info.ring_base && i < info.ring_base + RING));
+        .entries()
+        .all(|(i, _)| i >= info.ring_base && i < info.ring_base + RING));
 }
 
 #[test]

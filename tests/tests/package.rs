@@ -23,8 +23,8 @@ const FILES: &[&str] = &[
     "/usr/bin/anycast-ctl",
     "/lib/systemd/system/anycast-agent.service",
     "/lib/systemd/system/anycast-server@.service",
-    "/etc/anycast/agent.json.example",
-    "/etc/anycast/server.env.example",
+    "/usr/share/doc/anycast-ctl/examples/agent.json.example",
+    "/usr/share/doc/anycast-ctl/examples/server.env.example",
     "/usr/share/man/man1/anycast-ctl.1.gz",
     "/usr/share/man/man1/anycast-ctl-agent.1.gz",
     "/usr/share/man/man1/anycast-ctl-server.1.gz",
@@ -38,9 +38,9 @@ const FILES: &[&str] = &[
     "/usr/share/doc/anycast-ctl/copyright",
 ];
 
-/// Kept by `dpkg -r` (Debian policy: the operator's edits survive a removal), removed by
-/// `dpkg --purge`.
-const CONFFILES: &[&str] = &[
+/// The examples' copies the postinst makes (not conffiles: the prerm takes back the ones
+/// still as shipped, so `dpkg -r` leaves nothing the package put there).
+const EXAMPLE_COPIES: &[&str] = &[
     "/etc/anycast/agent.json.example",
     "/etc/anycast/server.env.example",
 ];
@@ -134,6 +134,8 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
     let taken: Vec<&&str> = FILES
         .iter()
         .chain(ENABLED_LINKS)
+        .chain(EXAMPLE_COPIES)
+        .chain(&["/etc/anycast"])
         .filter(|p| present(p))
         .collect();
     ensure!(
@@ -195,12 +197,16 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
         extra.is_empty(),
         "unexpected files in the package: {extra:?}"
     );
-    let conffiles = ok(Command::new("dpkg-deb")
-        .arg("-I")
-        .arg(&deb)
-        .arg("conffiles"))?;
-    let conffiles: Vec<&str> = conffiles.lines().collect();
-    ensure!(conffiles == CONFFILES, "conffiles: {conffiles:?}");
+    ensure!(
+        Command::new("dpkg-deb")
+            .arg("-I")
+            .arg(&deb)
+            .arg("conffiles")
+            .output()?
+            .stdout
+            .is_empty(),
+        "the package has conffiles: a removal would keep them"
+    );
 
     // Install.
     ok(Command::new("dpkg").arg("-i").arg(&deb))?;
@@ -211,6 +217,12 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
     );
     for f in &contents {
         ensure!(present(f), "{f} missing after dpkg -i");
+    }
+    for (copy, shipped) in EXAMPLE_COPIES.iter().zip(&FILES[3..5]) {
+        ensure!(
+            std::fs::read(copy).ok() == std::fs::read(shipped).ok(),
+            "{copy}: not a copy of {shipped} after dpkg -i"
+        );
     }
     let ctl = "/usr/bin/anycast-ctl";
     let shown = ok(Command::new(ctl).arg("--version"))?;
@@ -310,16 +322,17 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
         ensure!(present(link), "{link} missing after systemctl enable");
     }
 
-    // Remove: everything goes but the conffiles, which a purge removes.
+    // Remove: everything the package installed goes, the examples' copies and
+    // /etc/anycast with them.
     ok(Command::new("dpkg").args(["-r", PACKAGE]))?;
-    for f in &contents {
-        let conffile = CONFFILES.contains(&f.as_str());
-        ensure!(
-            present(f) == conffile,
-            "{f} {} after dpkg -r",
-            if conffile { "missing" } else { "left" }
-        );
+    for f in contents
+        .iter()
+        .map(String::as_str)
+        .chain(EXAMPLE_COPIES.iter().copied())
+    {
+        ensure!(!present(f), "{f} left after dpkg -r");
     }
+    ensure!(!present("/etc/anycast"), "/etc/anycast left after dpkg -r");
     for link in ENABLED_LINKS {
         ensure!(!present(link), "{link} left after dpkg -r");
     }
@@ -332,6 +345,20 @@ fn package_builds_installs_verifies_and_removes_cleanly() -> Result<()> {
     for f in &contents {
         ensure!(!present(f), "{f} left after dpkg --purge");
     }
+
+    // An example the operator edited is theirs: a removal keeps it, a purge takes it.
+    ok(Command::new("dpkg").arg("-i").arg(&deb))?;
+    let edited = EXAMPLE_COPIES[1];
+    let mut text = std::fs::read_to_string(edited)?;
+    text.push_str("# edited by the operator\n");
+    std::fs::write(edited, &text)?;
+    ok(Command::new("dpkg").args(["-r", PACKAGE]))?;
+    ensure!(
+        std::fs::read_to_string(edited).ok().as_deref() == Some(text.as_str()),
+        "{edited}: the operator's edit lost by dpkg -r"
+    );
+    ensure!(!present(EXAMPLE_COPIES[0]), "the unedited example left");
+    ok(Command::new("dpkg").args(["--purge", PACKAGE]))?;
     ensure!(
         !present("/etc/anycast"),
         "/etc/anycast left after dpkg --purge"

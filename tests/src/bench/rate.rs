@@ -35,7 +35,7 @@ use super::live;
 use super::packets;
 use super::perpacket::{self, dataplane, ifindex, pin_to_cpu, server_v4, service, TX_SWAP};
 use super::report::{median, Row, Section};
-use crate::packet::TCP_ACK;
+use crate::packet::{TCP_ACK, TCP_SYN};
 
 const GEN_NS: &str = "acbrg";
 const AGENT_NS: &str = "acbra";
@@ -159,7 +159,13 @@ fn measure(quick: bool) -> Result<Section> {
         80,
         TCP_ACK,
     );
-    live::set_frame(&mut dp, &frame)?;
+    let syn_frame = packets::v4_tcp(
+        std::net::Ipv4Addr::new(198, 51, 100, 7),
+        40000,
+        svc_addr,
+        80,
+        TCP_SYN,
+    );
     let gen_same = Arc::new(live::load(&mut dp, live::GEN)?);
     let gen_new = Arc::new(live::load(&mut dp, live::GEN_NEW_FLOW)?);
     let mut notes = Vec::new();
@@ -170,10 +176,20 @@ fn measure(quick: bool) -> Result<Section> {
     };
     let mut rows = Vec::new();
     let mut data = Vec::new();
-    for (workload, gen_prog) in [
-        ("flow-table hit (one flow)", &gen_same),
-        ("new flow every packet (random source)", &gen_new),
+    for (workload, gen_prog, frame) in [
+        ("flow-table hit (one flow)", &gen_same, &frame),
+        (
+            "new flow every packet (random source, ACKs: flows not seen opening)",
+            &gen_new,
+            &frame,
+        ),
+        (
+            "new flow every packet (random source, SYNs: a SYN flood)",
+            &gen_new,
+            &syn_frame,
+        ),
     ] {
+        live::set_frame(&mut dp, frame)?;
         let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut offered: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         for r in 0..rounds {
@@ -251,8 +267,10 @@ fn measure(quick: bool) -> Result<Section> {
          baseline, median. One core for everything: generator, agent and sink run on CPU \
          {gen_cpu} (a veth runs its peer's NAPI on the sending CPU), so the rates are those \
          of the whole pipeline; the agent's own cost is the difference of the inverse rates. \
-         The new-flow workload randomizes the client address and port of every frame (the \
-         1M-entry flow table fills and then evicts).",
+         The new-flow workloads randomize the client address and port of every frame: with \
+         ACKs, each is a flow not seen opening, pinned within the per-CPU budget \
+         (`unseen_pins_per_second`, 20 000 by default) and forwarded unpinned beyond it; with \
+         SYNs, none is pinned (each overwrites an `EMBRYOS` slot).",
         window.as_secs_f64(),
         rounds
     );

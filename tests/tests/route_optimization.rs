@@ -14,7 +14,11 @@
 //! 3. the next connections go direct from their first packet (the agent sees nothing);
 //! 4. the server is stopped (SIGTERM): it sends lifetime 0, the client goes back to the
 //!    agent, the open connection still answers (through the agent, which drains it to its
-//!    server) and new connections go to the other server.
+//!    server) and new connections go to the other server;
+//! 5. the other server binds the client too; then its daemon stops answering (SIGSTOP; its
+//!    service and decapsulation go on): the client, still sending through the tunnel, ends
+//!    the binding after `--unanswered-timeout` and goes back to the agent; the connection
+//!    answers throughout.
 //!
 //! Runs as root.
 use std::{
@@ -233,7 +237,7 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
             "--status-file",
             &status_file,
             "--unanswered-timeout",
-            "10",
+            "6",
         ],
     )?;
     daemon.wait_for_line("client ready", Duration::from_secs(20))?;
@@ -393,13 +397,13 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     wait_until("the binding withdrawn", Duration::from_secs(5), || {
         Ok(client.counter("withdrawn")? >= 1 && client.bound_to()?.is_none())
     })?;
-    let back0 = agent_packets(&topo, Some(&server))?;
+    let back0 = agent_packets(&topo, None)?;
     assert_eq!(
         held.ask()?,
         server,
         "the open connection survives the withdrawal (through the agent, drained to it)"
     );
-    assert!(agent_packets(&topo, Some(&server))? > back0);
+    assert!(agent_packets(&topo, None)? > back0, "back through the agent");
     let other = if server == "s1" { "s2" } else { "s1" };
     wait_until("the stopped server deregistered", Duration::from_secs(10), || {
         Ok(!topo.active_servers()?.contains(&server))
@@ -415,6 +419,40 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     decap.wait_exit(Duration::from_secs(35))?;
     let out = decap.output();
     assert!(out.contains("sent lifetime 0 to"), "{out}");
+
+    // 5. The other server's daemon stops answering (SIGSTOP: its decapsulation and service
+    //    go on, its refreshes stop). The client, still sending through the tunnel, ends
+    //    the binding after --unanswered-timeout and goes back to the agent; the connection
+    //    answers throughout.
+    let oidx = 1 - idx;
+    let mut held = topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT)))?;
+    assert_eq!(held.server, other);
+    wait_until("the client bound to the other server", Duration::from_secs(5), || {
+        assert_eq!(held.ask()?, other);
+        Ok(client.bound_to()? == Some(other.to_string()))
+    })?;
+    let opid = topo.servers[oidx].decap.as_ref().unwrap().pid().unwrap();
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(opid as i32, libc::SIGSTOP) };
+    let stopped = std::time::Instant::now();
+    let fell_back = wait_until("the binding ended unanswered", Duration::from_secs(15), || {
+        assert_eq!(held.ask()?, other, "the connection keeps answering");
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(client.counter("ended_unanswered")? >= 1 && client.bound_to()?.is_none())
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(opid as i32, libc::SIGCONT) };
+    fell_back?;
+    println!(
+        "the silent server's binding ended {:?} after its daemon stopped",
+        stopped.elapsed()
+    );
+    let via0 = agent_packets(&topo, Some(other))?;
+    assert_eq!(held.ask()?, other);
+    assert!(
+        agent_packets(&topo, Some(other))? > via0,
+        "after the fallback the connection goes through the agent"
+    );
     println!("{}", client.status()?);
     daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
     Ok(())

@@ -75,13 +75,7 @@ fn host(s: &str) -> CertPrefix {
     CertPrefix::new(a, if a.is_ipv4() { 32 } else { 128 }).unwrap()
 }
 
-fn cert(
-    issuer: &SigningKey,
-    key: &SigningKey,
-    id: &str,
-    real: &str,
-    valid: (u64, u64),
-) -> Vec<u8> {
+fn cert(issuer: &SigningKey, key: &SigningKey, id: &str, real: &str, valid: (u64, u64)) -> Vec<u8> {
     let body = CertificateBody {
         serial: 900,
         not_before: valid.0,
@@ -126,7 +120,9 @@ struct Client {
 
 impl Client {
     fn status(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(&self.status)?)?)
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            &self.status,
+        )?)?)
     }
 
     fn counter(&self, name: &str) -> anyhow::Result<u64> {
@@ -205,6 +201,11 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
             &path(&format!("ro-{s}.cert")),
         ])?;
     }
+    // Rare probes: in step 5 a server's daemon is stopped while its service goes on, and the
+    // agent must not declare it dead meanwhile (the client's fallback is what is tested).
+    topo.registration_extra = serde_json::json!({
+        "probe": {"interval_ms": 10000, "timeout_ms": 200, "misses": 3},
+    });
     topo.server_args = vec![
         "--certificate".into(),
         path("ro-{name}.cert"),
@@ -331,11 +332,15 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     let server = held.server.clone();
     let mut asks = 1;
     // The connection answers throughout the switch.
-    wait_until("the client bound to its server", Duration::from_secs(5), || {
-        assert_eq!(held.ask()?, server, "the connection keeps its server");
-        asks += 1;
-        Ok(client.bound_to()? == Some(server.clone()))
-    })?;
+    wait_until(
+        "the client bound to its server",
+        Duration::from_secs(5),
+        || {
+            assert_eq!(held.ask()?, server, "the connection keeps its server");
+            asks += 1;
+            Ok(client.bound_to()? == Some(server.clone()))
+        },
+    )?;
     println!("bound to {server} after {asks} requests on the connection");
     // The map write is done before the status says so: every later packet is tunnelled.
     let (agent0, tunnel0) = (agent_packets(&topo, Some(&server))?, client.tunnelled()?);
@@ -351,7 +356,10 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         agent1 - agent0,
         client.tunnelled()? - tunnel0
     );
-    assert_eq!(agent1, agent0, "the agent lets go: no packet of the bound client");
+    assert_eq!(
+        agent1, agent0,
+        "the agent lets go: no packet of the bound client"
+    );
 
     // A replay of the server's own binding (from its address, as a spoofer would send it):
     // older than the last one taken.
@@ -403,11 +411,16 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         server,
         "the open connection survives the withdrawal (through the agent, drained to it)"
     );
-    assert!(agent_packets(&topo, None)? > back0, "back through the agent");
+    assert!(
+        agent_packets(&topo, None)? > back0,
+        "back through the agent"
+    );
     let other = if server == "s1" { "s2" } else { "s1" };
-    wait_until("the stopped server deregistered", Duration::from_secs(10), || {
-        Ok(!topo.active_servers()?.contains(&server))
-    })?;
+    wait_until(
+        "the stopped server deregistered",
+        Duration::from_secs(10),
+        || Ok(!topo.active_servers()?.contains(&server)),
+    )?;
     let answers = topo.clients[0].in_ns(|| {
         (0..5)
             .map(|_| http_get(Topology::anycast(false, HTTP_PORT)))
@@ -427,32 +440,81 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     let oidx = 1 - idx;
     let mut held = topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT)))?;
     assert_eq!(held.server, other);
-    wait_until("the client bound to the other server", Duration::from_secs(5), || {
-        assert_eq!(held.ask()?, other);
-        Ok(client.bound_to()? == Some(other.to_string()))
-    })?;
+    wait_until(
+        "the client bound to the other server",
+        Duration::from_secs(5),
+        || {
+            assert_eq!(held.ask()?, other);
+            Ok(client.bound_to()? == Some(other.to_string()))
+        },
+    )?;
     let opid = topo.servers[oidx].decap.as_ref().unwrap().pid().unwrap();
     // SAFETY: plain kill(2) on our child's pid.
     unsafe { libc::kill(opid as i32, libc::SIGSTOP) };
+    // Continued however the test ends.
+    struct Continue(u32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        }
+    }
+    let resume = Continue(opid);
     let stopped = std::time::Instant::now();
-    let fell_back = wait_until("the binding ended unanswered", Duration::from_secs(15), || {
-        assert_eq!(held.ask()?, other, "the connection keeps answering");
-        std::thread::sleep(Duration::from_millis(100));
-        Ok(client.counter("ended_unanswered")? >= 1 && client.bound_to()?.is_none())
-    });
-    // SAFETY: as above.
-    unsafe { libc::kill(opid as i32, libc::SIGCONT) };
+    let fell_back = wait_until(
+        "the binding ended unanswered",
+        Duration::from_secs(15),
+        || {
+            assert_eq!(held.ask()?, other, "the connection keeps answering");
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(client.counter("ended_unanswered")? >= 1 && client.bound_to()?.is_none())
+        },
+    );
     fell_back?;
     println!(
         "the silent server's binding ended {:?} after its daemon stopped",
         stopped.elapsed()
     );
-    let via0 = agent_packets(&topo, Some(other))?;
-    assert_eq!(held.ask()?, other);
+    let (via0, tun0) = (agent_packets(&topo, None)?, client.tunnelled()?);
+    let pass0 = client.status()?["tunnel"]["pass_not_bound"]
+        .as_u64()
+        .unwrap_or(0);
+    for _ in 0..5 {
+        assert_eq!(held.ask()?, other);
+    }
+    if let Err(e) = wait_until("the tunnel's counters read", Duration::from_secs(2), || {
+        Ok(client.status()?["tunnel"]["pass_not_bound"]
+            .as_u64()
+            .unwrap_or(0)
+            >= pass0 + 5)
+    }) {
+        panic!("{e:#}: {}", client.status()?);
+    }
+    assert_eq!(
+        client.tunnelled()?,
+        tun0,
+        "nothing tunnelled after the fallback"
+    );
+    let via1 = agent_packets(&topo, None)?;
+    println!(
+        "after the fallback: 5 requests, the agent forwarded {} packets",
+        via1 - via0
+    );
     assert!(
-        agent_packets(&topo, Some(other))? > via0,
+        via1 > via0,
         "after the fallback the connection goes through the agent"
     );
+    // The server answers again: its next refresh binds the client again.
+    drop(resume);
+    wait_until(
+        "bound again once the server answers",
+        Duration::from_secs(10),
+        || {
+            assert_eq!(held.ask()?, other);
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(client.bound_to()? == Some(other.to_string()))
+        },
+    )?;
     println!("{}", client.status()?);
     daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
     Ok(())

@@ -32,8 +32,9 @@ use anycast_common::{
     wire::{self, Body, Message, Options, ServiceSelector},
 };
 use anycast_tests::{
+    route_opt,
     topology::{http_get, Held, ServerMode, Topology, HTTP_PORT},
-    unhex, wait_until, workspace_bin,
+    unhex, wait_until,
 };
 
 const CLIENT: &str = "10.71.1.11";
@@ -50,19 +51,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-fn pki(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new(workspace_bin("anycast-ctl")?)
-        .arg("pki")
-        .args(args)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pki {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn signing_key(path: &Path) -> anyhow::Result<SigningKey> {
@@ -137,12 +125,16 @@ impl Client {
 
     /// The server holding the binding for tcp/80 of the IPv4 anycast address, if any.
     fn bound_to(&self) -> anyhow::Result<Option<String>> {
+        self.bound_for("10.71.100.1 tcp/80")
+    }
+
+    fn bound_for(&self, service: &str) -> anyhow::Result<Option<String>> {
         let s = self.status()?;
         Ok(s["bindings"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|b| b["service"] == "10.71.100.1 tcp/80")
+            .find(|b| b["service"] == service)
             .and_then(|b| b["server"].as_str().map(str::to_string)))
     }
 }
@@ -174,46 +166,13 @@ fn send_from(topo: &Topology, ns: &anycast_tests::netns::Netns, from: IpAddr, pa
 fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow::Result<()> {
     let mut topo = Topology::build("acrp", 1, 2, ServerMode::Registering { lifetime_secs: 60 })?;
     let dir = topo.dir.clone();
-    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    pki(&["keygen", "--out", &path("operator")])?;
-    for (i, s) in ["s1", "s2"].iter().enumerate() {
-        pki(&["keygen", "--out", &path(&format!("ro-{s}"))])?;
-        let (v4, v6) = (format!("10.71.2.{}", 11 + i), format!("fd71:2::{}", 11 + i));
-        pki(&[
-            "issue",
-            "--operator-key",
-            &path("operator.key"),
-            "--server-pub",
-            &path(&format!("ro-{s}.pub")),
-            "--id",
-            s,
-            "--real",
-            &v4,
-            "--real",
-            &v6,
-            "--anycast",
-            "10.71.100.1",
-            "--anycast",
-            "fd71:100::1",
-            "--serial",
-            &(i + 1).to_string(),
-            "--out",
-            &path(&format!("ro-{s}.cert")),
-        ])?;
-    }
+    route_opt::make_pki(&dir, 2)?;
     // Rare probes: in step 5 a server's daemon is stopped while its service goes on, and the
     // agent must not declare it dead meanwhile (the client's fallback is what is tested).
     topo.registration_extra = serde_json::json!({
         "probe": {"interval_ms": 10000, "timeout_ms": 200, "misses": 3},
     });
-    topo.server_args = vec![
-        "--certificate".into(),
-        path("ro-{name}.cert"),
-        "--signing-key".into(),
-        path("ro-{name}.key"),
-        "--client-binding-lifetime".into(),
-        "12".into(),
-    ];
+    topo.server_args = route_opt::server_args(&dir, 12);
     topo.start_agent(0)?;
     for i in 0..2 {
         topo.start_server(i)?;
@@ -221,30 +180,11 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     wait_until("two servers registered", Duration::from_secs(30), || {
         Ok(topo.active_servers()?.len() == 2)
     })?;
+    let mut daemon =
+        route_opt::start_client(&topo.clients[0], &dir, 1, &["--unanswered-timeout", "6"])?;
     let client = Client {
-        status: dir.join("client.json"),
+        status: route_opt::status_file(&dir, 1),
     };
-    let trust = path("operator.pub");
-    let status_file = client.status.to_string_lossy().into_owned();
-    let mut daemon = topo.clients[0].spawn(
-        "client",
-        &workspace_bin("anycast-ctl")?,
-        &[
-            "client",
-            "--trust",
-            &trust,
-            "--interface",
-            "eth0",
-            "--status-file",
-            &status_file,
-            "--unanswered-timeout",
-            "6",
-        ],
-    )?;
-    daemon.wait_for_line("client ready", Duration::from_secs(20))?;
-    wait_until("the client's status", Duration::from_secs(5), || {
-        Ok(client.status().is_ok())
-    })?;
 
     // 1. Impostors.
     let operator = signing_key(&dir.join("operator.key"))?;
@@ -328,6 +268,7 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     println!("after the impostors, answered by {answered} through the agent");
 
     // 2. A connection: through the agent first, then straight to its server.
+    let opened = std::time::Instant::now();
     let mut held = topo.clients[0].in_ns(|| Held::open(Topology::anycast(false, HTTP_PORT)))?;
     let server = held.server.clone();
     let mut asks = 1;
@@ -341,7 +282,10 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
             Ok(client.bound_to()? == Some(server.clone()))
         },
     )?;
-    println!("bound to {server} after {asks} requests on the connection");
+    println!(
+        "bound to {server} {:?} after the connection opened ({asks} requests on it)",
+        opened.elapsed()
+    );
     // The map write is done before the status says so: every later packet is tunnelled.
     let (agent0, tunnel0) = (agent_packets(&topo, Some(&server))?, client.tunnelled()?);
     for _ in 0..20 {
@@ -397,6 +341,21 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         all0,
         "10 new connections while bound: the agent saw none of their packets"
     );
+
+    // The same over IPv6: a connection through the agent, then bound (the server's IPv6
+    // real address), then direct.
+    let mut held6 = topo.clients[0].in_ns(|| Held::open(Topology::anycast(true, HTTP_PORT)))?;
+    let server6 = held6.server.clone();
+    wait_until("the client bound over IPv6", Duration::from_secs(5), || {
+        assert_eq!(held6.ask()?, server6);
+        Ok(client.bound_for("fd71:100::1 tcp/80")?.is_some())
+    })?;
+    let all6 = agent_packets(&topo, None)?;
+    for _ in 0..10 {
+        assert_eq!(held6.ask()?, server6);
+    }
+    assert_eq!(agent_packets(&topo, None)?, all6, "IPv6: bound, direct");
+    held6.reset();
 
     // 4. The server stops: lifetime 0, back to the agent without a failed connection.
     let pid = topo.servers[idx].decap.as_ref().unwrap().pid().unwrap();

@@ -259,6 +259,42 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         panic!("{e:#}: {}", client.status()?);
     }
     assert_eq!(client.bound_to()?, None, "no impostor's binding taken");
+
+    // A flood of forgeries that cost a full check each (a bad signature is found after the
+    // certificate's): at most --checks-per-second (200 here) are checked, the rest dropped.
+    const FLOOD: usize = 5000;
+    let forged = binding(s1_cert.clone(), &impostor, "10.71.100.1", "10.71.2.11", t);
+    let checked0 = client.counter("refused_bad_signature")?;
+    let flood_time = topo.net.in_ns(move || {
+        let s = UdpSocket::bind(SocketAddr::new(ip(IMPOSTOR), 0))?;
+        let start = std::time::Instant::now();
+        for _ in 0..FLOOD {
+            let _ = s.send_to(&forged, SocketAddr::new(ip(CLIENT), wire::CLIENT_PORT));
+        }
+        Ok(start.elapsed())
+    })?;
+    let mut last = (0, 0);
+    wait_until("the flood handled", Duration::from_secs(10), || {
+        let now = (
+            client.counter("received")?,
+            client.counter("refused_bad_signature")?,
+        );
+        let settled = now == last;
+        last = now;
+        std::thread::sleep(Duration::from_millis(600));
+        Ok(settled)
+    })?;
+    let checked = client.counter("refused_bad_signature")? - checked0;
+    let limited = client.counter("dropped_rate_limited")?;
+    println!(
+        "flood: {FLOOD} forged bindings in {flood_time:?}: {} received, {checked} checked, \
+         {limited} dropped by the rate limit, {} by the full queue",
+        client.counter("received")?,
+        client.counter("dropped_queue_full")?
+    );
+    let allowed = 200 + (200.0 * (flood_time.as_secs_f64() + 0.5)) as u64;
+    assert!(checked <= allowed, "{checked} checks, more than the rate allows");
+    assert!(limited > 0, "the rate limit dropped some");
     let before = agent_packets(&topo, None)?;
     let answered = topo.clients[0].in_ns(|| http_get(Topology::anycast(false, HTTP_PORT)))?;
     assert!(

@@ -6,8 +6,9 @@
 //! sent lifetime 0 (claim 15) and goes back to the agent.
 //!
 //! New clients are found by reading the kernel's TCP socket table (`/proc/net/tcp`,
-//! `/proc/net/tcp6`) every [`POLL`]: a socket in SYN-RECV or ESTABLISHED whose local address
-//! is one of our anycast addresses is a client of that service. That is the first SYN-ACK
+//! `/proc/net/tcp6`) every [`POLL`]: a socket in SYN-RECV, ESTABLISHED or a closing state
+//! (TIME-WAIT lasts 60 s, so short connections are seen) whose local address is one of our
+//! anycast addresses is a client of that service. That is the first SYN-ACK
 //! give or take one poll; UDP services have no per-client socket and are not bound. The
 //! table of clients is bounded ([`MAX_CLIENTS`]), and so are the sends per poll.
 use std::{
@@ -62,8 +63,8 @@ struct Entry {
     seen: Instant,
 }
 
-/// The clients of our anycast services in a `/proc/net/tcp{,6}` text: sockets in
-/// ESTABLISHED (01) or SYN-RECV (03) whose local address is an anycast address of `specs`,
+/// The clients of our anycast services in a `/proc/net/tcp{,6}` text: sockets of accepted
+/// connections (any state but LISTEN, SYN-SENT and CLOSE) whose local address is an anycast address of `specs`,
 /// with the service the binding names (the spec's, or the local port's for a whole
 /// address).
 pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
@@ -75,7 +76,10 @@ pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
         else {
             continue;
         };
-        if state != "01" && state != "03" {
+        // Any state of a connection that was accepted: SYN-RECV (03) and ESTABLISHED (01),
+        // and the closing ones (TIME-WAIT lasts 60 s), so a connection shorter than a poll is
+        // seen too. Not LISTEN (0A), SYN-SENT (02, ours) or CLOSE (07).
+        if matches!(state, "0A" | "02" | "07") {
             continue;
         }
         let Some((l_addr, l_port)) = split_proc(local) else {

@@ -45,31 +45,31 @@ fn binder(lifetime: u64) -> Binder {
 }
 
 // Two sockets on 10.71.100.1:80 (ESTABLISHED, SYN-RECV) from 10.71.1.11, one LISTEN, one
-// on another port, one from another local address.
+// on another port, one from another local address, one in TIME-WAIT from 10.71.1.14 (a
+// connection shorter than a poll).
 const PROC_TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0164470A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
    1: 0164470A:0050 0B01470A:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1
    2: 0164470A:0050 0B01470A:C351 03 00000000:00000000 00:00000000 00000000     0        0 3 1
    3: 0164470A:0051 0C01470A:C351 01 00000000:00000000 00:00000000 00000000     0        0 4 1
    4: 0B02470A:0050 0D01470A:C351 01 00000000:00000000 00:00000000 00000000     0        0 5 1
+   5: 0164470A:0050 0E01470A:C352 06 00000000:00000000 00:00000000 00000000     0        0 0 1
 ";
 
 #[test]
 fn clients_of_our_services_are_read_from_the_socket_table() {
     let specs: Vec<AnycastSpec> = vec!["10.71.100.1:tcp:80".parse().unwrap()];
     let seen = clients_in(PROC_TCP, &specs);
-    assert_eq!(
-        seen,
-        vec![Seen {
-            client: ip("10.71.1.11"),
-            anycast: ip("10.71.100.1"),
-            service: (PROTO_TCP, 80),
-        }]
-    );
+    let seen_of = |c: &str| Seen {
+        client: ip(c),
+        anycast: ip("10.71.100.1"),
+        service: (PROTO_TCP, 80),
+    };
+    assert_eq!(seen, vec![seen_of("10.71.1.11"), seen_of("10.71.1.14")]);
     // A whole address: each local port is its own service.
     let whole: Vec<AnycastSpec> = vec!["10.71.100.1".parse().unwrap()];
     let seen = clients_in(PROC_TCP, &whole);
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen
         .iter()
         .any(|s| s.service.1 == 81 && s.client == ip("10.71.1.12")));

@@ -33,7 +33,7 @@ use anycast_common::{
 };
 use anycast_tests::{
     route_opt,
-    topology::{http_get, Held, ServerMode, Topology, HTTP_PORT},
+    topology::{http_get, udp_ask, Held, ServerMode, Topology, HTTP_PORT, UDP_PORT},
     unhex, wait_until,
 };
 
@@ -312,7 +312,10 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     );
     assert!(limited >= 2000, "the rate limit dropped most of them");
     let before = agent_packets(&topo, None)?;
-    let answered = topo.clients[0].in_ns(|| http_get(Topology::anycast(false, HTTP_PORT)))?;
+    // A UDP question (UDP services are never bound; an HTTP connection would get its server
+    // to bind the client already).
+    let (answered, _) = topo.clients[0].in_ns(|| udp_ask(Topology::anycast(false, UDP_PORT)))?;
+    assert_eq!(client.bound_to()?, None);
     assert!(
         agent_packets(&topo, None)? > before,
         "after the impostors, traffic goes through the agent"

@@ -46,10 +46,6 @@ fn main() -> anyhow::Result<()> {
         3,
         ServerMode::Registering { lifetime_secs: 20 },
     )?;
-    // Route optimization: the operator's PKI, a certificate per server; client c1 runs the
-    // client daemon, c2 does not.
-    anycast_tests::route_opt::make_pki(&topo.dir, 3)?;
-    topo.server_args = anycast_tests::route_opt::server_args(&topo.dir, 60);
     // No server is configured on the agent: it only knows who may register for what.
     topo.start_agent(0)?;
     println!("== agent running in native XDP mode, no servers configured; starting the servers");
@@ -63,12 +59,6 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!("== the servers registered themselves (authenticated binding updates):\n");
     println!("{}", topo.ctl(&["bindings"])?);
-    let dir = topo.dir.clone();
-    let _daemon = anycast_tests::route_opt::start_client(&topo.clients[0], &dir, 1, &[])?;
-    println!(
-        "== client c1 runs anycast-ctl client (route optimization: it takes its server's signed \
-         binding and then talks to the server directly); c2 does not"
-    );
     for (i, client) in topo
         .clients
         .iter()
@@ -94,14 +84,6 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let status: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        anycast_tests::route_opt::status_file(&dir, 1),
-    )?)?;
-    println!(
-        "\n== client c1's daemon: bindings {}\n   tunnelled straight to the servers: {} packets; \
-         bindings taken: {}; c2 went through the agent for everything",
-        status["bindings"], status["tunnel"]["tunnelled"], status["counters"]["bound"]
-    );
     println!("\n== anycast-ctl status\n{}", topo.ctl(&["status"])?);
     if hold && !stopped() {
         println!("== holding; namespaces: acdemonet, acdemoag, acdemoc1, acdemoc2, acdemos1..3. Ctrl-C to stop.");

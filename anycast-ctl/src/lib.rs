@@ -28,5 +28,6 @@ pub mod relay;
 pub mod routing;
 pub mod selection;
 pub mod server;
+pub mod server_binding;
 pub mod service_manager;
 pub mod top;

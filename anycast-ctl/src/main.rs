@@ -159,6 +159,54 @@ enum Command {
         /// program on the --iface interfaces; enables forwarding on lo, see the README).
         #[arg(long, requires = "agents")]
         reverse_tunnel: bool,
+        /// Route optimization: this server's certificate (anycast-ctl pki issue); with
+        /// --signing-key, new TCP clients are sent a signed binding to this server's real
+        /// address (UDP 4193), and lifetime 0 when the server stops.
+        #[arg(long, requires = "signing_key")]
+        certificate: Option<PathBuf>,
+        /// The private key the certificate names (anycast-ctl pki keygen).
+        #[arg(long, requires = "certificate")]
+        signing_key: Option<PathBuf>,
+        /// Lifetime of the bindings sent to clients, seconds (refreshed at a third of it
+        /// while the client has a connection).
+        #[arg(long, default_value_t = 60)]
+        client_binding_lifetime: u64,
+    },
+    /// Route optimization, the client's side: take servers' signed bindings (UDP 4193), check
+    /// them against the operator's key, and tunnel a bound service's packets straight to its
+    /// server (TC egress on --interface). Without it the client goes through the agent.
+    Client {
+        /// The operator's public key (anycast-ctl pki keygen); repeat for several.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// The operator's revocation list (anycast-ctl pki revoke).
+        #[arg(long)]
+        revocations: Option<PathBuf>,
+        /// The interface the client's traffic leaves on (the tunnel's TC egress hook).
+        #[arg(long)]
+        interface: String,
+        /// This client's address(es) (default: the interface's global addresses).
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+        #[arg(long, default_value_t = anycast_common::wire::CLIENT_PORT)]
+        port: u16,
+        /// Most bindings checked a second (one check costs 150-200 us); more are dropped
+        /// unchecked and counted.
+        #[arg(long, default_value_t = 1000)]
+        checks_per_second: u32,
+        /// End a binding whose server sent nothing for this many seconds while the tunnel
+        /// carried packets.
+        #[arg(long, default_value_t = 30)]
+        unanswered_timeout: u64,
+        /// How far a binding's timestamp may be from this clock, seconds.
+        #[arg(long, default_value_t = 30)]
+        window: u64,
+        /// Longest binding lifetime taken, seconds.
+        #[arg(long, default_value_t = 600)]
+        max_lifetime: u64,
+        /// Write the counters and bindings (JSON) to this file every half second.
+        #[arg(long)]
+        status_file: Option<PathBuf>,
     },
     /// The operator's trust anchor: key pairs, server certificates, the revocation list.
     Pki {
@@ -350,7 +398,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             load_cmd,
             drain_timeout,
             reverse_tunnel,
+            certificate,
+            signing_key,
+            client_binding_lifetime,
         } => {
+            let route_optimization = match (certificate, signing_key) {
+                (Some(c), Some(k)) => Some(server::RouteOptimization {
+                    certificate: anycast_ctl::pki::read_certificate(&c)?,
+                    key: anycast_ctl::pki::read_signing_key(&k)?,
+                    lifetime: std::time::Duration::from_secs(client_binding_lifetime.max(4)),
+                }),
+                _ => None,
+            };
             let registration = if agents.is_empty() && agent_discovery.is_none() {
                 if id.is_some() || key.is_some() {
                     anyhow::bail!("--id and --key need --agent or --agent-discovery");
@@ -388,10 +447,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 anycast,
                 xdp_mode: xdp_mode.into(),
                 registration,
+                route_optimization,
             })
             .await
         }
         Command::Pki { command } => anycast_ctl::pki::run(command),
+        Command::Client {
+            trust,
+            revocations,
+            interface,
+            addresses,
+            port,
+            checks_per_second,
+            unanswered_timeout,
+            window,
+            max_lifetime,
+            status_file,
+        } => {
+            anycast_ctl::client::daemon::run(anycast_ctl::client::daemon::ClientOptions {
+                trust,
+                revocations,
+                interface,
+                addresses,
+                port,
+                checks_per_second,
+                unanswered_timeout: std::time::Duration::from_secs(unanswered_timeout),
+                window,
+                max_lifetime,
+                status_file,
+            })
+            .await
+        }
         Command::Passthrough {
             interfaces,
             xdp_mode,

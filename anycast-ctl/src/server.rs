@@ -33,6 +33,15 @@ pub struct ServerOptions {
     pub xdp_mode: XdpModeName,
     /// Register with these agents (none: the agents are configured with this server).
     pub registration: Option<RegistrationOptions>,
+    /// Send clients signed bindings to our real address (route optimization).
+    pub route_optimization: Option<RouteOptimization>,
+}
+
+/// `--certificate FILE --signing-key FILE [--client-binding-lifetime SECS]`.
+pub struct RouteOptimization {
+    pub certificate: anycast_common::pki::Certificate,
+    pub key: anycast_common::pki::SigningKey,
+    pub lifetime: Duration,
 }
 
 /// `--anycast ADDR[:PROTO:PORT]`: an address, or one service of it.
@@ -225,6 +234,28 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
             );
         }
     }
+    let (stop_binding, stop_rx) = tokio::sync::watch::channel(false);
+    let binder = match opts.route_optimization {
+        Some(ro) => {
+            let real = if real.is_empty() {
+                sys::global_addresses(&opts.interfaces)?
+            } else {
+                real.clone()
+            };
+            let b = crate::server_binding::BindingOptions {
+                certificate: ro.certificate,
+                key: ro.key,
+                anycast: opts.anycast.clone(),
+                real,
+                lifetime: ro.lifetime,
+                port: anycast_common::wire::CLIENT_PORT,
+            };
+            // Refused here (wrong key, no certified real address) rather than in the task.
+            crate::server_binding::Binder::new(b.clone())?;
+            Some(tokio::spawn(crate::server_binding::run(b, stop_rx)))
+        }
+        None => None,
+    };
     let list: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
     tracing::info!("server ready: answering for {}", list.join(", "));
     crate::service_manager::notify("READY=1\nSTATUS=server ready");
@@ -233,6 +264,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
         None => {
             let why = sys::shutdown_signal().await?;
             crate::service_manager::notify("STOPPING=1");
+            let _ = stop_binding.send(true);
             why
         }
         Some(reg) => {
@@ -263,6 +295,8 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
                 let why = sys::shutdown_signal().await;
                 // Deregistering and draining take a while: systemd shows it stopping.
                 crate::service_manager::notify("STOPPING=1");
+                // Bound clients go back to the agent first (claim 15).
+                let _ = stop_binding.send(true);
                 let _ = tx.send(());
                 why
             });
@@ -293,6 +327,13 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
             why
         }
     };
+    if let Some(b) = binder {
+        match tokio::time::timeout(Duration::from_secs(2), b).await {
+            Ok(Ok(Err(e))) => tracing::warn!("route optimization: {e:#}"),
+            Err(_) => tracing::warn!("route optimization: the withdrawals took over 2 s"),
+            _ => {}
+        }
+    }
     let mut counts = Vec::new();
     for (i, name) in decap::NAMES.iter().enumerate() {
         let v: u64 = stats.get(&(i as u32), 0)?.iter().sum();

@@ -11,6 +11,7 @@ pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod restart;
+pub mod route_opt;
 pub mod routed;
 pub mod second_agent;
 pub mod topology;

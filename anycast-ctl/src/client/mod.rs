@@ -40,6 +40,7 @@ use anycast_common::{
     wire::{self, Body, WireError},
 };
 
+pub mod daemon;
 #[cfg(test)]
 mod tests;
 
@@ -405,7 +406,7 @@ pub fn datapath_entry(
 }
 
 /// An IPv4-mapped source (a dual-stack socket's view of an IPv4 sender) as IPv4.
-fn unmap(a: IpAddr) -> IpAddr {
+pub(crate) fn unmap(a: IpAddr) -> IpAddr {
     match a {
         IpAddr::V6(v6) => wire::from_mapped(v6),
         v4 => v4,

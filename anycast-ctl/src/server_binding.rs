@@ -1,0 +1,374 @@
+//! Route optimization, the server's side (`anycast-ctl server --certificate --signing-key`):
+//! a client that reached this server through the agent is sent a signed binding ("for this
+//! anycast service, reach me at my real address", with the operator's certificate as the
+//! proof that this server may answer for the address), so its later packets come here
+//! directly (the patent's first embodiment: claims 1 and 3). On SIGTERM each bound client is
+//! sent lifetime 0 (claim 15) and goes back to the agent.
+//!
+//! New clients are found by reading the kernel's TCP socket table (`/proc/net/tcp`,
+//! `/proc/net/tcp6`) every [`POLL`]: a socket in SYN-RECV, ESTABLISHED or a closing state
+//! (TIME-WAIT lasts 60 s, so short connections are seen) whose local address is one of our
+//! anycast addresses is a client of that service. That is the first SYN-ACK
+//! give or take one poll; UDP services have no per-client socket and are not bound. The
+//! table of clients is bounded ([`MAX_CLIENTS`]), and so are the sends per poll.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anycast_common::{
+    pki::{Certificate, SigningKey},
+    wire::{self, Body, Message, Options, ServiceSelector},
+    PROTO_TCP,
+};
+use anyhow::{anyhow, Result};
+use tokio::{net::UdpSocket, sync::watch};
+
+use crate::{registration::server::parse_proc_addr, server::AnycastSpec};
+
+/// How often the socket table is read.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Clients remembered at once; new ones beyond are not bound (counted).
+pub const MAX_CLIENTS: usize = 4096;
+/// Bindings sent per poll at most (new and refreshed).
+pub const MAX_SENDS_PER_POLL: usize = 256;
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+#[derive(Clone)]
+pub struct BindingOptions {
+    pub certificate: Certificate,
+    pub key: SigningKey,
+    pub anycast: Vec<AnycastSpec>,
+    /// Real addresses the bindings point at (one per family is used: the first the
+    /// certificate covers).
+    pub real: Vec<IpAddr>,
+    /// The binding's lifetime; refreshed at a third of it while the client has a connection.
+    pub lifetime: Duration,
+    pub port: u16,
+}
+
+/// One client of one service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seen {
+    pub client: IpAddr,
+    pub anycast: IpAddr,
+    /// The service: IP protocol and port (0: every port).
+    pub service: (u8, u16),
+}
+
+struct Entry {
+    seq: u16,
+    sent: Option<Instant>,
+    seen: Instant,
+}
+
+/// The clients of our anycast services in a `/proc/net/tcp{,6}` text: sockets of accepted
+/// connections (any state but LISTEN, SYN-SENT and CLOSE) whose local address is an anycast address of `specs`,
+/// with the service the binding names (the spec's, or the local port's for a whole
+/// address).
+pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
+    let mut out = Vec::new();
+    for line in proc_text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(local), Some(remote), Some(state)) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        // Any state of a connection that was accepted: SYN-RECV (03) and ESTABLISHED (01),
+        // and the closing ones (TIME-WAIT lasts 60 s), so a connection shorter than a poll is
+        // seen too. Not LISTEN (0A), SYN-SENT (02, ours) or CLOSE (07).
+        if matches!(state, "0A" | "02" | "07") {
+            continue;
+        }
+        let Some((l_addr, l_port)) = split_proc(local) else {
+            continue;
+        };
+        let Some((r_addr, _)) = split_proc(remote) else {
+            continue;
+        };
+        let service = specs.iter().find_map(|s| {
+            if s.address != l_addr {
+                return None;
+            }
+            match s.selector {
+                None => Some((PROTO_TCP, l_port)),
+                Some(sel) if sel.protocol == PROTO_TCP && (sel.port == 0 || sel.port == l_port) => {
+                    Some((sel.protocol, sel.port))
+                }
+                Some(_) => None,
+            }
+        });
+        if let Some(service) = service {
+            out.push(Seen {
+                client: r_addr,
+                anycast: l_addr,
+                service,
+            });
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn split_proc(s: &str) -> Option<(IpAddr, u16)> {
+    let (a, p) = s.split_once(':')?;
+    Some((parse_proc_addr(a)?, u16::from_str_radix(p, 16).ok()?))
+}
+
+/// The sender: remembers the clients it bound, and signs and sends their bindings.
+pub struct Binder {
+    opts: BindingOptions,
+    clients: HashMap<Seen, Entry>,
+    last_mesg_id: u64,
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Binder {
+    pub fn new(opts: BindingOptions) -> Result<Binder> {
+        if opts.certificate.subject_key() != opts.key.verifying_key() {
+            return Err(anyhow!(
+                "the certificate is not for this signing key (its server key differs)"
+            ));
+        }
+        for s in &opts.anycast {
+            if !opts.certificate.allows_anycast(s.address) {
+                tracing::warn!(
+                    "the certificate does not cover the anycast address {}: clients will refuse \
+                     its bindings",
+                    s.address
+                );
+            }
+        }
+        if !opts.real.iter().any(|r| opts.certificate.allows_real(*r)) {
+            return Err(anyhow!(
+                "the certificate covers none of the real addresses {:?}",
+                opts.real
+            ));
+        }
+        Ok(Binder {
+            opts,
+            clients: HashMap::new(),
+            last_mesg_id: 0,
+            counters: Default::default(),
+        })
+    }
+
+    fn count(&mut self, name: &'static str) {
+        *self.counters.entry(name).or_default() += 1;
+    }
+
+    /// The real address a client of `client`'s family is sent to.
+    fn real_for(&self, client: IpAddr) -> Option<IpAddr> {
+        self.opts
+            .real
+            .iter()
+            .copied()
+            .find(|r| r.is_ipv4() == client.is_ipv4() && self.opts.certificate.allows_real(*r))
+    }
+
+    /// A signed binding (or withdrawal, `lifetime` 0) for `seen`.
+    pub fn message(
+        &mut self,
+        seen: &Seen,
+        seq: u16,
+        lifetime: u16,
+        now: SystemTime,
+    ) -> Option<Vec<u8>> {
+        let real = self.real_for(seen.client)?;
+        let d = now.duration_since(UNIX_EPOCH).ok()?;
+        let ntp = ((d.as_secs() + NTP_UNIX_OFFSET) << 32)
+            | ((u64::from(d.subsec_nanos()) << 32) / 1_000_000_000);
+        // Strictly increasing: a client refuses a MESG-ID not newer than the last it took.
+        let mesg_id = ntp.max(self.last_mesg_id + 1);
+        self.last_mesg_id = mesg_id;
+        let msg = Message {
+            src: wire::to_mapped(seen.anycast),
+            dst: wire::to_mapped(seen.client),
+            body: Body::ClientBindingUpdate { seq, lifetime },
+            options: Options {
+                alt_coa: Some(wire::to_mapped(real)),
+                mesg_id: Some(mesg_id),
+                service: Some(ServiceSelector {
+                    protocol: seen.service.0,
+                    port: seen.service.1,
+                }),
+                certificate: Some(self.opts.certificate.as_bytes().to_vec()),
+                ..Options::default()
+            },
+        };
+        wire::encode_signed(&msg, &self.opts.key).ok()
+    }
+
+    fn lifetime_units(&self) -> u16 {
+        (self.opts.lifetime.as_secs() / 4).clamp(1, u64::from(u16::MAX)) as u16
+    }
+
+    /// One poll: the clients seen now. Returns the datagrams to send (client, payload).
+    pub fn poll(&mut self, seen: &[Seen], now: Instant) -> Vec<(Seen, Vec<u8>)> {
+        let refresh = self.opts.lifetime / 3;
+        for s in seen {
+            if let Some(e) = self.clients.get_mut(s) {
+                e.seen = now;
+            } else if self.clients.len() >= MAX_CLIENTS {
+                self.count("clients_over_limit");
+            } else {
+                self.clients.insert(
+                    *s,
+                    Entry {
+                        seq: 0,
+                        sent: None,
+                        seen: now,
+                    },
+                );
+            }
+        }
+        // Clients gone for a whole lifetime: their binding has ended on its own.
+        let lifetime = self.opts.lifetime;
+        self.clients
+            .retain(|_, e| now.saturating_duration_since(e.seen) < lifetime);
+        let mut due: Vec<Seen> = self
+            .clients
+            .iter()
+            .filter(|(_, e)| {
+                now.saturating_duration_since(e.seen) < refresh.max(POLL * 2)
+                    && e.sent
+                        .is_none_or(|t| now.saturating_duration_since(t) >= refresh)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        due.sort();
+        due.truncate(MAX_SENDS_PER_POLL);
+        let units = self.lifetime_units();
+        let mut out = Vec::new();
+        for s in due {
+            let first = self.clients[&s].sent.is_none();
+            let seq = self.clients[&s].seq.wrapping_add(1);
+            if let Some(m) = self.message(&s, seq, units, SystemTime::now()) {
+                let e = self.clients.get_mut(&s).expect("due entries exist");
+                e.seq = seq;
+                e.sent = Some(now);
+                self.count(if first {
+                    "bindings_sent"
+                } else {
+                    "refreshes_sent"
+                });
+                if first {
+                    tracing::info!(
+                        "binding {} {}/{} -> client {}",
+                        s.anycast,
+                        s.service.0,
+                        s.service.1,
+                        s.client
+                    );
+                }
+                out.push((s, m));
+            } else {
+                self.count("no_real_address_of_family");
+            }
+        }
+        out
+    }
+
+    /// Lifetime 0 for every client whose binding may still be held.
+    pub fn withdrawals(&mut self, now: Instant) -> Vec<(Seen, Vec<u8>)> {
+        let lifetime = self.opts.lifetime;
+        let held: Vec<(Seen, u16)> = self
+            .clients
+            .iter()
+            .filter(|(_, e)| {
+                e.sent
+                    .is_some_and(|t| now.saturating_duration_since(t) < lifetime)
+            })
+            .map(|(s, e)| (*s, e.seq.wrapping_add(1)))
+            .collect();
+        let mut out = Vec::new();
+        for (s, seq) in held {
+            if let Some(m) = self.message(&s, seq, 0, SystemTime::now()) {
+                self.count("withdrawals_sent");
+                out.push((s, m));
+            }
+        }
+        out
+    }
+}
+
+async fn send_all(
+    v4: &Option<UdpSocket>,
+    v6: &Option<UdpSocket>,
+    port: u16,
+    batch: Vec<(Seen, Vec<u8>)>,
+) {
+    for (s, m) in batch {
+        let sock = if s.client.is_ipv4() { v4 } else { v6 };
+        if let Some(sock) = sock {
+            if let Err(e) = sock.send_to(&m, SocketAddr::new(s.client, port)).await {
+                tracing::debug!("sending a binding to {}: {e}", s.client);
+            }
+        }
+    }
+}
+
+/// Runs until `stop` turns true, then sends the withdrawals and returns.
+pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let port = opts.port;
+    let mut binder = Binder::new(opts)?;
+    // Sent from the real address: a client refuses a binding from outside the certificate.
+    let bind = |family_v4: bool| {
+        let real = binder
+            .opts
+            .real
+            .iter()
+            .copied()
+            .find(|r| r.is_ipv4() == family_v4 && binder.opts.certificate.allows_real(*r));
+        async move {
+            match real {
+                Some(r) => UdpSocket::bind(SocketAddr::new(r, 0)).await.ok(),
+                None => None,
+            }
+        }
+    };
+    let v4 = bind(true).await;
+    let v6 = bind(false).await;
+    let specs = binder.opts.anycast.clone();
+    tracing::info!(
+        "route optimization: binding new TCP clients to {:?}, lifetime {:?}",
+        binder.opts.real,
+        binder.opts.lifetime
+    );
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {
+                let mut seen = Vec::new();
+                for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                    if let Ok(text) = std::fs::read_to_string(path) {
+                        seen.extend(clients_in(&text, &specs));
+                    }
+                }
+                let batch = binder.poll(&seen, Instant::now());
+                send_all(&v4, &v6, port, batch).await;
+            }
+        }
+    }
+    let batch = binder.withdrawals(Instant::now());
+    let n = batch.len();
+    send_all(&v4, &v6, port, batch).await;
+    let counts: Vec<String> = binder
+        .counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!(
+        "route optimization: sent lifetime 0 to {n} bound clients ({})",
+        counts.join(" ")
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "server_binding_tests.rs"]
+mod tests;

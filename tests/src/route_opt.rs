@@ -1,0 +1,112 @@
+//! Route optimization in the test topology: the operator's PKI made with `anycast-ctl pki`
+//! (an operator key pair, and per server `ro-sN.key`, `ro-sN.pub`, `ro-sN.cert` covering its
+//! real addresses and both anycast addresses), the servers' arguments, and the client
+//! daemon (`anycast-ctl client`, its status file `client-cN.json`).
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{ensure, Result};
+
+use crate::{
+    netns::{Netns, Proc},
+    topology::{ANYCAST_V4, ANYCAST_V6},
+    workspace_bin,
+};
+
+fn pki(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(workspace_bin("anycast-ctl")?)
+        .arg("pki")
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pki {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// The operator's key pair (`operator.key`, `operator.pub`) and a certificate for each of
+/// servers s1..s`servers` (serial N), in `dir`.
+pub fn make_pki(dir: &Path, servers: usize) -> Result<()> {
+    pki(&["keygen", "--out", &path(dir, "operator")])?;
+    for n in 1..=servers {
+        let s = format!("s{n}");
+        pki(&["keygen", "--out", &path(dir, &format!("ro-{s}"))])?;
+        let v4 = format!("10.71.2.{}", 10 + n);
+        let v6 = format!("fd71:2::{:x}", 0x10 + n);
+        pki(&[
+            "issue",
+            "--operator-key",
+            &path(dir, "operator.key"),
+            "--server-pub",
+            &path(dir, &format!("ro-{s}.pub")),
+            "--id",
+            &s,
+            "--real",
+            &v4,
+            "--real",
+            &v6,
+            "--anycast",
+            &ANYCAST_V4.to_string(),
+            "--anycast",
+            &ANYCAST_V6.to_string(),
+            "--serial",
+            &n.to_string(),
+            "--out",
+            &path(dir, &format!("ro-{s}.cert")),
+        ])?;
+    }
+    Ok(())
+}
+
+/// `anycast-ctl server` arguments (for `Topology::server_args`) sending clients bindings of
+/// `lifetime_secs`.
+pub fn server_args(dir: &Path, lifetime_secs: u64) -> Vec<String> {
+    vec![
+        "--certificate".into(),
+        path(dir, "ro-{name}.cert"),
+        "--signing-key".into(),
+        path(dir, "ro-{name}.key"),
+        "--client-binding-lifetime".into(),
+        lifetime_secs.to_string(),
+    ]
+}
+
+/// The status file of client `n`'s daemon.
+pub fn status_file(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("client-c{n}.json"))
+}
+
+/// Starts `anycast-ctl client` in client `n`'s namespace (its eth0), trusting the operator
+/// of `make_pki`, and waits until it is ready.
+pub fn start_client(ns: &Netns, dir: &Path, n: usize, extra: &[&str]) -> Result<Proc> {
+    let trust = path(dir, "operator.pub");
+    let status = status_file(dir, n).to_string_lossy().into_owned();
+    let mut args = vec![
+        "client",
+        "--trust",
+        &trust,
+        "--interface",
+        "eth0",
+        "--status-file",
+        &status,
+    ];
+    args.extend_from_slice(extra);
+    let mut p = ns.spawn(
+        &format!("client c{n}"),
+        &workspace_bin("anycast-ctl")?,
+        &args,
+    )?;
+    p.wait_for_line("client ready", Duration::from_secs(20))?;
+    crate::wait_until("the client's status file", Duration::from_secs(5), || {
+        Ok(status_file(dir, n).exists())
+    })?;
+    Ok(p)
+}

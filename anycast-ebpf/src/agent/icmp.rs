@@ -18,17 +18,16 @@
 //! error, the quoted source is the address the error was sent to, and the quoted protocol
 //! and source port are a service's. Anything else passes to the kernel, counted.
 use anycast_common::{
-    flow_hash, verdict, AgentInfo, FlowKey, PreferenceKey, ServerInfo, ServiceInfo,
-    AGENT_ANSWER_PING, AGENT_FORWARD_ICMP_ERRORS, EMBRYO_SLOTS, FAMILY_V4, ICMPV6_DEST_UNREACHABLE,
+    flow_hash, verdict, AgentInfo, FlowKey, ServerInfo, AGENT_ANSWER_PING,
+    AGENT_FORWARD_ICMP_ERRORS, EMBRYO_SLOTS, FAMILY_V4, ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REQUEST, ICMP_LEN,
-    IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PREFERENCE_KEY_BITS, PROTO_TCP, PROTO_UDP, SERVER_UP,
-    SERVICE_HAS_PREFERENCES,
+    IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PROTO_TCP, PROTO_UDP, SERVER_UP,
 };
-use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 
-use super::maps::{AGENT, EMBRYOS, FLOWS, FLOW_CONFIG, PREFERENCES, RINGS, SERVERS};
+use super::maps::{AGENT, EMBRYOS, FLOWS, FLOW_CONFIG, SERVERS};
 use super::parse::{Flow, Icmp};
-use super::select::{flow_clock_now, handshake_server, lookup_service};
+use super::select::{flow_clock_now, handshake_server, hashed_server, lookup_service};
 use super::{echo, encap, next_hop};
 use crate::packet::{load, ptr_at, read_be16, Ipv4, Ipv6};
 
@@ -143,7 +142,7 @@ fn to_server(ctx: &XdpContext, m: &Icmp, agent: &AgentInfo) -> (u32, u32) {
     let now = flow_clock_now();
     let Some((server_id, server)) = pinned(&key, now)
         .or_else(|| handshake(&key, now))
-        .or_else(|| hashed(&key, &service))
+        .or_else(|| hashed_server(&key, &service, flow_hash(&key)))
     else {
         return (xdp_action::XDP_DROP, verdict::DROP_NO_SERVER);
     };
@@ -186,31 +185,4 @@ fn pinned(key: &FlowKey, now: u32) -> Option<(u32, ServerInfo)> {
 fn handshake(key: &FlowKey, now: u32) -> Option<(u32, ServerInfo)> {
     let slot = EMBRYOS.get_ptr_mut(flow_hash(key) & (EMBRYO_SLOTS - 1))?;
     handshake_server(key, slot, now)
-}
-
-/// The consistent-hash choice for the flow (the client's preferred table, if any), as
-/// `select::choose_server` makes it, without pinning it.
-#[inline(always)]
-fn hashed(key: &FlowKey, service: &ServiceInfo) -> Option<(u32, ServerInfo)> {
-    let (mut base, mut size) = (service.ring_base, service.ring_size);
-    if service.flags & SERVICE_HAS_PREFERENCES != 0 {
-        let client = PreferenceKey {
-            prefixlen: PREFERENCE_KEY_BITS,
-            service: service.id,
-            addr: key.src,
-        };
-        if let Some(t) = PREFERENCES.get(Key::new(client.prefixlen, client.data())) {
-            base = t.ring_base;
-            size = t.ring_size;
-        }
-    }
-    if size == 0 {
-        return None;
-    }
-    let server_id = *RINGS.get(base + flow_hash(key) % size)?;
-    let s = *SERVERS.get(server_id)?;
-    if s.flags & SERVER_UP == 0 {
-        return None;
-    }
-    Some((server_id, s))
 }

@@ -161,7 +161,7 @@ pub(super) fn choose_server(
             return Some((server_id, s, !syn));
         }
     }
-    let (server_id, s) = hashed_server(p, service, hash)?;
+    let (server_id, s) = hashed_server(key, service, hash)?;
     let mut pinned = false;
     if syn {
         // SAFETY: a valid map value. A racing SYN of another flow hashed into the same
@@ -224,8 +224,11 @@ fn pin(p: &Flow, server_id: u32, s: &ServerInfo, now: u32) {
 /// The consistent-hash table's choice (the client's preferred table, if its service has
 /// preferences and the client is in one of their prefixes), if that server is up.
 #[inline(always)]
-fn hashed_server(p: &Flow, service: &ServiceInfo, hash: u32) -> Option<(u32, ServerInfo)> {
-    let key = &p.key;
+pub(super) fn hashed_server(
+    key: &FlowKey,
+    service: &ServiceInfo,
+    hash: u32,
+) -> Option<(u32, ServerInfo)> {
     let (mut base, mut size) = (service.ring_base, service.ring_size);
     if service.flags & SERVICE_HAS_PREFERENCES != 0 {
         let client = PreferenceKey {

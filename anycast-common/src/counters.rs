@@ -169,6 +169,10 @@ counters! {
         /// Grown, but the outer header could not be written: dropped rather than sent half
         /// rewritten.
         DROP_WRITE_FAILED = "drop_write_failed",
+        /// A packet of a connection to a bound service that was opened before the binding
+        /// (or with another server's binding) and that the server did not name: untouched,
+        /// through the agent, which keeps it on the server it chose.
+        PASS_OPENED_BEFORE = "pass_opened_before",
     }
 }
 

@@ -74,6 +74,14 @@ pub const CLIENT_BINDINGS: &str = "CLIENT_BINDINGS";
 pub const CLIENT_STATS: &str = "CLIENT_STATS";
 /// Entries of `CLIENT_BINDINGS`.
 pub const MAX_CLIENT_BINDINGS: u32 = 1024;
+/// Client side: the client's connections that go to a bound server directly ([`FlowKey`]
+/// -> the binding's generation, `u32`): those opened while the binding was held (the
+/// tunnel saw their SYN) and those the server named. An LRU map of
+/// [`MAX_CLIENT_FLOWS`] entries.
+pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
+/// Entries of `CLIENT_FLOWS`: the client's direct connections at once (the least recently
+/// used beyond it go back through the agent).
+pub const MAX_CLIENT_FLOWS: u32 = 65_536;
 
 /// The agent's maps, pinned in bpffs so the data path outlives its controller and a new
 /// controller (a restart or another build) adopts them with their contents.
@@ -401,6 +409,11 @@ pub struct ClientBinding {
     /// addresses).
     pub family: u8,
     pub _pad: [u8; 3],
+    /// Which binding this is: the daemon numbers each server's binding of a service from 1
+    /// (a move to another real address of the same server keeps it). A connection goes
+    /// direct only while its `CLIENT_FLOWS` entry holds the current generation, so a
+    /// connection never follows a binding of another server.
+    pub generation: u32,
 }
 
 /// Words of 64 bits in `ADDRESS_FILTER`: 65536 bits, so a few thousand anycast addresses
@@ -622,6 +635,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<AddressKey>(), 20);
         assert_eq!(core::mem::size_of::<ReverseStats>(), 16);
         assert_eq!(core::mem::size_of::<SynAckTunnelConfig>(), 36);
-        assert_eq!(core::mem::size_of::<ClientBinding>(), 36);
+        assert_eq!(core::mem::size_of::<ClientBinding>(), 40);
     }
 }

@@ -114,6 +114,7 @@ const SERVER_SIZES: Sizes = Sizes {
     max_services: 1,
     max_flows: 1,
     max_preference_tables: 1,
+    max_client_flows: 1,
 };
 
 pub async fn run(opts: ServerOptions) -> Result<()> {

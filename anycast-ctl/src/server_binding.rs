@@ -12,7 +12,7 @@
 //! give or take one poll; UDP services have no per-client socket and are not bound. The
 //! table of clients is bounded ([`MAX_CLIENTS`]), and so are the sends per poll.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -57,10 +57,17 @@ pub struct Seen {
     pub service: (u8, u16),
 }
 
+/// One connection of a client: `Seen` and (client port, service port).
+pub type Connection = (Seen, (u16, u16));
+
 struct Entry {
     seq: u16,
     sent: Option<Instant>,
     seen: Instant,
+    /// The client's connections in the last poll: (client port, service port).
+    ports: BTreeSet<(u16, u16)>,
+    /// The connections the last binding sent named.
+    named: BTreeSet<(u16, u16)>,
 }
 
 /// The clients of our anycast services in a `/proc/net/tcp{,6}` text: sockets of accepted
@@ -68,6 +75,18 @@ struct Entry {
 /// with the service the binding names (the spec's, or the local port's for a whole
 /// address).
 pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
+    let mut out: Vec<Seen> = connections_in(proc_text, specs)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    out.dedup();
+    out
+}
+
+/// As [`clients_in`], one entry per connection, with its (client port, service port): the
+/// connections a binding names, so they move with it (a client's other connections to
+/// the service, which the agent may have given to another server, stay on its path).
+pub fn connections_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Connection> {
     let mut out = Vec::new();
     for line in proc_text.lines() {
         let mut f = line.split_whitespace();
@@ -85,7 +104,7 @@ pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
         let Some((l_addr, l_port)) = split_proc(local) else {
             continue;
         };
-        let Some((r_addr, _)) = split_proc(remote) else {
+        let Some((r_addr, r_port)) = split_proc(remote) else {
             continue;
         };
         let service = specs.iter().find_map(|s| {
@@ -101,11 +120,12 @@ pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
             }
         });
         if let Some(service) = service {
-            out.push(Seen {
+            let seen = Seen {
                 client: r_addr,
                 anycast: l_addr,
                 service,
-            });
+            };
+            out.push((seen, (r_port, l_port)));
         }
     }
     out.sort();
@@ -113,7 +133,7 @@ pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
     out
 }
 
-fn split_proc(s: &str) -> Option<(IpAddr, u16)> {
+pub(crate) fn split_proc(s: &str) -> Option<(IpAddr, u16)> {
     let (a, p) = s.split_once(':')?;
     Some((parse_proc_addr(a)?, u16::from_str_radix(p, 16).ok()?))
 }
@@ -169,10 +189,12 @@ impl Binder {
             .find(|r| r.is_ipv4() == client.is_ipv4() && self.opts.certificate.allows_real(*r))
     }
 
-    /// A signed binding (or withdrawal, `lifetime` 0) for `seen`.
+    /// A signed binding (or withdrawal, `lifetime` 0) for `seen`, naming `connections`
+    /// (client port, service port) of that client.
     pub fn message(
         &mut self,
         seen: &Seen,
+        connections: &[(u16, u16)],
         seq: u16,
         lifetime: u16,
         now: SystemTime,
@@ -196,6 +218,7 @@ impl Binder {
                     port: seen.service.1,
                 }),
                 certificate: Some(self.opts.certificate.as_bytes().to_vec()),
+                connections: connections.to_vec(),
                 ..Options::default()
             },
         };
@@ -206,21 +229,33 @@ impl Binder {
         (self.opts.lifetime.as_secs() / 4).clamp(1, u64::from(u16::MAX)) as u16
     }
 
-    /// One poll: the clients seen now. Returns the datagrams to send (client, payload).
-    pub fn poll(&mut self, seen: &[Seen], now: Instant) -> Vec<(Seen, Vec<u8>)> {
+    /// One poll: the clients' connections seen now. Returns the datagrams to send (client,
+    /// payload). A client is sent a binding when first seen, at each refresh, and when it
+    /// has a connection the last binding did not name (at most one a poll).
+    pub fn poll(&mut self, seen: &[Connection], now: Instant) -> Vec<(Seen, Vec<u8>)> {
         let refresh = self.opts.lifetime / 3;
-        for s in seen {
-            if let Some(e) = self.clients.get_mut(s) {
+        let mut current: HashMap<Seen, BTreeSet<(u16, u16)>> = HashMap::new();
+        for (s, ports) in seen {
+            current.entry(*s).or_default().insert(*ports);
+        }
+        for e in self.clients.values_mut() {
+            e.ports.clear();
+        }
+        for (s, ports) in current {
+            if let Some(e) = self.clients.get_mut(&s) {
                 e.seen = now;
+                e.ports = ports;
             } else if self.clients.len() >= MAX_CLIENTS {
                 self.count("clients_over_limit");
             } else {
                 self.clients.insert(
-                    *s,
+                    s,
                     Entry {
                         seq: 0,
                         sent: None,
                         seen: now,
+                        ports,
+                        named: BTreeSet::new(),
                     },
                 );
             }
@@ -234,8 +269,14 @@ impl Binder {
             .iter()
             .filter(|(_, e)| {
                 now.saturating_duration_since(e.seen) < refresh.max(POLL * 2)
-                    && e.sent
+                    && (e
+                        .sent
                         .is_none_or(|t| now.saturating_duration_since(t) >= refresh)
+                        || (!e.ports.is_subset(&e.named)
+                            && (e.named.len() < wire::MAX_NAMED_CONNECTIONS
+                                || e.sent.is_none_or(|t| {
+                                    now.saturating_duration_since(t) >= Duration::from_secs(1)
+                                }))))
             })
             .map(|(s, _)| *s)
             .collect();
@@ -244,12 +285,22 @@ impl Binder {
         let units = self.lifetime_units();
         let mut out = Vec::new();
         for s in due {
-            let first = self.clients[&s].sent.is_none();
-            let seq = self.clients[&s].seq.wrapping_add(1);
-            if let Some(m) = self.message(&s, seq, units, SystemTime::now()) {
+            let e = &self.clients[&s];
+            let first = e.sent.is_none();
+            let seq = e.seq.wrapping_add(1);
+            // The connections not named yet first, should there be more than one
+            // message names.
+            let mut ports: Vec<(u16, u16)> = e.ports.difference(&e.named).copied().collect();
+            ports.extend(e.ports.intersection(&e.named).copied());
+            if ports.len() > wire::MAX_NAMED_CONNECTIONS {
+                self.count("connections_not_named");
+                ports.truncate(wire::MAX_NAMED_CONNECTIONS);
+            }
+            if let Some(m) = self.message(&s, &ports, seq, units, SystemTime::now()) {
                 let e = self.clients.get_mut(&s).expect("due entries exist");
                 e.seq = seq;
                 e.sent = Some(now);
+                e.named = ports.into_iter().collect();
                 self.count(if first {
                     "bindings_sent"
                 } else {
@@ -286,7 +337,7 @@ impl Binder {
             .collect();
         let mut out = Vec::new();
         for (s, seq) in held {
-            if let Some(m) = self.message(&s, seq, 0, SystemTime::now()) {
+            if let Some(m) = self.message(&s, &[], seq, 0, SystemTime::now()) {
                 self.count("withdrawals_sent");
                 out.push((s, m));
             }
@@ -346,7 +397,7 @@ pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Resul
                 let mut seen = Vec::new();
                 for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
                     if let Ok(text) = std::fs::read_to_string(path) {
-                        seen.extend(clients_in(&text, &specs));
+                        seen.extend(connections_in(&text, &specs));
                     }
                 }
                 let batch = binder.poll(&seen, Instant::now());

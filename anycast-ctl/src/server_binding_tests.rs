@@ -97,14 +97,15 @@ fn a_new_client_is_sent_a_binding_it_takes_then_refreshes_then_a_withdrawal() {
         .unwrap()
         .as_secs();
     let t0 = Instant::now();
-    let sent = b.poll(&[seen], t0);
+    let one = [(seen, (40_000, 80))];
+    let sent = b.poll(&one, t0);
     assert_eq!(sent.len(), 1);
     let r = client.check(&sent[0].1, ip("10.71.2.11"), now_secs);
     assert!(matches!(r, Ok(Accepted::Bound { .. })), "{r:?}");
     // Seen again before a third of the lifetime: nothing sent.
-    assert!(b.poll(&[seen], t0 + Duration::from_secs(1)).is_empty());
+    assert!(b.poll(&one, t0 + Duration::from_secs(1)).is_empty());
     // After a third: a refresh the client takes.
-    let sent = b.poll(&[seen], t0 + Duration::from_secs(4));
+    let sent = b.poll(&one, t0 + Duration::from_secs(4));
     assert_eq!(sent.len(), 1);
     let r = client.check(&sent[0].1, ip("10.71.2.11"), now_secs);
     assert!(matches!(r, Ok(Accepted::Refreshed { .. })), "{r:?}");
@@ -122,11 +123,14 @@ fn a_new_client_is_sent_a_binding_it_takes_then_refreshes_then_a_withdrawal() {
 fn clients_are_bounded_and_forgotten_after_a_lifetime() {
     let mut b = binder(12);
     let t0 = Instant::now();
-    let many: Vec<Seen> = (0..MAX_CLIENTS as u32 + 10)
-        .map(|i| Seen {
-            client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
-            anycast: ip("10.71.100.1"),
-            service: (PROTO_TCP, 80),
+    let many: Vec<Connection> = (0..MAX_CLIENTS as u32 + 10)
+        .map(|i| {
+            let s = Seen {
+                client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
+                anycast: ip("10.71.100.1"),
+                service: (PROTO_TCP, 80),
+            };
+            (s, (40_000, 80))
         })
         .collect();
     let sent = b.poll(&many, t0);
@@ -151,4 +155,60 @@ fn a_certificate_for_another_key_is_refused() {
         port: wire::CLIENT_PORT,
     });
     assert!(r.is_err());
+}
+
+#[test]
+fn a_binding_names_the_clients_connections_and_a_new_one_is_named_at_once() {
+    let mut b = binder(12);
+    let seen = Seen {
+        client: ip("10.71.1.11"),
+        anycast: ip("10.71.100.1"),
+        service: (PROTO_TCP, 80),
+    };
+    let mut client = Verifier::new(Settings {
+        anchors: vec![operator().verifying_key()],
+        addresses: vec![ip("10.71.1.11")],
+        window: 30,
+        max_lifetime: 600,
+    });
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t0 = Instant::now();
+    let sent = b.poll(&[(seen, (40_000, 80)), (seen, (40_001, 80))], t0);
+    assert_eq!(sent.len(), 1);
+    let Ok(Accepted::Bound { named, .. }) = client.check(&sent[0].1, ip("10.71.2.11"), now_secs)
+    else {
+        panic!("not bound");
+    };
+    assert_eq!(named.client, Some(ip("10.71.1.11")));
+    assert_eq!(named.protocol, PROTO_TCP);
+    assert_eq!(named.ports, vec![(40_000, 80), (40_001, 80)]);
+    // The same connections at the next poll: nothing new to say.
+    let both = [(seen, (40_000, 80)), (seen, (40_001, 80))];
+    assert!(b.poll(&both, t0 + Duration::from_millis(200)).is_empty());
+    // A third connection (opened before the client took the binding, through the agent,
+    // which gave it to us): named at the next poll, not at the refresh.
+    let three = [
+        (seen, (40_000, 80)),
+        (seen, (40_001, 80)),
+        (seen, (40_002, 80)),
+    ];
+    let sent = b.poll(&three, t0 + Duration::from_millis(400));
+    assert_eq!(sent.len(), 1);
+    let Ok(Accepted::Refreshed { named, .. }) =
+        client.check(&sent[0].1, ip("10.71.2.11"), now_secs)
+    else {
+        panic!("not refreshed");
+    };
+    assert_eq!(named.ports[0], (40_002, 80), "the new connection first");
+    assert_eq!(named.ports.len(), 3);
+    // More connections than a message names: the rest wait (at most one send a second).
+    let many: Vec<Connection> = (0..200u16).map(|i| (seen, (41_000 + i, 80))).collect();
+    let sent = b.poll(&many, t0 + Duration::from_millis(600));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(b.counters["connections_not_named"], 1);
+    assert!(b.poll(&many, t0 + Duration::from_millis(800)).is_empty());
+    assert_eq!(b.poll(&many, t0 + Duration::from_millis(1700)).len(), 1);
 }

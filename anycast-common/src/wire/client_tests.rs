@@ -273,3 +273,79 @@ fn malformed_client_options_are_refused_with_their_reason() {
         Err(EncodeError::BadCertificate(MAX_CERT_LEN + 1))
     );
 }
+
+#[test]
+fn named_connections_round_trip_and_are_signed() {
+    for n in [1, 2, MAX_NAMED_CONNECTIONS] {
+        let mut msg = client_binding(120);
+        msg.options.connections = (0..n as u16).map(|i| (40_000 + i, 80 + i % 3)).collect();
+        let b = encode_signed(&msg, &signer()).unwrap();
+        let back = decode(&b).unwrap();
+        assert_eq!(
+            back.options.connections, msg.options.connections,
+            "{n} pairs"
+        );
+        assert!(verify_signed(&b, &signer().verifying_key()));
+        // The option as documented: vendor id 0, sub-type 5, then the pairs.
+        let (at, _) = *walk_options(&b)
+            .iter()
+            .find(|&&(at, t)| t == option::VENDOR && b[40 + at + 6] == VENDOR_CONNECTIONS)
+            .unwrap();
+        let o = 40 + at;
+        assert_eq!(at % 4, 2, "at 4n+2");
+        assert_eq!(b[o + 1] as usize, 5 + 4 * n);
+        assert_eq!(be16(&b, o + 7), 40_000);
+        assert_eq!(be16(&b, o + 9), 80);
+        // Changing a named port breaks the signature: an attacker cannot add connections.
+        let mut x = b.clone();
+        x[o + 8] ^= 1;
+        fix_up(&mut x);
+        assert_eq!(decode(&x).unwrap().options.connections[0].0, 40_000 ^ 1);
+        assert!(!verify_signed(&x, &signer().verifying_key()));
+    }
+    let mut msg = client_binding(10);
+    msg.options.connections = vec![(1, 2); MAX_NAMED_CONNECTIONS + 1];
+    assert_eq!(
+        encode_signed(&msg, &signer()),
+        Err(EncodeError::TooManyConnections(MAX_NAMED_CONNECTIONS + 1))
+    );
+}
+
+#[test]
+fn malformed_connection_options_are_refused() {
+    let mut msg = client_binding(120);
+    msg.options.connections = vec![(40_000, 80), (40_001, 80)];
+    let b = encode_signed(&msg, &signer()).unwrap();
+    let (at, _) = *walk_options(&b)
+        .iter()
+        .find(|&&(at, t)| t == option::VENDOR && b[40 + at + 6] == VENDOR_CONNECTIONS)
+        .unwrap();
+    let o = 40 + at;
+    // Not whole pairs: one pair and 2 bytes, the rest PadN-free (the option is 13 bytes,
+    // then a Pad1 keeps the following offsets).
+    let mut x = b.clone();
+    x[o + 1] = 11;
+    x[o + 13] = option::PAD1;
+    x[o + 14] = option::PAD1;
+    fix_up(&mut x);
+    assert_eq!(decode(&x).map(|_| ()), Err(WireError::BadConnectionsOption));
+    // Empty: no pair (the pairs' 8 bytes become a PadN).
+    let mut x = b.clone();
+    x[o + 1] = 5;
+    x[o + 7] = option::PADN;
+    x[o + 8] = 6;
+    for i in 0..6 {
+        x[o + 9 + i] = 0;
+    }
+    fix_up(&mut x);
+    assert_eq!(decode(&x).map(|_| ()), Err(WireError::BadConnectionsOption));
+    // Twice.
+    let mut x = b.clone();
+    let copy: Vec<u8> = x[o..o + 13].to_vec();
+    x.splice(o..o, copy.iter().copied().chain([0, 0, 0]));
+    // 16 more bytes: the option (13) and a PadN of 3 keep 4n+2 for the next.
+    x[o + 13] = option::PADN;
+    x[o + 14] = 1;
+    fix_up(&mut x);
+    assert_eq!(decode(&x).map(|_| ()), Err(WireError::BadConnectionsOption));
+}

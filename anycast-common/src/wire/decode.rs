@@ -219,6 +219,15 @@ fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
                         return Err(WireError::BadCertificateOption);
                     }
                     cert.extend_from_slice(part);
+                } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_CONNECTIONS {
+                    let pairs = &data[5..];
+                    if pairs.is_empty() || pairs.len() % 4 != 0 || !o.connections.is_empty() {
+                        return Err(WireError::BadConnectionsOption);
+                    }
+                    o.connections = pairs
+                        .chunks_exact(4)
+                        .map(|p| (be16(p, 0), be16(p, 2)))
+                        .collect();
                 } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_SIGNATURE {
                     // Last, and the MH ends with its signature: what it covers is then
                     // everything before the last 64 bytes.

@@ -125,6 +125,19 @@ pub(super) fn encode_sealed(msg: &Message, seal: Seal) -> Result<Vec<u8>, Encode
         mh.extend_from_slice(&a.v6.unwrap_or(Ipv6Addr::UNSPECIFIED).octets());
         mh.extend_from_slice(a.id.as_bytes());
     }
+    if !o.connections.is_empty() {
+        if o.connections.len() > MAX_NAMED_CONNECTIONS {
+            return Err(EncodeError::TooManyConnections(o.connections.len()));
+        }
+        pad_to(&mut mh, 4, 2);
+        mh.extend_from_slice(&[option::VENDOR, (5 + 4 * o.connections.len()) as u8]);
+        mh.extend_from_slice(&VENDOR_ID.to_be_bytes());
+        mh.push(VENDOR_CONNECTIONS);
+        for (client, service) in &o.connections {
+            mh.extend_from_slice(&client.to_be_bytes());
+            mh.extend_from_slice(&service.to_be_bytes());
+        }
+    }
     if let Some(cert) = &o.certificate {
         if cert.is_empty() || cert.len() > crate::pki::MAX_CERT_LEN {
             return Err(EncodeError::BadCertificate(cert.len()));

@@ -93,7 +93,11 @@
 //! [`MAX_AGENT_ID_LEN`] bytes of UTF-8, the rest of the option); outside a reply it is
 //! skipped. Sub-type [`VENDOR_CERTIFICATE`] (3) carries a part (1 to [`CERT_PART_MAX`]
 //! bytes) of the server's certificate in a client binding: the parts, in order, are the
-//! certificate's bytes (at most `pki::MAX_CERT_LEN`). Sub-type [`VENDOR_SIGNATURE`] (4) is
+//! certificate's bytes (at most `pki::MAX_CERT_LEN`). Sub-type [`VENDOR_CONNECTIONS`] (5),
+//! once, names the client's connections a client binding moves with it: 1 to
+//! [`MAX_NAMED_CONNECTIONS`] pairs of client port (2) and service port (2); the client's
+//! other connections to the service stay on the agent's path (see *Client bindings*).
+//! Sub-type [`VENDOR_SIGNATURE`] (4) is
 //! the server's signature of a client binding: algorithm (1, [`SIGNATURE_ED25519`]),
 //! reserved zeros (6), the Ed25519 signature (64); it is the last option, at 8n+2, and ends
 //! the MH (see *Client bindings* below). Vendor options with another vendor id or sub-type
@@ -124,7 +128,8 @@
 //!
 //! A server's binding for a client is a BU with H clear (a correspondent registration,
 //! RFC 6275 9.5.1) from the anycast address to the client, to the client's port
-//! [`CLIENT_PORT`]: Alt-CoA, MESG-ID, the service selector, the certificate parts, and the
+//! [`CLIENT_PORT`]: Alt-CoA, MESG-ID, the service selector, the named connections (if
+//! any), the certificate parts, and the
 //! signature option last instead of AUTH (a client shares no secret with the server; it
 //! holds the operator's public key and checks the certificate, `crate::pki`). The
 //! signature covers `pki::BINDING_CONTEXT`, the inner source and destination, and the MH
@@ -251,6 +256,12 @@ pub const VENDOR_CERTIFICATE: u8 = 3;
 /// Sub-type of our vendor-specific option that carries the server's signature of a client
 /// binding; the last option.
 pub const VENDOR_SIGNATURE: u8 = 4;
+/// Sub-type of our vendor-specific option that names the client's connections a client
+/// binding covers besides those opened after it: pairs of (client port, service port).
+pub const VENDOR_CONNECTIONS: u8 = 5;
+/// Most connections one binding names: one vendor option's worth (its length byte counts
+/// vendor id and sub-type too), 4 bytes each.
+pub const MAX_NAMED_CONNECTIONS: usize = (255 - 5) / 4;
 /// The signature option's algorithm byte: Ed25519 (RFC 8032).
 pub const SIGNATURE_ED25519: u8 = 1;
 /// Most certificate bytes one vendor option carries (its length byte counts vendor id and
@@ -374,6 +385,10 @@ pub struct Options {
     pub auth: Option<Auth>,
     /// The server's certificate (`crate::pki`), as bytes: the wire only carries it.
     pub certificate: Option<Vec<u8>>,
+    /// A client binding's named connections: (client port, service port) of the client's
+    /// connections the server holds, which move to the server's real address with the
+    /// binding (at most [`MAX_NAMED_CONNECTIONS`]; empty: none named, no option).
+    pub connections: Vec<(u16, u16)>,
     /// The signature option's Ed25519 signature. Set by decode; ignored by encode
     /// ([`encode_signed`] computes it).
     pub signature: Option<[u8; 64]>,
@@ -432,6 +447,8 @@ pub enum EncodeError {
     BadAgent,
     /// A certificate empty or longer than `pki::MAX_CERT_LEN` (its length).
     BadCertificate(usize),
+    /// More named connections than [`MAX_NAMED_CONNECTIONS`] (their number).
+    TooManyConnections(usize),
 }
 
 impl fmt::Display for EncodeError {
@@ -451,6 +468,10 @@ impl fmt::Display for EncodeError {
                 f,
                 "a certificate of {n} bytes: it has 1 to {} bytes",
                 crate::pki::MAX_CERT_LEN
+            ),
+            EncodeError::TooManyConnections(n) => write!(
+                f,
+                "{n} named connections: a binding names at most {MAX_NAMED_CONNECTIONS}"
             ),
         }
     }
@@ -503,11 +524,13 @@ pub enum WireError {
     BadSignatureOption,
     /// Something follows the signature option.
     SignatureNotLast,
+    /// The connections option is empty, not whole (port, port) pairs, or appears twice.
+    BadConnectionsOption,
 }
 
 impl WireError {
     /// Every variant, in declaration order.
-    pub const ALL: [WireError; 20] = [
+    pub const ALL: [WireError; 21] = [
         WireError::Truncated,
         WireError::BadIpVersion,
         WireError::BadNextHeader,
@@ -528,6 +551,7 @@ impl WireError {
         WireError::BadCertificateOption,
         WireError::BadSignatureOption,
         WireError::SignatureNotLast,
+        WireError::BadConnectionsOption,
     ];
 
     /// A stable snake_case name, for counters and logs.
@@ -553,6 +577,7 @@ impl WireError {
             WireError::BadCertificateOption => "bad_certificate_option",
             WireError::BadSignatureOption => "bad_signature_option",
             WireError::SignatureNotLast => "signature_not_last",
+            WireError::BadConnectionsOption => "bad_connections_option",
         }
     }
 }
@@ -580,6 +605,9 @@ impl fmt::Display for WireError {
             WireError::BadCertificateOption => "a certificate option is empty or too long",
             WireError::BadSignatureOption => "the signature option is malformed",
             WireError::SignatureNotLast => "the signature option is not the last option",
+            WireError::BadConnectionsOption => {
+                "the connections option is empty, not whole port pairs, or repeated"
+            }
         };
         write!(f, "{text} ({})", self.reason())
     }

@@ -25,7 +25,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{Accepted, ServiceKey, Settings, Verifier};
+use super::{Accepted, Named, ServiceKey, Settings, Verifier};
 use crate::{
     dataplane::{attach_tc_egress, load_object, Sizes},
     host::{self as sys, HostChanges},
@@ -73,6 +73,7 @@ const CLIENT_SIZES: Sizes = Sizes {
     max_services: 1,
     max_flows: 1,
     max_preference_tables: 1,
+    max_client_flows: anycast_common::MAX_CLIENT_FLOWS,
 };
 
 /// Datagrams waiting for the owner; more are dropped (`dropped_queue_full`).
@@ -162,6 +163,10 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
             ebpf.take_map(maps::CLIENT_BINDINGS)
                 .ok_or_else(|| anyhow!("no CLIENT_BINDINGS map"))?,
         )?;
+    let mut flows: BpfHashMap<MapData, anycast_common::FlowKey, u32> = BpfHashMap::try_from(
+        ebpf.take_map(maps::CLIENT_FLOWS)
+            .ok_or_else(|| anyhow!("no CLIENT_FLOWS map"))?,
+    )?;
     let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
         ebpf.take_map(maps::CLIENT_STATS)
             .ok_or_else(|| anyhow!("no CLIENT_STATS map"))?,
@@ -238,7 +243,11 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
                 Some((payload, source)) = rx.recv() => {
                     let now = now_secs();
                     match verifier.check(&payload, source, now) {
-                        Ok(Accepted::Bound { key, binding }) => {
+                        Ok(Accepted::Bound { key, binding, named }) => {
+                            // Before the binding is in place: its first packets already
+                            // find the connections it covers and those it must not move.
+                            keep_udp_on_agent(&mut flows, &key);
+                            write_named(&mut flows, &key, &named, binding.generation);
                             match super::datapath_entry(&key, &binding, &addresses) {
                                 Some((k, v)) => {
                                     if let Err(e) = table.insert(k, v, 0) {
@@ -257,7 +266,8 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
                             }
                             heard.insert(key, (Instant::now(), tunnelled(&stats)));
                         }
-                        Ok(Accepted::Refreshed { key, .. }) => {
+                        Ok(Accepted::Refreshed { key, generation, named, .. }) => {
+                            write_named(&mut flows, &key, &named, generation);
                             heard.insert(key, (Instant::now(), tunnelled(&stats)));
                         }
                         Ok(Accepted::Withdrawn { key }) => {
@@ -318,6 +328,59 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
     drop(ebpf);
     host.undo();
     result
+}
+
+/// The connections the server named go with the binding (`generation`).
+fn write_named(
+    flows: &mut BpfHashMap<MapData, anycast_common::FlowKey, u32>,
+    key: &ServiceKey,
+    named: &Named,
+    generation: u32,
+) {
+    let Some(client) = named.client else {
+        return;
+    };
+    for &(client_port, service_port) in &named.ports {
+        let k = super::flow_key(
+            client,
+            client_port,
+            key.anycast,
+            service_port,
+            named.protocol,
+        );
+        if let Err(e) = flows.insert(k, generation, 0) {
+            tracing::warn!("{key}: moving the connection from port {client_port}: {e}");
+        }
+    }
+}
+
+/// The client's connected UDP sockets to a UDP service (or a whole address) that were
+/// running before its binding: marked generation 0, so they stay on the agent's path (a
+/// UDP flow has no opening; unmarked, the tunnel would take it for a new one). Only where
+/// no entry is (`BPF_NOEXIST`): a flow that already goes direct keeps going.
+fn keep_udp_on_agent(
+    flows: &mut BpfHashMap<MapData, anycast_common::FlowKey, u32>,
+    key: &ServiceKey,
+) {
+    const BPF_NOEXIST: u64 = 1;
+    if key.protocol != anycast_common::PROTO_UDP && key.protocol != 0 {
+        return;
+    }
+    for path in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for (own, own_port, service_port) in super::connected_udp(&text, key) {
+            let k = super::flow_key(
+                own,
+                own_port,
+                key.anycast,
+                service_port,
+                anycast_common::PROTO_UDP,
+            );
+            let _ = flows.insert(k, 0, BPF_NOEXIST);
+        }
+    }
 }
 
 fn datapath_key(key: &ServiceKey) -> anycast_common::ServiceKey {

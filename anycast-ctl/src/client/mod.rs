@@ -74,15 +74,40 @@ pub struct Binding {
     pub seq: u16,
     /// Unix seconds.
     pub expires: u64,
+    /// Which binding of the service this is, from 1: a binding taken from a server that
+    /// did not hold the service gets the next number; a refresh or a move to another real
+    /// address of the same server keeps it. The tunnel moves a connection only with the
+    /// generation it began with.
+    pub generation: u32,
+}
+
+/// The client's connections a binding moves with it, as the server named them: this
+/// client's address (the one the binding was sent to), the protocol, and (client port,
+/// service port) pairs. Any other connection open before the binding stays on the agent's
+/// path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub client: Option<IpAddr>,
+    pub protocol: u8,
+    pub ports: Vec<(u16, u16)>,
 }
 
 /// What an accepted message did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Accepted {
     /// A new binding, or one moved to another real address (a link of the server failed).
-    Bound { key: ServiceKey, binding: Binding },
+    Bound {
+        key: ServiceKey,
+        binding: Binding,
+        named: Named,
+    },
     /// The same server and real address, a later expiry.
-    Refreshed { key: ServiceKey, expires: u64 },
+    Refreshed {
+        key: ServiceKey,
+        expires: u64,
+        generation: u32,
+        named: Named,
+    },
     /// Lifetime 0 from the server holding the binding: back to the agent.
     Withdrawn { key: ServiceKey },
     /// Lifetime 0 for a binding not held (or held by another server): nothing to do.
@@ -179,6 +204,8 @@ pub struct Verifier {
     bindings: BTreeMap<ServiceKey, Binding>,
     /// The newest MESG-ID taken from each server identity.
     last_mesg_id: HashMap<String, u64>,
+    /// The last generation given ([`Binding::generation`]).
+    generation: u32,
     counters: BTreeMap<String, u64>,
 }
 
@@ -189,6 +216,7 @@ impl Verifier {
             revoked: RevocationList::default(),
             bindings: BTreeMap::new(),
             last_mesg_id: HashMap::new(),
+            generation: 0,
             counters: BTreeMap::new(),
         }
     }
@@ -367,19 +395,68 @@ impl Verifier {
         let secs = (u64::from(lifetime) * 4).min(self.settings.max_lifetime);
         // Never beyond the certificate's own validity.
         let expires = (now + secs).min(cert.body.not_after);
+        let generation = match held {
+            Some(b) if held_by_it => b.generation,
+            _ => {
+                // Never 0: an entry of generation 0 is a connection that stays on the
+                // agent's path.
+                self.generation = self.generation.checked_add(1).unwrap_or(1);
+                self.generation
+            }
+        };
         let binding = Binding {
             server,
             serial: cert.body.serial,
             real,
             seq,
             expires,
+            generation,
         };
         let same_path = held.is_some_and(|b| b.server == binding.server && b.real == real);
+        let named = self.named(&key, wire::from_mapped(msg.dst), &o.connections);
         self.bindings.insert(key, binding.clone());
         if same_path {
-            Ok(Accepted::Refreshed { key, expires })
+            Ok(Accepted::Refreshed {
+                key,
+                expires,
+                generation,
+                named,
+            })
         } else {
-            Ok(Accepted::Bound { key, binding })
+            Ok(Accepted::Bound {
+                key,
+                binding,
+                named,
+            })
+        }
+    }
+
+    /// The connections a binding names, less those outside its service (counted): a
+    /// service of one port names only that port; a whole address (protocol 0) names TCP
+    /// connections, the ones a server finds in its socket table.
+    fn named(&mut self, key: &ServiceKey, client: IpAddr, pairs: &[(u16, u16)]) -> Named {
+        let protocol = if key.protocol == 0 {
+            anycast_common::PROTO_TCP
+        } else {
+            key.protocol
+        };
+        let (inside, outside): (Vec<(u16, u16)>, Vec<(u16, u16)>) = pairs
+            .iter()
+            .partition(|&&(_, port)| key.port == 0 || port == key.port);
+        for _ in &outside {
+            self.count("named_connection_outside_service".into());
+        }
+        // A connection is between addresses of one family: the anycast address's.
+        if client.is_ipv4() != key.anycast.is_ipv4() {
+            if !inside.is_empty() {
+                self.count("named_connections_of_other_family".into());
+            }
+            return Named::default();
+        }
+        Named {
+            client: Some(client),
+            protocol,
+            ports: inside,
         }
     }
 }
@@ -401,6 +478,7 @@ pub fn datapath_entry(
         source: anycast_common::addr_words(source).0,
         family,
         _pad: [0; 3],
+        generation: binding.generation,
     };
     Some((map_key, value))
 }
@@ -411,4 +489,49 @@ pub(crate) fn unmap(a: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => wire::from_mapped(v6),
         v4 => v4,
     }
+}
+
+/// The tunnel's `CLIENT_FLOWS` key of a connection from `client` port `client_port` to
+/// the service's anycast address and `service_port`.
+pub fn flow_key(
+    client: IpAddr,
+    client_port: u16,
+    anycast: IpAddr,
+    service_port: u16,
+    protocol: u8,
+) -> anycast_common::FlowKey {
+    let (src, family) = anycast_common::addr_words(client);
+    anycast_common::FlowKey {
+        src,
+        dst: anycast_common::addr_words(anycast).0,
+        sport: client_port,
+        dport: service_port,
+        proto: protocol,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// The client's connected UDP sockets to `key`'s service in a `/proc/net/udp{,6}` text:
+/// (own address, own port, service port). A UDP flow has no opening the tunnel could see,
+/// so these, running before a binding, are marked to stay on the agent's path.
+pub fn connected_udp(proc_text: &str, key: &ServiceKey) -> Vec<(IpAddr, u16, u16)> {
+    let mut out = Vec::new();
+    for line in proc_text.lines().skip(1) {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(local), Some(remote)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Some((la, lp)), Some((ra, rp))) = (
+            crate::server_binding::split_proc(local),
+            crate::server_binding::split_proc(remote),
+        ) else {
+            continue;
+        };
+        let (la, ra) = (unmap(la), unmap(ra));
+        if ra == key.anycast && rp != 0 && (key.port == 0 || rp == key.port) {
+            out.push((la, lp, rp));
+        }
+    }
+    out
 }

@@ -101,6 +101,7 @@ struct Bu {
     lifetime: u16,
     sent: u64,
     frac: u32,
+    connections: Vec<(u16, u16)>,
 }
 
 fn bu(cert: &Cert, real: &'static str, seq: u16) -> Bu {
@@ -114,6 +115,7 @@ fn bu(cert: &Cert, real: &'static str, seq: u16) -> Bu {
         lifetime: 15,
         sent: NOW,
         frac: u32::from(seq),
+        connections: vec![],
     }
 }
 
@@ -134,6 +136,7 @@ impl Bu {
                     port: 80,
                 }),
                 certificate: self.cert.clone(),
+                connections: self.connections.clone(),
                 ..Options::default()
             },
         };
@@ -172,7 +175,13 @@ fn a_servers_binding_is_taken_refreshed_moved_and_withdrawn() {
                 real: ip(S1_REAL),
                 seq: 1,
                 expires: NOW + 60,
-            }
+                generation: 1,
+            },
+            named: Named {
+                client: Some(ip(CLIENT)),
+                protocol: 6,
+                ports: vec![],
+            },
         })
     );
     // A refresh: same server and real address, later.
@@ -182,7 +191,13 @@ fn a_servers_binding_is_taken_refreshed_moved_and_withdrawn() {
         v.check(&r.bytes(), ip(S1_REAL), NOW + 30),
         Ok(Accepted::Refreshed {
             key: key(),
-            expires: NOW + 90
+            expires: NOW + 90,
+            generation: 1,
+            named: Named {
+                client: Some(ip(CLIENT)),
+                protocol: 6,
+                ports: vec![],
+            },
         })
     );
     // One of s1's links fails: it binds its other real address, from it (claims 5, 10).
@@ -190,6 +205,8 @@ fn a_servers_binding_is_taken_refreshed_moved_and_withdrawn() {
     m.sent = NOW + 31;
     let moved = v.check(&m.bytes(), ip(S1_REAL_2), NOW + 31).unwrap();
     assert!(matches!(moved, Accepted::Bound { ref binding, .. } if binding.real == ip(S1_REAL_2)));
+    // The same server's move keeps the generation: its connections follow it.
+    assert_eq!(v.bindings()[&key()].generation, 1);
     assert_eq!(v.bindings()[&key()].real, ip(S1_REAL_2));
     // s1 goes down: lifetime 0 (claim 15), and the client is back on the agent.
     let mut w = bu(&s1_cert(), S1_REAL_2, 4);
@@ -206,6 +223,8 @@ fn a_servers_binding_is_taken_refreshed_moved_and_withdrawn() {
         v.check(&s2.bytes(), ip(S2_REAL), NOW + 33),
         Ok(Accepted::Bound { .. })
     ));
+    // Another server's binding: a new generation, so s1's connections do not follow it.
+    assert_eq!(v.bindings()[&key()].generation, 2);
     let c = v.counters();
     assert_eq!(
         (c["bound"], c["refreshed"], c["withdrawn"]),
@@ -508,6 +527,7 @@ fn a_binding_becomes_the_tunnel_maps_entry_with_a_source_of_the_real_addresss_fa
         real: ip(real),
         seq: 1,
         expires: NOW,
+        generation: 7,
     };
     let own = [ip("fd71::21"), ip(CLIENT)];
     let (k, v) = datapath_entry(&key(), &b(S1_REAL), &own).unwrap();
@@ -520,6 +540,7 @@ fn a_binding_becomes_the_tunnel_maps_entry_with_a_source_of_the_real_addresss_fa
             anycast_common::FAMILY_V4
         )
     );
+    assert_eq!(v.generation, 7);
     // An IPv4 service bound to an IPv6 real address: the client's IPv6 address is the
     // outer source.
     let (_, v6) = datapath_entry(&key(), &b("fd71:2::11"), &own).unwrap();
@@ -562,5 +583,68 @@ fn checks_cost_is_measured() {
     assert_eq!(
         v.counters()["bound"] + v.counters()["refreshed"],
         u64::from(N)
+    );
+}
+
+#[test]
+fn named_connections_outside_the_service_are_dropped_and_counted() {
+    let mut v = verifier();
+    let mut b = bu(&s1_cert(), S1_REAL, 1);
+    b.connections = vec![(40_000, 80), (40_001, 443), (40_002, 80)];
+    let Ok(Accepted::Bound { named, binding, .. }) = v.check(&b.bytes(), ip(S1_REAL), NOW) else {
+        panic!("not bound");
+    };
+    assert_eq!(named.ports, vec![(40_000, 80), (40_002, 80)]);
+    assert_eq!(v.counters()["named_connection_outside_service"], 1);
+    // The tunnel's key of a named connection: from this client to the anycast address.
+    let k = flow_key(
+        named.client.unwrap(),
+        40_000,
+        ip(ANYCAST),
+        80,
+        named.protocol,
+    );
+    assert_eq!(k.src, anycast_common::addr_words(ip(CLIENT)).0);
+    assert_eq!(k.dst, anycast_common::addr_words(ip(ANYCAST)).0);
+    assert_eq!((k.sport, k.dport, k.proto), (40_000, 80, 6));
+    assert_eq!(k.family, anycast_common::FAMILY_V4);
+    assert_eq!(binding.generation, 1);
+    // Sent to our IPv6 address for an IPv4 service: no connection can be named.
+    let mut b6 = bu(&s1_cert(), S1_REAL, 2);
+    (b6.client, b6.sent, b6.connections) = ("fd71::21", NOW + 1, vec![(40_003, 80)]);
+    let Ok(Accepted::Refreshed { named, .. }) = v.check(&b6.bytes(), ip(S1_REAL), NOW + 1) else {
+        panic!("not refreshed");
+    };
+    assert_eq!(named, Named::default());
+    assert_eq!(v.counters()["named_connections_of_other_family"], 1);
+}
+
+#[test]
+fn connected_udp_sockets_to_a_service_are_found_in_the_socket_table() {
+    // /proc/net/udp: 10.71.1.11:40000 -> 10.71.100.1:53, 10.71.1.11:40001 unconnected,
+    // 10.71.1.11:40002 -> 10.71.100.2:53 (another address).
+    let text = "  sl  local_address rem_address   st\n\
+    0: 0B01470A:9C40 0164470A:0035 01\n\
+    1: 0B01470A:9C41 00000000:0000 07\n\
+    2: 0B01470A:9C42 0264470A:0035 01\n";
+    let udp = ServiceKey {
+        anycast: ip(ANYCAST),
+        protocol: 17,
+        port: 53,
+    };
+    assert_eq!(
+        connected_udp(text, &udp),
+        vec![(ip("10.71.1.11"), 40_000, 53)]
+    );
+    let other_port = ServiceKey { port: 54, ..udp };
+    assert!(connected_udp(text, &other_port).is_empty());
+    let whole = ServiceKey {
+        protocol: 0,
+        port: 0,
+        ..udp
+    };
+    assert_eq!(
+        connected_udp(text, &whole),
+        vec![(ip("10.71.1.11"), 40_000, 53)]
     );
 }

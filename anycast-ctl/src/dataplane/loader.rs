@@ -16,6 +16,8 @@ pub struct Sizes {
     /// able to take new flows), over all services. Each costs two tables of `ring_size`
     /// entries in `RINGS`, like a service.
     pub max_preference_tables: u32,
+    /// Entries of the client tunnel's `CLIENT_FLOWS`: only the client daemon uses it.
+    pub max_client_flows: u32,
 }
 
 impl Sizes {
@@ -26,6 +28,7 @@ impl Sizes {
             max_services,
             max_flows,
             max_preference_tables: DEFAULT_MAX_PREFERENCE_TABLES,
+            max_client_flows: 1,
         }
     }
 
@@ -70,7 +73,8 @@ pub(super) fn load_object_pinned(
         .map_max_entries(maps::FLOWS, sizes.max_flows)
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
-        .map_max_entries(maps::SERVICE_ADDRS, sizes.max_services);
+        .map_max_entries(maps::SERVICE_ADDRS, sizes.max_services)
+        .map_max_entries(maps::CLIENT_FLOWS, sizes.max_client_flows.max(1));
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
     }

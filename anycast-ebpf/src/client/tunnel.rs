@@ -8,15 +8,23 @@
 //!
 //! The service is looked up as the agent looks services up: (address, protocol, port),
 //! then (address, protocol, any port), then the whole address (protocol 0, any port).
+//!
+//! A binding moves only the connections it covers (`CLIENT_FLOWS`, 5-tuple -> the
+//! binding's generation): a TCP connection whose SYN leaves while the binding is held (it
+//! is recorded then), a UDP flow first seen while it is held, and the connections the
+//! server named (written by the daemon). Any other packet to the service belongs to a
+//! connection the agent may have given to another server: it stays on the agent's path
+//! (`pass_opened_before`), or it would reach a server that never heard of it and be reset.
 use anycast_common::{
-    client_tunnel as counter, maps as names, ClientBinding, ServiceKey, ANY_PORT, ETH_LEN,
+    client_tunnel as counter, maps as names, ClientBinding, FlowKey, ServiceKey, ANY_PORT, ETH_LEN,
     ETH_P_IPV4, ETH_P_IPV6, FAMILY_V4, FAMILY_V6, IPV4_LEN, IPV6_LEN, MAX_CLIENT_BINDINGS,
-    PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP,
+    MAX_CLIENT_FLOWS, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FLAGS_OFF,
+    TCP_SYN,
 };
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 
@@ -28,6 +36,11 @@ use crate::tc_tunnel::{encapsulate_and_redirect, Outcome, Tunnel};
 static CLIENT_BINDINGS: HashMap<ServiceKey, ClientBinding> =
     HashMap::with_max_entries(MAX_CLIENT_BINDINGS, 0);
 map_name!(CLIENT_BINDINGS, names::CLIENT_BINDINGS);
+/// The connections that go direct: 5-tuple (as sent) -> the generation of the binding
+/// they go with.
+#[map]
+static CLIENT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_CLIENT_FLOWS, 0);
+map_name!(CLIENT_FLOWS, names::CLIENT_FLOWS);
 /// What the program did, by [`counter`].
 #[map]
 static CLIENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -71,6 +84,7 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
     };
     let l3 = ETH_LEN;
     let mut key = ServiceKey::default();
+    let mut flow = FlowKey::default();
     let (l4, inner_proto, inner_len, tos) = match ether_type {
         ETH_P_IPV4 => {
             let Some(h) = Ipv4::at(ctx, l3) else {
@@ -88,6 +102,7 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
             key.family = FAMILY_V4;
             key.proto = h.proto();
             key.addr[0] = h.dst();
+            flow.src[0] = h.src();
             (l3 + ihl, PROTO_IPIP, h.total_len(), h.tos())
         }
         ETH_P_IPV6 => {
@@ -100,6 +115,7 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
             key.family = FAMILY_V6;
             key.proto = h.next_header();
             key.addr = h.dst();
+            flow.src = h.src();
             let len = IPV6_LEN as u16 + h.payload_len();
             (l3 + IPV6_LEN, PROTO_IPV6, len, h.traffic_class())
         }
@@ -108,16 +124,41 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return OTHER;
     }
-    // The destination port, at a variable offset (IPv4 options): bpf_skb_load_bytes.
-    let Ok(port) = ctx.load::<u16>(l4 + 2) else {
+    // The ports, at a variable offset (IPv4 options): bpf_skb_load_bytes.
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
         return OTHER;
     };
-    key.port = u16::from_be(port);
+    key.port = u16::from_be_bytes([ports[2], ports[3]]);
     let Some(binding) = lookup(key) else {
         return (TC_ACT_OK, counter::PASS_NOT_BOUND);
     };
     if binding.family != FAMILY_V4 && binding.family != FAMILY_V6 {
         return (TC_ACT_OK, counter::PASS_NOT_BOUND);
+    }
+    flow.dst = key.addr;
+    flow.sport = u16::from_be_bytes([ports[0], ports[1]]);
+    flow.dport = key.port;
+    flow.proto = key.proto;
+    flow.family = key.family;
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { CLIENT_FLOWS.get(&flow).copied() };
+    if known != Some(binding.generation) {
+        // A new connection: a TCP SYN (not a SYN-ACK), or a UDP flow never seen (an entry
+        // of another generation is a flow that began with another binding).
+        let opens = if key.proto == PROTO_TCP {
+            let Ok(flags) = ctx.load::<u8>(l4 + TCP_FLAGS_OFF) else {
+                return OTHER;
+            };
+            flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        } else {
+            known.is_none()
+        };
+        if !opens {
+            return (TC_ACT_OK, counter::PASS_OPENED_BEFORE);
+        }
+        // A full map evicts its least recently used connection, which then goes back
+        // through the agent: better than refusing new ones.
+        let _ = CLIENT_FLOWS.insert(&flow, &binding.generation, 0);
     }
     let t = Tunnel {
         family: binding.family,

@@ -1,10 +1,13 @@
 //! Route optimization, client side: the TC egress program tunnels the client's packets for
 //! bound services to their server's real address, the inner packet untouched, and leaves
 //! everything else to the normal path (the agent); as a fixture table with exact bytes.
+//! A binding moves only the connections it covers: those that open while it is held (a
+//! TCP SYN, a UDP flow never seen) and those its server named (`CLIENT_FLOWS`).
 use std::net::IpAddr;
 
 use anycast_common::{
-    addr_words, client_tunnel, maps, programs, ClientBinding, ServiceKey, PROTO_TCP, PROTO_UDP,
+    addr_words, client_tunnel, maps, programs, ClientBinding, FlowKey, ServiceKey, PROTO_TCP,
+    PROTO_UDP,
 };
 use anycast_ctl::dataplane::{load_object, Sizes};
 use anycast_tests::packet::{ethernet, tcp, udp, TCP_ACK, TCP_PSH, TCP_SYN};
@@ -21,12 +24,56 @@ use crate::harness::*;
 struct ClientSide {
     ebpf: aya::Ebpf,
     bindings: HashMap<MapData, ServiceKey, ClientBinding>,
+    flows: HashMap<MapData, FlowKey, u32>,
     stats: PerCpuArray<MapData, u64>,
     _ns: Netns,
 }
 
 /// A binding row: (anycast address, protocol, port) -> (real address, client's source).
+/// Its generation is [`GENERATION`].
 type Bound = (&'static str, u8, u16, &'static str, &'static str);
+/// The bindings' generation in these fixtures.
+const GENERATION: u32 = 3;
+/// A connection entry: (the request's anycast address, protocol, destination port) as
+/// [`request`] sends it -> generation.
+type Flow = (&'static str, u8, u16, u32);
+
+/// What a fixture starts from: the bindings and the connection entries.
+#[derive(Clone, Default)]
+struct Setup {
+    bound: Vec<Bound>,
+    flows: Vec<Flow>,
+}
+
+fn bound(rows: Vec<Bound>) -> Setup {
+    Setup {
+        bound: rows,
+        flows: vec![],
+    }
+}
+
+fn with_flows(rows: Vec<Bound>, flows: Vec<Flow>) -> Setup {
+    Setup { bound: rows, flows }
+}
+
+/// The tunnel's key of [`request`]'s packet.
+fn flow_key(service: &str, proto: u8, dport: u16) -> Result<FlowKey> {
+    let dst: IpAddr = service.parse()?;
+    let src = match dst {
+        IpAddr::V4(_) => IpAddr::V4(CLIENT_V4),
+        IpAddr::V6(_) => IpAddr::V6(CLIENT_V6),
+    };
+    let (dst, family) = addr_words(dst);
+    Ok(FlowKey {
+        src: addr_words(src).0,
+        dst,
+        sport: request_sport(proto),
+        dport,
+        proto,
+        family,
+        _pad: [0; 2],
+    })
+}
 
 impl ClientSide {
     fn new() -> Result<Self> {
@@ -36,12 +83,14 @@ impl ClientSide {
             max_services: 1,
             max_flows: 1,
             max_preference_tables: 1,
+            max_client_flows: 64,
         })?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("the object has no map {name}"))
         };
         let bindings = HashMap::try_from(take(maps::CLIENT_BINDINGS)?)?;
+        let flows = HashMap::try_from(take(maps::CLIENT_FLOWS)?)?;
         let stats = PerCpuArray::try_from(take(maps::CLIENT_STATS)?)?;
         let tc: &mut SchedClassifier = ebpf
             .program_mut(programs::CLIENT_TUNNEL)
@@ -51,6 +100,7 @@ impl ClientSide {
         Ok(ClientSide {
             ebpf,
             bindings,
+            flows,
             stats,
             _ns: ns,
         })
@@ -58,14 +108,22 @@ impl ClientSide {
 }
 
 impl Program for ClientSide {
-    type Setup = Vec<Bound>;
+    type Setup = Setup;
 
-    fn set_up(&mut self, rows: &Vec<Bound>) -> Result<()> {
+    fn set_up(&mut self, setup: &Setup) -> Result<()> {
         let old: Vec<ServiceKey> = self.bindings.keys().collect::<Result<_, _>>()?;
         for k in old {
             self.bindings.remove(&k)?;
         }
-        for &(anycast, proto, port, real, source) in rows {
+        let old: Vec<FlowKey> = self.flows.keys().collect::<Result<_, _>>()?;
+        for k in old {
+            self.flows.remove(&k)?;
+        }
+        for &(service, proto, dport, generation) in &setup.flows {
+            self.flows
+                .insert(flow_key(service, proto, dport)?, generation, 0)?;
+        }
+        for &(anycast, proto, port, real, source) in &setup.bound {
             let (real, family) = addr_words(real.parse()?);
             let key = ServiceKey::new(anycast.parse()?, proto, port);
             let value = ClientBinding {
@@ -73,6 +131,7 @@ impl Program for ClientSide {
                 source: addr_words(source.parse()?).0,
                 family,
                 _pad: [0; 3],
+                generation: GENERATION,
             };
             self.bindings.insert(key, value, 0)?;
         }
@@ -108,11 +167,19 @@ impl Program for ClientSide {
     }
 }
 
+fn request_sport(proto: u8) -> u16 {
+    if proto == PROTO_UDP {
+        40501
+    } else {
+        40500
+    }
+}
+
 /// A packet the client sends to `service`:`dport` (from its own address of that family).
 fn request(service: &str, proto: u8, dport: u16, flags: u8) -> Vec<u8> {
     let l4 = match proto {
-        PROTO_TCP => tcp(40500, dport, flags, PAYLOAD),
-        PROTO_UDP => udp(40501, dport, PAYLOAD),
+        PROTO_TCP => tcp(request_sport(proto), dport, flags, PAYLOAD),
+        PROTO_UDP => udp(request_sport(proto), dport, PAYLOAD),
         _ => PAYLOAD.to_vec(),
     };
     let dst: IpAddr = service.parse().unwrap();
@@ -129,14 +196,14 @@ fn client_frame(ip: &[u8]) -> Vec<u8> {
 }
 
 fn row(
-    bound: Vec<Bound>,
+    setup: Setup,
     description: impl Into<String>,
     input: Vec<u8>,
     action: u32,
     output: Vec<u8>,
     counted: u32,
-) -> Fixture<Vec<Bound>> {
-    Fixture::new(description, bound, input, action, counted, output)
+) -> Fixture<Setup> {
+    Fixture::new(description, setup, input, action, counted, output)
 }
 
 #[test]
@@ -144,6 +211,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
     let mut client = ClientSide::new()?;
     let web4 = request("192.0.2.10", PROTO_TCP, 80, TCP_PSH | TCP_ACK);
     let syn4 = request("192.0.2.10", PROTO_TCP, 80, TCP_SYN);
+    let syn_ack4 = request("192.0.2.10", PROTO_TCP, 80, TCP_SYN | TCP_ACK);
     let other_port = request("192.0.2.10", PROTO_TCP, 443, TCP_SYN);
     let dns4 = request("192.0.2.10", PROTO_UDP, 53, 0);
     let web6 = request("2001:db8::10", PROTO_TCP, 443, TCP_PSH | TCP_ACK);
@@ -152,9 +220,12 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
     let s4 = neighbour_mac("10.9.3.11");
     let s6 = neighbour_mac("fd09:2::11");
     let web_bound: Vec<Bound> = vec![("192.0.2.10", PROTO_TCP, 80, "10.9.3.11", "10.9.2.1")];
+    // The web connection of `web4`, named by the server (this binding's generation).
+    let web_named =
+        |rows: Vec<Bound>| with_flows(rows, vec![("192.0.2.10", PROTO_TCP, 80, GENERATION)]);
     let mut v = vec![
         row(
-            vec![],
+            Setup::default(),
             "no binding -> untouched, through the agent",
             client_frame(&web4),
             TC_ACT_OK,
@@ -162,15 +233,36 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::PASS_NOT_BOUND,
         ),
         row(
-            web_bound.clone(),
-            "TCP to a bound service -> IPv4-in-IPv4 to the server's real address, redirected via fy0",
+            web_named(web_bound.clone()),
+            "a connection the server named -> IPv4-in-IPv4 to the server's real address, \
+             redirected via fy0",
             client_frame(&web4),
             TC_ACT_REDIRECT,
             tunnelled(s4, FY0_MAC, "10.9.2.1", "10.9.3.11", &web4),
             client_tunnel::TUNNELLED,
         ),
         row(
-            web_bound.clone(),
+            bound(web_bound.clone()),
+            "a connection open before the binding, not named -> untouched (the agent may have \
+             given it to another server)",
+            client_frame(&web4),
+            TC_ACT_OK,
+            client_frame(&web4),
+            client_tunnel::PASS_OPENED_BEFORE,
+        ),
+        row(
+            with_flows(
+                web_bound.clone(),
+                vec![("192.0.2.10", PROTO_TCP, 80, GENERATION - 1)],
+            ),
+            "a connection of an earlier binding (another server's) -> untouched",
+            client_frame(&web4),
+            TC_ACT_OK,
+            client_frame(&web4),
+            client_tunnel::PASS_OPENED_BEFORE,
+        ),
+        row(
+            bound(web_bound.clone()),
             "a new connection's SYN to a bound service -> tunnelled from its first packet",
             client_frame(&syn4),
             TC_ACT_REDIRECT,
@@ -178,7 +270,27 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::TUNNELLED,
         ),
         row(
-            web_bound.clone(),
+            with_flows(
+                web_bound.clone(),
+                vec![("192.0.2.10", PROTO_TCP, 80, GENERATION - 1)],
+            ),
+            "a SYN on the 5-tuple of an earlier binding's connection: a new connection -> \
+             tunnelled",
+            client_frame(&syn4),
+            TC_ACT_REDIRECT,
+            tunnelled(s4, FY0_MAC, "10.9.2.1", "10.9.3.11", &syn4),
+            client_tunnel::TUNNELLED,
+        ),
+        row(
+            bound(web_bound.clone()),
+            "a SYN-ACK (SYN and ACK) is no opening -> untouched",
+            client_frame(&syn_ack4),
+            TC_ACT_OK,
+            client_frame(&syn_ack4),
+            client_tunnel::PASS_OPENED_BEFORE,
+        ),
+        row(
+            bound(web_bound.clone()),
             "another port of the bound address -> untouched",
             client_frame(&other_port),
             TC_ACT_OK,
@@ -186,7 +298,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::PASS_NOT_BOUND,
         ),
         row(
-            web_bound.clone(),
+            bound(web_bound.clone()),
             "UDP to the bound address (a TCP binding) -> untouched",
             client_frame(&dns4),
             TC_ACT_OK,
@@ -194,23 +306,34 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::PASS_NOT_BOUND,
         ),
         row(
-            vec![("192.0.2.10", PROTO_UDP, 0, "10.9.3.11", "10.9.2.1")],
-            "UDP to a service bound for every port -> tunnelled",
+            bound(vec![("192.0.2.10", PROTO_UDP, 0, "10.9.3.11", "10.9.2.1")]),
+            "a UDP flow never seen, to a service bound for every port -> tunnelled",
             client_frame(&dns4),
             TC_ACT_REDIRECT,
             tunnelled(s4, FY0_MAC, "10.9.2.1", "10.9.3.11", &dns4),
             client_tunnel::TUNNELLED,
         ),
         row(
-            vec![("192.0.2.10", 0, 0, "10.9.3.11", "10.9.2.1")],
-            "TCP to an address bound whole (protocol 0, every port) -> tunnelled",
+            with_flows(
+                vec![("192.0.2.10", PROTO_UDP, 0, "10.9.3.11", "10.9.2.1")],
+                vec![("192.0.2.10", PROTO_UDP, 53, 0)],
+            ),
+            "a UDP flow running before the binding (generation 0) -> untouched",
+            client_frame(&dns4),
+            TC_ACT_OK,
+            client_frame(&dns4),
+            client_tunnel::PASS_OPENED_BEFORE,
+        ),
+        row(
+            bound(vec![("192.0.2.10", 0, 0, "10.9.3.11", "10.9.2.1")]),
+            "a SYN to an address bound whole (protocol 0, every port) -> tunnelled",
             client_frame(&other_port),
             TC_ACT_REDIRECT,
             tunnelled(s4, FY0_MAC, "10.9.2.1", "10.9.3.11", &other_port),
             client_tunnel::TUNNELLED,
         ),
         row(
-            vec![("192.0.2.10", 0, 0, "10.9.3.11", "10.9.2.1")],
+            bound(vec![("192.0.2.10", 0, 0, "10.9.3.11", "10.9.2.1")]),
             "ICMP to a bound address -> untouched",
             client_frame(&icmp4),
             TC_ACT_OK,
@@ -218,7 +341,10 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::PASS_OTHER,
         ),
         row(
-            vec![("2001:db8::10", PROTO_TCP, 443, "fd09:2::11", "fd09:2::1")],
+            with_flows(
+                vec![("2001:db8::10", PROTO_TCP, 443, "fd09:2::11", "fd09:2::1")],
+                vec![("2001:db8::10", PROTO_TCP, 443, GENERATION)],
+            ),
             "IPv6 TCP, an IPv6 server -> IPv6-in-IPv6 (41), redirected via fx0",
             client_frame(&web6),
             TC_ACT_REDIRECT,
@@ -226,7 +352,24 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::TUNNELLED,
         ),
         row(
-            vec![("2001:db8::10", PROTO_TCP, 443, "10.9.3.11", "10.9.2.1")],
+            bound(vec![(
+                "2001:db8::10",
+                PROTO_TCP,
+                443,
+                "fd09:2::11",
+                "fd09:2::1",
+            )]),
+            "IPv6 TCP open before the binding -> untouched",
+            client_frame(&web6),
+            TC_ACT_OK,
+            client_frame(&web6),
+            client_tunnel::PASS_OPENED_BEFORE,
+        ),
+        row(
+            with_flows(
+                vec![("2001:db8::10", PROTO_TCP, 443, "10.9.3.11", "10.9.2.1")],
+                vec![("2001:db8::10", PROTO_TCP, 443, GENERATION)],
+            ),
             "IPv6 TCP, an IPv4 server -> IPv6-in-IPv4 (41), redirected via fy0",
             client_frame(&web6),
             TC_ACT_REDIRECT,
@@ -234,7 +377,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::TUNNELLED,
         ),
         row(
-            vec![("192.0.2.10", PROTO_TCP, 80, "10.9.2.99", "10.9.2.1")],
+            web_named(vec![("192.0.2.10", PROTO_TCP, 80, "10.9.2.99", "10.9.2.1")]),
             "a server without a neighbour entry -> tunnelled, redirect_neigh, MACs unchanged",
             client_frame(&web4),
             TC_ACT_REDIRECT,
@@ -242,7 +385,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::TUNNELLED_RESOLVING,
         ),
         row(
-            vec![("192.0.2.10", PROTO_TCP, 80, "10.99.0.1", "10.9.2.1")],
+            web_named(vec![("192.0.2.10", PROTO_TCP, 80, "10.99.0.1", "10.9.2.1")]),
             "no route to the server -> untouched, through the agent",
             client_frame(&web4),
             TC_ACT_OK,
@@ -250,7 +393,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
             client_tunnel::PASS_NO_ROUTE,
         ),
         row(
-            web_bound.clone(),
+            bound(web_bound.clone()),
             "ARP -> untouched",
             arp_request(),
             TC_ACT_OK,
@@ -263,7 +406,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
     let mut fragment = web4.clone();
     fragment[6] |= 0x20;
     v.push(row(
-        web_bound.clone(),
+        web_named(web_bound.clone()),
         "an IPv4 fragment to a bound service -> untouched",
         client_frame(&fragment),
         TC_ACT_OK,
@@ -275,7 +418,7 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
     for len in [34usize, 37] {
         let cut = client_frame(&web4)[..len].to_vec();
         v.push(row(
-            web_bound.clone(),
+            web_named(web_bound.clone()),
             format!("a bound service's packet truncated to {len} bytes -> untouched"),
             cut.clone(),
             TC_ACT_OK,
@@ -284,4 +427,66 @@ fn the_client_tunnels_bound_services_to_their_server_and_nothing_else() -> Resul
         ));
     }
     fixtures::run(&mut client, &v)
+}
+
+/// A connection that opens while the binding is held is recorded at its SYN and goes
+/// direct to its end; one open before stays on the agent's path; a new binding of another
+/// server (another generation) moves neither.
+#[test]
+fn a_binding_moves_the_connections_it_saw_open_and_no_other() -> Result<()> {
+    let mut client = ClientSide::new()?;
+    let web_bound: Vec<Bound> = vec![("192.0.2.10", PROTO_TCP, 80, "10.9.3.11", "10.9.2.1")];
+    let ack = |sport: u16| {
+        let ip = client_ip(
+            IpAddr::V4(CLIENT_V4),
+            "192.0.2.10".parse().unwrap(),
+            PROTO_TCP,
+        )
+        .packet(&tcp(sport, 80, TCP_PSH | TCP_ACK, PAYLOAD));
+        client_frame(&ip)
+    };
+    let syn = |sport: u16| {
+        let ip = client_ip(
+            IpAddr::V4(CLIENT_V4),
+            "192.0.2.10".parse().unwrap(),
+            PROTO_TCP,
+        )
+        .packet(&tcp(sport, 80, TCP_SYN, PAYLOAD));
+        client_frame(&ip)
+    };
+    client.set_up(&bound(web_bound.clone()))?;
+    let counted = |c: &ClientSide, i: u32| -> Result<u64> { Ok(c.counters()?[i as usize]) };
+    // Port 41000 was open before the binding; port 41001 opens now.
+    let (action, _) = client.run(&ack(41000))?;
+    assert_eq!(action, TC_ACT_OK, "open before: through the agent");
+    let (action, _) = client.run(&syn(41001))?;
+    assert_eq!(action, TC_ACT_REDIRECT, "its SYN goes direct");
+    for _ in 0..3 {
+        assert_eq!(
+            client.run(&ack(41001))?.0,
+            TC_ACT_REDIRECT,
+            "and the rest of it"
+        );
+        assert_eq!(client.run(&ack(41000))?.0, TC_ACT_OK, "the older one stays");
+    }
+    let recorded: Vec<(FlowKey, u32)> = client.flows.iter().collect::<Result<_, _>>()?;
+    assert_eq!(
+        recorded.len(),
+        1,
+        "only the connection that opened: {recorded:?}"
+    );
+    assert_eq!(recorded[0].0.sport, 41001);
+    assert_eq!(recorded[0].1, GENERATION);
+    assert_eq!(counted(&client, client_tunnel::PASS_OPENED_BEFORE)?, 4);
+    // Another server's binding replaces it (the next generation): the old direct
+    // connection is not carried to that server.
+    let key = ServiceKey::new("192.0.2.10".parse()?, PROTO_TCP, 80);
+    let mut b = client.bindings.get(&key, 0)?;
+    b.generation = GENERATION + 1;
+    b.real = addr_words("10.9.2.99".parse()?).0;
+    client.bindings.insert(key, b, 0)?;
+    assert_eq!(client.run(&ack(41001))?.0, TC_ACT_OK);
+    assert_eq!(client.run(&syn(41002))?.0, TC_ACT_REDIRECT);
+    assert_eq!(client.run(&ack(41002))?.0, TC_ACT_REDIRECT);
+    Ok(())
 }

@@ -663,6 +663,7 @@ impl ServerSide {
             max_services: 1,
             max_flows: 1,
             max_preference_tables: 1,
+            max_client_flows: 1,
         })?;
         let mut take = |name: &str| {
             ebpf.take_map(name)

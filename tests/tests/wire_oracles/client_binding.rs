@@ -53,7 +53,7 @@ fn binding(src: Ipv6Addr, dst: Ipv6Addr, real: Ipv6Addr, lifetime: u16, cert: Ve
 #[test]
 fn tshark_decodes_client_bindings() {
     require_tshark();
-    let msgs = [
+    let mut msgs = [
         // One certificate part.
         binding(
             mapped("10.71.100.1"),
@@ -79,6 +79,8 @@ fn tshark_decodes_client_bindings() {
             certificate(1),
         ),
     ];
+    // The client's connections the binding moves with it (sub-type 5).
+    msgs[1].options.connections = vec![(40_001, 80), (40_002, 80), (51_000, 443)];
     let payloads: Vec<Vec<u8>> = msgs
         .iter()
         .map(|m| wire::encode_signed(m, &server_key()).unwrap())
@@ -134,7 +136,8 @@ fn tshark_decodes_client_bindings() {
         assert_eq!(row[7], "0", "{ctx}: H clear, a correspondent registration");
         assert_eq!(row[8], lifetime.to_string(), "{ctx}");
         assert_eq!(v6(row[9]), msg.options.alt_coa.unwrap(), "{ctx}");
-        // Our vendor options in order: the service, the certificate's parts, the signature.
+        // Our vendor options in order: the service, the named connections, the certificate's
+        // parts, the signature.
         let parts = msg
             .options
             .certificate
@@ -143,6 +146,9 @@ fn tshark_decodes_client_bindings() {
             .len()
             .div_ceil(wire::CERT_PART_MAX);
         let mut subtypes = vec!["1".to_string()];
+        if !msg.options.connections.is_empty() {
+            subtypes.push("5".into());
+        }
         subtypes.extend(std::iter::repeat_n("3".to_string(), parts));
         subtypes.push("4".into());
         assert_eq!(row[11], subtypes.join(";"), "{ctx}");

@@ -221,7 +221,10 @@ fn parse_options(mh: &[u8], start: usize) -> Result<Parsed, WireError> {
                     cert.extend_from_slice(part);
                 } else if be32(data, 0) == VENDOR_ID && data[4] == VENDOR_CONNECTIONS {
                     let pairs = &data[5..];
-                    if pairs.is_empty() || pairs.len() % 4 != 0 || !o.connections.is_empty() {
+                    if pairs.is_empty()
+                        || !pairs.len().is_multiple_of(4)
+                        || !o.connections.is_empty()
+                    {
                         return Err(WireError::BadConnectionsOption);
                     }
                     o.connections = pairs

@@ -440,10 +440,12 @@ impl Verifier {
         } else {
             key.protocol
         };
-        let (inside, outside): (Vec<(u16, u16)>, Vec<(u16, u16)>) = pairs
+        let inside: Vec<(u16, u16)> = pairs
             .iter()
-            .partition(|&&(_, port)| key.port == 0 || port == key.port);
-        for _ in &outside {
+            .copied()
+            .filter(|&(_, port)| key.port == 0 || port == key.port)
+            .collect();
+        for _ in inside.len()..pairs.len() {
             self.count("named_connection_outside_service".into());
         }
         // A connection is between addresses of one family: the anycast address's.

@@ -564,3 +564,6 @@ fn checks_cost_is_measured() {
         u64::from(N)
     );
 }
+
+#[path = "control_tests.rs"]
+mod control_tests;

@@ -207,7 +207,7 @@ fn a_revoked_servers_binding_ends_while_running_and_bad_lists_are_refused() -> a
             .as_array()
             .unwrap()
             .iter()
-            .any(|x| x.to_string() == serial),
+            .any(|x| x.as_u64().map(|n| n.to_string()) == Some(serial.clone())),
         "{s}"
     );
     // Logged and counted once per change of the file, not at every poll: seconds of polls

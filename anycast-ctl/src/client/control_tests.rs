@@ -109,7 +109,8 @@ fn older_forged_garbled_and_missing_lists_are_refused_counted_and_the_list_kept(
     ));
     let forger = anycast_common::pki::SigningKey::from_bytes(&[0x66; 32]);
     let too_big = "00".repeat(3 * 8 * anycast_common::pki::MAX_REVOKED);
-    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Case<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let cases: Vec<Case> = vec![
         ("older", Box::new(|| f.write_list(4, vec![1], &operator()))),
         (
             "bad_signature",

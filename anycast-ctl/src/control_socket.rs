@@ -1,8 +1,9 @@
-//! The agent's control socket: one JSON request per line, one JSON answer per line.
+//! The agent's control socket: one JSON request per line, one JSON answer per line (the
+//! daemon's side: `control_server.rs`).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixStream,
@@ -101,9 +102,20 @@ pub struct InterfaceStatus {
 
 /// Sends one request to the agent and returns its answer.
 pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
+    call_daemon(socket, request, "the agent", "anycast-ctl agent").await
+}
+
+/// Sends one request line to a daemon's control socket (`who`, started by `command`) and
+/// returns its answer line.
+pub async fn call_daemon<Q: Serialize, A: DeserializeOwned>(
+    socket: &Path,
+    request: &Q,
+    who: &str,
+    command: &str,
+) -> Result<A> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
-            "connecting to the agent at {} (is `anycast-ctl agent` running?)",
+            "connecting to {who} at {} (is `{command}` running?)",
             socket.display()
         )
     })?;
@@ -114,7 +126,7 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response> {
     let mut answer = String::new();
     BufReader::new(read).read_line(&mut answer).await?;
     if answer.is_empty() {
-        bail!("the agent closed the connection without answering");
+        bail!("{who} closed the connection without answering");
     }
-    serde_json::from_str(&answer).context("the agent's answer is not valid JSON")
+    serde_json::from_str(&answer).with_context(|| format!("{who}'s answer is not valid JSON"))
 }

@@ -6,6 +6,7 @@
 //! - `dataplane/`: the BPF maps: loading, writing tables, the flow sweeper, reports;
 //! - `config/`, `model.rs`, `selection.rs`: what is wanted, and how servers are chosen;
 //! - `server.rs`: `anycast-ctl server`; `cli.rs`, `control_socket.rs`: the operator's side;
+//!   `control_server.rs`: a control socket's daemon side (the agent's and the client's);
 //!   `manual.rs`: the agent's signals, files and systemd use, for `--help` and the man page;
 //!   `service_manager.rs`: readiness for systemd (`Type=notify`);
 //!   `top/`: `anycast-ctl top`, the live view.
@@ -15,6 +16,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control_server;
 pub mod control_socket;
 pub mod dataplane;
 pub mod files;

@@ -3,6 +3,9 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anycast_ctl::{
     agent, cli as status,
+    client::control::{
+        self as client_control, Request as ClientRequest, Response as ClientResponse,
+    },
     config::{Config, XdpModeName},
     control_socket::{self as api, Request, Response},
     registration::{keys, server::LoadSource},
@@ -207,6 +210,38 @@ enum Command {
         /// Write the counters and bindings (JSON) to this file every half second.
         #[arg(long)]
         status_file: Option<PathBuf>,
+        /// Control socket for `client-status`, `client-bindings`, `client-unbind` and
+        /// `client-reload` (mode 0600; root and the daemon's user only).
+        #[arg(long, default_value = client_control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// Show a running client daemon's revocation list, bindings and counters.
+    ClientStatus {
+        #[arg(long, default_value = client_control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the daemon's JSON answer instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the bindings a running client daemon holds (service, server, real address).
+    ClientBindings {
+        #[arg(long, default_value = client_control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a client daemon's binding now: the service goes back through the agent (until
+    /// its server binds the client again; to keep a server out, revoke its certificate).
+    ClientUnbind {
+        /// ADDR (every binding of the anycast address), ADDR:PROTO:PORT or [IPV6]:PROTO:PORT.
+        service: server::AnycastSpec,
+        #[arg(long, default_value = client_control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Make a running client daemon re-read its --revocations file now (same as SIGHUP).
+    ClientReload {
+        #[arg(long, default_value = client_control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// The operator's trust anchor: key pairs, server certificates, the revocation list.
     Pki {
@@ -463,6 +498,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             window,
             max_lifetime,
             status_file,
+            control_socket,
         } => {
             anycast_ctl::client::daemon::run(anycast_ctl::client::daemon::ClientOptions {
                 trust,
@@ -475,13 +511,83 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 window,
                 max_lifetime,
                 status_file,
+                control_socket,
             })
             .await
+        }
+        Command::ClientStatus { socket, json } => {
+            let s = client_status(&socket).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", client_control::render_status(&s));
+            }
+            Ok(())
+        }
+        Command::ClientBindings { socket, json } => {
+            let s = client_status(&socket).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.bindings)?);
+            } else {
+                print!("{}", client_control::render_bindings(&s));
+            }
+            Ok(())
+        }
+        Command::ClientUnbind { service, socket } => {
+            let request = ClientRequest::Unbind {
+                anycast: service.address,
+                protocol: service.selector.map_or(0, |s| s.protocol),
+                port: service.selector.map_or(0, |s| s.port),
+            };
+            match client_call(&socket, &request).await? {
+                ClientResponse::Unbound { ended } => {
+                    for e in ended {
+                        println!("ended {e}: back to the agent");
+                    }
+                    Ok(())
+                }
+                ClientResponse::Error { message } => anyhow::bail!("{message}"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
+        }
+        Command::ClientReload { socket } => {
+            match client_call(&socket, &ClientRequest::ReloadRevocations).await? {
+                ClientResponse::RevocationsReloaded {
+                    outcome,
+                    number,
+                    ended,
+                } => {
+                    println!("revocation list number {number}: {outcome}");
+                    for e in ended {
+                        println!("ended {e}: revoked, back to the agent");
+                    }
+                    Ok(())
+                }
+                ClientResponse::Error { message } => anyhow::bail!("{message}"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
         }
         Command::Passthrough {
             interfaces,
             xdp_mode,
         } => server::passthrough(&interfaces, xdp_mode.into()).await,
+    }
+}
+
+async fn client_call(
+    socket: &std::path::Path,
+    request: &ClientRequest,
+) -> anyhow::Result<ClientResponse> {
+    api::call_daemon(socket, request, "the client daemon", "anycast-ctl client").await
+}
+
+async fn client_status(
+    socket: &std::path::Path,
+) -> anyhow::Result<anycast_ctl::client::daemon::ClientStatus> {
+    match client_call(socket, &ClientRequest::Status).await? {
+        ClientResponse::Status(s) => Ok(*s),
+        ClientResponse::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Route optimization in the test topology: the operator's PKI made with `anycast-ctl pki`
 //! (an operator key pair, and per server `ro-sN.key`, `ro-sN.pub`, `ro-sN.cert` covering its
 //! real addresses and both anycast addresses), the servers' arguments, and the client
-//! daemon (`anycast-ctl client`, its status file `client-cN.json`).
+//! daemon (`anycast-ctl client`, its status file `client-cN.json` and control socket
+//! `client-cN.sock`).
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -15,7 +16,8 @@ use crate::{
     workspace_bin,
 };
 
-fn pki(args: &[&str]) -> Result<String> {
+/// `anycast-ctl pki ARGS`.
+pub fn pki(args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(workspace_bin("anycast-ctl")?)
         .arg("pki")
         .args(args)
@@ -84,11 +86,41 @@ pub fn status_file(dir: &Path, n: usize) -> PathBuf {
     dir.join(format!("client-c{n}.json"))
 }
 
+/// The control socket of client `n`'s daemon.
+pub fn control_socket(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("client-c{n}.sock"))
+}
+
+/// `anycast-ctl ARGS` (e.g. `client-status --json --socket S`): whether it succeeded, and
+/// its output (stdout then stderr).
+pub fn ctl(args: &[&str]) -> Result<(bool, String)> {
+    let out = std::process::Command::new(workspace_bin("anycast-ctl")?)
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Client `n`'s status asked on its control socket (`anycast-ctl client-status --json`).
+pub fn client_status(dir: &Path, n: usize) -> Result<serde_json::Value> {
+    let socket = control_socket(dir, n).to_string_lossy().into_owned();
+    let (ok, out) = ctl(&["client-status", "--json", "--socket", &socket])?;
+    ensure!(ok, "client-status: {out}");
+    Ok(serde_json::from_str(&out)?)
+}
+
 /// Starts `anycast-ctl client` in client `n`'s namespace (its eth0), trusting the operator
 /// of `make_pki`, and waits until it is ready.
 pub fn start_client(ns: &Netns, dir: &Path, n: usize, extra: &[&str]) -> Result<Proc> {
     let trust = path(dir, "operator.pub");
     let status = status_file(dir, n).to_string_lossy().into_owned();
+    let socket = control_socket(dir, n).to_string_lossy().into_owned();
     let mut args = vec![
         "client",
         "--trust",
@@ -97,6 +129,8 @@ pub fn start_client(ns: &Netns, dir: &Path, n: usize, extra: &[&str]) -> Result<
         "eth0",
         "--status-file",
         &status,
+        "--control-socket",
+        &socket,
     ];
     args.extend_from_slice(extra);
     let mut p = ns.spawn(
@@ -109,4 +143,17 @@ pub fn start_client(ns: &Netns, dir: &Path, n: usize, extra: &[&str]) -> Result<
         Ok(status_file(dir, n).exists())
     })?;
     Ok(p)
+}
+
+/// The agent's packets to `server` (all servers: `None`), over all services.
+pub fn agent_packets(topo: &crate::topology::Topology, server: Option<&str>) -> Result<u64> {
+    let s = topo.status()?;
+    Ok(s["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|svc| svc["servers"].as_array().cloned().unwrap_or_default())
+        .filter(|x| server.is_none_or(|n| x["name"] == n))
+        .map(|x| x["packets"].as_u64().unwrap_or(0))
+        .sum())
 }

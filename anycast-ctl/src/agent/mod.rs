@@ -44,9 +44,9 @@ mod state;
 
 use std::{cell::RefCell, net::SocketAddr, path::Path, rc::Rc, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use tokio::{
-    net::{UdpSocket, UnixListener, UnixStream},
+    net::UdpSocket,
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
@@ -95,7 +95,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         );
     }
     let registry = registry(&config, config_path)?;
-    let permissions = control::Permissions::new(
+    let permissions = control::permissions(
         config
             .control_access()
             .map_err(|e| anyhow!("invalid configuration: {e}"))?,
@@ -161,28 +161,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
         }
         None => None,
     };
-    if socket.exists() {
-        if UnixStream::connect(socket).await.is_ok() {
-            bail!("another agent is already answering on {}", socket.display());
-        }
-        std::fs::remove_file(socket)
-            .with_context(|| format!("removing stale socket {}", socket.display()))?;
-    }
-    if let Some(dir) = socket
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        // Made here, its mode does not follow the umask either: a directory others could
-        // write would let them replace the socket.
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .with_context(|| format!("making {} mode 0755", dir.display()))?;
-    }
+    crate::control_server::prepare(socket, "agent").await?;
 
     let name = instance::instance_name(&config, socket);
     let (state_dir, pin_dir) = instance::directories(&config, &name);
@@ -290,9 +269,7 @@ pub async fn run(config_path: &Path, socket: &Path) -> Result<()> {
             return Err(e);
         }
     };
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
-    restrict_socket(socket, permissions.group)?;
+    let listener = crate::control_server::bind(socket, 0o660, permissions.group)?;
     log_services(&config);
 
     let local = tokio::task::LocalSet::new();
@@ -557,14 +534,6 @@ pub fn cleanup(config_path: &Path, socket: &Path) -> Result<()> {
 /// The control socket: mode 0660 whatever the umask, group `group`. Set after `bind` (the
 /// umask is process-wide, and other threads run): a connection made in between is still
 /// checked by its peer credentials, request by request (control.rs).
-fn restrict_socket(socket: &Path, group: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::os::unix::fs::chown(socket, None, Some(group))
-        .with_context(|| format!("giving {} to group {group}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("making {} mode 0660", socket.display()))
-}
-
 /// Routing events on a task of their own: one `RoutesChanged` (a unit message) per batch,
 /// coalesced while the owner has not taken the last one. Without a subscription (or after
 /// it fails) the data path still follows the kernel, a tick of the flow clock later.

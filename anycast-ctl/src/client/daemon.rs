@@ -22,10 +22,10 @@ use std::{
 use anycast_common::{client_tunnel, maps, programs};
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Accepted, Named, ServiceKey, Settings, Verifier};
+use super::{control, Accepted, Named, ServiceKey, Settings, Verifier};
 use crate::{
     dataplane::{attach_tc_egress, load_object, Sizes},
     host::{self as sys, HostChanges},
@@ -48,18 +48,22 @@ pub struct ClientOptions {
     pub max_lifetime: u64,
     /// Written (JSON) every half second and at exit.
     pub status_file: Option<PathBuf>,
+    /// The control socket (`control.rs`).
+    pub control_socket: PathBuf,
 }
 
 /// The daemon's status file: the verifier's counters, the receiver's, the tunnel's, and the
 /// bindings held.
-#[derive(Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientStatus {
     pub counters: BTreeMap<String, u64>,
     pub tunnel: BTreeMap<String, u64>,
     pub bindings: Vec<StatusBinding>,
+    #[serde(default)]
+    pub revocations: control::RevocationStatus,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusBinding {
     pub service: String,
     pub server: String,
@@ -123,7 +127,17 @@ struct ReceiverCounters {
     dropped_queue_full: AtomicU64,
 }
 
+/// Control socket requests and revocation list reads waiting for the owner.
+const EVENTS: usize = 16;
+
 pub async fn run(opts: ClientOptions) -> Result<()> {
+    // The control socket's tasks are local ones (`control_server.rs`, shared with the agent).
+    tokio::task::LocalSet::new()
+        .run_until(run_daemon(opts))
+        .await
+}
+
+async fn run_daemon(opts: ClientOptions) -> Result<()> {
     let anchors = opts
         .trust
         .iter()
@@ -156,6 +170,8 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
             .set_revocation_list(list)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     }
+
+    control::prepare(&opts.control_socket).await?;
 
     let mut ebpf = load_object(CLIENT_SIZES)?;
     let mut table: BpfHashMap<MapData, anycast_common::ServiceKey, anycast_common::ClientBinding> =
@@ -214,11 +230,21 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
                 }
             }
         });
+        let (events_tx, mut events) = mpsc::channel::<control::Event>(EVENTS);
+        control::serve(
+            &opts.control_socket,
+            events_tx.clone(),
+            opts.revocations.clone(),
+            anchors.clone(),
+        )?;
+        control::spawn_watcher(opts.revocations.clone(), anchors.clone(), events_tx)?;
         tracing::info!(
-            "client ready: tunnel on {} egress, bindings on UDP port {}, addresses {:?}",
+            "client ready: tunnel on {} egress, bindings on UDP port {}, addresses {:?}, \
+             control socket {}",
             opts.interface,
             opts.port,
-            addresses
+            addresses,
+            opts.control_socket.display()
         );
         crate::service_manager::notify("READY=1\nSTATUS=client ready");
 
@@ -285,6 +311,13 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
                         }
                     }
                 }
+                Some(event) = events.recv() => {
+                    let status = |v: &Verifier| status(v, &received, &stats);
+                    for key in control::handle(event, &mut verifier, status) {
+                        let _ = table.remove(&datapath_key(&key));
+                        heard.remove(&key);
+                    }
+                }
                 _ = tick.tick() => {
                     for key in verifier.expire(now_secs()) {
                         let _ = table.remove(&datapath_key(&key));
@@ -327,6 +360,7 @@ pub async fn run(opts: ClientOptions) -> Result<()> {
     .await;
     drop(ebpf);
     host.undo();
+    let _ = std::fs::remove_file(&opts.control_socket);
     result
 }
 
@@ -425,6 +459,7 @@ fn status(
         counters,
         tunnel,
         bindings,
+        revocations: control::revocation_status(verifier),
     }
 }
 

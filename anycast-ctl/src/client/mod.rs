@@ -40,6 +40,7 @@ use anycast_common::{
     wire::{self, Body, WireError},
 };
 
+pub mod control;
 pub mod daemon;
 #[cfg(test)]
 mod tests;
@@ -260,6 +261,25 @@ impl Verifier {
             self.count("ended_revoked".into());
         }
         Ok(gone)
+    }
+
+    /// Ends a binding now, on the operator's word (`anycast-ctl client-unbind`).
+    pub fn end(&mut self, key: &ServiceKey) -> Option<Binding> {
+        let b = self.bindings.remove(key);
+        if b.is_some() {
+            self.count("ended_by_operator".into());
+        }
+        b
+    }
+
+    /// Counts a revocation list file refused (`revocation_list_refused_REASON`).
+    pub fn refuse_revocation_list(&mut self, reason: &str) {
+        self.count(format!("revocation_list_refused_{reason}"));
+    }
+
+    /// Counts an event of the daemon's (e.g. `revocation_list_taken`).
+    pub fn count_event(&mut self, name: &str) {
+        self.count(name.into());
     }
 
     /// Ends the bindings whose lifetime is over at `now` (Unix seconds), returning them.

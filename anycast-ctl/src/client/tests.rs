@@ -648,3 +648,6 @@ fn connected_udp_sockets_to_a_service_are_found_in_the_socket_table() {
         vec![(ip("10.71.1.11"), 40_000, 53)]
     );
 }
+
+#[path = "control_tests.rs"]
+mod control_tests;

@@ -246,7 +246,8 @@ pub fn read_hex_file(path: &Path) -> Result<Vec<u8>> {
     parse_hex(&text).with_context(|| format!("{}", path.display()))
 }
 
-fn parse_hex(text: &str) -> Result<Vec<u8>> {
+/// Hex text (whitespace ignored) as bytes.
+pub fn parse_hex(text: &str) -> Result<Vec<u8>> {
     let digits: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
     if digits.is_empty() || !digits.len().is_multiple_of(2) {
         bail!("expected hex text with an even number of digits");

@@ -19,6 +19,11 @@ fn operator() -> SigningKey {
 }
 
 fn binder(lifetime: u64) -> Binder {
+    binder_with(lifetime, &["10.71.2.11"], &["10.71.2.11", "fd71:2::11"])
+}
+
+/// A binder whose certificate covers `certified` and that may use `real`, in that order.
+fn binder_with(lifetime: u64, certified: &[&str], real: &[&str]) -> Binder {
     let key = SigningKey::from_bytes(&[0x21; 32]);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -30,14 +35,17 @@ fn binder(lifetime: u64) -> Binder {
         not_after: now + 86_400,
         subject_key: key.verifying_key().to_bytes(),
         identity: "s1".into(),
-        real: vec![host("10.71.2.11")],
-        anycast: vec![host("10.71.100.1")],
+        real: certified.iter().map(|r| host(r)).collect(),
+        anycast: vec![host("10.71.100.1"), host("fd71:100::1")],
     };
     Binder::new(BindingOptions {
         certificate: Certificate::issue(body, &operator()).unwrap(),
         key,
-        anycast: vec!["10.71.100.1:tcp:80".parse().unwrap()],
-        real: vec![ip("10.71.2.11"), ip("fd71:2::11")],
+        anycast: vec![
+            "10.71.100.1:tcp:80".parse().unwrap(),
+            "[fd71:100::1]:tcp:80".parse().unwrap(),
+        ],
+        real: real.iter().map(|r| ip(r)).collect(),
         lifetime: Duration::from_secs(lifetime),
         port: wire::CLIENT_PORT,
     })
@@ -151,4 +159,166 @@ fn a_certificate_for_another_key_is_refused() {
         port: wire::CLIENT_PORT,
     });
     assert!(r.is_err());
+}
+
+fn client_of(client: &str) -> Seen {
+    let c = ip(client);
+    Seen {
+        client: c,
+        anycast: ip(if c.is_ipv4() {
+            "10.71.100.1"
+        } else {
+            "fd71:100::1"
+        }),
+        service: (PROTO_TCP, 80),
+    }
+}
+
+fn verifier_for(client: &str) -> Verifier {
+    Verifier::new(Settings {
+        anchors: vec![operator().verifying_key()],
+        addresses: vec![ip(client)],
+        window: 30,
+        max_lifetime: 600,
+    })
+}
+
+/// (sequence number, lifetime, real address) of a binding the binder sent.
+fn fields(payload: &[u8]) -> (u16, u16, IpAddr) {
+    let m = wire::decode(payload).unwrap();
+    let Body::ClientBindingUpdate { seq, lifetime } = m.body else {
+        panic!("not a client binding: {:?}", m.body);
+    };
+    (seq, lifetime, wire::from_mapped(m.options.alt_coa.unwrap()))
+}
+
+// Every real address the certificate covers: s1's two links (IPv4 and IPv6); 10.71.9.9 is
+// the host's but outside the certificate.
+const CERTIFIED: &[&str] = &["10.71.2.11", "10.71.3.11", "fd71:2::11", "fd71:3::11"];
+const REAL: &[&str] = &[
+    "10.71.2.11",
+    "fd71:2::11",
+    "10.71.9.9",
+    "10.71.3.11",
+    "fd71:3::11",
+];
+
+#[test]
+fn a_failed_link_moves_held_bindings_to_the_next_usable_real_address() {
+    let mut b = binder_with(12, CERTIFIED, REAL);
+    let all: Vec<IpAddr> = REAL.iter().map(|r| ip(r)).collect();
+    let (c4, c6, late) = (
+        client_of("10.71.1.11"),
+        client_of("fd71:1::11"),
+        client_of("10.71.1.12"),
+    );
+    let mut client = verifier_for("10.71.1.11");
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t0 = Instant::now();
+    assert!(b.addresses_changed(&all, t0).is_empty(), "all usable");
+    let sent = b.poll(&[c4, c6], t0);
+    assert_eq!(sent.len(), 2);
+    let first = sent.iter().find(|(s, _)| *s == c4).unwrap();
+    assert_eq!(fields(&first.1), (1, 3, ip("10.71.2.11")));
+    let r = client.check(&first.1, ip("10.71.2.11"), now_secs);
+    assert!(matches!(r, Ok(Accepted::Bound { .. })), "{r:?}");
+
+    // s1's first IPv4 link fails: 10.71.9.9 is usable but not certified, 10.71.3.11 is next.
+    let t1 = t0 + Duration::from_secs(1);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("10.71.2.11"))
+        .collect();
+    let moved = b.addresses_changed(&usable, t1);
+    assert_eq!(moved.len(), 1, "only the IPv4 client moves");
+    assert_eq!(moved[0].0, c4);
+    assert_eq!(
+        fields(&moved[0].1),
+        (2, 3, ip("10.71.3.11")),
+        "seq + 1, the same lifetime, the other link's address"
+    );
+    assert_eq!(b.in_use(true), Some(ip("10.71.3.11")));
+    assert_eq!(b.in_use(false), Some(ip("fd71:2::11")));
+    // The client takes the move, sent from the new address (claims 5 and 10).
+    let r = client.check(&moved[0].1, ip("10.71.3.11"), now_secs);
+    assert!(
+        matches!(r, Ok(Accepted::Bound { ref binding, .. }) if binding.real == ip("10.71.3.11")),
+        "{r:?}"
+    );
+    assert_eq!(b.counters["real_address_moves"], 1);
+    assert_eq!(b.counters["moves_sent"], 1);
+    // Nothing again while it stays down; a move counts as the client's refresh.
+    assert!(b.addresses_changed(&usable, t1).is_empty());
+    assert!(b.poll(&[c4, c6], t1 + Duration::from_secs(1)).is_empty());
+    // The first link returns: no move back.
+    assert!(b
+        .addresses_changed(&all, t1 + Duration::from_secs(2))
+        .is_empty());
+    assert_eq!(b.in_use(true), Some(ip("10.71.3.11")));
+    // Refreshes and new clients carry the address in use.
+    let sent = b.poll(&[c4, c6, late], t1 + Duration::from_secs(4));
+    let of = |s: &Seen| fields(&sent.iter().find(|(x, _)| x == s).unwrap().1);
+    assert_eq!(of(&c4), (3, 3, ip("10.71.3.11")));
+    assert_eq!(of(&late), (1, 3, ip("10.71.3.11")));
+    let r = client.check(
+        &sent.iter().find(|(x, _)| *x == c4).unwrap().1,
+        ip("10.71.3.11"),
+        now_secs,
+    );
+    assert!(matches!(r, Ok(Accepted::Refreshed { .. })), "{r:?}");
+    // The second link fails in turn: back to the first, the only other one.
+    let t2 = t1 + Duration::from_secs(5);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("10.71.3.11"))
+        .collect();
+    let moved = b.addresses_changed(&usable, t2);
+    assert_eq!(moved.len(), 2, "both IPv4 clients");
+    assert!(moved.iter().all(|(_, m)| fields(m).2 == ip("10.71.2.11")));
+    assert_eq!(b.counters["real_address_moves"], 2);
+    assert_eq!(b.counters["moves_sent"], 3);
+    assert!(!b.counters.contains_key("no_usable_real_address"));
+}
+
+#[test]
+fn nothing_is_sent_when_no_other_real_address_is_usable() {
+    // IPv6: only fd71:2::11 is certified (fd71:3::11 is not).
+    let mut b = binder_with(12, &["10.71.2.11", "10.71.3.11", "fd71:2::11"], REAL);
+    let all: Vec<IpAddr> = REAL.iter().map(|r| ip(r)).collect();
+    let (c4, c6) = (client_of("10.71.1.11"), client_of("fd71:1::11"));
+    let t0 = Instant::now();
+    assert_eq!(b.poll(&[c4, c6], t0).len(), 2);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("fd71:2::11"))
+        .collect();
+    for i in 0..3 {
+        assert!(b
+            .addresses_changed(&usable, t0 + Duration::from_secs(i))
+            .is_empty());
+    }
+    assert_eq!(b.in_use(false), Some(ip("fd71:2::11")), "kept");
+    assert_eq!(b.counters["no_usable_real_address"], 1, "counted once");
+    // Both IPv4 links down (the uncertified 10.71.9.9 left): nothing either.
+    assert!(b
+        .addresses_changed(&[ip("10.71.9.9")], t0 + Duration::from_secs(3))
+        .is_empty());
+    assert_eq!(b.counters["no_usable_real_address"], 2);
+    assert!(!b.counters.contains_key("real_address_moves"));
+    // The second IPv4 link comes up: the IPv4 client moves to it.
+    let moved = b.addresses_changed(&[ip("10.71.3.11")], t0 + Duration::from_secs(4));
+    assert_eq!(moved.len(), 1);
+    assert_eq!(fields(&moved[0].1), (2, 3, ip("10.71.3.11")));
+    // A client whose binding has ended on its own (not seen nor sent to for a lifetime) is
+    // not sent a move.
+    let t5 = t0 + Duration::from_secs(30);
+    assert!(b.poll(&[], t5).is_empty());
+    assert!(b.addresses_changed(&[ip("10.71.2.11")], t5).is_empty());
+    assert_eq!(b.counters["real_address_moves"], 2);
 }

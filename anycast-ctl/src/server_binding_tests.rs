@@ -322,3 +322,32 @@ fn nothing_is_sent_when_no_other_real_address_is_usable() {
     assert!(b.addresses_changed(&[ip("10.71.2.11")], t5).is_empty());
     assert_eq!(b.counters["real_address_moves"], 2);
 }
+
+#[test]
+fn a_move_reaches_every_held_client_at_once() {
+    let mut b = binder_with(600, CERTIFIED, REAL);
+    let t0 = Instant::now();
+    let many: Vec<Seen> = (0..MAX_CLIENTS as u32)
+        .map(|i| Seen {
+            client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
+            anycast: ip("10.71.100.1"),
+            service: (PROTO_TCP, 80),
+        })
+        .collect();
+    // Bound over 16 polls (256 sends each).
+    let mut bound = 0;
+    for i in 0..16 {
+        bound += b.poll(&many, t0 + POLL * i).len();
+    }
+    assert_eq!(bound, MAX_CLIENTS);
+    let usable = [ip("10.71.3.11"), ip("fd71:2::11")];
+    let started = Instant::now();
+    let moved = b.addresses_changed(&usable, t0 + POLL * 16);
+    let took = started.elapsed();
+    println!("a move of {} clients signed in {took:?}", moved.len());
+    // Not bounded per poll as the first bindings are: every one of them at once.
+    assert_eq!(moved.len(), MAX_CLIENTS);
+    assert!(moved.iter().all(|(_, m)| fields(m).2 == ip("10.71.3.11")));
+    assert_eq!(b.counters["moves_sent"], MAX_CLIENTS as u64);
+    assert_eq!(b.counters["real_address_moves"], 1);
+}

@@ -18,9 +18,10 @@
 //! link lost its carrier or was set down, or the address was removed), the bindings move
 //! to the first other usable real address of that family the certificate covers: every
 //! client whose binding may still be held is sent a new one at once (sequence number + 1,
-//! the same lifetime), from the new address. The bindings stay there when the first link
-//! comes back (no move back, so a flapping link moves nobody twice); they move again only
-//! when the address in use fails in turn.
+//! the same lifetime), from the new address. The bindings stay there when the failed link
+//! comes back (no move back: the same server either way, and a flapping link that is not
+//! the one in use moves nobody); they move again only when the address in use fails in
+//! turn.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},

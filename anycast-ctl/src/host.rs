@@ -242,3 +242,44 @@ pub fn global_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>> {
     }
     Ok(out)
 }
+
+/// The addresses of this host (its network namespace) that traffic can leave from now: those
+/// on an interface that is up and running (administratively up with its carrier: operstate
+/// up). An address on a link that lost its carrier or was set down, or an address that was
+/// removed, is not in the list. One `getifaddrs(3)` (a netlink dump of the links and
+/// addresses), cheap enough to call every poll; unlike `/sys/class/net`, it answers for the
+/// caller's own network namespace.
+pub fn usable_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    let wanted = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_uint;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed; its
+        // address, when not null, points at a sockaddr of the family it names.
+        unsafe {
+            let ifa = &*cur;
+            if ifa.ifa_flags & wanted == wanted && !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}

@@ -11,6 +11,17 @@
 //! anycast addresses is a client of that service. That is the first SYN-ACK
 //! give or take one poll; UDP services have no per-client socket and are not bound. The
 //! table of clients is bounded ([`MAX_CLIENTS`]), and so are the sends per poll.
+//!
+//! A multi-homed server (claims 5 and 10): every [`POLL`] the addresses the host can send
+//! from are read too ([`crate::host::usable_addresses`]: on an interface up and running).
+//! When the real address the bindings of a family point at is no longer among them (its
+//! link lost its carrier or was set down, or the address was removed), the bindings move
+//! to the first other usable real address of that family the certificate covers: every
+//! client whose binding may still be held is sent a new one at once (sequence number + 1,
+//! the same lifetime), from the new address. The bindings stay there when the failed link
+//! comes back (no move back: the same server either way, and a flapping link that is not
+//! the one in use moves nobody); they move again only when the address in use fails in
+//! turn.
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
@@ -25,7 +36,10 @@ use anycast_common::{
 use anyhow::{anyhow, Result};
 use tokio::{net::UdpSocket, sync::watch};
 
-use crate::{registration::server::parse_proc_addr, server::AnycastSpec};
+use crate::{
+    registration::server::{bind_socket, parse_proc_addr},
+    server::AnycastSpec,
+};
 
 /// How often the socket table is read.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -40,8 +54,9 @@ pub struct BindingOptions {
     pub certificate: Certificate,
     pub key: SigningKey,
     pub anycast: Vec<AnycastSpec>,
-    /// Real addresses the bindings point at (one per family is used: the first the
-    /// certificate covers).
+    /// Real addresses the bindings may point at, in order of preference: one per family is
+    /// in use, at first the first the certificate covers; when it becomes unusable, the
+    /// first other usable one the certificate covers.
     pub real: Vec<IpAddr>,
     /// The binding's lifetime; refreshed at a third of it while the client has a connection.
     pub lifetime: Duration,
@@ -133,6 +148,11 @@ pub fn connections_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Connection>
     out
 }
 
+/// The index of a family in [`Binder`]'s per-family arrays.
+fn family(v4: bool) -> usize {
+    usize::from(!v4)
+}
+
 pub(crate) fn split_proc(s: &str) -> Option<(IpAddr, u16)> {
     let (a, p) = s.split_once(':')?;
     Some((parse_proc_addr(a)?, u16::from_str_radix(p, 16).ok()?))
@@ -143,6 +163,10 @@ pub struct Binder {
     opts: BindingOptions,
     clients: HashMap<Seen, Entry>,
     last_mesg_id: u64,
+    /// The real address the bindings point at, per family ([`family`]: IPv4, IPv6).
+    in_use: [Option<IpAddr>; 2],
+    /// The family's address in use is unusable and no other is (logged once).
+    stranded: [bool; 2],
     pub counters: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -168,12 +192,101 @@ impl Binder {
                 opts.real
             ));
         }
+        let first = |v4: bool| {
+            opts.real
+                .iter()
+                .copied()
+                .find(|r| r.is_ipv4() == v4 && opts.certificate.allows_real(*r))
+        };
+        let in_use = [first(true), first(false)];
         Ok(Binder {
             opts,
             clients: HashMap::new(),
             last_mesg_id: 0,
+            in_use,
+            stranded: [false; 2],
             counters: Default::default(),
         })
+    }
+
+    /// The real address bindings for clients of this family point at now (and the one they
+    /// are sent from).
+    pub fn in_use(&self, v4: bool) -> Option<IpAddr> {
+        self.in_use[family(v4)]
+    }
+
+    /// The usable addresses of the host are now `usable`: for each family whose real address
+    /// in use is not among them, moves the bindings to the first other usable real address
+    /// the certificate covers and returns a new binding for every client whose binding may
+    /// still be held (sequence number + 1, the same lifetime), all of them at once (at most
+    /// [`MAX_CLIENTS`]). Nothing when the address in use is still usable (no move back after
+    /// a failed link returns) or when no other one is.
+    pub fn addresses_changed(&mut self, usable: &[IpAddr], now: Instant) -> Vec<(Seen, Vec<u8>)> {
+        let mut out = Vec::new();
+        for v4 in [true, false] {
+            let f = family(v4);
+            let Some(current) = self.in_use[f] else {
+                continue;
+            };
+            if usable.contains(&current) {
+                self.stranded[f] = false;
+                continue;
+            }
+            let next = self.opts.real.iter().copied().find(|r| {
+                *r != current
+                    && r.is_ipv4() == v4
+                    && usable.contains(r)
+                    && self.opts.certificate.allows_real(*r)
+            });
+            let Some(next) = next else {
+                if !self.stranded[f] {
+                    self.stranded[f] = true;
+                    self.count("no_usable_real_address");
+                    tracing::warn!(
+                        "route optimization: real address {current} is unusable (link down or \
+                         address removed) and no other certified real address of its family \
+                         is usable: bindings keep pointing at it"
+                    );
+                }
+                continue;
+            };
+            self.stranded[f] = false;
+            self.in_use[f] = Some(next);
+            self.count("real_address_moves");
+            let lifetime = self.opts.lifetime;
+            let mut held: Vec<Seen> = self
+                .clients
+                .iter()
+                .filter(|(s, e)| {
+                    s.client.is_ipv4() == v4
+                        && e.sent
+                            .is_some_and(|t| now.saturating_duration_since(t) < lifetime)
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            held.sort();
+            let units = self.lifetime_units();
+            let mut moved = 0;
+            for s in held {
+                let seq = self.clients[&s].seq.wrapping_add(1);
+                // The same connections as before: they follow the binding anyway (its
+                // generation stays), naming them again costs nothing.
+                let named: Vec<(u16, u16)> = self.clients[&s].named.iter().copied().collect();
+                if let Some(m) = self.message(&s, &named, seq, units, SystemTime::now()) {
+                    let e = self.clients.get_mut(&s).expect("held entries exist");
+                    e.seq = seq;
+                    e.sent = Some(now);
+                    self.count("moves_sent");
+                    moved += 1;
+                    out.push((s, m));
+                }
+            }
+            tracing::info!(
+                "route optimization: real address {current} is unusable (link down or address \
+                 removed): {moved} bound clients moved to {next}"
+            );
+        }
+        out
     }
 
     fn count(&mut self, name: &'static str) {
@@ -182,11 +295,7 @@ impl Binder {
 
     /// The real address a client of `client`'s family is sent to.
     fn real_for(&self, client: IpAddr) -> Option<IpAddr> {
-        self.opts
-            .real
-            .iter()
-            .copied()
-            .find(|r| r.is_ipv4() == client.is_ipv4() && self.opts.certificate.allows_real(*r))
+        self.in_use(client.is_ipv4())
     }
 
     /// A signed binding (or withdrawal, `lifetime` 0) for `seen`, naming `connections`
@@ -362,27 +471,31 @@ async fn send_all(
     }
 }
 
+/// A socket sending from the real address `real` (IPv6 tentative addresses included, see
+/// [`bind_socket`]); `None` when there is none or it cannot be bound (logged).
+async fn bind_real(real: Option<IpAddr>, v4: bool) -> Option<UdpSocket> {
+    let real = real?;
+    match bind_socket(Some(real), v4).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("route optimization: sending from {real}: {e:#}");
+            None
+        }
+    }
+}
+
 /// Runs until `stop` turns true, then sends the withdrawals and returns.
 pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Result<()> {
     let port = opts.port;
     let mut binder = Binder::new(opts)?;
-    // Sent from the real address: a client refuses a binding from outside the certificate.
-    let bind = |family_v4: bool| {
-        let real = binder
-            .opts
-            .real
-            .iter()
-            .copied()
-            .find(|r| r.is_ipv4() == family_v4 && binder.opts.certificate.allows_real(*r));
-        async move {
-            match real {
-                Some(r) => UdpSocket::bind(SocketAddr::new(r, 0)).await.ok(),
-                None => None,
-            }
-        }
-    };
-    let v4 = bind(true).await;
-    let v6 = bind(false).await;
+    // A real address already unusable at the start is not the one used.
+    if let Ok(usable) = crate::host::usable_addresses() {
+        binder.addresses_changed(&usable, Instant::now());
+    }
+    // Sent from the real address in use: a client refuses a binding from outside the
+    // certificate.
+    let mut v4 = bind_real(binder.in_use(true), true).await;
+    let mut v6 = bind_real(binder.in_use(false), false).await;
     let specs = binder.opts.anycast.clone();
     tracing::info!(
         "route optimization: binding new TCP clients to {:?}, lifetime {:?}",
@@ -394,13 +507,30 @@ pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Resul
         tokio::select! {
             _ = stop.changed() => break,
             _ = tick.tick() => {
+                let now = Instant::now();
+                match crate::host::usable_addresses() {
+                    Ok(usable) => {
+                        let before = [binder.in_use(true), binder.in_use(false)];
+                        let moves = binder.addresses_changed(&usable, now);
+                        // The moved bindings leave from the new address (the old link is
+                        // down, and the client takes nothing from outside the certificate).
+                        if binder.in_use(true) != before[0] {
+                            v4 = bind_real(binder.in_use(true), true).await.or(v4);
+                        }
+                        if binder.in_use(false) != before[1] {
+                            v6 = bind_real(binder.in_use(false), false).await.or(v6);
+                        }
+                        send_all(&v4, &v6, port, moves).await;
+                    }
+                    Err(e) => tracing::debug!("reading the host's addresses: {e}"),
+                }
                 let mut seen = Vec::new();
                 for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
                     if let Ok(text) = std::fs::read_to_string(path) {
                         seen.extend(connections_in(&text, &specs));
                     }
                 }
-                let batch = binder.poll(&seen, Instant::now());
+                let batch = binder.poll(&seen, now);
                 send_all(&v4, &v6, port, batch).await;
             }
         }

@@ -19,6 +19,11 @@ fn operator() -> SigningKey {
 }
 
 fn binder(lifetime: u64) -> Binder {
+    binder_with(lifetime, &["10.71.2.11"], &["10.71.2.11", "fd71:2::11"])
+}
+
+/// A binder whose certificate covers `certified` and that may use `real`, in that order.
+fn binder_with(lifetime: u64, certified: &[&str], real: &[&str]) -> Binder {
     let key = SigningKey::from_bytes(&[0x21; 32]);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -30,14 +35,17 @@ fn binder(lifetime: u64) -> Binder {
         not_after: now + 86_400,
         subject_key: key.verifying_key().to_bytes(),
         identity: "s1".into(),
-        real: vec![host("10.71.2.11")],
-        anycast: vec![host("10.71.100.1")],
+        real: certified.iter().map(|r| host(r)).collect(),
+        anycast: vec![host("10.71.100.1"), host("fd71:100::1")],
     };
     Binder::new(BindingOptions {
         certificate: Certificate::issue(body, &operator()).unwrap(),
         key,
-        anycast: vec!["10.71.100.1:tcp:80".parse().unwrap()],
-        real: vec![ip("10.71.2.11"), ip("fd71:2::11")],
+        anycast: vec![
+            "10.71.100.1:tcp:80".parse().unwrap(),
+            "[fd71:100::1]:tcp:80".parse().unwrap(),
+        ],
+        real: real.iter().map(|r| ip(r)).collect(),
         lifetime: Duration::from_secs(lifetime),
         port: wire::CLIENT_PORT,
     })
@@ -97,15 +105,16 @@ fn a_new_client_is_sent_a_binding_it_takes_then_refreshes_then_a_withdrawal() {
         .unwrap()
         .as_secs();
     let t0 = Instant::now();
-    let one = [(seen, (40_000, 80))];
-    let sent = b.poll(&one, t0);
+    let sent = b.poll(&conns(&[seen]), t0);
     assert_eq!(sent.len(), 1);
     let r = client.check(&sent[0].1, ip("10.71.2.11"), now_secs);
     assert!(matches!(r, Ok(Accepted::Bound { .. })), "{r:?}");
     // Seen again before a third of the lifetime: nothing sent.
-    assert!(b.poll(&one, t0 + Duration::from_secs(1)).is_empty());
+    assert!(b
+        .poll(&conns(&[seen]), t0 + Duration::from_secs(1))
+        .is_empty());
     // After a third: a refresh the client takes.
-    let sent = b.poll(&one, t0 + Duration::from_secs(4));
+    let sent = b.poll(&conns(&[seen]), t0 + Duration::from_secs(4));
     assert_eq!(sent.len(), 1);
     let r = client.check(&sent[0].1, ip("10.71.2.11"), now_secs);
     assert!(matches!(r, Ok(Accepted::Refreshed { .. })), "{r:?}");
@@ -123,22 +132,19 @@ fn a_new_client_is_sent_a_binding_it_takes_then_refreshes_then_a_withdrawal() {
 fn clients_are_bounded_and_forgotten_after_a_lifetime() {
     let mut b = binder(12);
     let t0 = Instant::now();
-    let many: Vec<Connection> = (0..MAX_CLIENTS as u32 + 10)
-        .map(|i| {
-            let s = Seen {
-                client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
-                anycast: ip("10.71.100.1"),
-                service: (PROTO_TCP, 80),
-            };
-            (s, (40_000, 80))
+    let many: Vec<Seen> = (0..MAX_CLIENTS as u32 + 10)
+        .map(|i| Seen {
+            client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
+            anycast: ip("10.71.100.1"),
+            service: (PROTO_TCP, 80),
         })
         .collect();
-    let sent = b.poll(&many, t0);
+    let sent = b.poll(&conns(&many), t0);
     assert_eq!(sent.len(), MAX_SENDS_PER_POLL, "sends per poll are bounded");
     assert_eq!(b.clients.len(), MAX_CLIENTS);
     assert_eq!(b.counters["clients_over_limit"], 10);
     // Gone for a lifetime: forgotten, nothing to withdraw.
-    assert!(b.poll(&[], t0 + Duration::from_secs(13)).is_empty());
+    assert!(b.poll(&conns(&[]), t0 + Duration::from_secs(13)).is_empty());
     assert!(b.clients.is_empty());
     assert!(b.withdrawals(t0 + Duration::from_secs(13)).is_empty());
 }
@@ -155,6 +161,199 @@ fn a_certificate_for_another_key_is_refused() {
         port: wire::CLIENT_PORT,
     });
     assert!(r.is_err());
+}
+
+fn client_of(client: &str) -> Seen {
+    let c = ip(client);
+    Seen {
+        client: c,
+        anycast: ip(if c.is_ipv4() {
+            "10.71.100.1"
+        } else {
+            "fd71:100::1"
+        }),
+        service: (PROTO_TCP, 80),
+    }
+}
+
+fn verifier_for(client: &str) -> Verifier {
+    Verifier::new(Settings {
+        anchors: vec![operator().verifying_key()],
+        addresses: vec![ip(client)],
+        window: 30,
+        max_lifetime: 600,
+    })
+}
+
+/// (sequence number, lifetime, real address) of a binding the binder sent.
+fn fields(payload: &[u8]) -> (u16, u16, IpAddr) {
+    let m = wire::decode(payload).unwrap();
+    let Body::ClientBindingUpdate { seq, lifetime } = m.body else {
+        panic!("not a client binding: {:?}", m.body);
+    };
+    (seq, lifetime, wire::from_mapped(m.options.alt_coa.unwrap()))
+}
+
+// Every real address the certificate covers: s1's two links (IPv4 and IPv6); 10.71.9.9 is
+// the host's but outside the certificate.
+const CERTIFIED: &[&str] = &["10.71.2.11", "10.71.3.11", "fd71:2::11", "fd71:3::11"];
+const REAL: &[&str] = &[
+    "10.71.2.11",
+    "fd71:2::11",
+    "10.71.9.9",
+    "10.71.3.11",
+    "fd71:3::11",
+];
+
+#[test]
+fn a_failed_link_moves_held_bindings_to_the_next_usable_real_address() {
+    let mut b = binder_with(12, CERTIFIED, REAL);
+    let all: Vec<IpAddr> = REAL.iter().map(|r| ip(r)).collect();
+    let (c4, c6, late) = (
+        client_of("10.71.1.11"),
+        client_of("fd71:1::11"),
+        client_of("10.71.1.12"),
+    );
+    let mut client = verifier_for("10.71.1.11");
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t0 = Instant::now();
+    assert!(b.addresses_changed(&all, t0).is_empty(), "all usable");
+    let sent = b.poll(&conns(&[c4, c6]), t0);
+    assert_eq!(sent.len(), 2);
+    let first = sent.iter().find(|(s, _)| *s == c4).unwrap();
+    assert_eq!(fields(&first.1), (1, 3, ip("10.71.2.11")));
+    let r = client.check(&first.1, ip("10.71.2.11"), now_secs);
+    assert!(matches!(r, Ok(Accepted::Bound { .. })), "{r:?}");
+
+    // s1's first IPv4 link fails: 10.71.9.9 is usable but not certified, 10.71.3.11 is next.
+    let t1 = t0 + Duration::from_secs(1);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("10.71.2.11"))
+        .collect();
+    let moved = b.addresses_changed(&usable, t1);
+    assert_eq!(moved.len(), 1, "only the IPv4 client moves");
+    assert_eq!(moved[0].0, c4);
+    assert_eq!(
+        fields(&moved[0].1),
+        (2, 3, ip("10.71.3.11")),
+        "seq + 1, the same lifetime, the other link's address"
+    );
+    assert_eq!(b.in_use(true), Some(ip("10.71.3.11")));
+    assert_eq!(b.in_use(false), Some(ip("fd71:2::11")));
+    // The client takes the move, sent from the new address (claims 5 and 10).
+    let r = client.check(&moved[0].1, ip("10.71.3.11"), now_secs);
+    assert!(
+        matches!(r, Ok(Accepted::Bound { ref binding, .. }) if binding.real == ip("10.71.3.11")),
+        "{r:?}"
+    );
+    assert_eq!(b.counters["real_address_moves"], 1);
+    assert_eq!(b.counters["moves_sent"], 1);
+    // Nothing again while it stays down; a move counts as the client's refresh.
+    assert!(b.addresses_changed(&usable, t1).is_empty());
+    assert!(b
+        .poll(&conns(&[c4, c6]), t1 + Duration::from_secs(1))
+        .is_empty());
+    // The first link returns: no move back.
+    assert!(b
+        .addresses_changed(&all, t1 + Duration::from_secs(2))
+        .is_empty());
+    assert_eq!(b.in_use(true), Some(ip("10.71.3.11")));
+    // Refreshes and new clients carry the address in use.
+    let sent = b.poll(&conns(&[c4, c6, late]), t1 + Duration::from_secs(4));
+    let of = |s: &Seen| fields(&sent.iter().find(|(x, _)| x == s).unwrap().1);
+    assert_eq!(of(&c4), (3, 3, ip("10.71.3.11")));
+    assert_eq!(of(&late), (1, 3, ip("10.71.3.11")));
+    let r = client.check(
+        &sent.iter().find(|(x, _)| *x == c4).unwrap().1,
+        ip("10.71.3.11"),
+        now_secs,
+    );
+    assert!(matches!(r, Ok(Accepted::Refreshed { .. })), "{r:?}");
+    // The second link fails in turn: back to the first, the only other one.
+    let t2 = t1 + Duration::from_secs(5);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("10.71.3.11"))
+        .collect();
+    let moved = b.addresses_changed(&usable, t2);
+    assert_eq!(moved.len(), 2, "both IPv4 clients");
+    assert!(moved.iter().all(|(_, m)| fields(m).2 == ip("10.71.2.11")));
+    assert_eq!(b.counters["real_address_moves"], 2);
+    assert_eq!(b.counters["moves_sent"], 3);
+    assert!(!b.counters.contains_key("no_usable_real_address"));
+}
+
+#[test]
+fn nothing_is_sent_when_no_other_real_address_is_usable() {
+    // IPv6: only fd71:2::11 is certified (fd71:3::11 is not).
+    let mut b = binder_with(12, &["10.71.2.11", "10.71.3.11", "fd71:2::11"], REAL);
+    let all: Vec<IpAddr> = REAL.iter().map(|r| ip(r)).collect();
+    let (c4, c6) = (client_of("10.71.1.11"), client_of("fd71:1::11"));
+    let t0 = Instant::now();
+    assert_eq!(b.poll(&conns(&[c4, c6]), t0).len(), 2);
+    let usable: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|a| *a != ip("fd71:2::11"))
+        .collect();
+    for i in 0..3 {
+        assert!(b
+            .addresses_changed(&usable, t0 + Duration::from_secs(i))
+            .is_empty());
+    }
+    assert_eq!(b.in_use(false), Some(ip("fd71:2::11")), "kept");
+    assert_eq!(b.counters["no_usable_real_address"], 1, "counted once");
+    // Both IPv4 links down (the uncertified 10.71.9.9 left): nothing either.
+    assert!(b
+        .addresses_changed(&[ip("10.71.9.9")], t0 + Duration::from_secs(3))
+        .is_empty());
+    assert_eq!(b.counters["no_usable_real_address"], 2);
+    assert!(!b.counters.contains_key("real_address_moves"));
+    // The second IPv4 link comes up: the IPv4 client moves to it.
+    let moved = b.addresses_changed(&[ip("10.71.3.11")], t0 + Duration::from_secs(4));
+    assert_eq!(moved.len(), 1);
+    assert_eq!(fields(&moved[0].1), (2, 3, ip("10.71.3.11")));
+    // A client whose binding has ended on its own (not seen nor sent to for a lifetime) is
+    // not sent a move.
+    let t5 = t0 + Duration::from_secs(30);
+    assert!(b.poll(&conns(&[]), t5).is_empty());
+    assert!(b.addresses_changed(&[ip("10.71.2.11")], t5).is_empty());
+    assert_eq!(b.counters["real_address_moves"], 2);
+}
+
+#[test]
+fn a_move_reaches_every_held_client_at_once() {
+    let mut b = binder_with(600, CERTIFIED, REAL);
+    let t0 = Instant::now();
+    let many: Vec<Seen> = (0..MAX_CLIENTS as u32)
+        .map(|i| Seen {
+            client: IpAddr::from((0x0a47_0000u32 + i).to_be_bytes()),
+            anycast: ip("10.71.100.1"),
+            service: (PROTO_TCP, 80),
+        })
+        .collect();
+    // Bound over 16 polls (256 sends each).
+    let mut bound = 0;
+    for i in 0..16 {
+        bound += b.poll(&conns(&many), t0 + POLL * i).len();
+    }
+    assert_eq!(bound, MAX_CLIENTS);
+    let usable = [ip("10.71.3.11"), ip("fd71:2::11")];
+    let started = Instant::now();
+    let moved = b.addresses_changed(&usable, t0 + POLL * 16);
+    let took = started.elapsed();
+    println!("a move of {} clients signed in {took:?}", moved.len());
+    // Not bounded per poll as the first bindings are: every one of them at once.
+    assert_eq!(moved.len(), MAX_CLIENTS);
+    assert!(moved.iter().all(|(_, m)| fields(m).2 == ip("10.71.3.11")));
+    assert_eq!(b.counters["moves_sent"], MAX_CLIENTS as u64);
+    assert_eq!(b.counters["real_address_moves"], 1);
 }
 
 #[test]
@@ -211,4 +410,9 @@ fn a_binding_names_the_clients_connections_and_a_new_one_is_named_at_once() {
     assert_eq!(b.counters["connections_not_named"], 1);
     assert!(b.poll(&many, t0 + Duration::from_millis(800)).is_empty());
     assert_eq!(b.poll(&many, t0 + Duration::from_millis(1700)).len(), 1);
+}
+
+/// One connection (client port 40000 to port 80) for each client.
+fn conns(clients: &[Seen]) -> Vec<Connection> {
+    clients.iter().map(|s| (*s, (40_000, 80))).collect()
 }

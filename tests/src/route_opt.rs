@@ -1,8 +1,8 @@
 //! Route optimization in the test topology: the operator's PKI made with `anycast-ctl pki`
 //! (an operator key pair, and per server `ro-sN.key`, `ro-sN.pub`, `ro-sN.cert` covering its
-//! real addresses and both anycast addresses), the servers' arguments, and the client
-//! daemon (`anycast-ctl client`, its status file `client-cN.json` and control socket
-//! `client-cN.sock`).
+//! real addresses on both server networks, the second for a multi-homed server, and both
+//! anycast addresses), the servers' arguments, and the client daemon (`anycast-ctl client`,
+//! its status file `client-cN.json` and control socket `client-cN.sock`).
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -35,7 +35,9 @@ fn path(dir: &Path, name: &str) -> String {
 }
 
 /// The operator's key pair (`operator.key`, `operator.pub`) and a certificate for each of
-/// servers s1..s`servers` (serial N), in `dir`.
+/// servers s1..s`servers` (serial N), in `dir`. A certificate covers its server's addresses
+/// on the first server network (10.71.2.x, fd71:2::x) and on the second, which
+/// `Topology::add_second_link` gives a multi-homed server (10.71.3.x, fd71:3::x).
 pub fn make_pki(dir: &Path, servers: usize) -> Result<()> {
     pki(&["keygen", "--out", &path(dir, "operator")])?;
     for n in 1..=servers {
@@ -43,6 +45,8 @@ pub fn make_pki(dir: &Path, servers: usize) -> Result<()> {
         pki(&["keygen", "--out", &path(dir, &format!("ro-{s}"))])?;
         let v4 = format!("10.71.2.{}", 10 + n);
         let v6 = format!("fd71:2::{:x}", 0x10 + n);
+        let second_v4 = format!("10.71.3.{}", 10 + n);
+        let second_v6 = format!("fd71:3::{:x}", 0x10 + n);
         pki(&[
             "issue",
             "--operator-key",
@@ -55,6 +59,10 @@ pub fn make_pki(dir: &Path, servers: usize) -> Result<()> {
             &v4,
             "--real",
             &v6,
+            "--real",
+            &second_v4,
+            "--real",
+            &second_v6,
             "--anycast",
             &ANYCAST_V4.to_string(),
             "--anycast",

@@ -695,5 +695,5 @@ use discovery::Discovery;
 use load::command_usage;
 pub(crate) use load::parse_proc_addr;
 pub use load::{count_established, established_sessions};
-use sockets::bind_socket;
+pub(crate) use sockets::bind_socket;
 use validate::validate;

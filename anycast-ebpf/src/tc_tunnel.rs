@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -46,6 +46,39 @@ pub enum Outcome {
     EncapFailed,
     /// Grown but not (fully) rewritten: the caller must drop it.
     WriteFailed,
+}
+
+/// The counter of each [`Outcome`] in a program's own counter set.
+pub struct OutcomeCounters {
+    pub tunnelled: u32,
+    pub tunnelled_resolving: u32,
+    pub no_route: u32,
+    pub too_big: u32,
+    pub encap_failed: u32,
+    pub write_failed: u32,
+}
+
+impl Outcome {
+    /// The TC action and counter: a packet the tunnel left untouched goes on its way
+    /// (`TC_ACT_OK`); one grown but not rewritten is dropped, never let out half rewritten
+    /// (TCP retransmits it).
+    #[inline(always)]
+    pub fn verdict(self, c: &OutcomeCounters) -> (i32, u32) {
+        match self {
+            Outcome::Sent {
+                action,
+                resolving: false,
+            } => (action, c.tunnelled),
+            Outcome::Sent {
+                action,
+                resolving: true,
+            } => (action, c.tunnelled_resolving),
+            Outcome::NoRoute => (TC_ACT_OK, c.no_route),
+            Outcome::TooBig => (TC_ACT_OK, c.too_big),
+            Outcome::EncapFailed => (TC_ACT_OK, c.encap_failed),
+            Outcome::WriteFailed => (TC_ACT_SHOT, c.write_failed),
+        }
+    }
 }
 
 /// Encapsulates the frame (Ethernet, no VLAN tag, then the inner IP packet) and redirects

@@ -32,8 +32,8 @@ fn ask_all(held: &mut [Held]) -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent(
-) -> anyhow::Result<()> {
+fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() -> anyhow::Result<()>
+{
     let mut topo = Topology::build("acrf", 1, 2, ServerMode::Registering { lifetime_secs: 60 })?;
     let dir = topo.dir.clone();
     route_opt::make_pki(&dir, 2)?;
@@ -109,11 +109,12 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent(
         agent_packets(&topo, Some(&bound))?,
         agent_packets(&topo, Some(other))?,
     );
-    let tunnelled = counter(&s1, "tunnel", "tunnelled") + counter(&s1, "tunnel", "tunnelled_resolving")
+    let tunnelled = counter(&s1, "tunnel", "tunnelled")
+        + counter(&s1, "tunnel", "tunnelled_resolving")
         - counter(&s0, "tunnel", "tunnelled")
         - counter(&s0, "tunnel", "tunnelled_resolving");
-    let kept = counter(&s1, "tunnel", "pass_opened_before")
-        - counter(&s0, "tunnel", "pass_opened_before");
+    let kept =
+        counter(&s1, "tunnel", "pass_opened_before") - counter(&s0, "tunnel", "pass_opened_before");
     println!(
         "{ROUNDS} rounds: the agent forwarded {} packets to {bound} and {} to {other}; the client \
          tunnelled {tunnelled} and left {kept} on the agent's path",

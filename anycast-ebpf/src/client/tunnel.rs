@@ -22,14 +22,24 @@ use anycast_common::{
     TCP_SYN,
 };
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::TC_ACT_OK,
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 
 use crate::packet::{read_be16, Ipv4, Ipv6};
-use crate::tc_tunnel::{encapsulate_and_redirect, Outcome, Tunnel};
+use crate::tc_tunnel::{encapsulate_and_redirect, OutcomeCounters, Tunnel};
+
+/// The tunnel's outcomes in this program's counters.
+const OUTCOMES: OutcomeCounters = OutcomeCounters {
+    tunnelled: counter::TUNNELLED,
+    tunnelled_resolving: counter::TUNNELLED_RESOLVING,
+    no_route: counter::PASS_NO_ROUTE,
+    too_big: counter::PASS_TOO_BIG,
+    encap_failed: counter::PASS_ENCAP_FAILED,
+    write_failed: counter::DROP_WRITE_FAILED,
+};
 
 /// The bindings the client took: service -> the server's real address.
 #[map]
@@ -168,19 +178,5 @@ fn tunnel(ctx: &TcContext) -> (i32, u32) {
         inner_len,
         tos,
     };
-    match encapsulate_and_redirect(ctx, &t) {
-        Outcome::Sent {
-            action,
-            resolving: false,
-        } => (action, counter::TUNNELLED),
-        Outcome::Sent {
-            action,
-            resolving: true,
-        } => (action, counter::TUNNELLED_RESOLVING),
-        Outcome::NoRoute => (TC_ACT_OK, counter::PASS_NO_ROUTE),
-        Outcome::TooBig => (TC_ACT_OK, counter::PASS_TOO_BIG),
-        Outcome::EncapFailed => (TC_ACT_OK, counter::PASS_ENCAP_FAILED),
-        // Half rewritten: never let it out (TCP retransmits).
-        Outcome::WriteFailed => (TC_ACT_SHOT, counter::DROP_WRITE_FAILED),
-    }
+    encapsulate_and_redirect(ctx, &t).verdict(&OUTCOMES)
 }

@@ -114,8 +114,7 @@ fn main() -> anyhow::Result<()> {
                     Ok(seen)
                 })?;
                 let through_agent = route_opt::agent_packets(&topo, None)? - via_agent;
-                let spread: Vec<String> =
-                    seen.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+                let spread: Vec<String> = seen.iter().map(|(s, n)| format!("{s}: {n}")).collect();
                 println!(
                     "client c1 (route-optimized): the first GET to {addr} went through the agent \
                      (answered by {first}); {server} bound c1 to its real address {real} \
@@ -143,7 +142,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let c1 = route_opt::client_status(&dir, 1)?;
-    println!("\n== client c1's bindings (taken from its servers, checked against the operator's key):");
+    println!(
+        "\n== client c1's bindings (taken from its servers, checked against the operator's key):"
+    );
     for b in c1["bindings"].as_array().into_iter().flatten() {
         println!(
             "  {} -> {} at its real address {}",

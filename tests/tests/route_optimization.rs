@@ -332,7 +332,12 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         "the client bound to its server",
         Duration::from_secs(5),
         || {
-            assert_eq!(held.ask()?, server, "the connection keeps its server");
+            assert_eq!(
+                held.ask()
+                    .expect("a request on the held connection (never retried)"),
+                server,
+                "the connection keeps its server"
+            );
             asks += 1;
             Ok(client.bound_to()? == Some(server.clone()))
         },
@@ -402,7 +407,12 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     let mut held6 = topo.clients[0].in_ns(|| Held::open(Topology::anycast(true, HTTP_PORT)))?;
     let server6 = held6.server.clone();
     wait_until("the client bound over IPv6", Duration::from_secs(5), || {
-        assert_eq!(held6.ask()?, server6);
+        assert_eq!(
+            held6
+                .ask()
+                .expect("a request on the held connection (never retried)"),
+            server6
+        );
         Ok(client.bound_for("fd71:100::1 tcp/80")?.is_some())
     })?;
     let all6 = agent_packets(&topo, None)?;
@@ -458,7 +468,11 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         "the client bound to the other server",
         Duration::from_secs(5),
         || {
-            assert_eq!(held.ask()?, other);
+            assert_eq!(
+                held.ask()
+                    .expect("a request on the held connection (never retried)"),
+                other
+            );
             Ok(client.bound_to()? == Some(other.to_string()))
         },
     )?;
@@ -479,7 +493,12 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         "the binding ended unanswered",
         Duration::from_secs(15),
         || {
-            assert_eq!(held.ask()?, other, "the connection keeps answering");
+            assert_eq!(
+                held.ask()
+                    .expect("a request on the held connection (never retried)"),
+                other,
+                "the connection keeps answering"
+            );
             std::thread::sleep(Duration::from_millis(100));
             Ok(client.counter("ended_unanswered")? >= 1 && client.bound_to()?.is_none())
         },
@@ -524,7 +543,11 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         "bound again once the server answers",
         Duration::from_secs(10),
         || {
-            assert_eq!(held.ask()?, other);
+            assert_eq!(
+                held.ask()
+                    .expect("a request on the held connection (never retried)"),
+                other
+            );
             std::thread::sleep(Duration::from_millis(100));
             Ok(client.bound_to()? == Some(other.to_string()))
         },

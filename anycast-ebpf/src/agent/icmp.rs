@@ -21,13 +21,15 @@ use anycast_common::{
     flow_hash, verdict, AgentInfo, FlowKey, ServerInfo, AGENT_ANSWER_PING,
     AGENT_FORWARD_ICMP_ERRORS, EMBRYO_SLOTS, FAMILY_V4, ICMPV6_DEST_UNREACHABLE,
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REQUEST, ICMP_LEN,
-    IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PROTO_TCP, PROTO_UDP, SERVER_UP,
+    IPV4_LEN, IPV4_OFFSET_MASK, IPV6_LEN, PROTO_TCP, PROTO_UDP,
 };
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 
-use super::maps::{AGENT, EMBRYOS, FLOWS, FLOW_CONFIG, SERVERS};
+use super::maps::{AGENT, EMBRYOS, FLOWS, FLOW_CONFIG};
 use super::parse::{Flow, Icmp};
-use super::select::{flow_clock_now, handshake_server, hashed_server, lookup_service};
+use super::select::{
+    entry_server, flow_clock_now, handshake_server, hashed_server, lookup_service,
+};
 use super::{echo, encap, next_hop};
 use crate::packet::{load, ptr_at, read_be16, Ipv4, Ipv6};
 
@@ -169,14 +171,11 @@ fn to_server(ctx: &XdpContext, m: &Icmp, agent: &AgentInfo) -> (u32, u32) {
 fn pinned(key: &FlowKey, now: u32) -> Option<(u32, ServerInfo)> {
     // SAFETY: the value is copied out at once.
     let v = *unsafe { FLOWS.get(key) }?;
-    let s = SERVERS.get(v.server)?;
-    if s.flags & SERVER_UP == 0 || s.generation != v.generation {
-        return None;
-    }
+    let s = entry_server(&v)?;
     if FLOW_CONFIG.get(0)?.expired(key.proto, &v, now) {
         return None;
     }
-    Some((v.server, *s))
+    Some((v.server, s))
 }
 
 /// The server of the flow's SYN, if its handshake is in progress (its `EMBRYOS` slot, as

@@ -79,12 +79,9 @@ pub(super) fn pinned_server(p: &Flow, now: u32) -> Pinned {
     };
     // SAFETY: a valid map value; copied out at once.
     let v = unsafe { *pin };
-    let (Some(s), Some(config)) = (SERVERS.get(v.server), FLOW_CONFIG.get(0)) else {
+    let (Some(s), Some(config)) = (entry_server(&v), FLOW_CONFIG.get(0)) else {
         return Pinned::Ended;
     };
-    if s.flags & SERVER_UP == 0 || s.generation != v.generation {
-        return Pinned::Ended;
-    }
     if v.flags & FLOW_CLOSING != 0 && new_handshake(key, now) {
         // A new connection on a closed one's 5-tuple: its first packet after the SYN goes
         // where the SYN went, and is pinned there.
@@ -106,7 +103,18 @@ pub(super) fn pinned_server(p: &Flow, now: u32) -> Pinned {
             (*pin).flags = flags;
         }
     }
-    Pinned::Hit(v.server, *s)
+    Pinned::Hit(v.server, s)
+}
+
+/// The server a flow entry names, while it is up and still the server the entry was made
+/// for (a slot reused by another server has another generation).
+#[inline(always)]
+pub(super) fn entry_server(v: &FlowValue) -> Option<ServerInfo> {
+    let s = SERVERS.get(v.server)?;
+    if s.flags & SERVER_UP == 0 || s.generation != v.generation {
+        return None;
+    }
+    Some(*s)
 }
 
 /// Whether this flow's `EMBRYOS` slot holds a recent SYN of it. Only for closing entries,

@@ -152,6 +152,33 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
     for h in held {
         h.reset();
     }
+    // The bound server's decapsulator took every packet sent to it, through the agent or
+    // straight from the client (both IP-in-IP): it counts at least their sum.
+    let s = route_opt::client_status(&dir, 1)?;
+    let direct = counter(&s, "tunnel", "tunnelled") + counter(&s, "tunnel", "tunnelled_resolving");
+    let via_agent = agent_packets(&topo, Some(&bound))?;
     daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
+    let idx = if bound == "s1" { 0 } else { 1 };
+    let server = topo.servers[idx].decap.as_mut().expect("started");
+    let pid = server.pid().expect("running");
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    server.wait_exit(Duration::from_secs(35))?;
+    let out = server.output();
+    // Its exit line: "...: stopping (decapsulated=N pass_not_tunnel=...".
+    let decapsulated: u64 = out
+        .split("(decapsulated=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no decapsulated count in the server's log: {out}"))?;
+    println!(
+        "{bound} decapsulated {decapsulated} packets: {via_agent} forwarded by the agent, \
+         {direct} sent straight by the client"
+    );
+    assert!(
+        decapsulated >= via_agent + direct,
+        "the server received the client's direct packets"
+    );
     Ok(())
 }

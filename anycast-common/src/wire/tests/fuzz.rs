@@ -38,6 +38,13 @@ fn random_message(rng: &mut Rng) -> (Message, Sealing) {
         if rng.below(2) == 0 {
             msg.options.certificate = None;
         }
+        if rng.below(2) == 0 {
+            // Few enough that the options repeated still fit an MH (2048 bytes).
+            let n = 1 + rng.below(16);
+            msg.options.connections = (0..n)
+                .map(|_| (rng.next() as u16, rng.next() as u16))
+                .collect();
+        }
         return (msg, Sealing::Signed);
     }
     let addrs = address_sets();
@@ -288,9 +295,34 @@ fn fuzz_decode_never_panics_and_rejections_have_reasons() {
         total += 1;
     }
 
+    // The connections option's length byte edited (no pair, pairs cut short, a misparse of
+    // what follows).
+    const CONNECTION_EDITS: usize = 5_000;
+    for _ in 0..CONNECTION_EDITS {
+        let mut msg = super::super::client_tests::client_binding(1 + rng.below(700));
+        let n = 1 + rng.below(MAX_NAMED_CONNECTIONS);
+        msg.options.connections = (0..n).map(|i| (40_000 + i as u16, 80)).collect();
+        let mut b = seal(&msg, &Sealing::Signed);
+        let (at, _) = *walk_options(&b)
+            .iter()
+            .find(|&&(at, t)| t == option::VENDOR && b[40 + at + 6] == VENDOR_CONNECTIONS)
+            .expect("the connections option");
+        let at = 40 + at + 1;
+        let old = b[at];
+        b[at] = 5 + rng.below(4 * n) as u8;
+        fix_up(&mut b);
+        let key = match decode(&b) {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        assert!(b[at] == old || !verify_signed(&b, &signer_key()));
+        *outcomes.entry(key).or_default() += 1;
+        total += 1;
+    }
+
     eprintln!("mutations: {by_mutation:?}");
     eprintln!("outcomes: {outcomes:?}");
-    assert_eq!(total, RANDOM + MUTATED + CERT_EDITS);
+    assert_eq!(total, RANDOM + MUTATED + CERT_EDITS + CONNECTION_EDITS);
     assert_eq!(
         outcomes.values().sum::<usize>(),
         total,

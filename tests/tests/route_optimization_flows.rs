@@ -5,7 +5,8 @@
 //! connections the agent gave the other server stay on the agent's path and keep their
 //! server (were they moved, that server would answer them with a reset); new connections
 //! go direct from their first packet. Every request on every connection is answered by
-//! the server it began with.
+//! the server it began with. The agent lets go of the bound connections: their flow
+//! entries idle out (claim 18) while the other server's stay.
 //!
 //! Runs as root.
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
     let dir = topo.dir.clone();
     route_opt::make_pki(&dir, 2)?;
     topo.server_args = route_opt::server_args(&dir, 12);
+    // A short idle time, so the agent's letting go of the bound connections is seen.
+    topo.config_extra =
+        serde_json::json!({"flow_timeouts": {"tcp_idle": 3, "udp_idle": 30, "tcp_closing": 10}});
     topo.start_agent(0)?;
     for i in 0..2 {
         topo.start_server(i)?;
@@ -136,6 +140,50 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
     assert!(
         kept >= (ROUNDS * on(&held, other)) as u64,
         "counted as open before the binding"
+    );
+
+    // The agent lets go (claim 18): the bound server's connections no longer refresh their
+    // flow entries, which idle out and are swept; the other server's stay (their packets
+    // still pass). The connections keep talking meanwhile.
+    let live_entries = || -> anyhow::Result<std::collections::BTreeSet<u16>> {
+        let flows: serde_json::Value = serde_json::from_str(&topo.ctl(&["flows", "--json"])?)?;
+        Ok(flows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["address"] == "10.71.100.1" && f["expired"] != true)
+            .filter_map(|f| f["client_port"].as_u64().map(|p| p as u16))
+            .collect())
+    };
+    let ports_on = |held: &[Held], s: &str| -> Vec<u16> {
+        held.iter()
+            .filter(|h| h.server == s)
+            .map(Held::local_port)
+            .collect()
+    };
+    let let_go = Instant::now();
+    loop {
+        ask_all(&mut held)?;
+        let live = live_entries()?;
+        if ports_on(&held, &bound).iter().all(|p| !live.contains(p)) {
+            assert!(
+                ports_on(&held, other).iter().all(|p| live.contains(p)),
+                "the other server's connections keep their entries: {live:?}"
+            );
+            break;
+        }
+        assert!(
+            let_go.elapsed() < Duration::from_secs(15),
+            "the bound connections' entries never idled out: {live:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    println!(
+        "the agent's entries of the {} connections on {bound} idled out within {:?} (tcp_idle \
+         3 s); the {} on {other} kept theirs",
+        on(&held, &bound),
+        let_go.elapsed(),
+        on(&held, other)
     );
 
     // New connections go direct from their first packet, to the bound server.

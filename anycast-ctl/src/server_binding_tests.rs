@@ -359,17 +359,8 @@ fn a_move_reaches_every_held_client_at_once() {
 #[test]
 fn a_binding_names_the_clients_connections_and_a_new_one_is_named_at_once() {
     let mut b = binder(12);
-    let seen = Seen {
-        client: ip("10.71.1.11"),
-        anycast: ip("10.71.100.1"),
-        service: (PROTO_TCP, 80),
-    };
-    let mut client = Verifier::new(Settings {
-        anchors: vec![operator().verifying_key()],
-        addresses: vec![ip("10.71.1.11")],
-        window: 30,
-        max_lifetime: 600,
-    });
+    let seen = client_of("10.71.1.11");
+    let mut client = verifier_for("10.71.1.11");
     let now_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()

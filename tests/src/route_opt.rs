@@ -102,9 +102,12 @@ pub fn control_socket(dir: &Path, n: usize) -> PathBuf {
 /// `anycast-ctl ARGS` (e.g. `client-status --json --socket S`): whether it succeeded, and
 /// its output (stdout then stderr).
 pub fn ctl(args: &[&str]) -> Result<(bool, String)> {
-    let out = std::process::Command::new(workspace_bin("anycast-ctl")?)
-        .args(args)
-        .output()?;
+    outcome(std::process::Command::new(workspace_bin("anycast-ctl")?).args(args))
+}
+
+/// Runs `cmd`: whether it succeeded, and its output (stdout then stderr).
+pub fn outcome(cmd: &mut std::process::Command) -> Result<(bool, String)> {
+    let out = cmd.output()?;
     Ok((
         out.status.success(),
         format!(
@@ -113,6 +116,37 @@ pub fn ctl(args: &[&str]) -> Result<(bool, String)> {
             String::from_utf8_lossy(&out.stderr)
         ),
     ))
+}
+
+/// Starts the agent (no server configured: they register) and servers `0..n`, and waits
+/// until all have registered.
+pub fn start_agent_and_servers(topo: &mut crate::topology::Topology, n: usize) -> Result<()> {
+    topo.start_agent(0)?;
+    for i in 0..n {
+        topo.start_server(i)?;
+    }
+    crate::wait_until("the servers registered", Duration::from_secs(30), || {
+        Ok(topo.active_servers()?.len() == n)
+    })
+}
+
+/// The packets a client's status (file or `client-status`) says its tunnel sent.
+pub fn tunnelled(status: &serde_json::Value) -> u64 {
+    status["tunnel"]["tunnelled"].as_u64().unwrap_or(0)
+        + status["tunnel"]["tunnelled_resolving"]
+            .as_u64()
+            .unwrap_or(0)
+}
+
+/// A field (`server`, `real`) of the binding a client's status holds for `service` (e.g.
+/// `10.71.100.1 tcp/80`), if it holds one.
+pub fn binding_field(status: &serde_json::Value, service: &str, field: &str) -> Option<String> {
+    status["bindings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["service"] == service)
+        .and_then(|b| b[field].as_str().map(str::to_string))
 }
 
 /// Client `n`'s status asked on its control socket (`anycast-ctl client-status --json`).

@@ -32,7 +32,7 @@ use anycast_common::{
     wire::{self, Body, Message, Options, ServiceSelector},
 };
 use anycast_tests::{
-    route_opt,
+    route_opt::{self, agent_packets},
     topology::{http_get, udp_ask, Held, ServerMode, Topology, HTTP_PORT, UDP_PORT},
     unhex, wait_until,
 };
@@ -118,9 +118,7 @@ impl Client {
     }
 
     fn tunnelled(&self) -> anyhow::Result<u64> {
-        let s = self.status()?;
-        Ok(s["tunnel"]["tunnelled"].as_u64().unwrap_or(0)
-            + s["tunnel"]["tunnelled_resolving"].as_u64().unwrap_or(0))
+        Ok(route_opt::tunnelled(&self.status()?))
     }
 
     /// The server holding the binding for tcp/80 of the IPv4 anycast address, if any.
@@ -129,27 +127,8 @@ impl Client {
     }
 
     fn bound_for(&self, service: &str) -> anyhow::Result<Option<String>> {
-        let s = self.status()?;
-        Ok(s["bindings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["service"] == service)
-            .and_then(|b| b["server"].as_str().map(str::to_string)))
+        Ok(route_opt::binding_field(&self.status()?, service, "server"))
     }
-}
-
-/// The agent's packets to `server`, over all services.
-fn agent_packets(topo: &Topology, server: Option<&str>) -> anyhow::Result<u64> {
-    let s = topo.status()?;
-    Ok(s["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|svc| svc["servers"].as_array().cloned().unwrap_or_default())
-        .filter(|x| server.is_none_or(|n| x["name"] == n))
-        .map(|x| x["packets"].as_u64().unwrap_or(0))
-        .sum())
 }
 
 fn send_from(topo: &Topology, ns: &anycast_tests::netns::Netns, from: IpAddr, payload: Vec<u8>) {
@@ -173,13 +152,7 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
         "probe": {"interval_ms": 10000, "timeout_ms": 200, "misses": 3},
     });
     topo.server_args = route_opt::server_args(&dir, 12);
-    topo.start_agent(0)?;
-    for i in 0..2 {
-        topo.start_server(i)?;
-    }
-    wait_until("two servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 2)
-    })?;
+    route_opt::start_agent_and_servers(&mut topo, 2)?;
     let mut daemon = route_opt::start_client(
         &topo.clients[0],
         &dir,

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use anycast_tests::{
     route_opt::{self, agent_packets},
     topology::{http_get, Held, ServerMode, Topology, HTTP_PORT},
-    wait_until,
 };
 
 fn counter(status: &serde_json::Value, group: &str, name: &str) -> u64 {
@@ -42,13 +41,7 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
     // A short idle time, so the agent's letting go of the bound connections is seen.
     topo.config_extra =
         serde_json::json!({"flow_timeouts": {"tcp_idle": 3, "udp_idle": 30, "tcp_closing": 10}});
-    topo.start_agent(0)?;
-    for i in 0..2 {
-        topo.start_server(i)?;
-    }
-    wait_until("two servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 2)
-    })?;
+    route_opt::start_agent_and_servers(&mut topo, 2)?;
 
     // Connections opened before the client's daemon runs: through the agent, which spreads
     // them by source port; until both servers hold some (at most 40).
@@ -75,12 +68,7 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
         // Asked outside any retry: a failed request fails the test.
         ask_all(&mut held)?;
         let s = route_opt::client_status(&dir, 1)?;
-        let server = s["bindings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["service"] == "10.71.100.1 tcp/80")
-            .and_then(|b| b["server"].as_str().map(str::to_string));
+        let server = route_opt::binding_field(&s, "10.71.100.1 tcp/80", "server");
         if let Some(server) = server {
             break server;
         }
@@ -113,10 +101,7 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
         agent_packets(&topo, Some(&bound))?,
         agent_packets(&topo, Some(other))?,
     );
-    let tunnelled = counter(&s1, "tunnel", "tunnelled")
-        + counter(&s1, "tunnel", "tunnelled_resolving")
-        - counter(&s0, "tunnel", "tunnelled")
-        - counter(&s0, "tunnel", "tunnelled_resolving");
+    let tunnelled = route_opt::tunnelled(&s1) - route_opt::tunnelled(&s0);
     let kept =
         counter(&s1, "tunnel", "pass_opened_before") - counter(&s0, "tunnel", "pass_opened_before");
     println!(
@@ -203,7 +188,7 @@ fn a_binding_moves_its_servers_connections_and_leaves_the_others_on_the_agent() 
     // The bound server's decapsulator took every packet sent to it, through the agent or
     // straight from the client (both IP-in-IP): it counts at least their sum.
     let s = route_opt::client_status(&dir, 1)?;
-    let direct = counter(&s, "tunnel", "tunnelled") + counter(&s, "tunnel", "tunnelled_resolving");
+    let direct = route_opt::tunnelled(&s);
     let via_agent = agent_packets(&topo, Some(&bound))?;
     daemon.stop_with(libc::SIGTERM, Duration::from_secs(5))?;
     let idx = if bound == "s1" { 0 } else { 1 };

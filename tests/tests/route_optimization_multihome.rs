@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use anycast_tests::{
-    route_opt,
+    route_opt::{self, agent_packets},
     topology::{http_get, Held, ServerMode, Topology, HTTP_PORT},
     wait_until,
 };
@@ -39,12 +39,7 @@ impl Status {
 
     /// The real address the binding for `service` points at, if there is one.
     fn real(&self, service: &str) -> anyhow::Result<Option<String>> {
-        Ok(self.read()?["bindings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["service"] == service)
-            .and_then(|b| b["real"].as_str().map(str::to_string)))
+        Ok(route_opt::binding_field(&self.read()?, service, "real"))
     }
 
     fn counter(&self, name: &str) -> anyhow::Result<u64> {
@@ -52,22 +47,8 @@ impl Status {
     }
 
     fn tunnelled(&self) -> anyhow::Result<u64> {
-        let s = self.read()?;
-        Ok(s["tunnel"]["tunnelled"].as_u64().unwrap_or(0)
-            + s["tunnel"]["tunnelled_resolving"].as_u64().unwrap_or(0))
+        Ok(route_opt::tunnelled(&self.read()?))
     }
-}
-
-/// The agent's packets to any server, over all services.
-fn agent_packets(topo: &Topology) -> anyhow::Result<u64> {
-    let s = topo.status()?;
-    Ok(s["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|svc| svc["servers"].as_array().cloned().unwrap_or_default())
-        .map(|x| x["packets"].as_u64().unwrap_or(0))
-        .sum())
 }
 
 /// Asks on each held connection in turn (each must answer s1: a failed request fails the
@@ -110,7 +91,7 @@ fn bound_at(status: &Status, v4: &str, v6: &str) -> anyhow::Result<bool> {
 
 /// `count` new connections of each family, each answered by s1, none through the agent.
 fn new_connections(topo: &Topology, count: usize) -> anyhow::Result<()> {
-    let agent0 = agent_packets(topo)?;
+    let agent0 = agent_packets(topo, None)?;
     let answers = topo.clients[0].in_ns(move || {
         (0..count)
             .flat_map(|_| [false, true])
@@ -119,7 +100,7 @@ fn new_connections(topo: &Topology, count: usize) -> anyhow::Result<()> {
     })?;
     assert!(answers.iter().all(|a| a == "s1"), "{answers:?}");
     assert_eq!(
-        agent_packets(topo)?,
+        agent_packets(topo, None)?,
         agent0,
         "the new connections go direct, none through the agent"
     );
@@ -190,7 +171,7 @@ fn a_multihomed_server_moves_its_bound_clients_when_a_link_fails() -> anyhow::Re
         Duration::from_secs(10),
         || bound_at(&status, "10.71.2.11", "fd71:2::11"),
     )?;
-    let (agent0, tunnel0) = (agent_packets(&topo)?, status.tunnelled()?);
+    let (agent0, tunnel0) = (agent_packets(&topo, None)?, status.tunnelled()?);
     let mut rounds = 0;
     talk_until(
         "requests while bound",
@@ -205,7 +186,7 @@ fn a_multihomed_server_moves_its_bound_clients_when_a_link_fails() -> anyhow::Re
         Ok(status.tunnelled()? >= tunnel0 + 20)
     })?;
     assert_eq!(
-        agent_packets(&topo)?,
+        agent_packets(&topo, None)?,
         agent0,
         "bound: direct to s1, not through the agent"
     );

@@ -56,13 +56,7 @@ fn a_revoked_servers_binding_ends_while_running_and_bad_lists_are_refused() -> a
     route_opt::make_pki(&dir, 2)?;
     // Refreshes every 4 s while the client has a connection.
     topo.server_args = route_opt::server_args(&dir, 12);
-    topo.start_agent(0)?;
-    for i in 0..2 {
-        topo.start_server(i)?;
-    }
-    wait_until("two servers registered", Duration::from_secs(30), || {
-        Ok(topo.active_servers()?.len() == 2)
-    })?;
+    route_opt::start_agent_and_servers(&mut topo, 2)?;
     // The operator starts a list (number 1, nothing revoked); a copy is kept for later.
     let list = dir.join("revoked.list");
     let operator = path(&dir, "operator.key");
@@ -271,19 +265,12 @@ fn a_revoked_servers_binding_ends_while_running_and_bad_lists_are_refused() -> a
 
 /// `anycast-ctl ARGS` as uid/gid 65534 with no other group.
 fn as_nobody(args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(workspace_bin("anycast-ctl")?)
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    route_opt::outcome(
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(workspace_bin("anycast-ctl")?)
+            .args(args),
+    )
 }
 
 /// Sends `bytes` on a new connection and reads until the daemon closes it (bounded). The

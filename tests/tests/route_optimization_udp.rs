@@ -3,6 +3,10 @@
 //! addresses (given whole: the binding is for udp/5353), and a client running `anycast-ctl
 //! client`:
 //!
+//! 0. a flood of UDP questions from 2000 spoofed sources (200 addresses of the clients' link,
+//!    10 ports each, one datagram each) reaches both servers through the agent: nobody is
+//!    sent a binding for them (a flow must last the refresh interval), checked in the
+//!    servers' logs at the end;
 //! 1. a connected UDP socket asks its first question through the agent (server X answers);
 //!    a second connected socket, opened then too, is given by the agent to the other server
 //!    Y (sockets are opened until one is);
@@ -25,6 +29,7 @@ use std::{
 
 use anycast_tests::{
     netns::Netns,
+    packet::{udp, Ip},
     route_opt,
     topology::{ServerMode, Topology, UDP_PORT},
     wait_until,
@@ -32,6 +37,59 @@ use anycast_tests::{
 use anyhow::{anyhow, bail, Result};
 
 const SERVICE: &str = "10.71.100.1 udp/5353";
+/// The spoofed sources: 10.71.1.128 to 10.71.1.227 (nobody's), 20 ports each.
+const SPOOFED: u32 = 2000;
+
+/// One UDP question from each spoofed source, sent with a raw socket in the client's
+/// namespace (the kernel routes it; the source is ours to write), paced at 100 per 20 ms.
+fn spoofed_flood(ns: &Netns) -> Result<()> {
+    ns.in_ns(|| {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if raw < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let anycast = Topology::anycast(false, UDP_PORT);
+        // SAFETY: all-zero is a valid sockaddr_in; the fields are set below.
+        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        to.sin_family = libc::AF_INET as u16;
+        if let std::net::IpAddr::V4(a) = anycast.ip() {
+            to.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+        }
+        for i in 0..SPOOFED {
+            let src = std::net::Ipv4Addr::new(10, 71, 1, 128 + (i % 100) as u8);
+            let mut datagram = udp(20_000 + (i / 100) as u16, UDP_PORT, b"who\n");
+            // No checksum (IPv4 allows it): a valid datagram, as a flood's would be.
+            datagram[6] = 0;
+            datagram[7] = 0;
+            let packet = Ip::new(src.into(), anycast.ip(), 17).packet(&datagram);
+            // SAFETY: a valid buffer and sockaddr_in of the right sizes.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    packet.as_ptr() as *const libc::c_void,
+                    packet.len(),
+                    0,
+                    &to as *const libc::sockaddr_in as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            if n < 0 {
+                bail!(
+                    "sending a spoofed datagram: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            if i % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    })
+}
 /// Tries per question (each waits `ANSWER_WAIT` for the answer).
 const TRIES: u32 = 3;
 const ANSWER_WAIT: Duration = Duration::from_millis(300);
@@ -119,6 +177,19 @@ fn a_udp_client_is_bound_and_only_its_new_and_named_flows_go_direct() -> Result<
     })?;
     let _daemon = route_opt::start_client(&topo.clients[0], &dir, 1, &[])?;
     let ns = &topo.clients[0];
+
+    // 0. The spoofed flood: it reaches the servers through the agent.
+    let flood0 = route_opt::agent_packets(&topo, None)?;
+    spoofed_flood(ns)?;
+    wait_until(
+        "the flood through the agent",
+        Duration::from_secs(5),
+        || Ok(route_opt::agent_packets(&topo, None)? >= flood0 + u64::from(SPOOFED) * 9 / 10),
+    )?;
+    println!(
+        "spoofed flood: the agent forwarded {} of {SPOOFED} datagrams",
+        route_opt::agent_packets(&topo, None)? - flood0
+    );
 
     // 1. The first question through the agent; a second socket the agent gives the other
     // server (each socket's flow is hashed on its own).
@@ -212,6 +283,26 @@ fn a_udp_client_is_bound_and_only_its_new_and_named_flows_go_direct() -> Result<
         all0,
         "the agent saw none of the new socket's datagrams"
     );
+    // The spoofed sources were sent no binding (the servers log each first binding).
+    let mut logs = String::new();
+    for s in &mut topo.servers {
+        if let Some(p) = s.decap.as_mut() {
+            logs.push_str(&p.output());
+        }
+    }
+    assert!(
+        logs.contains(&format!("17/{UDP_PORT} -> client 10.71.1.11")),
+        "the real client's binding is logged:\n{logs}"
+    );
+    let spoofed_bound: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("-> client 10.71.1.") && !l.contains("-> client 10.71.1.11"))
+        .collect();
+    assert!(
+        spoofed_bound.is_empty(),
+        "spoofed sources bound: {spoofed_bound:?}"
+    );
+
     // No question lost beyond the retries: each answered within TRIES tries, and few
     // needed a second.
     let retries = first.retries + other.retries + fresh.retries;

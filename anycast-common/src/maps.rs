@@ -88,7 +88,8 @@ pub const MAX_CLIENT_FLOWS: u32 = 65_536;
 /// (a UDP service has no per-client socket to find them by). An LRU map of
 /// [`MAX_SERVER_UDP_FLOWS`] entries: a flood of new flows evicts the oldest.
 pub const SERVER_UDP_FLOWS: &str = "SERVER_UDP_FLOWS";
-/// Entries of `SERVER_UDP_FLOWS`: as many as the clients the server daemon remembers.
+/// Entries of `SERVER_UDP_FLOWS` in the server (as many as the clients its daemon
+/// remembers); the agent and the client daemon load it with 1.
 pub const MAX_SERVER_UDP_FLOWS: u32 = 4096;
 /// `SERVER_UDP_FLOWS`: the decapsulator rewrites an entry's `last_ns` only when it is at
 /// least this old, so a busy flow costs one map lookup a packet and one write per interval;

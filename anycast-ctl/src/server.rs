@@ -115,6 +115,7 @@ const SERVER_SIZES: Sizes = Sizes {
     max_flows: 1,
     max_preference_tables: 1,
     max_client_flows: 1,
+    max_server_udp_flows: anycast_common::MAX_SERVER_UDP_FLOWS,
 };
 
 pub async fn run(opts: ServerOptions) -> Result<()> {

@@ -28,7 +28,8 @@ map_name!(SERVED, names::SERVED);
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap::COUNT, 0);
 map_name!(DECAP_STATS, names::DECAP_STATS);
-/// The UDP flows decapsulated for a served address, read by the server daemon.
+/// The UDP flows decapsulated for a served address, read by the server daemon (sized at
+/// load time: [`MAX_SERVER_UDP_FLOWS`] in the server, 1 elsewhere).
 #[map]
 static SERVER_UDP_FLOWS: LruHashMap<FlowKey, UdpSeen> =
     LruHashMap::with_max_entries(MAX_SERVER_UDP_FLOWS, 0);

@@ -664,6 +664,7 @@ impl ServerSide {
             max_flows: 1,
             max_preference_tables: 1,
             max_client_flows: 1,
+            max_server_udp_flows: anycast_common::MAX_SERVER_UDP_FLOWS,
         })?;
         let mut take = |name: &str| {
             ebpf.take_map(name)

@@ -744,30 +744,9 @@ impl ServerSide {
         Ok((r.return_value, out))
     }
 
-    /// The decapsulator's `SERVER_UDP_FLOWS`: every entry.
-    pub fn udp_flows(&self) -> Result<Vec<(FlowKey, anycast_common::UdpSeen)>> {
-        let m = self
-            .ebpf
-            .map(maps::SERVER_UDP_FLOWS)
-            .ok_or_else(|| anyhow!("no map {}", maps::SERVER_UDP_FLOWS))?;
-        let h: aya::maps::HashMap<&MapData, FlowKey, anycast_common::UdpSeen> =
-            aya::maps::HashMap::try_from(m)?;
-        Ok(h.iter().collect::<Result<_, _>>()?)
-    }
-
-    /// Empties `SERVER_UDP_FLOWS`.
-    pub fn clear_udp_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.udp_flows()?.into_iter().map(|(k, _)| k).collect();
-        let m = self
-            .ebpf
-            .map_mut(maps::SERVER_UDP_FLOWS)
-            .ok_or_else(|| anyhow!("no map {}", maps::SERVER_UDP_FLOWS))?;
-        let mut h: aya::maps::HashMap<&mut MapData, FlowKey, anycast_common::UdpSeen> =
-            aya::maps::HashMap::try_from(m)?;
-        for k in keys {
-            h.remove(&k)?;
-        }
-        Ok(())
+    /// The loaded object (for maps no helper here reads).
+    pub fn ebpf(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
     }
 
     /// Runs the decapsulation program on `input`, received on fx0.

@@ -8,15 +8,41 @@ use std::{
 };
 
 use anycast_common::{
-    decap, FlowKey, MAX_SERVER_UDP_FLOWS, PROTO_TCP, PROTO_UDP, UDP_SEEN_REFRESH_NS,
+    decap, maps, FlowKey, UdpSeen, MAX_SERVER_UDP_FLOWS, PROTO_TCP, PROTO_UDP, UDP_SEEN_REFRESH_NS,
 };
 use anycast_ctl::{server::AnycastSpec, server_binding::udp_connections_in};
 use anycast_tests::packet::{ethernet, Ip};
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
+use aya::maps::MapData;
 
 use crate::harness::*;
 
 const SERVED: [&str; 2] = ["192.0.2.10", "2001:db8::10"];
+
+/// The decapsulator's `SERVER_UDP_FLOWS`: every entry.
+fn udp_flows(side: &mut ServerSide) -> Result<Vec<(FlowKey, UdpSeen)>> {
+    let m = side
+        .ebpf()
+        .map(maps::SERVER_UDP_FLOWS)
+        .ok_or_else(|| anyhow!("no map {}", maps::SERVER_UDP_FLOWS))?;
+    let h: aya::maps::HashMap<&MapData, FlowKey, UdpSeen> = aya::maps::HashMap::try_from(m)?;
+    Ok(h.iter().collect::<Result<_, _>>()?)
+}
+
+/// Empties `SERVER_UDP_FLOWS`.
+fn clear_udp_flows(side: &mut ServerSide) -> Result<()> {
+    let keys: Vec<FlowKey> = udp_flows(side)?.into_iter().map(|(k, _)| k).collect();
+    let m = side
+        .ebpf()
+        .map_mut(maps::SERVER_UDP_FLOWS)
+        .ok_or_else(|| anyhow!("no map {}", maps::SERVER_UDP_FLOWS))?;
+    let mut h: aya::maps::HashMap<&mut MapData, FlowKey, UdpSeen> =
+        aya::maps::HashMap::try_from(m)?;
+    for k in keys {
+        h.remove(&k)?;
+    }
+    Ok(())
+}
 
 /// Runs one frame: it must be decapsulated into exactly `inner` behind the tunnel's MACs.
 fn decapsulates(side: &ServerSide, server: &str, frame: &[u8], inner: &[u8]) -> Result<()> {
@@ -55,9 +81,9 @@ fn decapsulated_udp_flows_are_recorded_and_nothing_else() -> Result<()> {
         ("fd09:2::11", &u6, &ip6),
         (SERVER_A, &u4_options, &ip4_options),
     ] {
-        side.clear_udp_flows()?;
+        clear_udp_flows(&mut side)?;
         decapsulates(&side, server, &tx_to(server, None, flow, inner), inner)?;
-        let flows = side.udp_flows()?;
+        let flows = udp_flows(&mut side)?;
         ensure!(flows.len() == 1, "{flows:?}");
         ensure!(
             flows[0].0 == key(flow),
@@ -73,7 +99,7 @@ fn decapsulated_udp_flows_are_recorded_and_nothing_else() -> Result<()> {
     // Not recorded: TCP (its clients are in the socket table), a later fragment of a UDP
     // packet (no ports), UDP cut before its ports (all decapsulated all the same), and UDP
     // to an address not served (not decapsulated).
-    side.clear_udp_flows()?;
+    clear_udp_flows(&mut side)?;
     let t4 = Flow::v4("192.0.2.10", PROTO_TCP, 42003, 53);
     let tcp = ip_packet(&t4);
     decapsulates(&side, SERVER_A, &tx_to(SERVER_A, None, &t4, &tcp), &tcp)?;
@@ -84,30 +110,34 @@ fn decapsulated_udp_flows_are_recorded_and_nothing_else() -> Result<()> {
     let other = Flow::v4("192.0.2.11", PROTO_UDP, 42004, 53);
     let (_, out) = side.run_decap(&tx_to(SERVER_A, None, &other, &ip_packet(&other)))?;
     ensure!(out == tx_to(SERVER_A, None, &other, &ip_packet(&other)));
-    ensure!(side.udp_flows()?.is_empty(), "{:?}", side.udp_flows()?);
+    ensure!(
+        udp_flows(&mut side)?.is_empty(),
+        "{:?}",
+        udp_flows(&mut side)?
+    );
     Ok(())
 }
 
 #[test]
 fn a_flows_last_seen_moves_only_after_the_refresh_interval() -> Result<()> {
     let mut side = ServerSide::new(&SERVED)?;
-    side.clear_udp_flows()?;
+    clear_udp_flows(&mut side)?;
     let u4 = Flow::v4("192.0.2.10", PROTO_UDP, 42000, 53);
     let frame = tx_to(SERVER_A, None, &u4, &ip_packet(&u4));
     side.run_decap(&frame)?;
-    let first = side.udp_flows()?[0].1;
+    let first = udp_flows(&mut side)?[0].1;
     // At once: the entry is not written again.
     for _ in 0..100 {
         side.run_decap(&frame)?;
     }
     ensure!(
-        side.udp_flows()?[0].1 == first,
+        udp_flows(&mut side)?[0].1 == first,
         "rewritten within the interval"
     );
     // After the interval: last seen moves, first seen stays.
     sleep(Duration::from_nanos(UDP_SEEN_REFRESH_NS) + Duration::from_millis(20));
     side.run_decap(&frame)?;
-    let later = side.udp_flows()?[0].1;
+    let later = udp_flows(&mut side)?[0].1;
     ensure!(later.first_ns == first.first_ns, "{first:?} -> {later:?}");
     ensure!(
         later.last_ns - later.first_ns >= UDP_SEEN_REFRESH_NS,
@@ -115,7 +145,7 @@ fn a_flows_last_seen_moves_only_after_the_refresh_interval() -> Result<()> {
     );
     // The server daemon now takes it for a client of udp/53.
     let specs: Vec<AnycastSpec> = vec!["192.0.2.10:udp:53".parse().unwrap()];
-    let (conns, _) = udp_connections_in(&side.udp_flows()?, &specs, later.last_ns);
+    let (conns, _) = udp_connections_in(&udp_flows(&mut side)?, &specs, later.last_ns);
     ensure!(conns.len() == 1 && conns[0].1 == (42000, 53), "{conns:?}");
     Ok(())
 }
@@ -125,7 +155,7 @@ fn a_flows_last_seen_moves_only_after_the_refresh_interval() -> Result<()> {
 /// timed.
 #[test]
 fn a_flood_of_new_udp_flows_stays_within_the_map() -> Result<()> {
-    let side = ServerSide::new(&SERVED)?;
+    let mut side = ServerSide::new(&SERVED)?;
     let n = MAX_SERVER_UDP_FLOWS + 1000;
     let start = Instant::now();
     for i in 0..n {
@@ -135,7 +165,7 @@ fn a_flood_of_new_udp_flows_stays_within_the_map() -> Result<()> {
     }
     let fill = start.elapsed();
     let start = Instant::now();
-    let flows = side.udp_flows()?;
+    let flows = udp_flows(&mut side)?;
     let read = start.elapsed();
     ensure!(
         flows.len() <= MAX_SERVER_UDP_FLOWS as usize

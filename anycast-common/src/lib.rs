@@ -42,6 +42,7 @@ pub use maps::{
     TokenBucket, AGENT_ANSWER_TOO_BIG, BUCKET_BURST_NS, BUCKET_TOO_BIG, BUCKET_UNSEEN_PINS,
     RATE_BUCKET_COUNT,
 };
+pub use maps::{UdpSeen, MAX_SERVER_UDP_FLOWS, UDP_SEEN_REFRESH_NS};
 pub use net::*;
 
 /// Program names, as they appear in the eBPF object.

@@ -82,6 +82,19 @@ pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
 /// Entries of `CLIENT_FLOWS`: the client's direct connections at once (the least recently
 /// used beyond it go back through the agent).
 pub const MAX_CLIENT_FLOWS: u32 = 65_536;
+/// Server side (route optimization): the UDP flows the decapsulator handed to the stack for
+/// a served anycast address ([`FlowKey`] as the client sent it: source the client, destination
+/// the anycast address, protocol UDP -> [`UdpSeen`]), so the server daemon can bind UDP clients
+/// (a UDP service has no per-client socket to find them by). An LRU map of
+/// [`MAX_SERVER_UDP_FLOWS`] entries: a flood of new flows evicts the oldest.
+pub const SERVER_UDP_FLOWS: &str = "SERVER_UDP_FLOWS";
+/// Entries of `SERVER_UDP_FLOWS` in the server (as many as the clients its daemon
+/// remembers); the agent and the client daemon load it with 1.
+pub const MAX_SERVER_UDP_FLOWS: u32 = 4096;
+/// `SERVER_UDP_FLOWS`: the decapsulator rewrites an entry's `last_ns` only when it is at
+/// least this old, so a busy flow costs one map lookup a packet and one write per interval;
+/// a flow whose `last_ns - first_ns` reaches it has sent two packets at least this far apart.
+pub const UDP_SEEN_REFRESH_NS: u64 = 500_000_000;
 
 /// The agent's maps, pinned in bpffs so the data path outlives its controller and a new
 /// controller (a restart or another build) adopts them with their contents.
@@ -416,6 +429,16 @@ pub struct ClientBinding {
     pub generation: u32,
 }
 
+/// Server side (`SERVER_UDP_FLOWS`): when a UDP flow was first and last seen, nanoseconds
+/// of `CLOCK_MONOTONIC` (`bpf_ktime_get_coarse_ns`: up to a tick behind). 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpSeen {
+    pub first_ns: u64,
+    /// Refreshed only when at least [`UDP_SEEN_REFRESH_NS`] old.
+    pub last_ns: u64,
+}
+
 /// Words of 64 bits in `ADDRESS_FILTER`: 65536 bits, so a few thousand anycast addresses
 /// still leave almost every other address's bit clear.
 pub const ADDRESS_FILTER_WORDS: u32 = 1024;
@@ -490,6 +513,7 @@ mod pod {
     unsafe impl aya::Pod for ReverseStats {}
     unsafe impl aya::Pod for SynAckTunnelConfig {}
     unsafe impl aya::Pod for ClientBinding {}
+    unsafe impl aya::Pod for UdpSeen {}
     unsafe impl aya::Pod for GenFrame {}
 }
 

@@ -115,6 +115,7 @@ const SERVER_SIZES: Sizes = Sizes {
     max_flows: 1,
     max_preference_tables: 1,
     max_client_flows: 1,
+    max_server_udp_flows: anycast_common::MAX_SERVER_UDP_FLOWS,
 };
 
 pub async fn run(opts: ServerOptions) -> Result<()> {
@@ -253,7 +254,15 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
             };
             // Refused here (wrong key, no certified real address) rather than in the task.
             crate::server_binding::Binder::new(b.clone())?;
-            Some(tokio::spawn(crate::server_binding::run(b, stop_rx)))
+            // The UDP flows the decapsulator saw: how UDP clients are found.
+            let udp = match ebpf.take_map(maps::SERVER_UDP_FLOWS) {
+                Some(m) => Some(BpfHashMap::try_from(m)?),
+                None => {
+                    tracing::warn!("no SERVER_UDP_FLOWS map: UDP clients are not bound");
+                    None
+                }
+            };
+            Some(tokio::spawn(crate::server_binding::run(b, udp, stop_rx)))
         }
         None => None,
     };

@@ -9,8 +9,15 @@
 //! `/proc/net/tcp6`) every [`POLL`]: a socket in SYN-RECV, ESTABLISHED or a closing state
 //! (TIME-WAIT lasts 60 s, so short connections are seen) whose local address is one of our
 //! anycast addresses is a client of that service. That is the first SYN-ACK
-//! give or take one poll; UDP services have no per-client socket and are not bound. The
-//! table of clients is bounded ([`MAX_CLIENTS`]), and so are the sends per poll.
+//! give or take one poll. The table of clients is bounded ([`MAX_CLIENTS`]), and so are
+//! the sends per poll.
+//!
+//! UDP services have no per-client socket: their clients are found in the decapsulator's
+//! `SERVER_UDP_FLOWS` (every UDP flow it handed to the stack for a served address, with when
+//! it was first and last seen), read every [`POLL`] too ([`udp_connections_in`]). A UDP flow
+//! is a client's connection once it lasted [`UDP_SEEN_REFRESH_NS`] (two datagrams at least
+//! that far apart: a spoofed single datagram binds nobody) and while it sent something in the
+//! last [`UDP_IDLE`]; flows idle longer are deleted from the map.
 //!
 //! A multi-homed server (claims 5 and 10): every [`POLL`] the addresses the host can send
 //! from are read too ([`crate::host::usable_addresses`]: on an interface up and running).
@@ -31,9 +38,10 @@ use std::{
 use anycast_common::{
     pki::{Certificate, SigningKey},
     wire::{self, Body, Message, Options, ServiceSelector},
-    PROTO_TCP,
+    words_addr, FlowKey, UdpSeen, PROTO_TCP, PROTO_UDP, UDP_SEEN_REFRESH_NS,
 };
 use anyhow::{anyhow, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use tokio::{net::UdpSocket, sync::watch};
 
 use crate::{
@@ -47,6 +55,14 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub const MAX_CLIENTS: usize = 4096;
 /// Bindings sent per poll at most (new and refreshed).
 pub const MAX_SENDS_PER_POLL: usize = 256;
+/// `SERVER_UDP_FLOWS` holding at least this many flows is read every
+/// [`UDP_FULL_READ_POLLS`] polls only: reading costs about 4 us a flow (a full map of 4096,
+/// 14-19 ms), so a flood that fills it costs at most 2% of a core instead of 9%.
+pub const UDP_BUSY_FLOWS: usize = 1024;
+pub const UDP_FULL_READ_POLLS: u32 = 5;
+/// A UDP flow counts as an open connection of its client while it sent something this
+/// recently (conntrack's UDP timeout); older entries of `SERVER_UDP_FLOWS` are deleted.
+pub const UDP_IDLE: Duration = Duration::from_secs(30);
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
 
 #[derive(Clone)]
@@ -146,6 +162,85 @@ pub fn connections_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Connection>
     out.sort();
     out.dedup();
     out
+}
+
+/// The UDP clients of our anycast services in `SERVER_UDP_FLOWS` entries (`now_ns`: the
+/// `CLOCK_MONOTONIC` time): one connection per flow to an anycast address of `specs` whose
+/// spec is UDP (`ADDR:udp:PORT`: that service) or the whole address (the service is then
+/// UDP and the flow's port, as a whole address's TCP clients get TCP and theirs), that
+/// lasted at least [`UDP_SEEN_REFRESH_NS`] and sent something in the last [`UDP_IDLE`].
+/// Also returns the flows idle longer, to delete.
+pub fn udp_connections_in(
+    entries: &[(FlowKey, UdpSeen)],
+    specs: &[AnycastSpec],
+    now_ns: u64,
+) -> (Vec<Connection>, Vec<FlowKey>) {
+    let idle = UDP_IDLE.as_nanos() as u64;
+    let mut out = Vec::new();
+    let mut stale = Vec::new();
+    for (k, seen) in entries {
+        if now_ns.saturating_sub(seen.last_ns) > idle {
+            stale.push(*k);
+            continue;
+        }
+        // A flow seen once (or in one burst) is no client yet: a spoofed source sends once.
+        if k.proto != PROTO_UDP || seen.last_ns.saturating_sub(seen.first_ns) < UDP_SEEN_REFRESH_NS
+        {
+            continue;
+        }
+        let anycast = words_addr(k.dst, k.family);
+        let service = specs.iter().find_map(|s| {
+            if s.address != anycast {
+                return None;
+            }
+            match s.selector {
+                None => Some((PROTO_UDP, k.dport)),
+                Some(sel)
+                    if sel.protocol == PROTO_UDP && (sel.port == 0 || sel.port == k.dport) =>
+                {
+                    Some((sel.protocol, sel.port))
+                }
+                Some(_) => None,
+            }
+        });
+        if let Some(service) = service {
+            let seen = Seen {
+                client: words_addr(k.src, k.family),
+                anycast,
+                service,
+            };
+            out.push((seen, (k.sport, k.dport)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    (out, stale)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `SERVER_UDP_FLOWS`' times.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads `SERVER_UDP_FLOWS` (one `BPF_MAP_GET_NEXT_KEY` and one lookup per entry) into the
+/// UDP clients' connections, and deletes the flows idle for longer than [`UDP_IDLE`].
+/// Also returns how many flows it held.
+pub fn read_udp_flows(
+    map: &mut BpfHashMap<MapData, FlowKey, UdpSeen>,
+    specs: &[AnycastSpec],
+) -> (Vec<Connection>, usize) {
+    let entries: Vec<(FlowKey, UdpSeen)> = map.iter().filter_map(|e| e.ok()).collect();
+    let (out, stale) = udp_connections_in(&entries, specs, monotonic_ns());
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    (out, entries.len())
 }
 
 /// The index of a family in [`Binder`]'s per-family arrays.
@@ -484,8 +579,13 @@ async fn bind_real(real: Option<IpAddr>, v4: bool) -> Option<UdpSocket> {
     }
 }
 
-/// Runs until `stop` turns true, then sends the withdrawals and returns.
-pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Result<()> {
+/// Runs until `stop` turns true, then sends the withdrawals and returns. `udp`: the
+/// decapsulator's `SERVER_UDP_FLOWS`, whose clients are bound too.
+pub async fn run(
+    opts: BindingOptions,
+    mut udp: Option<BpfHashMap<MapData, FlowKey, UdpSeen>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
     let port = opts.port;
     let mut binder = Binder::new(opts)?;
     // A real address already unusable at the start is not the one used.
@@ -498,11 +598,14 @@ pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Resul
     let mut v6 = bind_real(binder.in_use(false), false).await;
     let specs = binder.opts.anycast.clone();
     tracing::info!(
-        "route optimization: binding new TCP clients to {:?}, lifetime {:?}",
+        "route optimization: binding new TCP and UDP clients to {:?}, lifetime {:?}",
         binder.opts.real,
         binder.opts.lifetime
     );
     let mut tick = tokio::time::interval(POLL);
+    // The UDP clients of the last read, kept between reads while the map is busy.
+    let mut udp_seen: Vec<Connection> = Vec::new();
+    let mut udp_skip = 0u32;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -529,6 +632,16 @@ pub async fn run(opts: BindingOptions, mut stop: watch::Receiver<bool>) -> Resul
                     if let Ok(text) = std::fs::read_to_string(path) {
                         seen.extend(connections_in(&text, &specs));
                     }
+                }
+                if let Some(map) = udp.as_mut() {
+                    if udp_skip == 0 {
+                        let (conns, held) = read_udp_flows(map, &specs);
+                        udp_seen = conns;
+                        udp_skip = if held >= UDP_BUSY_FLOWS { UDP_FULL_READ_POLLS - 1 } else { 0 };
+                    } else {
+                        udp_skip -= 1;
+                    }
+                    seen.extend(udp_seen.iter().copied());
                 }
                 let batch = binder.poll(&seen, now);
                 send_all(&v4, &v6, port, batch).await;

@@ -407,3 +407,190 @@ fn a_binding_names_the_clients_connections_and_a_new_one_is_named_at_once() {
 fn conns(clients: &[Seen]) -> Vec<Connection> {
     clients.iter().map(|s| (*s, (40_000, 80))).collect()
 }
+
+/// A `SERVER_UDP_FLOWS` entry: `client:port` to `anycast:service_port`, first seen at
+/// `first` and last at `last` (milliseconds).
+fn udp_flow(
+    client: &str,
+    port: u16,
+    anycast: &str,
+    service_port: u16,
+    first: u64,
+    last: u64,
+) -> (FlowKey, UdpSeen) {
+    (
+        FlowKey::new(ip(client), ip(anycast), PROTO_UDP, port, service_port),
+        UdpSeen {
+            first_ns: first * 1_000_000,
+            last_ns: last * 1_000_000,
+        },
+    )
+}
+
+#[test]
+fn udp_clients_are_read_from_the_decapsulators_flows() {
+    let specs: Vec<AnycastSpec> = vec![
+        "10.71.100.1:udp:53".parse().unwrap(),
+        "fd71:100::1".parse().unwrap(),
+        "10.71.100.2:tcp:53".parse().unwrap(),
+    ];
+    let now = 100_000; // ms
+    let entries = [
+        // Lasted 600 ms, seen just now: a client of 10.71.100.1 udp/53.
+        udp_flow(
+            "10.71.1.11",
+            40_000,
+            "10.71.100.1",
+            53,
+            now - 700,
+            now - 100,
+        ),
+        // Lasted exactly the refresh interval: a client too.
+        udp_flow("10.71.1.12", 40_001, "10.71.100.1", 53, now - 500, now),
+        // Another port of an address served for udp/53 only.
+        udp_flow("10.71.1.11", 40_002, "10.71.100.1", 54, now - 700, now),
+        // Seen once, or within less than the refresh interval: no client yet (a spoofed
+        // source sends once).
+        udp_flow("10.71.1.13", 40_003, "10.71.100.1", 53, now, now),
+        udp_flow("10.71.1.14", 40_004, "10.71.100.1", 53, now - 499, now),
+        // A whole address: the service is UDP and the flow's port.
+        udp_flow(
+            "fd71:1::11",
+            40_005,
+            "fd71:100::1",
+            5353,
+            now - 2000,
+            now - 1000,
+        ),
+        // An address served for TCP only, and one not served.
+        udp_flow("10.71.1.11", 40_006, "10.71.100.2", 53, now - 2000, now),
+        udp_flow("10.71.1.11", 40_007, "10.71.100.9", 53, now - 2000, now),
+        // Idle for longer than UDP_IDLE: deleted, not a connection.
+        udp_flow(
+            "10.71.1.15",
+            40_008,
+            "10.71.100.1",
+            53,
+            now - 40_000,
+            now - 30_001,
+        ),
+    ];
+    let (conns, stale) = udp_connections_in(&entries, &specs, now * 1_000_000);
+    let udp = |client: &str, anycast: &str, port: u16, cport: u16| {
+        (
+            Seen {
+                client: ip(client),
+                anycast: ip(anycast),
+                service: (PROTO_UDP, port),
+            },
+            (cport, port),
+        )
+    };
+    assert_eq!(
+        conns,
+        vec![
+            udp("10.71.1.11", "10.71.100.1", 53, 40_000),
+            udp("10.71.1.12", "10.71.100.1", 53, 40_001),
+            udp("fd71:1::11", "fd71:100::1", 5353, 40_005),
+        ]
+    );
+    assert_eq!(stale, vec![entries[8].0]);
+    // A flow idle for exactly UDP_IDLE still counts.
+    let edge = [udp_flow(
+        "10.71.1.11",
+        40_000,
+        "10.71.100.1",
+        53,
+        now - 31_000,
+        now - 30_000,
+    )];
+    assert_eq!(
+        udp_connections_in(&edge, &specs, now * 1_000_000).0.len(),
+        1
+    );
+}
+
+#[test]
+fn a_udp_client_is_sent_a_binding_naming_its_flow_that_it_takes() {
+    let mut b = binder_with(12, CERTIFIED, REAL);
+    let specs: Vec<AnycastSpec> = vec![
+        "10.71.100.1:udp:53".parse().unwrap(),
+        "fd71:100::1".parse().unwrap(),
+    ];
+    let entries = [
+        udp_flow("10.71.1.11", 40_000, "10.71.100.1", 53, 1000, 1600),
+        udp_flow("fd71:1::11", 40_001, "fd71:100::1", 5353, 1000, 1600),
+    ];
+    let (conns, _) = udp_connections_in(&entries, &specs, 2_000_000_000);
+    let sent = b.poll(&conns, Instant::now());
+    assert_eq!(sent.len(), 2);
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for ((seen, payload), (anycast, port, cport)) in sent
+        .iter()
+        .zip([("10.71.100.1", 53, 40_000), ("fd71:100::1", 5353, 40_001)])
+    {
+        let mut client = verifier_for(&seen.client.to_string());
+        let real = if seen.client.is_ipv4() {
+            "10.71.2.11"
+        } else {
+            "fd71:2::11"
+        };
+        let r = client.check(payload, ip(real), now_secs);
+        let Ok(Accepted::Bound { key, named, .. }) = r else {
+            panic!("not bound: {r:?}");
+        };
+        // The client's key: the UDP service (a whole address's flow: its port), so its
+        // tunnel looks the datagrams up as (address, 17, port).
+        assert_eq!(
+            (key.anycast, key.protocol, key.port),
+            (ip(anycast), PROTO_UDP, port)
+        );
+        assert_eq!(named.protocol, PROTO_UDP);
+        assert_eq!(named.ports, vec![(cport, port)]);
+    }
+}
+
+/// A spoofed-source UDP flood through the agent: one datagram from each of 20 000 sources
+/// binds nobody; an attacker who sends each spoofed source twice, far enough apart, gets at
+/// most MAX_SENDS_PER_POLL bindings a poll sent, and MAX_CLIENTS remembered.
+#[test]
+fn a_spoofed_udp_flood_is_not_sent_bindings_beyond_the_bounds() {
+    let mut b = binder(60);
+    let specs: Vec<AnycastSpec> = vec!["10.71.100.1:udp:53".parse().unwrap()];
+    let spoofed = |i: u32, lasted: u64| {
+        let a = std::net::Ipv4Addr::from(0x0a80_0000 + i);
+        udp_flow(
+            &a.to_string(),
+            1024 + (i % 60_000) as u16,
+            "10.71.100.1",
+            53,
+            1000,
+            1000 + lasted,
+        )
+    };
+    let once: Vec<(FlowKey, UdpSeen)> = (0..20_000).map(|i| spoofed(i, 0)).collect();
+    let (conns, _) = udp_connections_in(&once, &specs, 2_000_000_000);
+    assert!(conns.is_empty());
+    let t0 = Instant::now();
+    assert!(b.poll(&conns, t0).is_empty());
+    // Twice each, 500 ms apart: bounded per poll and in all.
+    let twice: Vec<(FlowKey, UdpSeen)> = (0..20_000).map(|i| spoofed(i, 500)).collect();
+    let (conns, _) = udp_connections_in(&twice, &specs, 2_000_000_000);
+    assert_eq!(conns.len(), 20_000);
+    let mut total = 0;
+    for i in 0..40 {
+        let sent = b.poll(&conns, t0 + POLL * i);
+        assert!(
+            sent.len() <= MAX_SENDS_PER_POLL,
+            "{} in one poll",
+            sent.len()
+        );
+        total += sent.len();
+    }
+    assert_eq!(total, MAX_CLIENTS, "each remembered client bound once");
+    assert_eq!(b.counters["bindings_sent"], MAX_CLIENTS as u64);
+    assert!(b.counters["clients_over_limit"] > 0);
+}

@@ -285,8 +285,8 @@ fn route_optimization_binds_clients_refuses_impostors_and_falls_back() -> anyhow
     );
     assert!(limited >= 2000, "the rate limit dropped most of them");
     let before = agent_packets(&topo, None)?;
-    // A UDP question (UDP services are never bound; an HTTP connection would get its server
-    // to bind the client already).
+    // A UDP question (answered at once, one datagram: a UDP flow is bound only once it
+    // lasted 500 ms; an HTTP connection would get its server to bind the client already).
     let (answered, _) = topo.clients[0].in_ns(|| udp_ask(Topology::anycast(false, UDP_PORT)))?;
     assert_eq!(client.bound_to()?, None);
     assert!(

@@ -78,6 +78,7 @@ const CLIENT_SIZES: Sizes = Sizes {
     max_flows: 1,
     max_preference_tables: 1,
     max_client_flows: anycast_common::MAX_CLIENT_FLOWS,
+    max_server_udp_flows: 1,
 };
 
 /// Datagrams waiting for the owner; more are dropped (`dropped_queue_full`).

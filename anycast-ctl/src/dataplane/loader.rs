@@ -18,6 +18,8 @@ pub struct Sizes {
     pub max_preference_tables: u32,
     /// Entries of the client tunnel's `CLIENT_FLOWS`: only the client daemon uses it.
     pub max_client_flows: u32,
+    /// Entries of the server's `SERVER_UDP_FLOWS`: only the server uses it.
+    pub max_server_udp_flows: u32,
 }
 
 impl Sizes {
@@ -29,6 +31,7 @@ impl Sizes {
             max_flows,
             max_preference_tables: DEFAULT_MAX_PREFERENCE_TABLES,
             max_client_flows: 1,
+            max_server_udp_flows: 1,
         }
     }
 
@@ -74,7 +77,8 @@ pub(super) fn load_object_pinned(
         .map_max_entries(maps::SERVICES, sizes.max_services)
         .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
         .map_max_entries(maps::SERVICE_ADDRS, sizes.max_services)
-        .map_max_entries(maps::CLIENT_FLOWS, sizes.max_client_flows.max(1));
+        .map_max_entries(maps::CLIENT_FLOWS, sizes.max_client_flows.max(1))
+        .map_max_entries(maps::SERVER_UDP_FLOWS, sizes.max_server_udp_flows.max(1));
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
     }

@@ -84,6 +84,7 @@ impl ClientSide {
             max_flows: 1,
             max_preference_tables: 1,
             max_client_flows: 64,
+            max_server_udp_flows: 1,
         })?;
         let mut take = |name: &str| {
             ebpf.take_map(name)

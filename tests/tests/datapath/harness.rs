@@ -664,6 +664,7 @@ impl ServerSide {
             max_flows: 1,
             max_preference_tables: 1,
             max_client_flows: 1,
+            max_server_udp_flows: anycast_common::MAX_SERVER_UDP_FLOWS,
         })?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -741,6 +742,11 @@ impl ServerSide {
             .context("BPF_PROG_TEST_RUN (sched_cls)")?;
         out.truncate(r.data_size_out as usize);
         Ok((r.return_value, out))
+    }
+
+    /// The loaded object (for maps no helper here reads).
+    pub fn ebpf(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
     }
 
     /// Runs the decapsulation program on `input`, received on fx0.

@@ -34,3 +34,4 @@ mod sweep_under_traffic;
 mod syn_ack_tunnel;
 mod syn_flood;
 mod too_big;
+mod udp_flows;

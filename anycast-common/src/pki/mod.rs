@@ -77,6 +77,9 @@ pub const CERT_CONTEXT: &[u8] = b"anycast certificate v1\0";
 pub const REVOCATION_CONTEXT: &[u8] = b"anycast revocation list v1\0";
 /// What a server's signature on a binding for a client covers first (see `wire`).
 pub const BINDING_CONTEXT: &[u8] = b"anycast client binding v1\0";
+/// What a server's signature on a binding update to an agent covers first (a
+/// certificate-signed registration): never valid as a client binding, nor the reverse.
+pub const REGISTRATION_CONTEXT: &[u8] = b"anycast registration v1\0";
 
 const CERT_FIXED: usize = 59;
 const REVOCATION_FIXED: usize = 28;

@@ -34,7 +34,25 @@ pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
     if cfg.identity.chars().any(char::is_control) {
         bail!("identity: {:?} contains control characters", cfg.identity);
     }
-    if cfg.key.len() < MIN_KEY_BYTES {
+    if let Some(c) = &cfg.certificate {
+        let cert = anycast_common::pki::Certificate::decode(&c.certificate)
+            .map_err(|e| anyhow!("certificate: {e}"))?;
+        if cert.body.identity != cfg.identity {
+            bail!(
+                "certificate: issued to '{}', not to this server's identity '{}'",
+                cert.body.identity,
+                cfg.identity
+            );
+        }
+        if cert.subject_key() != c.key.verifying_key() {
+            bail!("certificate: it names another key than the signing key given");
+        }
+        if cfg.discovery.is_some() {
+            bail!(
+                "discovery: agent discovery needs a key (its requests are authenticated with it)"
+            );
+        }
+    } else if cfg.key.len() < MIN_KEY_BYTES {
         bail!(
             "key: {} bytes; at least {MIN_KEY_BYTES} are needed",
             cfg.key.len()

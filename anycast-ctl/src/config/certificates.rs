@@ -63,3 +63,54 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(certificates: &str) -> String {
+        format!(
+            r#"{{
+              "interfaces": ["eth0"],
+              "agent_address": {{"v4": "10.0.0.1"}},
+              "services": [
+                {{"name": "web", "address": "192.0.2.10", "protocol": "tcp", "port": 80,
+                  "servers": []}}
+              ],
+              "registration": {{"servers": [], "certificates": {certificates}}}
+            }}"#
+        )
+    }
+
+    #[test]
+    fn certificate_registration_parses_with_defaults_and_names_its_services() {
+        let c = Config::parse(&config(r#"{"trust": ["op.pub"], "services": ["web"]}"#)).unwrap();
+        let cr = c.registration.unwrap().certificates.unwrap();
+        assert_eq!(cr.checks_per_second, 200);
+        assert!(!cr.keyed_identities);
+        assert_eq!(cr.revocations, None);
+        for (text, field) in [
+            (
+                r#"{"trust": [], "services": ["web"]}"#,
+                "registration.certificates.trust",
+            ),
+            (
+                r#"{"trust": ["op.pub"], "services": []}"#,
+                "registration.certificates.services",
+            ),
+            (
+                r#"{"trust": ["op.pub"], "services": ["mail"]}"#,
+                "registration.certificates.services[0]",
+            ),
+            (
+                r#"{"trust": ["op.pub"], "services": ["web"], "checks_per_second": 0}"#,
+                "registration.certificates.checks_per_second",
+            ),
+        ] {
+            assert_eq!(Config::parse(&config(text)).unwrap_err().field, field);
+        }
+        assert!(
+            Config::parse(&config(r#"{"trust": ["a"], "services": ["web"], "x": 1}"#)).is_err()
+        );
+    }
+}

@@ -646,3 +646,38 @@ fn the_largest_certificate_signed_update_fits_the_agents_buffer() {
         Some(bytes)
     );
 }
+
+/// The README's byte-by-byte example: identity `s1`, IPv4 addresses, a service selector and
+/// a 199-byte certificate.
+#[test]
+fn the_readme_example_layout_holds() {
+    let cert = Cert {
+        identity: "s1",
+        real: vec![
+            "10.71.2.11/32",
+            "fd71:2::11/128",
+            "10.71.3.11/32",
+            "fd71:3::11/128",
+        ],
+        anycast: vec!["10.71.100.1/32", "fd71:100::1/128"],
+        ..c1_cert()
+    };
+    assert_eq!(cert.bytes().len(), 199);
+    let payload = CertBu {
+        home: "10.71.100.1",
+        real: Some("10.71.2.11"),
+        ..cert_bu(&cert, 1, WALL)
+    }
+    .bytes();
+    assert_eq!(payload.len(), 416);
+    let mh = &payload[40..];
+    assert_eq!(mh[1], 46, "header length");
+    assert_eq!(&mh[14..16], &[3, 16], "Alt-CoA");
+    assert_eq!(&mh[32..37], &[8, 3, 1, b's', b'1'], "MN-ID");
+    assert_eq!(&mh[42..44], &[10, 8], "MESG-ID");
+    assert_eq!(&mh[52..54], &[48, 18], "load");
+    assert_eq!(&mh[74..81], &[19, 8, 0, 0, 0, 0, 1], "service");
+    assert_eq!(&mh[86..93], &[19, 204, 0, 0, 0, 0, 3], "certificate part");
+    assert_eq!(&mh[298..306], &[19, 76, 0, 0, 0, 0, 4, 1], "signature");
+    assert_eq!(mh.len(), 376);
+}

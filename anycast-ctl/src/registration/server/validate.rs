@@ -114,3 +114,62 @@ pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use anycast_common::pki::{CertPrefix, Certificate, CertificateBody, SigningKey};
+
+    use super::super::tests::config;
+    use super::*;
+
+    fn certificate(identity: &str, key: &SigningKey) -> Vec<u8> {
+        let host = |s: &str| CertPrefix::new(s.parse().unwrap(), 32).unwrap();
+        let body = CertificateBody {
+            serial: 1,
+            not_before: 0,
+            not_after: u64::MAX / 2,
+            subject_key: key.verifying_key().to_bytes(),
+            identity: identity.into(),
+            real: vec![host("10.0.2.11")],
+            anycast: vec![host("192.0.2.1")],
+        };
+        Certificate::issue(body, &SigningKey::from_bytes(&[9; 32]))
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+
+    #[test]
+    fn registering_with_a_certificate_needs_no_key_but_a_matching_identity_and_key() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let with = |identity: &str, signing: &SigningKey| ClientConfig {
+            key: Vec::new(),
+            certificate: Some(RegistrationCertificate {
+                certificate: certificate(identity, &key),
+                key: signing.clone(),
+            }),
+            ..config("10.0.0.1:4191".parse().unwrap(), "10.0.2.11", "192.0.2.1")
+        };
+        assert!(validate(&with("s1", &key)).is_ok(), "no key needed");
+        let e = validate(&with("s2", &key)).unwrap_err().to_string();
+        assert!(e.contains("issued to 's2'"), "{e}");
+        let e = validate(&with("s1", &SigningKey::from_bytes(&[6; 32])))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another key"), "{e}");
+        let discovering = ClientConfig {
+            discovery: Some("10.0.0.9:4191".parse().unwrap()),
+            ..with("s1", &key)
+        };
+        let e = validate(&discovering).unwrap_err().to_string();
+        assert!(e.contains("needs a key"), "{e}");
+        let keyless = ClientConfig {
+            key: Vec::new(),
+            ..config("10.0.0.1:4191".parse().unwrap(), "10.0.2.11", "192.0.2.1")
+        };
+        assert!(
+            validate(&keyless).is_err(),
+            "without a certificate a key is needed"
+        );
+    }
+}

@@ -26,7 +26,9 @@
 //! 6. the MESG-ID is within the replay window, not older than the agent's start
 //!    (`stale`), and newer than the identity's last accepted one (`replayed`);
 //! 7. a check is in the budget (else dropped unanswered: `dropped_certificate_rate_limited`);
-//! 8. the certificate is signed by a trust anchor (`untrusted`), and the update by the
+//! 8. the certificate's key is a usable Ed25519 key (`bad_certificate_bad_subject_key`;
+//!    checked here because decompressing it costs several microseconds), the certificate is
+//!    signed by a trust anchor (`untrusted`), and the update by the
 //!    certificate's key (`bad_signature`).
 //!
 //! Then the update goes on as an authenticated one (per-identity budget, replay, care-of
@@ -222,11 +224,17 @@ impl Registry {
             return Err(CertRefusal::NotAccepted);
         };
         let o = &msg.options;
-        let (Some(cert), Some(real), Some(ts)) = (&o.certificate, o.alt_coa, o.mesg_id) else {
+        let (Some(cert_bytes), Some(real), Some(ts)) = (&o.certificate, o.alt_coa, o.mesg_id)
+        else {
             return Err(CertRefusal::MissingOption);
         };
-        let cert = Certificate::decode(cert).map_err(CertRefusal::BadCertificate)?;
-        if cert.body.identity != identity {
+        // Its fields only: the subject key's check (a curve point decompression, most of a
+        // full decode's cost) waits for the budget, with the signatures.
+        let body = Certificate::peek(cert_bytes).map_err(CertRefusal::BadCertificate)?;
+        let covers = |prefixes: &[anycast_common::pki::CertPrefix], ip: IpAddr| {
+            prefixes.iter().any(|p| p.contains(ip))
+        };
+        if body.identity != identity {
             return Err(CertRefusal::IdentityMismatch);
         }
         let keyed = self
@@ -237,26 +245,26 @@ impl Registry {
             return Err(CertRefusal::IdentityHasKey);
         }
         let unix = u64::try_from(wire::ntp_to_unix_secs(wall)).unwrap_or(0);
-        if unix < cert.body.not_before {
+        if unix < body.not_before {
             return Err(CertRefusal::NotYetValid);
         }
-        if !cert.valid_at(unix) {
+        if unix > body.not_after {
             return Err(CertRefusal::Expired);
         }
-        if policy.revoked.is_revoked(cert.body.serial) {
+        if policy.revoked.is_revoked(body.serial) {
             return Err(CertRefusal::Revoked);
         }
         let home = wire::from_mapped(msg.src);
-        if !cert.allows_anycast(home) {
+        if !covers(&body.anycast, home) {
             return Err(CertRefusal::AnycastNotCertified);
         }
         if !policy.accepts(home, o.service.map(|s| (s.protocol, s.port))) {
             return Err(CertRefusal::ServiceNotAccepting);
         }
-        if !cert.allows_real(wire::from_mapped(real)) {
+        if !covers(&body.real, wire::from_mapped(real)) {
             return Err(CertRefusal::RealNotCertified);
         }
-        if !cert.allows_real(from.ip().to_canonical()) {
+        if !covers(&body.real, from.ip().to_canonical()) {
             return Err(CertRefusal::SourceNotCertified);
         }
         // A snapshot entry is an old stored message: its liveness is judged later, by its
@@ -278,6 +286,7 @@ impl Registry {
             return Err(CertRefusal::RateLimited);
         }
         let policy = self.certificates.as_ref().expect("checked above");
+        let cert = Certificate::decode(cert_bytes).map_err(CertRefusal::BadCertificate)?;
         if !policy.anchors.iter().any(|a| cert.issued_by(a)) {
             return Err(CertRefusal::Untrusted);
         }

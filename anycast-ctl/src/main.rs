@@ -330,6 +330,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // keys, unknown control groups.
             let keys = c.load_keys(&config).map_err(invalid)?;
             c.load_relay_keys(&config).map_err(invalid)?;
+            // The operator keys and the revocation list of certificate-signed registration.
+            anycast_ctl::registration::agent::CertificatePolicy::load(&c, &config)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e:#}"))?;
             c.control_access().map_err(invalid)?;
             for w in c.warnings() {
                 eprintln!("warning: {w}");

@@ -133,7 +133,9 @@ enum Command {
         /// This server's identity (the agent's policy names it).
         #[arg(long)]
         id: Option<String>,
-        /// File with this server's secret key (hex).
+        /// File with this server's secret key (hex). Without it, and with --certificate and
+        /// --signing-key, the binding updates are signed with the certificate's key instead
+        /// (the agents need registration.certificates).
         #[arg(long)]
         key: Option<PathBuf>,
         /// Security parameter index of the key.
@@ -328,6 +330,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // keys, unknown control groups.
             let keys = c.load_keys(&config).map_err(invalid)?;
             c.load_relay_keys(&config).map_err(invalid)?;
+            // The operator keys and the revocation list of certificate-signed registration.
+            anycast_ctl::registration::agent::CertificatePolicy::load(&c, &config)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e:#}"))?;
             c.control_access().map_err(invalid)?;
             for w in c.warnings() {
                 eprintln!("warning: {w}");
@@ -445,6 +450,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }),
                 _ => None,
             };
+            // No --key but a certificate: register with the certificate.
+            let by_certificate = match (&key, &route_optimization) {
+                (None, Some(ro)) => {
+                    Some(anycast_ctl::registration::server::RegistrationCertificate {
+                        certificate: ro.certificate.as_bytes().to_vec(),
+                        key: ro.key.clone(),
+                    })
+                }
+                _ => None,
+            };
             let registration = if agents.is_empty() && agent_discovery.is_none() {
                 if id.is_some() || key.is_some() {
                     anyhow::bail!("--id and --key need --agent or --agent-discovery");
@@ -456,16 +471,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .map(|a| parse_agent(a))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let discovery = agent_discovery.as_deref().map(parse_agent).transpose()?;
-                let identity =
-                    id.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --id"))?;
-                let key =
-                    key.ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --key"))?;
+                // With a certificate the identity defaults to the certificate's.
+                let cert_identity = route_optimization
+                    .as_ref()
+                    .filter(|_| by_certificate.is_some())
+                    .map(|ro| ro.certificate.body.identity.clone());
+                let identity = id
+                    .or(cert_identity)
+                    .ok_or_else(|| anyhow::anyhow!("--agent and --agent-discovery need --id"))?;
+                let key = match key {
+                    Some(k) => keys::read_key(&k)?,
+                    None if by_certificate.is_some() => Vec::new(),
+                    None => anyhow::bail!(
+                        "--agent and --agent-discovery need --key (or --certificate and \
+                         --signing-key to register with the certificate)"
+                    ),
+                };
                 Some(server::RegistrationOptions {
                     agents,
                     discovery,
                     identity,
                     spi,
-                    key: keys::read_key(&key)?,
+                    key,
+                    certificate: by_certificate,
                     real,
                     lifetime: std::time::Duration::from_secs(lifetime),
                     priority,

@@ -95,7 +95,10 @@ pub struct RegistrationOptions {
     pub discovery: Option<SocketAddr>,
     pub identity: String,
     pub spi: u32,
+    /// Empty when registering with the certificate.
     pub key: Vec<u8>,
+    /// Register with `--certificate`/`--signing-key` instead of a key (`--key` not given).
+    pub certificate: Option<crate::registration::server::RegistrationCertificate>,
     /// Real addresses to bind through; empty: the global addresses of the interfaces.
     pub real: Vec<IpAddr>,
     pub lifetime: Duration,
@@ -284,6 +287,7 @@ pub async fn run(opts: ServerOptions) -> Result<()> {
                 identity: reg.identity.clone(),
                 spi: reg.spi,
                 key: reg.key.clone(),
+                certificate: reg.certificate.clone(),
                 bindings: opts
                     .anycast
                     .iter()

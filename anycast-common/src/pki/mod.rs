@@ -77,6 +77,9 @@ pub const CERT_CONTEXT: &[u8] = b"anycast certificate v1\0";
 pub const REVOCATION_CONTEXT: &[u8] = b"anycast revocation list v1\0";
 /// What a server's signature on a binding for a client covers first (see `wire`).
 pub const BINDING_CONTEXT: &[u8] = b"anycast client binding v1\0";
+/// What a server's signature on a binding update to an agent covers first (a
+/// certificate-signed registration): never valid as a client binding, nor the reverse.
+pub const REGISTRATION_CONTEXT: &[u8] = b"anycast registration v1\0";
 
 const CERT_FIXED: usize = 59;
 const REVOCATION_FIXED: usize = 28;
@@ -310,6 +313,15 @@ fn read_prefixes(r: &mut Reader) -> Result<Vec<CertPrefix>, PkiError> {
 }
 
 fn body_valid(b: &CertificateBody) -> Result<(), PkiError> {
+    body_form_valid(b)?;
+    match VerifyingKey::from_bytes(&b.subject_key) {
+        Ok(k) if !k.is_weak() => Ok(()),
+        _ => Err(PkiError::BadSubjectKey),
+    }
+}
+
+/// [`body_valid`] but the subject key (a curve point decompression: the costly part).
+fn body_form_valid(b: &CertificateBody) -> Result<(), PkiError> {
     if b.identity.is_empty() || b.identity.len() > MAX_IDENTITY_LEN {
         return Err(PkiError::BadIdentity);
     }
@@ -321,10 +333,7 @@ fn body_valid(b: &CertificateBody) -> Result<(), PkiError> {
     if b.not_after < b.not_before {
         return Err(PkiError::BadValidity);
     }
-    match VerifyingKey::from_bytes(&b.subject_key) {
-        Ok(k) if !k.is_weak() => Ok(()),
-        _ => Err(PkiError::BadSubjectKey),
-    }
+    Ok(())
 }
 
 impl CertificateBody {
@@ -369,6 +378,26 @@ impl Certificate {
 
     /// Parses and checks the form (not the signature: see [`Certificate::issued_by`]).
     pub fn decode(bytes: &[u8]) -> Result<Certificate, PkiError> {
+        let (body, signature) = Self::parse(bytes)?;
+        body_valid(&body)?;
+        debug_assert!(bytes.len() >= CERT_FIXED + SIGNATURE_LEN);
+        Ok(Certificate {
+            body,
+            signature,
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    /// The fields, with [`Certificate::decode`]'s checks except the subject key's (a curve
+    /// point decompression, most of decode's cost): for cheap checks before costly ones,
+    /// e.g. on a path a flood of forgeries takes. Decode the certificate before using it.
+    pub fn peek(bytes: &[u8]) -> Result<CertificateBody, PkiError> {
+        let (body, _) = Self::parse(bytes)?;
+        body_form_valid(&body)?;
+        Ok(body)
+    }
+
+    fn parse(bytes: &[u8]) -> Result<(CertificateBody, [u8; SIGNATURE_LEN]), PkiError> {
         let mut r = Reader { b: bytes, at: 0 };
         let version = r.u8()?;
         let reserved = r.u8()?;
@@ -403,13 +432,7 @@ impl Certificate {
             real,
             anycast,
         };
-        body_valid(&body)?;
-        debug_assert!(bytes.len() >= CERT_FIXED + SIGNATURE_LEN);
-        Ok(Certificate {
-            body,
-            signature,
-            bytes: bytes.to_vec(),
-        })
+        Ok((body, signature))
     }
 
     /// The certificate's bytes: what a file holds and a binding carries.

@@ -167,7 +167,14 @@ fn malformed_certificates_are_refused_with_their_reason() {
     ];
     for (what, bytes, want) in cases {
         assert_eq!(Certificate::decode(&bytes), Err(want), "{what}");
+        // `peek` checks the same but the subject key.
+        if want == PkiError::BadSubjectKey {
+            assert!(Certificate::peek(&bytes).is_ok(), "{what}");
+        } else {
+            assert_eq!(Certificate::peek(&bytes), Err(want), "peek: {what}");
+        }
     }
+    assert_eq!(Certificate::peek(&b), Ok(body()));
     assert_eq!(
         Certificate::issue(swapped, &operator()),
         Err(PkiError::BadValidity)

@@ -26,7 +26,8 @@ pub fn try_encode(msg: &Message, key: Option<Key>) -> Result<Vec<u8>, EncodeErro
 pub(super) enum Seal<'a> {
     None,
     Hmac(Key<'a>),
-    Ed25519(&'a crate::pki::SigningKey),
+    /// The key and the context string the signature covers first.
+    Ed25519(&'a crate::pki::SigningKey, &'static [u8]),
 }
 
 pub(super) fn encode_sealed(msg: &Message, seal: Seal) -> Result<Vec<u8>, EncodeError> {
@@ -151,7 +152,7 @@ pub(super) fn encode_sealed(msg: &Message, seal: Seal) -> Result<Vec<u8>, Encode
         }
     }
     match seal {
-        Seal::Ed25519(signer) => {
+        Seal::Ed25519(signer, context) => {
             // At 8n+2 (RFC 5094's 4n+2), so the option (78 bytes) ends the MH on a
             // multiple of 8 and nothing follows it.
             pad_to(&mut mh, 8, 2);
@@ -160,7 +161,7 @@ pub(super) fn encode_sealed(msg: &Message, seal: Seal) -> Result<Vec<u8>, Encode
             mh.extend_from_slice(&[VENDOR_SIGNATURE, SIGNATURE_ED25519, 0, 0, 0, 0, 0, 0]);
             let total = mh.len() + crate::pki::SIGNATURE_LEN;
             set_header_len(&mut mh, total);
-            let sig = super::signature::sign(&msg.src, &msg.dst, &mh, signer);
+            let sig = super::signature::sign(context, &msg.src, &msg.dst, &mh, signer);
             mh.extend_from_slice(&sig);
         }
         Seal::Hmac(key) => {

@@ -174,7 +174,9 @@ mod tests;
 pub use auth::verify;
 pub use decode::decode;
 pub use encode::{encode, try_encode};
-pub use signature::{encode_signed, verify_signed};
+pub use signature::{
+    encode_registration_signed, encode_signed, verify_registration_signed, verify_signed,
+};
 
 /// The agent's UDP port for binding messages.
 pub const DEFAULT_PORT: u16 = 4191;

@@ -25,7 +25,8 @@ use crate::{
     model::{Candidate, Condition, ServicePlan},
     model::{DesiredService, Preference},
     registration::agent::{
-        read_state_file, write_state_file, DiscoveryConfig, Registry, Relayed, Reply,
+        read_state_file, write_state_file, CertificatePolicy, DiscoveryConfig, Registry, Relayed,
+        Reply,
     },
     relay::{Body, Relay},
     routing::{Desired, PrefixWant},
@@ -64,7 +65,11 @@ pub(super) fn registry(config: &Config, config_path: &Path) -> Result<Option<Reg
         )
         .with_service_addresses(config.services.iter().map(|s| s.address))
         .refusing_mesg_ids_before(wire::ntp_now())
-        .with_discovery(discovery(config)),
+        .with_discovery(discovery(config))
+        .with_certificates(
+            CertificatePolicy::load(config, config_path)
+                .map_err(|e| anyhow!("invalid configuration: {e:#}"))?,
+        ),
     ))
 }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Candidate, Condition, ServicePlan};
 
+pub use certificates::{default_checks_per_second, CertificateRegistration};
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -184,6 +186,10 @@ pub struct Registration {
     pub widest_allow_v4: u8,
     #[serde(default = "security::default_widest_allow_v6")]
     pub widest_allow_v6: u8,
+    /// Certificate-signed registration: servers with a certificate from the operator may
+    /// register without a key. Absent: off.
+    #[serde(default)]
+    pub certificates: Option<CertificateRegistration>,
 }
 
 /// Binding sync between agents: this agent's identity, the UDP port of the relay channel
@@ -597,6 +603,7 @@ impl Config {
     }
 }
 
+mod certificates;
 mod comments;
 mod prefix;
 mod routing;

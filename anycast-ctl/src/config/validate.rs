@@ -281,6 +281,9 @@ impl Config {
             if let Some(d) = &r.discovery_address {
                 self.validate_discovery(d)?;
             }
+            if let Some(c) = &r.certificates {
+                self.validate_certificates(c)?;
+            }
         }
         self.validate_security()?;
         self.validate_routing()

@@ -66,7 +66,12 @@ impl Registry {
         // Authenticated first: an unknown, unsigned or forged request learns nothing, and
         // is not answered at all (not even an unsigned refusal: nothing to amplify).
         let identity = msg.options.mn_id.clone().unwrap_or_default();
-        let sa = self.servers.get(&identity).map(|p| (p.spi, p.key.clone()));
+        // An identity known by its certificate has no key: it cannot use discovery.
+        let sa = self
+            .servers
+            .get(&identity)
+            .filter(|p| p.certificate.is_none())
+            .map(|p| (p.spi, p.key.clone()));
         let key = sa.as_ref().map(|(spi, secret)| Key { spi: *spi, secret });
         if !key.is_some_and(|k| wire::verify(payload, k)) {
             self.warn("discovery authentication failed", now, || {

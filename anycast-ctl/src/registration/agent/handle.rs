@@ -64,24 +64,42 @@ impl Registry {
             });
             return self.refuse_unauthenticated(&msg, from, seq, now);
         };
-        let Some(policy) = self.servers.get(&identity) else {
-            self.warn("unknown identity", now, || {
-                format!("binding update from {from} for unknown server '{identity}' refused")
-            });
-            return self.refuse_unauthenticated(&msg, from, seq, now);
-        };
-        let key = Key {
-            spi: policy.spi,
-            secret: &policy.key,
-        };
-        let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
-        if !spi_ok || !wire::verify(payload, key) {
-            self.warn("authentication failed", now, || {
-                format!(
-                    "binding update from {from} claiming to be '{identity}' failed authentication"
-                )
-            });
-            return self.refuse_unauthenticated(&msg, from, seq, now);
+        let snapshot = via.and_then(|r| r.snapshot);
+        // Signed with a certificate's key rather than a shared one (see `certificates`).
+        let mut certificate_end = None;
+        if msg.options.signature.is_some() {
+            let checked = (now, wall, snapshot.is_some());
+            match self.check_certificate(&msg, payload, from, &identity, checked) {
+                Ok(held) => certificate_end = Some(held.not_after),
+                Err(why) => return self.refuse_certificate(&msg, from, (&identity, seq, now), why),
+            }
+        } else {
+            // Only a configured identity has a key: one known by its certificate has none
+            // (its empty `key` must never verify anything).
+            let Some(policy) = self
+                .servers
+                .get(&identity)
+                .filter(|p| p.certificate.is_none())
+            else {
+                self.warn("unknown identity", now, || {
+                    format!("binding update from {from} for unknown server '{identity}' refused")
+                });
+                return self.refuse_unauthenticated(&msg, from, seq, now);
+            };
+            let key = Key {
+                spi: policy.spi,
+                secret: &policy.key,
+            };
+            let spi_ok = msg.options.auth.is_some_and(|a| a.spi == policy.spi);
+            if !spi_ok || !wire::verify(payload, key) {
+                self.warn("authentication failed", now, || {
+                    format!(
+                        "binding update from {from} claiming to be '{identity}' failed \
+                         authentication"
+                    )
+                });
+                return self.refuse_unauthenticated(&msg, from, seq, now);
+            }
         }
         // Relayed copies have a budget of their own: a peer's relays cannot use up the
         // budget of the server's own updates to this agent.
@@ -104,7 +122,6 @@ impl Registry {
         };
         let last = self.last_mesg_id.get(&identity).copied();
         let skew = (ts >> 32).abs_diff(wall >> 32);
-        let snapshot = via.and_then(|r| r.snapshot);
         let stale = match snapshot {
             None => {
                 skew > self.replay_window
@@ -236,7 +253,12 @@ impl Registry {
                 return self.refuse(&msg, from, status::INSUFFICIENT_RESOURCES, seq, signer);
             }
         }
-        let granted = Duration::from_secs(lifetime as u64 * 4).min(self.max_lifetime);
+        let mut granted = Duration::from_secs(lifetime as u64 * 4).min(self.max_lifetime);
+        if let Some(end) = certificate_end {
+            // Never beyond the certificate's validity.
+            let unix = u64::try_from(wire::ntp_to_unix_secs(wall)).unwrap_or(0);
+            granted = granted.min(Duration::from_secs(end.saturating_sub(unix)));
+        }
         let units = (granted.as_secs() / 4) as u16;
         let load = msg.options.load;
         let probe_limit = self.probe.map_or(u32::MAX, |p| p.misses);
@@ -510,6 +532,7 @@ impl Registry {
         let key = signer
             .as_ref()
             .and_then(|s| self.servers.get(s))
+            .filter(|p| p.certificate.is_none())
             .map(|p| Key {
                 spi: p.spi,
                 secret: &p.key,

@@ -207,14 +207,13 @@ pub(super) fn refresh_request(
         body: Body::BindingRefreshRequest,
         options: Options::default(),
     };
+    // Unsigned to a server known by its certificate: the agent shares no key with it.
+    let key = policy.certificate.is_none().then_some(Key {
+        spi: policy.spi,
+        secret: &policy.key,
+    });
     Some(Reply {
         to,
-        payload: wire::encode(
-            &brr,
-            Some(Key {
-                spi: policy.spi,
-                secret: &policy.key,
-            }),
-        ),
+        payload: wire::encode(&brr, key),
     })
 }

@@ -145,6 +145,10 @@ struct ServerPolicy {
     allow: Vec<Prefix>,
     /// The identity's own real addresses: its only possible care-of addresses and sources.
     real: Vec<Prefix>,
+    /// Set when the policy is a certificate's (a certificate-signed registration, see
+    /// `certificates`): no key (`key` is empty and never used), and `allow` and `real`
+    /// are the certificate's prefixes.
+    certificate: Option<CertHeld>,
 }
 
 /// A token bucket: one per server identity (after authentication, so a flood from one
@@ -239,6 +243,9 @@ pub struct Registry {
     discovery: Vec<Ipv6Addr>,
     discovery_agents: Vec<wire::AgentEntry>,
     last_discovery: HashMap<String, u64>,
+    /// Certificate-signed registration (None: off), and the budget of its signature checks.
+    certificates: Option<CertificatePolicy>,
+    certificate_checks: Option<Bucket>,
 }
 
 impl Registry {
@@ -257,6 +264,7 @@ impl Registry {
                     key: keys.get(&s.id).cloned().unwrap_or_default(),
                     allow: s.allow.clone(),
                     real: s.real.clone(),
+                    certificate: None,
                 };
                 (s.id.clone(), policy)
             })
@@ -287,6 +295,8 @@ impl Registry {
             discovery: Vec::new(),
             discovery_agents: Vec::new(),
             last_discovery: HashMap::new(),
+            certificates: None,
+            certificate_checks: None,
         }
     }
 
@@ -315,6 +325,8 @@ impl Registry {
         let counters = std::mem::take(&mut self.counters);
         let reverse = std::mem::take(&mut self.reverse);
         let last_discovery = std::mem::take(&mut self.last_discovery);
+        let servers = std::mem::take(&mut self.servers);
+        let old_revoked = self.certificates.as_ref().map(|c| c.revoked.clone());
         let started = self.started;
         let dirty = self.dirty;
         *self = new;
@@ -326,11 +338,18 @@ impl Registry {
         if self.reverse_tunnel.is_some() {
             self.reverse = reverse;
         }
+        self.keep_newer_revocation_list(old_revoked);
+        self.keep_certificate_identities(servers);
         let before = bindings.len();
         for (id, b) in bindings {
             let allowed = self.servers.get(&id.server).is_some_and(|p| {
                 p.allow.iter().any(|a| a.contains(id.anycast))
                     && p.real.iter().any(|r| r.contains(id.real))
+                    && (p.certificate.is_none()
+                        || self
+                            .certificates
+                            .as_ref()
+                            .is_some_and(|c| c.accepts(id.anycast, id.selector)))
             });
             if allowed {
                 self.bindings.insert(id, b);
@@ -462,6 +481,9 @@ fn service_name(key: &ServiceKey) -> String {
     }
 }
 
+mod certificates;
+#[cfg(test)]
+mod certificates_tests;
 mod discovery;
 #[cfg(test)]
 mod discovery_tests;
@@ -481,6 +503,8 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
+use certificates::CertHeld;
+pub use certificates::{CertRefusal, CertificatePolicy};
 pub use discovery::DiscoveryConfig;
 pub use persist::{read_state_file, write_state_file, RegistryState, RestoreReport, STATE_FORMAT};
 pub use relayed::{Relayed, SnapshotEntry, SnapshotExtra};

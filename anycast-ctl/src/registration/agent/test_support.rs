@@ -41,6 +41,7 @@ pub(super) fn registration(limits: Limits, drain: u32) -> Registration {
         widest_allow_v6: 48,
         relay: None,
         discovery_address: None,
+        certificates: None,
     }
 }
 

@@ -29,13 +29,16 @@ impl Client {
                 return;
             }
         };
-        let signed = wire::verify(
-            payload,
-            Key {
-                spi: self.spi,
-                secret: &self.key,
-            },
-        );
+        // With a certificate there is no shared key: the agent's messages are unsigned, and
+        // only their source (checked above) vouches for them.
+        let signed = self.certificate.is_some()
+            || wire::verify(
+                payload,
+                Key {
+                    spi: self.spi,
+                    secret: &self.key,
+                },
+            );
         let home = wire::from_mapped(msg.dst);
         match msg.body {
             Body::BindingAck {
@@ -210,7 +213,8 @@ impl Client {
             return;
         };
         let deregistering = self.phase == Phase::Deregister;
-        if code == status::ID_MISMATCH {
+        // An unsigned time (certificate mode) is not taken: anyone could send it.
+        if code == status::ID_MISMATCH && self.certificate.is_none() {
             // RFC 4285 section 6: our timestamp was outside the agent's window; the signed
             // answer to our own update carries the agent's time: resynchronize and resend.
             if let Some(agent_time) = msg.options.mesg_id {

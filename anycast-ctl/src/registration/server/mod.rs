@@ -11,6 +11,13 @@
 //! with the same key: anything unsigned or wrongly signed is dropped, so an impostor can
 //! neither deregister nor redirect a binding.
 //!
+//! With a certificate instead of a key ([`RegistrationCertificate`]), every Binding Update
+//! carries the certificate and is signed with its key (`wire::encode_registration_signed`);
+//! the agent shares no key with us, so its acknowledgements and refresh requests are
+//! unsigned and taken on their source alone (the agent's address and port, which each
+//! socket is bound to), and the time an unsigned MESG-ID mismatch carries is not used
+//! (the server's clock must be right: NTP).
+//!
 //! Everything runs in one task (the binary uses a current-thread runtime): one UDP socket per
 //! agent, a timer per binding, and a loop that sends what is due and handles what arrives.
 use std::future::Future;
@@ -54,7 +61,10 @@ pub struct ClientConfig {
     /// MN-ID (NAI), e.g. "s1"
     pub identity: String,
     pub spi: u32,
+    /// Empty when `certificate` is given.
     pub key: Vec<u8>,
+    /// Register with the certificate instead of the key.
+    pub certificate: Option<RegistrationCertificate>,
     pub bindings: Vec<AnycastBinding>,
     /// one binding per (agent, anycast binding, real address)
     pub real_addresses: Vec<IpAddr>,
@@ -77,6 +87,10 @@ impl std::fmt::Debug for ClientConfig {
             .field("identity", &self.identity)
             .field("spi", &self.spi)
             .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .field(
+                "certificate",
+                &self.certificate.as_ref().map(|c| c.certificate.len()),
+            )
             .field("bindings", &self.bindings)
             .field("real_addresses", &self.real_addresses)
             .field("lifetime", &self.lifetime)
@@ -86,6 +100,16 @@ impl std::fmt::Debug for ClientConfig {
             .field("max_timeout", &self.max_timeout)
             .finish()
     }
+}
+
+/// A certificate from the operator (`anycast-ctl pki issue`) and the private key it names:
+/// binding updates are signed with that key and carry the certificate, instead of an AUTH
+/// option with a shared key.
+#[derive(Clone)]
+pub struct RegistrationCertificate {
+    /// The certificate's bytes.
+    pub certificate: Vec<u8>,
+    pub key: anycast_common::pki::SigningKey,
 }
 
 /// Binding lifetimes travel in units of 4 seconds.
@@ -232,6 +256,7 @@ pub struct Client {
     identity: String,
     spi: u32,
     key: Vec<u8>,
+    certificate: Option<RegistrationCertificate>,
     lifetime_units: u16,
     priority: u16,
     load: LoadSource,
@@ -281,6 +306,7 @@ impl Client {
             identity: cfg.identity,
             spi: cfg.spi,
             key: cfg.key,
+            certificate: cfg.certificate,
             lifetime_units,
             priority: cfg.priority,
             load: cfg.load,
@@ -657,16 +683,22 @@ impl Client {
                 service: b
                     .selector
                     .map(|(protocol, port)| ServiceSelector { protocol, port }),
+                certificate: self.certificate.as_ref().map(|c| c.certificate.clone()),
                 ..Options::default()
             },
         };
-        let payload = wire::encode(
-            &msg,
-            Some(Key {
-                spi: self.spi,
-                secret: &self.key,
-            }),
-        );
+        let payload = match &self.certificate {
+            // Checked when the client was made: the certificate encodes.
+            Some(c) => wire::encode_registration_signed(&msg, &c.key)
+                .expect("a certificate validated at start encodes"),
+            None => wire::encode(
+                &msg,
+                Some(Key {
+                    spi: self.spi,
+                    secret: &self.key,
+                }),
+            ),
+        };
         tracing::debug!(
             "{}: binding update seq {seq} lifetime {}s",
             b.label(agent_addr),

@@ -130,6 +130,7 @@ impl FakeAgent {
 
 pub(super) fn config(agent: SocketAddr, real: &str, anycast: &str) -> ClientConfig {
     ClientConfig {
+        certificate: None,
         agents: vec![agent],
         discovery: None,
         identity: "s1".into(),

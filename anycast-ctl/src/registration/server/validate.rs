@@ -34,7 +34,25 @@ pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
     if cfg.identity.chars().any(char::is_control) {
         bail!("identity: {:?} contains control characters", cfg.identity);
     }
-    if cfg.key.len() < MIN_KEY_BYTES {
+    if let Some(c) = &cfg.certificate {
+        let cert = anycast_common::pki::Certificate::decode(&c.certificate)
+            .map_err(|e| anyhow!("certificate: {e}"))?;
+        if cert.body.identity != cfg.identity {
+            bail!(
+                "certificate: issued to '{}', not to this server's identity '{}'",
+                cert.body.identity,
+                cfg.identity
+            );
+        }
+        if cert.subject_key() != c.key.verifying_key() {
+            bail!("certificate: it names another key than the signing key given");
+        }
+        if cfg.discovery.is_some() {
+            bail!(
+                "discovery: agent discovery needs a key (its requests are authenticated with it)"
+            );
+        }
+    } else if cfg.key.len() < MIN_KEY_BYTES {
         bail!(
             "key: {} bytes; at least {MIN_KEY_BYTES} are needed",
             cfg.key.len()
@@ -95,4 +113,63 @@ pub(crate) fn validate(cfg: &ClientConfig) -> Result<u16> {
             u64::from(u16::MAX) * LIFETIME_UNIT_SECS
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use anycast_common::pki::{CertPrefix, Certificate, CertificateBody, SigningKey};
+
+    use super::super::tests::config;
+    use super::*;
+
+    fn certificate(identity: &str, key: &SigningKey) -> Vec<u8> {
+        let host = |s: &str| CertPrefix::new(s.parse().unwrap(), 32).unwrap();
+        let body = CertificateBody {
+            serial: 1,
+            not_before: 0,
+            not_after: u64::MAX / 2,
+            subject_key: key.verifying_key().to_bytes(),
+            identity: identity.into(),
+            real: vec![host("10.0.2.11")],
+            anycast: vec![host("192.0.2.1")],
+        };
+        Certificate::issue(body, &SigningKey::from_bytes(&[9; 32]))
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+
+    #[test]
+    fn registering_with_a_certificate_needs_no_key_but_a_matching_identity_and_key() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let with = |identity: &str, signing: &SigningKey| ClientConfig {
+            key: Vec::new(),
+            certificate: Some(RegistrationCertificate {
+                certificate: certificate(identity, &key),
+                key: signing.clone(),
+            }),
+            ..config("10.0.0.1:4191".parse().unwrap(), "10.0.2.11", "192.0.2.1")
+        };
+        assert!(validate(&with("s1", &key)).is_ok(), "no key needed");
+        let e = validate(&with("s2", &key)).unwrap_err().to_string();
+        assert!(e.contains("issued to 's2'"), "{e}");
+        let e = validate(&with("s1", &SigningKey::from_bytes(&[6; 32])))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another key"), "{e}");
+        let discovering = ClientConfig {
+            discovery: Some("10.0.0.9:4191".parse().unwrap()),
+            ..with("s1", &key)
+        };
+        let e = validate(&discovering).unwrap_err().to_string();
+        assert!(e.contains("needs a key"), "{e}");
+        let keyless = ClientConfig {
+            key: Vec::new(),
+            ..config("10.0.0.1:4191".parse().unwrap(), "10.0.2.11", "192.0.2.1")
+        };
+        assert!(
+            validate(&keyless).is_err(),
+            "without a certificate a key is needed"
+        );
+    }
 }

@@ -348,16 +348,7 @@ impl Registry {
             CertRefusal::RealNotCertified | CertRefusal::SourceNotCertified => status::INVALID_COA,
             _ => status::AUTH_FAILED,
         };
-        let reply = if self.allow_unauthenticated_reply(now) {
-            self.ack(msg, from, status, seq, 0, None)
-        } else {
-            None
-        };
-        Outcome {
-            reply,
-            changed: false,
-            counted,
-        }
+        self.answer_unauthenticated(msg, from, status, seq, now, counted)
     }
 
     /// After a reload: a revocation list older (by its number) than the one in use is not

@@ -464,8 +464,23 @@ impl Registry {
         now: Instant,
     ) -> Outcome {
         let counted = self.count(format!("refused_{}", status::AUTH_FAILED));
+        self.answer_unauthenticated(msg, from, status::AUTH_FAILED, seq, now, counted)
+    }
+
+    /// An unsigned refusal with `status`, sent within the global budget of answers to
+    /// senders that did not authenticate; `counted` is the refusal's counter, already
+    /// counted.
+    pub(super) fn answer_unauthenticated(
+        &mut self,
+        msg: &Message,
+        from: SocketAddr,
+        status: u8,
+        seq: u16,
+        now: Instant,
+        counted: String,
+    ) -> Outcome {
         let reply = if self.allow_unauthenticated_reply(now) {
-            self.ack(msg, from, status::AUTH_FAILED, seq, 0, None)
+            self.ack(msg, from, status, seq, 0, None)
         } else {
             None
         };

@@ -45,7 +45,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use tokio::{net::UdpSocket, sync::watch};
 
 use crate::{
-    registration::server::{bind_socket, parse_proc_addr},
+    registration::server::{bind_socket, socket_rows},
     server::AnycastSpec,
 };
 
@@ -119,25 +119,14 @@ pub fn clients_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Seen> {
 /// the service, which the agent may have given to another server, stay on its path).
 pub fn connections_in(proc_text: &str, specs: &[AnycastSpec]) -> Vec<Connection> {
     let mut out = Vec::new();
-    for line in proc_text.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(_), Some(local), Some(remote), Some(state)) =
-            (f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
+    for row in socket_rows(proc_text) {
         // Any state of a connection that was accepted: SYN-RECV (03) and ESTABLISHED (01),
         // and the closing ones (TIME-WAIT lasts 60 s), so a connection shorter than a poll is
         // seen too. Not LISTEN (0A), SYN-SENT (02, ours) or CLOSE (07).
-        if matches!(state, "0A" | "02" | "07") {
+        if matches!(row.state, "0A" | "02" | "07") {
             continue;
         }
-        let Some((l_addr, l_port)) = split_proc(local) else {
-            continue;
-        };
-        let Some((r_addr, r_port)) = split_proc(remote) else {
-            continue;
-        };
+        let ((l_addr, l_port), (r_addr, r_port)) = (row.local, row.remote);
         let service = specs.iter().find_map(|s| {
             if s.address != l_addr {
                 return None;
@@ -246,11 +235,6 @@ pub fn read_udp_flows(
 /// The index of a family in [`Binder`]'s per-family arrays.
 fn family(v4: bool) -> usize {
     usize::from(!v4)
-}
-
-pub(crate) fn split_proc(s: &str) -> Option<(IpAddr, u16)> {
-    let (a, p) = s.split_once(':')?;
-    Some((parse_proc_addr(a)?, u16::from_str_radix(p, 16).ok()?))
 }
 
 /// The sender: remembers the clients it bound, and signs and sends their bindings.

@@ -538,22 +538,11 @@ pub fn flow_key(
 /// (own address, own port, service port). A UDP flow has no opening the tunnel could see,
 /// so these, running before a binding, are marked to stay on the agent's path.
 pub fn connected_udp(proc_text: &str, key: &ServiceKey) -> Vec<(IpAddr, u16, u16)> {
-    let mut out = Vec::new();
-    for line in proc_text.lines().skip(1) {
-        let mut f = line.split_whitespace();
-        let (Some(_), Some(local), Some(remote)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        let (Some((la, lp)), Some((ra, rp))) = (
-            crate::server_binding::split_proc(local),
-            crate::server_binding::split_proc(remote),
-        ) else {
-            continue;
-        };
-        let (la, ra) = (unmap(la), unmap(ra));
-        if ra == key.anycast && rp != 0 && (key.port == 0 || rp == key.port) {
-            out.push((la, lp, rp));
-        }
-    }
-    out
+    crate::registration::server::socket_rows(proc_text)
+        .filter(|r| {
+            let (ra, rp) = r.remote;
+            ra == key.anycast && rp != 0 && (key.port == 0 || rp == key.port)
+        })
+        .map(|r| (r.local.0, r.local.1, r.remote.1))
+        .collect()
 }

@@ -15,26 +15,38 @@ pub fn established_sessions(anycast: &[IpAddr]) -> u32 {
 /// (ESTABLISHED) whose local address is one of `anycast`. An IPv4 address seen as
 /// `::ffff:a.b.c.d` on a dual-stack socket counts as the IPv4 address.
 pub fn count_established(proc_text: &str, anycast: &[IpAddr]) -> u32 {
-    let mut n = 0u32;
-    for line in proc_text.lines() {
-        let mut fields = line.split_whitespace();
-        // "sl local_address rem_address st ...": the header line fails to parse and is skipped.
-        let (Some(_sl), Some(local), Some(_remote), Some(state)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if state != "01" {
-            continue;
-        }
-        let Some(addr) = local.split(':').next().and_then(parse_proc_addr) else {
-            continue;
-        };
-        if anycast.iter().any(|&a| canonical(a) == addr) {
-            n = n.saturating_add(1);
-        }
-    }
-    n
+    let n = socket_rows(proc_text)
+        .filter(|r| r.state == "01" && anycast.iter().any(|&a| canonical(a) == r.local.0))
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// One socket of a `/proc/net/{tcp,udp}{,6}` text: its local and remote address and port
+/// (IPv4-mapped addresses as IPv4, [`parse_proc_addr`]) and its state, in hex.
+pub(crate) struct SocketRow<'a> {
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+    pub state: &'a str,
+}
+
+/// The sockets of a `/proc/net/{tcp,udp}{,6}` text; the header line and malformed lines
+/// are skipped.
+pub(crate) fn socket_rows(proc_text: &str) -> impl Iterator<Item = SocketRow<'_>> {
+    proc_text.lines().filter_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_sl, local, remote, state) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        Some(SocketRow {
+            local: address_and_port(local)?,
+            remote: address_and_port(remote)?,
+            state,
+        })
+    })
+}
+
+/// `ADDR:PORT` as the kernel prints them, both in hex.
+fn address_and_port(s: &str) -> Option<(IpAddr, u16)> {
+    let (a, p) = s.split_once(':')?;
+    Some((parse_proc_addr(a)?, u16::from_str_radix(p, 16).ok()?))
 }
 
 /// The kernel prints each 32-bit word of the address as it sits in memory (network order)

@@ -725,7 +725,7 @@ mod validate;
 
 use discovery::Discovery;
 use load::command_usage;
-pub(crate) use load::parse_proc_addr;
+pub(crate) use load::socket_rows;
 pub use load::{count_established, established_sessions};
 pub(crate) use sockets::bind_socket;
 use validate::validate;
